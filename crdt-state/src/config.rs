@@ -1,0 +1,165 @@
+//! Replica configuration: one struct, public fields, documented defaults, `validate()` once.
+
+use std::collections::BTreeSet;
+
+use omesh_protocol::{Capacity, Millis, NodeId};
+use serde::{Deserialize, Serialize};
+
+/// Everything a replica needs to decide, with the defaults documented on each field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaConfig {
+    /// This node's id (its ed25519 public key).
+    pub node_id: NodeId,
+    /// Restart counter from the data directory; a restart is the same node with a higher one.
+    pub incarnation: u64,
+    /// What this node offers to tasks.
+    pub capacity: Capacity,
+    /// Operator tags of this node.
+    pub tags: BTreeSet<String>,
+    /// Keys allowed to submit tasks (ed25519 public keys). Empty: nobody may.
+    pub authorized_submitters: BTreeSet<[u8; 32]>,
+    /// Heartbeat period; leases ride on it. Default 500 ms.
+    pub heartbeat_ms: Millis,
+    /// A lease lives this long past the owner's last heartbeat. Default 2,000 ms.
+    pub lease_ttl_ms: Millis,
+    /// Extra wait before a lease counts as lost, floor of the RTT-adaptive grace. Default 1,000 ms.
+    pub lease_grace_ms: Millis,
+    /// A peer not heard from for this long is suspect. Default 1,500 ms.
+    pub suspect_after_ms: Millis,
+    /// Floor of the delay between claiming and starting (about one gossip round trip). Default 150 ms.
+    pub settle_ms: Millis,
+    /// Delay per rank position before a lower-ranked node claims a task the best one left alone. Default 400 ms.
+    pub claim_stagger_ms: Millis,
+    /// Period of digest-driven anti-entropy with one random peer. Default 2,000 ms.
+    pub anti_entropy_ms: Millis,
+    /// How long a gap in a peer's stamps may stay open before a sync is asked for. Default 200 ms.
+    pub gap_sync_ms: Millis,
+    /// First retry backoff; doubles per failed attempt, with ±20% jitter. Default 1,000 ms.
+    pub retry_base_ms: Millis,
+    /// Longest retry backoff. Default 60,000 ms.
+    pub retry_max_ms: Millis,
+    /// Terminal tasks are compacted to tombstones after this long. Default 10 minutes.
+    pub retention_ms: Millis,
+    /// Whether a loaded node stops claiming and hands back queued tasks. Default true.
+    pub enable_offload: bool,
+    /// CPU utilisation (percent) above which a node takes no new work. Default 75.
+    pub threshold_cpu: u8,
+    /// Memory utilisation (percent) above which a node takes no new work. Default 80.
+    pub threshold_memory: u8,
+    /// When offloading, prefer peers carrying one of these tags. Default empty (any peer).
+    pub target_node_tags: BTreeSet<String>,
+    /// Seed of the replica's random choices (anti-entropy peer, jitter).
+    pub seed: u64,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        Self {
+            node_id: NodeId::default(),
+            incarnation: 1,
+            capacity: Capacity {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 30,
+            },
+            tags: BTreeSet::new(),
+            authorized_submitters: BTreeSet::new(),
+            heartbeat_ms: 500,
+            lease_ttl_ms: 2_000,
+            lease_grace_ms: 1_000,
+            suspect_after_ms: 1_500,
+            settle_ms: 150,
+            claim_stagger_ms: 400,
+            anti_entropy_ms: 2_000,
+            gap_sync_ms: 200,
+            retry_base_ms: 1_000,
+            retry_max_ms: 60_000,
+            retention_ms: 10 * 60 * 1_000,
+            enable_offload: true,
+            threshold_cpu: 75,
+            threshold_memory: 80,
+            target_node_tags: BTreeSet::new(),
+            seed: 0,
+        }
+    }
+}
+
+/// A configuration value that cannot work, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid config key `{key}`: {reason}")]
+pub struct ConfigError {
+    /// The key.
+    pub key: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn bad(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key,
+        reason: reason.into(),
+    }
+}
+
+impl ReplicaConfig {
+    /// A config for `node_id` with every other value at its default.
+    pub fn for_node(node_id: NodeId) -> Self {
+        Self {
+            node_id,
+            ..Self::default()
+        }
+    }
+
+    /// Checks every value once, at start-up.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_ms == 0 {
+            return Err(bad("heartbeat_ms", "must be above 0"));
+        }
+        if self.lease_ttl_ms < 2 * self.heartbeat_ms {
+            return Err(bad(
+                "lease_ttl_ms",
+                format!(
+                    "must be at least two heartbeats ({} ms), got {}",
+                    2 * self.heartbeat_ms,
+                    self.lease_ttl_ms
+                ),
+            ));
+        }
+        if self.lease_ttl_ms > u64::from(u32::MAX) {
+            return Err(bad("lease_ttl_ms", "must fit in 32 bits of milliseconds"));
+        }
+        if self.suspect_after_ms == 0
+            || self.suspect_after_ms > self.lease_ttl_ms + self.lease_grace_ms
+        {
+            return Err(bad(
+                "suspect_after_ms",
+                "must be above 0 and at most lease_ttl_ms + lease_grace_ms",
+            ));
+        }
+        if self.anti_entropy_ms == 0 {
+            return Err(bad("anti_entropy_ms", "must be above 0"));
+        }
+        if self.retry_base_ms == 0 || self.retry_base_ms > self.retry_max_ms {
+            return Err(bad(
+                "retry_base_ms",
+                "must be above 0 and at most retry_max_ms",
+            ));
+        }
+        if self.threshold_cpu == 0 || self.threshold_cpu > 100 {
+            return Err(bad(
+                "threshold_cpu",
+                format!("must be 1..=100, got {}", self.threshold_cpu),
+            ));
+        }
+        if self.threshold_memory == 0 || self.threshold_memory > 100 {
+            return Err(bad(
+                "threshold_memory",
+                format!("must be 1..=100, got {}", self.threshold_memory),
+            ));
+        }
+        if self.capacity.cpu_millis == 0 {
+            return Err(bad("capacity.cpu_millis", "must be above 0"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,596 @@
+//! The decisions a replica takes on a tick: fence, start, claim, retry, hand back, compact.
+//!
+//! Everything here is level-triggered: each tick looks at the state as it is and does what is
+//! due, so a missed or early tick is harmless and there are no per-task timers to go stale.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use omesh_protocol::{
+    DeltaBody, Epoch, ImageRef, Lease, Millis, NodeId, NodeRecord, SignedTaskSpec, StatusEntry,
+    TaskId, TaskState,
+};
+
+use crate::liveness::Health;
+use crate::merge::TaskRecord;
+use crate::placement::{self, Committed, PlacementPolicy};
+use crate::replica::{Action, ExecEvent, LocalRun, Phase, Replica, StopReason};
+
+/// The longest settle delay, however slow the links look.
+const MAX_SETTLE_MS: Millis = 5_000;
+
+/// A task as an operator sees it from this replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskView {
+    /// The task.
+    pub id: TaskId,
+    /// Its spec (absent once compacted, or before the spec arrived).
+    pub spec: Option<Arc<SignedTaskSpec>>,
+    /// Its state as derived here.
+    pub state: TaskState,
+    /// The current lease epoch (0: never claimed).
+    pub epoch: Epoch,
+    /// The current lease owner.
+    pub owner: Option<NodeId>,
+    /// Whether that lease holds, as judged here.
+    pub lease_live: bool,
+    /// Attempts that ended Failed.
+    pub failed_attempts: u32,
+    /// Exit code of the latest ended epoch.
+    pub exit_code: Option<i32>,
+    /// Error text of the latest ended epoch.
+    pub error: String,
+    /// Why it is still pending, when placement found no node.
+    pub pending_reason: Option<String>,
+    /// Whether it was cancelled.
+    pub cancelled: bool,
+    /// What each epoch reached, oldest first.
+    pub history: Vec<(Epoch, StatusEntry)>,
+    /// Whether only a tombstone remains.
+    pub compacted: bool,
+}
+
+enum Step {
+    Start(TaskId, Epoch),
+    Stop(TaskId, Epoch, StopReason),
+    Forget(TaskId),
+    Release(TaskId, Epoch),
+    CancelEpoch(TaskId, Epoch),
+    Claim {
+        task: TaskId,
+        epoch: Epoch,
+        score: u32,
+        failover: bool,
+    },
+    Compact(TaskId, TaskState),
+}
+
+impl Replica {
+    pub(crate) fn policy(&self) -> PlacementPolicy {
+        PlacementPolicy {
+            cpu_limit_permille: u16::from(self.cfg.threshold_cpu) * 10,
+            mem_limit_permille: u16::from(self.cfg.threshold_memory) * 10,
+            target_tags: self.cfg.target_node_tags.clone(),
+        }
+    }
+
+    /// Whether this node is over a threshold and offload is on: it then claims nothing new.
+    pub fn is_overloaded(&self) -> bool {
+        self.cfg.enable_offload && placement::overloaded(&self.me, &self.policy())
+    }
+
+    /// Whether `lease` still holds, as judged from here at `now`.
+    pub fn lease_live(&self, now: Millis, lease: &Lease) -> bool {
+        if lease.released {
+            return false;
+        }
+        if lease.owner == self.me.id {
+            return lease.incarnation == self.cfg.incarnation && !self.me.leaving;
+        }
+        let Some(rec) = self.state.node(&lease.owner) else {
+            return false;
+        };
+        if rec.leaving || rec.incarnation > lease.incarnation {
+            return false;
+        }
+        let Some(heard) = self.heard.get(&lease.owner) else {
+            return false;
+        };
+        now <= heard.at + u64::from(lease.ttl_ms) + self.grace_ms(&lease.owner)
+    }
+
+    fn lease_expiry(&self, lease: &Lease) -> Option<Millis> {
+        let heard = self.heard.get(&lease.owner)?;
+        Some(heard.at + u64::from(lease.ttl_ms) + self.grace_ms(&lease.owner) + 1)
+    }
+
+    fn derive_state(&self, now: Millis, rec: &TaskRecord, spec: &SignedTaskSpec) -> TaskState {
+        if rec.is_cancelled() {
+            return TaskState::Cancelled;
+        }
+        if let Some((_, top)) = rec.statuses.iter().next_back() {
+            match top.value.state {
+                TaskState::Succeeded => return TaskState::Succeeded,
+                TaskState::Cancelled => return TaskState::Cancelled,
+                TaskState::Failed if rec.failed_attempts() >= spec.spec.max_attempts => {
+                    return TaskState::Failed
+                }
+                _ => {}
+            }
+        }
+        match &rec.lease {
+            Some(l)
+                if self.lease_live(now, &l.value)
+                    && rec.status(l.value.epoch).map(|s| s.state) == Some(TaskState::Running) =>
+            {
+                TaskState::Running
+            }
+            _ => TaskState::Pending,
+        }
+    }
+
+    /// The derived state of a task, or `None` if unknown here.
+    pub fn task_state(&self, now: Millis, id: &TaskId) -> Option<TaskState> {
+        if let Some(s) = self.state.tombstone(id) {
+            return Some(s);
+        }
+        let rec = self.state.task(id)?;
+        let spec = rec.spec.as_ref()?;
+        Some(self.derive_state(now, rec, &spec.value))
+    }
+
+    /// A task as an operator sees it from here.
+    pub fn task_view(&self, now: Millis, id: &TaskId) -> Option<TaskView> {
+        if let Some(state) = self.state.tombstone(id) {
+            return Some(TaskView {
+                id: *id,
+                spec: None,
+                state,
+                epoch: 0,
+                owner: None,
+                lease_live: false,
+                failed_attempts: 0,
+                exit_code: None,
+                error: String::new(),
+                pending_reason: None,
+                cancelled: state == TaskState::Cancelled,
+                history: Vec::new(),
+                compacted: true,
+            });
+        }
+        let rec = self.state.task(id)?;
+        let spec = rec.spec.as_ref().map(|s| Arc::clone(&s.value));
+        let state = spec
+            .as_ref()
+            .map_or(TaskState::Pending, |s| self.derive_state(now, rec, s));
+        let lease = rec.lease.as_ref().map(|l| l.value);
+        let last_ended = rec
+            .statuses
+            .values()
+            .rev()
+            .find(|s| s.value.state.is_terminal());
+        Some(TaskView {
+            id: *id,
+            spec,
+            state,
+            epoch: rec.max_epoch(),
+            owner: lease.map(|l| l.owner),
+            lease_live: lease.is_some_and(|l| self.lease_live(now, &l)),
+            failed_attempts: rec.failed_attempts(),
+            exit_code: last_ended.and_then(|s| s.value.exit_code),
+            error: last_ended
+                .map(|s| s.value.error.clone())
+                .unwrap_or_default(),
+            pending_reason: self.reasons.get(id).cloned(),
+            cancelled: rec.is_cancelled(),
+            history: rec
+                .statuses
+                .iter()
+                .map(|(e, s)| (*e, s.value.clone()))
+                .collect(),
+            compacted: false,
+        })
+    }
+
+    /// Every task known here, live ones then tombstones.
+    pub fn task_views(&self, now: Millis) -> Vec<TaskView> {
+        let ids: Vec<TaskId> = self.state.tasks().map(|(id, _)| *id).collect();
+        ids.iter()
+            .filter_map(|id| self.task_view(now, id))
+            .collect()
+    }
+
+    /// Epochs of tasks this node currently runs or is about to run.
+    pub fn local_runs(&self) -> Vec<(TaskId, Epoch, bool)> {
+        self.local
+            .iter()
+            .map(|(t, r)| (*t, r.epoch, r.phase == Phase::Started))
+            .collect()
+    }
+
+    fn settle_ms(&self) -> Millis {
+        let slowest = self
+            .rtt
+            .values()
+            .map(|r| 2 * u64::from(r.srtt_ms()))
+            .max()
+            .unwrap_or(0);
+        self.cfg.settle_ms.max(slowest).min(MAX_SETTLE_MS)
+    }
+
+    fn backoff_ms(&self, task: &TaskId, attempts: u32) -> Millis {
+        let exp = attempts.saturating_sub(1).min(20);
+        let base = self
+            .cfg
+            .retry_base_ms
+            .saturating_mul(1 << exp)
+            .min(self.cfg.retry_max_ms);
+        // Jitter of ±20%, derived from the task and attempt so every replica agrees.
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&task.0[..8]);
+        let h = u64::from_le_bytes(seed) ^ u64::from(attempts).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let permille = 800 + (h % 401);
+        base * permille / 1000
+    }
+
+    fn committed(&self, now: Millis) -> BTreeMap<NodeId, Committed> {
+        let mut out: BTreeMap<NodeId, Committed> = BTreeMap::new();
+        for (_, rec) in self.state.tasks() {
+            let (Some(spec), Some(lease)) = (&rec.spec, &rec.lease) else {
+                continue;
+            };
+            if !self.lease_live(now, &lease.value)
+                || rec
+                    .status(lease.value.epoch)
+                    .is_some_and(|s| s.state.is_terminal())
+                || rec.is_cancelled()
+            {
+                continue;
+            }
+            let c = out.entry(lease.value.owner).or_default();
+            c.cpu_millis += u64::from(spec.value.spec.cpu_millis);
+            c.memory_bytes = c.memory_bytes.saturating_add(spec.value.spec.memory_bytes);
+        }
+        out
+    }
+
+    /// One pass over local runs and known tasks. Called on every tick.
+    pub(crate) fn evaluate(&mut self, now: Millis) {
+        let mut steps = Vec::new();
+        let mut wake: Option<Millis> = None;
+        let mut at = |t: Millis| wake = Some(wake.map_or(t, |w: Millis| w.min(t)));
+        let overloaded = self.is_overloaded();
+
+        for (task, run) in &self.local {
+            let Some(rec) = self.state.task(task) else {
+                if run.phase == Phase::Started {
+                    steps.push(Step::Stop(*task, run.epoch, StopReason::Compacted));
+                } else if matches!(run.phase, Phase::Settling { .. }) {
+                    steps.push(Step::Forget(*task));
+                }
+                continue;
+            };
+            let lease = rec.lease.as_ref().map(|l| l.value);
+            let mine =
+                lease.is_some_and(|l| l.epoch == run.epoch && l.owner == self.me.id && !l.released);
+            let by = lease.map_or(run.epoch, |l| l.epoch);
+            match run.phase {
+                Phase::Stopping => {}
+                Phase::Settling { .. } if !mine => steps.push(Step::Forget(*task)),
+                Phase::Started if !mine => {
+                    steps.push(Step::Stop(*task, run.epoch, StopReason::Fenced { by }));
+                }
+                Phase::Settling { .. } if rec.is_cancelled() => {
+                    steps.push(Step::CancelEpoch(*task, run.epoch));
+                }
+                Phase::Started if rec.is_cancelled() => {
+                    steps.push(Step::Stop(*task, run.epoch, StopReason::Cancelled));
+                }
+                Phase::Settling { .. } if overloaded => steps.push(Step::Release(*task, run.epoch)),
+                Phase::Settling { until } if now >= until => {
+                    steps.push(Step::Start(*task, run.epoch))
+                }
+                Phase::Settling { until } => at(until),
+                Phase::Started => {
+                    if rec.status(run.epoch).is_some_and(|s| s.state.is_terminal()) {
+                        steps.push(Step::Forget(*task));
+                    }
+                }
+            }
+        }
+
+        let committed = self.committed(now);
+        let live: Vec<&NodeRecord> = self
+            .state
+            .nodes()
+            .filter(|n| !n.leaving && self.health(now, &n.id) == Health::Alive)
+            .collect();
+        let policy = self.policy();
+        let mut reasons = Vec::new();
+        let mut seen_claimable = Vec::new();
+        let mut seen_terminal = Vec::new();
+        let mut seen_failed = Vec::new();
+        for (id, rec) in self.state.tasks() {
+            let Some(spec) = rec.spec.as_ref().map(|s| &s.value) else {
+                continue;
+            };
+            let state = self.derive_state(now, rec, spec);
+            let lease = rec.lease.as_ref().map(|l| l.value);
+            if state.is_terminal() {
+                let since = self.terminal_seen.get(id).copied().unwrap_or(now);
+                seen_terminal.push(*id);
+                let last_owner = lease.is_some_and(|l| l.owner == self.me.id);
+                let after = if last_owner {
+                    self.cfg.retention_ms
+                } else {
+                    2 * self.cfg.retention_ms
+                };
+                if self.local.contains_key(id) {
+                    // Wait for our instance to stop first.
+                } else if now >= since + after {
+                    steps.push(Step::Compact(*id, state));
+                } else {
+                    at(since + after);
+                }
+                continue;
+            }
+            if self.local.contains_key(id) {
+                continue;
+            }
+            let top_failed = rec
+                .statuses
+                .iter()
+                .next_back()
+                .filter(|(_, s)| s.value.state == TaskState::Failed)
+                .map(|(e, _)| *e);
+            if let Some(l) = lease.filter(|l| self.lease_live(now, l)) {
+                if top_failed != Some(l.epoch) {
+                    if l.owner != self.me.id {
+                        if let Some(t) = self.lease_expiry(&l) {
+                            at(t);
+                        }
+                    }
+                    continue;
+                }
+            }
+            if let Some(epoch) = top_failed {
+                let since = self.failed_seen.get(&(*id, epoch)).copied().unwrap_or(now);
+                seen_failed.push((*id, epoch));
+                let due = since + self.backoff_ms(id, rec.failed_attempts());
+                if now < due {
+                    at(due);
+                    continue;
+                }
+            }
+            if overloaded {
+                reasons.push((
+                    *id,
+                    "the node that sees it is over its thresholds".to_owned(),
+                ));
+                continue;
+            }
+            let image = ImageRef::parse(&spec.spec.image).ok().map(|r| r.digest);
+            let via = rec
+                .spec
+                .as_ref()
+                .and_then(|s| self.state.node(&s.at.origin));
+            match placement::rank(
+                live.iter().copied(),
+                &committed,
+                &spec.spec,
+                image.as_ref(),
+                via,
+                &policy,
+            ) {
+                Err(why) => reasons.push((*id, why.to_string())),
+                Ok(cands) => {
+                    let Some(pos) = cands.iter().position(|c| c.node == self.me.id) else {
+                        continue;
+                    };
+                    let since = self.claimable_since.get(id).copied().unwrap_or(now);
+                    seen_claimable.push(*id);
+                    let pos = u64::try_from(pos).unwrap_or(u64::MAX);
+                    let due = since.saturating_add(pos.saturating_mul(self.cfg.claim_stagger_ms));
+                    if now >= due {
+                        let failover = lease.is_some_and(|l| {
+                            !l.released && l.owner != self.me.id && top_failed != Some(l.epoch)
+                        });
+                        steps.push(Step::Claim {
+                            task: *id,
+                            epoch: rec.max_epoch() + 1,
+                            score: cands
+                                .get(usize::try_from(pos).unwrap_or(0))
+                                .map_or(0, |c| c.score),
+                            failover,
+                        });
+                    } else {
+                        at(due);
+                    }
+                }
+            }
+        }
+
+        for id in seen_terminal {
+            self.terminal_seen.entry(id).or_insert(now);
+            self.claimable_since.remove(&id);
+            self.reasons.remove(&id);
+        }
+        for id in seen_claimable {
+            self.claimable_since.entry(id).or_insert(now);
+            self.reasons.remove(&id);
+        }
+        for key in seen_failed {
+            self.failed_seen.entry(key).or_insert(now);
+        }
+        for (id, why) in reasons {
+            self.reasons.insert(id, why);
+        }
+        let live_ids: std::collections::BTreeSet<TaskId> =
+            self.state.tasks().map(|(id, _)| *id).collect();
+        self.terminal_seen.retain(|id, _| live_ids.contains(id));
+        self.claimable_since.retain(|id, _| live_ids.contains(id));
+        self.failed_seen.retain(|(id, _), _| live_ids.contains(id));
+        self.reasons.retain(|id, _| live_ids.contains(id));
+
+        for step in steps {
+            self.apply_step(now, step);
+        }
+        if let Some(w) = wake {
+            self.next_eval = Some(self.next_eval.map_or(w, |e| e.min(w)));
+        }
+    }
+
+    fn apply_step(&mut self, now: Millis, step: Step) {
+        match step {
+            Step::Start(task, epoch) => {
+                let spec = self
+                    .state
+                    .task(&task)
+                    .and_then(|r| r.spec.as_ref())
+                    .map(|s| Arc::clone(&s.value));
+                if let Some(spec) = spec {
+                    self.outbox
+                        .push_back(Action::StartTask { task, epoch, spec });
+                    if let Some(r) = self.local.get_mut(&task) {
+                        r.phase = Phase::Started;
+                    }
+                }
+            }
+            Step::Stop(task, epoch, reason) => {
+                if matches!(reason, StopReason::Fenced { .. }) {
+                    self.stats.fenced += 1;
+                }
+                self.outbox.push_back(Action::StopTask {
+                    task,
+                    epoch,
+                    reason,
+                });
+                if let Some(r) = self.local.get_mut(&task) {
+                    r.phase = Phase::Stopping;
+                }
+            }
+            Step::Forget(task) => {
+                self.local.remove(&task);
+            }
+            Step::Release(task, epoch) => {
+                self.release(now, task, epoch);
+                self.local.remove(&task);
+            }
+            Step::CancelEpoch(task, epoch) => {
+                self.report(
+                    now,
+                    task,
+                    epoch,
+                    TaskState::Cancelled,
+                    None,
+                    "cancelled before start",
+                );
+                self.local.remove(&task);
+            }
+            Step::Claim {
+                task,
+                epoch,
+                score,
+                failover,
+            } => {
+                let lease = Lease {
+                    epoch,
+                    owner: self.me.id,
+                    incarnation: self.cfg.incarnation,
+                    score,
+                    ttl_ms: u32::try_from(self.cfg.lease_ttl_ms).unwrap_or(u32::MAX),
+                    released: false,
+                };
+                self.write(now, DeltaBody::Lease { task, lease });
+                let until = now + self.settle_ms();
+                self.local.insert(
+                    task,
+                    LocalRun {
+                        epoch,
+                        phase: Phase::Settling { until },
+                    },
+                );
+                self.next_eval = Some(self.next_eval.map_or(until, |e| e.min(until)));
+                self.claimable_since.remove(&task);
+                self.stats.claims += 1;
+                if failover {
+                    self.stats.failovers += 1;
+                }
+            }
+            Step::Compact(task, outcome) => {
+                self.write(now, DeltaBody::Compact { task, outcome });
+            }
+        }
+    }
+
+    /// Hands a claimed but unstarted task back to the mesh.
+    pub(crate) fn release(&mut self, now: Millis, task: TaskId, epoch: Epoch) {
+        let current = self
+            .state
+            .task(&task)
+            .and_then(|r| r.lease.as_ref())
+            .map(|l| l.value);
+        if let Some(mut lease) = current.filter(|l| l.epoch == epoch && l.owner == self.me.id) {
+            lease.released = true;
+            self.write(now, DeltaBody::Lease { task, lease });
+        }
+    }
+
+    fn report(
+        &mut self,
+        now: Millis,
+        task: TaskId,
+        epoch: Epoch,
+        state: TaskState,
+        code: Option<i32>,
+        error: &str,
+    ) {
+        let entry = StatusEntry::new(state, code, error, now, self.me.id);
+        self.write(now, DeltaBody::Status { task, epoch, entry });
+    }
+
+    pub(crate) fn on_executor(
+        &mut self,
+        now: Millis,
+        task: TaskId,
+        epoch: Epoch,
+        event: ExecEvent,
+    ) {
+        let run = self.local.get(&task).copied();
+        let rec = self.state.task(&task);
+        let current = rec.and_then(|r| r.lease.as_ref()).is_some_and(|l| {
+            l.value.epoch == epoch && l.value.owner == self.me.id && !l.value.released
+        });
+        let cancelled = rec.is_some_and(TaskRecord::is_cancelled);
+        let ours = run.is_some_and(|r| r.epoch == epoch);
+        if !matches!(event, ExecEvent::Started) && ours {
+            self.local.remove(&task);
+        }
+        if !ours || !current {
+            self.stats.stale_reports += 1;
+            self.mark_dirty(now);
+            return;
+        }
+        match event {
+            ExecEvent::Started if !cancelled => {
+                self.report(now, task, epoch, TaskState::Running, None, "");
+            }
+            ExecEvent::Started => {}
+            _ if cancelled => {
+                self.report(now, task, epoch, TaskState::Cancelled, None, "cancelled")
+            }
+            ExecEvent::Exited { code: 0 } => {
+                self.report(now, task, epoch, TaskState::Succeeded, Some(0), "")
+            }
+            ExecEvent::Exited { code } => {
+                let why = format!("exited with code {code}");
+                self.report(now, task, epoch, TaskState::Failed, Some(code), &why);
+            }
+            ExecEvent::Failed { error } => {
+                self.report(now, task, epoch, TaskState::Failed, None, &error)
+            }
+            ExecEvent::Stopped => {}
+        }
+        self.mark_dirty(now);
+    }
+}

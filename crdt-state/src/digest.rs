@@ -1,0 +1,81 @@
+//! The state digest: an order-independent sum of per-component hashes, kept up to date as
+//! components change, so comparing two replicas costs one 32-byte compare.
+
+use omesh_protocol::codec::canonical;
+use omesh_protocol::{Epoch, Lease, NodeRecord, StateDigest, StatusEntry, TaskId, TaskState};
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+/// The hash of one component of the state, in four lanes that add up into a [`StateDigest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ComponentHash([u64; 4]);
+
+impl ComponentHash {
+    fn of(tag: u8, key: &[u8], value: &impl Serialize) -> Self {
+        let mut h = Sha256::new();
+        h.update([tag]);
+        h.update(key);
+        h.update(canonical(value));
+        let out: [u8; 32] = h.finalize().into();
+        let mut lanes = [0u64; 4];
+        for (lane, chunk) in lanes.iter_mut().zip(out.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            *lane = u64::from_le_bytes(b);
+        }
+        Self(lanes)
+    }
+
+    /// A node record.
+    pub fn node(rec: &NodeRecord) -> Self {
+        Self::of(b'n', &[], rec)
+    }
+    /// A task's spec: the id is its content hash, so the id stands for it.
+    pub fn spec(task: &TaskId) -> Self {
+        Self::of(b's', &task.0, &())
+    }
+    /// A task's lease.
+    pub fn lease(task: &TaskId, lease: &Lease) -> Self {
+        Self::of(b'l', &task.0, lease)
+    }
+    /// One epoch's status.
+    pub fn status(task: &TaskId, epoch: Epoch, entry: &StatusEntry) -> Self {
+        Self::of(b't', &task.0, &(epoch, entry))
+    }
+    /// A task's cancel flag.
+    pub fn cancel(task: &TaskId) -> Self {
+        Self::of(b'c', &task.0, &())
+    }
+    /// A compacted task's tombstone.
+    pub fn tombstone(task: &TaskId, outcome: TaskState) -> Self {
+        Self::of(b'x', &task.0, &outcome)
+    }
+}
+
+/// A running digest: add and remove component hashes in any order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Digest4([u64; 4]);
+
+impl Digest4 {
+    /// Adds a component.
+    pub fn add(&mut self, c: ComponentHash) {
+        for (a, b) in self.0.iter_mut().zip(c.0) {
+            *a = a.wrapping_add(b);
+        }
+    }
+    /// Removes a component added before.
+    pub fn remove(&mut self, c: ComponentHash) {
+        for (a, b) in self.0.iter_mut().zip(c.0) {
+            *a = a.wrapping_sub(b);
+        }
+    }
+    /// Replaces `old` by `new`.
+    pub fn replace(&mut self, old: ComponentHash, new: ComponentHash) {
+        self.remove(old);
+        self.add(new);
+    }
+    /// The wire form.
+    pub fn to_wire(self) -> StateDigest {
+        StateDigest(self.0)
+    }
+}

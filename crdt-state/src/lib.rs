@@ -1,0 +1,23 @@
+//! omesh-state: the replicated state of the mesh and every decision taken on it.
+//!
+//! This crate owns the CRDT merge of node records and task records, version vectors and
+//! anti-entropy, lease claims, fencing, retries, offload and compaction, all as one
+//! deterministic state machine (`Replica`) driven by `handle(now, input)`, `poll_action()` and
+//! `poll_timeout()`. It must never do I/O, read a clock, or draw randomness it was not given:
+//! the node crate and the simulator drive the same code.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod decide;
+pub mod digest;
+pub mod liveness;
+pub mod merge;
+pub mod placement;
+pub mod replica;
+
+pub use config::{ConfigError, ReplicaConfig};
+pub use decide::TaskView;
+pub use liveness::{Health, RttEstimate};
+pub use merge::{Crdt, DeltaError, Merged, Stamp, State, TaskRecord};
+pub use replica::{Action, ExecEvent, Input, InputError, Replica, Stats, StopReason};

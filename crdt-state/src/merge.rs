@@ -1,0 +1,480 @@
+//! The replicated state as a join-semilattice: node records, task records and tombstones.
+//!
+//! Every component carries the `(origin, stamp)` of the delta that wrote it, so anti-entropy
+//! can send exactly what a peer's version vector lacks. Merging is commutative, associative
+//! and idempotent; the digest covers values only, never stamps, so equal states hash equal
+//! however they were reached.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use omesh_protocol::codec::canonical;
+use omesh_protocol::{
+    Delta, DeltaBody, Digest, Epoch, Lease, NodeId, NodeRecord, SignedTaskSpec, StateDigest,
+    StatusEntry, TaskId, TaskState,
+};
+
+use crate::digest::{ComponentHash, Digest4};
+
+/// A join: `a.merge(&b)` leaves `a` as the least upper bound of both.
+///
+/// Laws: commutative (`a ⊔ b = b ⊔ a`), associative, idempotent (`a ⊔ a = a`).
+pub trait Crdt {
+    /// Joins `other` into `self`.
+    fn merge(&mut self, other: &Self);
+}
+
+/// Who wrote a component, and with which of its stamps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Stamp {
+    /// The writing replica.
+    pub origin: NodeId,
+    /// Its counter.
+    pub stamp: u64,
+}
+
+/// A value with the stamp of the delta that wrote it and its digest contribution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamped<T> {
+    /// Who wrote it.
+    pub at: Stamp,
+    /// The value.
+    pub value: T,
+    hash: ComponentHash,
+}
+
+/// One task as this replica knows it. Parts may arrive in any order; a record without a spec
+/// is kept (and merged) but never acted on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TaskRecord {
+    /// The signed spec, write-once.
+    pub spec: Option<Stamped<Arc<SignedTaskSpec>>>,
+    /// The highest lease.
+    pub lease: Option<Stamped<Lease>>,
+    /// What each epoch reached.
+    pub statuses: BTreeMap<Epoch, Stamped<StatusEntry>>,
+    /// The grow-only cancel flag.
+    pub cancel: Option<Stamped<()>>,
+}
+
+impl TaskRecord {
+    /// The highest epoch named by the lease or any status.
+    pub fn max_epoch(&self) -> Epoch {
+        let lease = self.lease.as_ref().map_or(0, |l| l.value.epoch);
+        let status = self.statuses.keys().next_back().copied().unwrap_or(0);
+        lease.max(status)
+    }
+
+    /// Whether the task was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_some()
+    }
+
+    /// The status reported for `epoch`.
+    pub fn status(&self, epoch: Epoch) -> Option<&StatusEntry> {
+        self.statuses.get(&epoch).map(|s| &s.value)
+    }
+
+    /// Epochs that ended Failed: the attempts used up.
+    pub fn failed_attempts(&self) -> u32 {
+        let n = self
+            .statuses
+            .values()
+            .filter(|s| s.value.state == TaskState::Failed)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    fn components_hash(&self) -> impl Iterator<Item = ComponentHash> + '_ {
+        self.spec
+            .iter()
+            .map(|s| s.hash)
+            .chain(self.lease.iter().map(|s| s.hash))
+            .chain(self.statuses.values().map(|s| s.hash))
+            .chain(self.cancel.iter().map(|s| s.hash))
+    }
+}
+
+/// The outcome of merging one component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merged {
+    /// The state changed.
+    Changed,
+    /// The state already held this or something newer.
+    Unchanged,
+    /// The task was compacted; the component is ignored so it cannot be revived.
+    Tombstoned,
+}
+
+/// A delta that breaks a protocol rule. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeltaError {
+    /// A single-writer component written by someone else.
+    #[error("{kind} for {subject} written by {origin}, but only its owner may write it")]
+    NotOwner {
+        /// Which component.
+        kind: &'static str,
+        /// Whose it is.
+        subject: String,
+        /// Who sent it.
+        origin: String,
+    },
+    /// The spec failed verification.
+    #[error(transparent)]
+    Spec(#[from] omesh_protocol::SpecError),
+}
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    nodes: BTreeMap<NodeId, Stamped<NodeRecord>>,
+    tasks: BTreeMap<TaskId, TaskRecord>,
+    tombstones: BTreeMap<TaskId, Stamped<TaskState>>,
+    digest: Digest4,
+}
+
+impl PartialEq for State {
+    fn eq(&self, other: &Self) -> bool {
+        self.digest == other.digest
+    }
+}
+
+fn stamped<T>(at: Stamp, value: T, hash: ComponentHash) -> Stamped<T> {
+    Stamped { at, value, hash }
+}
+
+fn node_order(a: &NodeRecord, b: &NodeRecord) -> Ordering {
+    a.version()
+        .cmp(&b.version())
+        .then_with(|| canonical(a).cmp(&canonical(b)))
+}
+
+fn status_order(a: &StatusEntry, b: &StatusEntry) -> Ordering {
+    a.rank()
+        .cmp(&b.rank())
+        .then_with(|| a.error.cmp(&b.error))
+        .then_with(|| a.reporter.cmp(&b.reporter))
+}
+
+/// Last-writer-wins by `order`; equal values keep the lower stamp so the choice is deterministic.
+fn merge_slot<T: Clone>(
+    digest: &mut Digest4,
+    slot: &mut Option<Stamped<T>>,
+    incoming: &Stamped<T>,
+    order: impl Fn(&T, &T) -> Ordering,
+) -> Merged {
+    match slot {
+        None => {
+            digest.add(incoming.hash);
+            *slot = Some(incoming.clone());
+            Merged::Changed
+        }
+        Some(cur) => match order(&incoming.value, &cur.value) {
+            Ordering::Greater => {
+                digest.replace(cur.hash, incoming.hash);
+                *cur = incoming.clone();
+                Merged::Changed
+            }
+            Ordering::Equal if incoming.at < cur.at && incoming.hash == cur.hash => {
+                cur.at = incoming.at;
+                Merged::Unchanged
+            }
+            _ => Merged::Unchanged,
+        },
+    }
+}
+
+/// The live record of `id`, created empty if new; `None` once the task is compacted.
+fn live<'a>(
+    tasks: &'a mut BTreeMap<TaskId, TaskRecord>,
+    tombstones: &BTreeMap<TaskId, Stamped<TaskState>>,
+    id: TaskId,
+) -> Option<&'a mut TaskRecord> {
+    if tombstones.contains_key(&id) {
+        return None;
+    }
+    Some(tasks.entry(id).or_default())
+}
+
+impl State {
+    /// The digest of everything held.
+    pub fn digest(&self) -> StateDigest {
+        self.digest.to_wire()
+    }
+
+    /// A node's record.
+    pub fn node(&self, id: &NodeId) -> Option<&NodeRecord> {
+        self.nodes.get(id).map(|s| &s.value)
+    }
+
+    /// Every node record.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values().map(|s| &s.value)
+    }
+
+    /// Number of node records.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// A task's record.
+    pub fn task(&self, id: &TaskId) -> Option<&TaskRecord> {
+        self.tasks.get(id)
+    }
+
+    /// Every live task record.
+    pub fn tasks(&self) -> impl Iterator<Item = (&TaskId, &TaskRecord)> {
+        self.tasks.iter()
+    }
+
+    /// Number of live task records.
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// A compacted task's final state.
+    pub fn tombstone(&self, id: &TaskId) -> Option<TaskState> {
+        self.tombstones.get(id).map(|s| s.value)
+    }
+
+    /// Number of tombstones.
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    /// Checks the single-writer rules of a delta without changing anything.
+    pub fn check(delta: &Delta) -> Result<(), DeltaError> {
+        let not_owner = |kind, subject: NodeId| DeltaError::NotOwner {
+            kind,
+            subject: subject.short(),
+            origin: delta.origin.short(),
+        };
+        match &delta.body {
+            DeltaBody::Node(rec) if rec.id != delta.origin => Err(not_owner("node record", rec.id)),
+            DeltaBody::Lease { lease, .. } if lease.owner != delta.origin => {
+                Err(not_owner("lease", lease.owner))
+            }
+            DeltaBody::Status { entry, .. } if entry.reporter != delta.origin => {
+                Err(not_owner("status", entry.reporter))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Merges one delta. Spec signatures are the caller's to verify (see `Replica`).
+    pub fn apply(&mut self, delta: &Delta) -> Result<Merged, DeltaError> {
+        Self::check(delta)?;
+        let at = Stamp {
+            origin: delta.origin,
+            stamp: delta.stamp,
+        };
+        Ok(match &delta.body {
+            DeltaBody::Node(rec) => {
+                self.merge_node(&stamped(at, rec.clone(), ComponentHash::node(rec)))
+            }
+            DeltaBody::Spec(spec) => {
+                let id = spec.id();
+                self.merge_spec(
+                    id,
+                    &stamped(at, Arc::new(spec.clone()), ComponentHash::spec(&id)),
+                )
+            }
+            DeltaBody::Lease { task, lease } => self.merge_lease(
+                *task,
+                &stamped(at, *lease, ComponentHash::lease(task, lease)),
+            ),
+            DeltaBody::Status { task, epoch, entry } => self.merge_status(
+                *task,
+                *epoch,
+                &stamped(
+                    at,
+                    entry.clone(),
+                    ComponentHash::status(task, *epoch, entry),
+                ),
+            ),
+            DeltaBody::Cancel { task } => {
+                self.merge_cancel(*task, &stamped(at, (), ComponentHash::cancel(task)))
+            }
+            DeltaBody::Compact { task, outcome } => self.merge_tombstone(
+                *task,
+                &stamped(at, *outcome, ComponentHash::tombstone(task, *outcome)),
+            ),
+        })
+    }
+
+    fn merge_node(&mut self, incoming: &Stamped<NodeRecord>) -> Merged {
+        let mut slot = self.nodes.remove(&incoming.value.id);
+        let merged = merge_slot(&mut self.digest, &mut slot, incoming, node_order);
+        if let Some(s) = slot {
+            self.nodes.insert(s.value.id, s);
+        }
+        merged
+    }
+
+    fn merge_spec(&mut self, id: TaskId, incoming: &Stamped<Arc<SignedTaskSpec>>) -> Merged {
+        let Some(rec) = live(&mut self.tasks, &self.tombstones, id) else {
+            return Merged::Tombstoned;
+        };
+        // Specs are content-addressed: the same id is the same spec, so only presence matters.
+        merge_slot(&mut self.digest, &mut rec.spec, incoming, |_, _| {
+            Ordering::Equal
+        })
+    }
+
+    fn merge_lease(&mut self, id: TaskId, incoming: &Stamped<Lease>) -> Merged {
+        let Some(rec) = live(&mut self.tasks, &self.tombstones, id) else {
+            return Merged::Tombstoned;
+        };
+        merge_slot(&mut self.digest, &mut rec.lease, incoming, |a, b| {
+            a.rank().cmp(&b.rank())
+        })
+    }
+
+    fn merge_status(
+        &mut self,
+        id: TaskId,
+        epoch: Epoch,
+        incoming: &Stamped<StatusEntry>,
+    ) -> Merged {
+        let Some(rec) = live(&mut self.tasks, &self.tombstones, id) else {
+            return Merged::Tombstoned;
+        };
+        let mut slot = rec.statuses.remove(&epoch);
+        let merged = merge_slot(&mut self.digest, &mut slot, incoming, status_order);
+        if let Some(s) = slot {
+            rec.statuses.insert(epoch, s);
+        }
+        merged
+    }
+
+    fn merge_cancel(&mut self, id: TaskId, incoming: &Stamped<()>) -> Merged {
+        let Some(rec) = live(&mut self.tasks, &self.tombstones, id) else {
+            return Merged::Tombstoned;
+        };
+        merge_slot(&mut self.digest, &mut rec.cancel, incoming, |_, _| {
+            Ordering::Equal
+        })
+    }
+
+    fn merge_tombstone(&mut self, id: TaskId, incoming: &Stamped<TaskState>) -> Merged {
+        if let Some(rec) = self.tasks.remove(&id) {
+            for h in rec.components_hash() {
+                self.digest.remove(h);
+            }
+        }
+        let mut slot = self.tombstones.remove(&id);
+        let merged = merge_slot(&mut self.digest, &mut slot, incoming, |a, b| {
+            a.code().cmp(&b.code())
+        });
+        if let Some(s) = slot {
+            self.tombstones.insert(id, s);
+        }
+        merged
+    }
+
+    /// Every component as the delta that would recreate it, for anti-entropy. A task's
+    /// spec comes before its other parts.
+    pub fn components(&self) -> impl Iterator<Item = Delta> + '_ {
+        let delta = |at: Stamp, body| Delta {
+            origin: at.origin,
+            stamp: at.stamp,
+            body,
+        };
+        let nodes = self
+            .nodes
+            .values()
+            .map(move |s| delta(s.at, DeltaBody::Node(s.value.clone())));
+        let tasks = self.tasks.iter().flat_map(move |(id, rec)| {
+            let id = *id;
+            let spec = rec
+                .spec
+                .iter()
+                .map(move |s| delta(s.at, DeltaBody::Spec((*s.value).clone())));
+            let lease = rec.lease.iter().map(move |s| {
+                delta(
+                    s.at,
+                    DeltaBody::Lease {
+                        task: id,
+                        lease: s.value,
+                    },
+                )
+            });
+            let statuses = rec.statuses.iter().map(move |(epoch, s)| {
+                delta(
+                    s.at,
+                    DeltaBody::Status {
+                        task: id,
+                        epoch: *epoch,
+                        entry: s.value.clone(),
+                    },
+                )
+            });
+            let cancel = rec
+                .cancel
+                .iter()
+                .map(move |s| delta(s.at, DeltaBody::Cancel { task: id }));
+            spec.chain(lease).chain(statuses).chain(cancel)
+        });
+        let tombs = self.tombstones.iter().map(move |(id, s)| {
+            delta(
+                s.at,
+                DeltaBody::Compact {
+                    task: *id,
+                    outcome: s.value,
+                },
+            )
+        });
+        nodes.chain(tasks).chain(tombs)
+    }
+
+    /// Stamps of every component, without cloning values: what a version vector covers.
+    pub fn stamps(&self) -> impl Iterator<Item = Stamp> + '_ {
+        let nodes = self.nodes.values().map(|s| s.at);
+        let tasks = self.tasks.values().flat_map(|rec| {
+            rec.spec
+                .iter()
+                .map(|s| s.at)
+                .chain(rec.lease.iter().map(|s| s.at))
+                .chain(rec.statuses.values().map(|s| s.at))
+                .chain(rec.cancel.iter().map(|s| s.at))
+        });
+        nodes
+            .chain(tasks)
+            .chain(self.tombstones.values().map(|s| s.at))
+    }
+
+    /// The image digest a task's spec pins, if its spec is known and well formed.
+    pub fn image_of(&self, id: &TaskId) -> Option<Digest> {
+        let spec = self.tasks.get(id)?.spec.as_ref()?;
+        omesh_protocol::ImageRef::parse(&spec.value.spec.image)
+            .ok()
+            .map(|r| r.digest)
+    }
+}
+
+impl Crdt for State {
+    /// Joins two already-verified states component by component, reusing cached hashes.
+    fn merge(&mut self, other: &Self) {
+        for s in other.nodes.values() {
+            self.merge_node(s);
+        }
+        for (id, s) in &other.tombstones {
+            self.merge_tombstone(*id, s);
+        }
+        for (id, rec) in &other.tasks {
+            if let Some(s) = &rec.spec {
+                self.merge_spec(*id, s);
+            }
+            if let Some(s) = &rec.lease {
+                self.merge_lease(*id, s);
+            }
+            for (epoch, s) in &rec.statuses {
+                self.merge_status(*id, *epoch, s);
+            }
+            if let Some(s) = &rec.cancel {
+                self.merge_cancel(*id, s);
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Placement: which live nodes may run a task, and how well. Ranks use replicated data only
+//! (records, leases, the submitting node's RTT table), so replicas with the same state agree
+//! on the best node and only it claims.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use omesh_protocol::{Digest, NodeId, NodeRecord, TaskSpec};
+
+/// Resources already promised to live leases on one node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// CPU in thousandths of a core.
+    pub cpu_millis: u64,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// A node that can take the task, with its score (higher is better).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// The node.
+    pub node: NodeId,
+    /// Its score.
+    pub score: u32,
+}
+
+/// The thresholds and preferences placement applies.
+#[derive(Debug, Clone, Default)]
+pub struct PlacementPolicy {
+    /// CPU utilisation, in thousandths, above which a node takes nothing new.
+    pub cpu_limit_permille: u16,
+    /// Memory utilisation, in thousandths, above which a node takes nothing new.
+    pub mem_limit_permille: u16,
+    /// Offload targets: nodes carrying one of these rank higher.
+    pub target_tags: BTreeSet<String>,
+}
+
+/// Why no node can take a task right now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unplaceable {
+    /// No live node carries every required tag.
+    #[error("no live node carries the required tags {0:?}")]
+    NoTaggedNode(Vec<String>),
+    /// Nodes carry the tags but none has the free CPU and memory.
+    #[error("no node with the required tags has {cpu_millis}m CPU and {memory_bytes} bytes free")]
+    NoCapacity {
+        /// CPU asked for.
+        cpu_millis: u32,
+        /// Memory asked for.
+        memory_bytes: u64,
+    },
+    /// Every node that could run it is above its thresholds.
+    #[error("every node that fits is above its cpu/memory thresholds")]
+    AllOverloaded,
+}
+
+/// Whether `node` is over the policy's thresholds.
+pub fn overloaded(node: &NodeRecord, policy: &PlacementPolicy) -> bool {
+    node.load.cpu_permille > policy.cpu_limit_permille
+        || node.load.mem_permille > policy.mem_limit_permille
+}
+
+/// Scores one node for a task, or says why it cannot take it.
+fn score(
+    node: &NodeRecord,
+    committed: Committed,
+    spec: &TaskSpec,
+    image: Option<&Digest>,
+    via: Option<&NodeRecord>,
+    policy: &PlacementPolicy,
+) -> Option<u32> {
+    let free_cpu = u64::from(node.capacity.cpu_millis).saturating_sub(committed.cpu_millis);
+    let free_mem = node
+        .capacity
+        .memory_bytes
+        .saturating_sub(committed.memory_bytes);
+    if free_cpu < u64::from(spec.cpu_millis) || free_mem < spec.memory_bytes {
+        return None;
+    }
+    let mut s: i64 = 10_000;
+    s -= 4 * i64::from(node.load.cpu_permille.min(1000));
+    s -= 2 * i64::from(node.load.mem_permille.min(1000));
+    // Headroom left after placing the task, 0..=1000.
+    let cap = u64::from(node.capacity.cpu_millis).max(1);
+    let left = (free_cpu - u64::from(spec.cpu_millis)) * 1000 / cap;
+    s += i64::try_from(left.min(1000)).unwrap_or(0);
+    if image.is_some_and(|d| node.images.contains(d)) {
+        s += 2_000;
+    }
+    if let Some(via) = via {
+        if via.id == node.id {
+            s += 1_500;
+        } else if let Some((_, rtt)) = via.rtt_ms.iter().find(|(id, _)| *id == node.id) {
+            s += 1_000 - i64::from((*rtt).min(100)) * 10;
+        }
+    }
+    if node.tags.iter().any(|t| policy.target_tags.contains(t)) {
+        s += 1_000;
+    }
+    Some(u32::try_from(s.max(1)).unwrap_or(1))
+}
+
+/// Ranks the live nodes for a task, best first (score, then lower node id).
+pub fn rank<'a>(
+    live: impl Iterator<Item = &'a NodeRecord>,
+    committed: &BTreeMap<NodeId, Committed>,
+    spec: &TaskSpec,
+    image: Option<&Digest>,
+    via: Option<&NodeRecord>,
+    policy: &PlacementPolicy,
+) -> Result<Vec<Candidate>, Unplaceable> {
+    let mut tagged = 0usize;
+    let mut fitting_but_loaded = 0usize;
+    let mut out = Vec::new();
+    for node in live {
+        if node.leaving || !spec.required_tags.iter().all(|t| node.tags.contains(t)) {
+            continue;
+        }
+        tagged += 1;
+        let c = committed.get(&node.id).copied().unwrap_or_default();
+        let Some(score) = score(node, c, spec, image, via, policy) else {
+            continue;
+        };
+        if overloaded(node, policy) {
+            fitting_but_loaded += 1;
+            continue;
+        }
+        out.push(Candidate {
+            node: node.id,
+            score,
+        });
+    }
+    if out.is_empty() {
+        return Err(if tagged == 0 {
+            Unplaceable::NoTaggedNode(spec.required_tags.iter().cloned().collect())
+        } else if fitting_but_loaded > 0 {
+            Unplaceable::AllOverloaded
+        } else {
+            Unplaceable::NoCapacity {
+                cpu_millis: spec.cpu_millis,
+                memory_bytes: spec.memory_bytes,
+            }
+        });
+    }
+    out.sort_by(|a, b| b.score.cmp(&a.score).then(a.node.cmp(&b.node)));
+    Ok(out)
+}

@@ -1,0 +1,897 @@
+//! The sans-IO replica: events in with an explicit `now`, actions out.
+//!
+//! `handle(now, input)` merges what peers say and what the local executor reports;
+//! `poll_action()` hands back what to send or run; `poll_timeout()` says when to tick next.
+//! The decisions taken on a tick (claims, fencing, retries, compaction) live in `decide.rs`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use crdts::{CmRDT, Dot, VClock};
+use omesh_protocol::codec::canonical;
+use omesh_protocol::delta::MAX_SYNC_REPLY_BYTES;
+use omesh_protocol::{
+    DecodeError, Delta, DeltaBody, Digest, Epoch, GossipMessage, LoadSample, Millis, NodeId,
+    NodeRecord, SignedTaskSpec, SpecError, StateDigest, SyncReply, SyncRequest, TaskId, Wire,
+};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{ConfigError, ReplicaConfig};
+use crate::liveness::{Health, Heard, RttEstimate};
+use crate::merge::{DeltaError, Merged, State};
+
+/// Deltas per gossip message; a larger batch is split.
+const MAX_DELTAS_PER_MESSAGE: usize = 64;
+/// How long an unanswered sync request blocks another to the same peer.
+const SYNC_TIMEOUT_MS: Millis = 5_000;
+/// Stamps remembered beyond a gap, per origin, before we rely on sync alone.
+const MAX_AHEAD: usize = 1024;
+
+/// What the local executor reports about one epoch of a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// The instance is running.
+    Started,
+    /// The instance exited with this code.
+    Exited {
+        /// Exit code (0 is success).
+        code: i32,
+    },
+    /// The instance could not run (image missing, executor error, timeout).
+    Failed {
+        /// Why.
+        error: String,
+    },
+    /// The instance was stopped after a StopTask.
+    Stopped,
+}
+
+/// Everything that can happen to a replica.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Time passed; do what is due.
+    Tick,
+    /// A gossip message from a peer.
+    Gossip {
+        /// The peer that delivered it.
+        from: NodeId,
+        /// The message.
+        msg: GossipMessage,
+    },
+    /// A peer asks for what it lacks.
+    SyncRequest {
+        /// The asking peer.
+        from: NodeId,
+        /// Its request.
+        request: SyncRequest,
+    },
+    /// A peer answered our sync request.
+    SyncReply {
+        /// The answering peer.
+        from: NodeId,
+        /// Its reply.
+        reply: SyncReply,
+    },
+    /// A sync request to `peer` failed (unreachable, timeout).
+    SyncFailed {
+        /// The peer.
+        peer: NodeId,
+    },
+    /// A fresh smoothed load sample of this host.
+    Load(LoadSample),
+    /// A measured round trip to a peer.
+    Rtt {
+        /// The peer.
+        peer: NodeId,
+        /// Round-trip time in microseconds.
+        rtt_us: u64,
+    },
+    /// The addresses this node listens on changed.
+    Addresses(Vec<String>),
+    /// The image blobs this node holds changed.
+    Images(BTreeSet<Digest>),
+    /// A task submitted through this node.
+    Submit(SignedTaskSpec),
+    /// Cancel a task everywhere.
+    Cancel(TaskId),
+    /// The local executor reports on an epoch it was told to run.
+    Executor {
+        /// The task.
+        task: TaskId,
+        /// The epoch the instance was started for.
+        epoch: Epoch,
+        /// What happened.
+        event: ExecEvent,
+    },
+    /// This node is shutting down gracefully.
+    Leave,
+}
+
+/// Why a StopTask was emitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A higher epoch (or a better claim of the same epoch) owns the task now.
+    Fenced {
+        /// The epoch that won.
+        by: Epoch,
+    },
+    /// The task was cancelled.
+    Cancelled,
+    /// This node is leaving the mesh.
+    Leaving,
+    /// The task was compacted away while this instance still ran.
+    Compacted,
+}
+
+/// Something the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Publish on the gossip topic.
+    Publish(GossipMessage),
+    /// Send a sync request to a peer.
+    SendSync {
+        /// The peer.
+        to: NodeId,
+        /// The request.
+        request: SyncRequest,
+    },
+    /// Answer a peer's sync request.
+    ReplySync {
+        /// The peer.
+        to: NodeId,
+        /// The reply.
+        reply: SyncReply,
+    },
+    /// Run an epoch of a task; every report about it must carry the same epoch.
+    StartTask {
+        /// The task.
+        task: TaskId,
+        /// The fencing token.
+        epoch: Epoch,
+        /// What to run.
+        spec: Arc<SignedTaskSpec>,
+    },
+    /// Stop the instance of this epoch at once.
+    StopTask {
+        /// The task.
+        task: TaskId,
+        /// The epoch of the instance to stop.
+        epoch: Epoch,
+        /// Why.
+        reason: StopReason,
+    },
+}
+
+/// Why an input was refused, and whether anything changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    /// Some deltas of a message broke a rule and were dropped; the others were merged.
+    #[error("{rejected} of {total} deltas rejected ({applied} merged); first: {first}")]
+    Rejected {
+        /// Dropped.
+        rejected: usize,
+        /// Merged.
+        applied: usize,
+        /// In the message.
+        total: usize,
+        /// The first reason.
+        first: DeltaError,
+    },
+    /// A submitted spec failed verification; nothing changed.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// Bytes from a peer did not decode; nothing changed.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] DecodeError),
+    /// The task is not known here; nothing changed.
+    #[error("unknown task {0}")]
+    UnknownTask(TaskId),
+    /// The task already ended; nothing changed.
+    #[error("task {task} already ended as {state}")]
+    AlreadyEnded {
+        /// The task.
+        task: TaskId,
+        /// How it ended.
+        state: omesh_protocol::TaskState,
+    },
+}
+
+/// Counters a driver exports as metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Deltas that changed the state.
+    pub deltas_applied: u64,
+    /// Deltas already known.
+    pub deltas_unchanged: u64,
+    /// Deltas dropped for breaking a rule.
+    pub deltas_rejected: u64,
+    /// Deltas about compacted tasks, ignored.
+    pub deltas_tombstoned: u64,
+    /// Messages that did not decode.
+    pub malformed: u64,
+    /// Gaps seen in a peer's stamps.
+    pub gaps: u64,
+    /// Sync requests sent.
+    pub syncs_sent: u64,
+    /// Sync requests answered.
+    pub syncs_served: u64,
+    /// Sync replies merged.
+    pub syncs_completed: u64,
+    /// Sync requests that failed.
+    pub syncs_failed: u64,
+    /// Sync replies after which the digests still differed with equal version vectors.
+    pub digest_mismatches: u64,
+    /// Executor reports for an epoch this node no longer owns, ignored.
+    pub stale_reports: u64,
+    /// Claims made by this node.
+    pub claims: u64,
+    /// Claims that took over from a lost owner.
+    pub failovers: u64,
+    /// Instances stopped because a higher epoch won.
+    pub fenced: u64,
+    /// Leases that changed by merge.
+    pub lease_changes: u64,
+}
+
+/// What this node does about a task it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Claimed; starts at `until` if the lease still holds.
+    Settling { until: Millis },
+    /// StartTask emitted.
+    Started,
+    /// StopTask emitted; waiting for the executor.
+    Stopping,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LocalRun {
+    pub(crate) epoch: Epoch,
+    pub(crate) phase: Phase,
+}
+
+/// The replica: the whole protocol of one omesh node, with no I/O.
+#[derive(Debug)]
+pub struct Replica {
+    pub(crate) cfg: ReplicaConfig,
+    pub(crate) state: State,
+    pub(crate) me: NodeRecord,
+    vclock: VClock<NodeId>,
+    ahead: BTreeMap<NodeId, BTreeSet<u64>>,
+    gaps: BTreeMap<NodeId, (Millis, NodeId)>,
+    inflight: BTreeMap<NodeId, Millis>,
+    want_full: BTreeSet<NodeId>,
+    next_counter: u64,
+    pub(crate) heard: BTreeMap<NodeId, Heard>,
+    pub(crate) rtt: BTreeMap<NodeId, RttEstimate>,
+    pub(crate) local: BTreeMap<TaskId, LocalRun>,
+    pub(crate) claimable_since: BTreeMap<TaskId, Millis>,
+    pub(crate) failed_seen: BTreeMap<(TaskId, Epoch), Millis>,
+    pub(crate) terminal_seen: BTreeMap<TaskId, Millis>,
+    pub(crate) reasons: BTreeMap<TaskId, String>,
+    pub(crate) outbox: VecDeque<Action>,
+    pending: Vec<Delta>,
+    next_heartbeat: Millis,
+    next_anti_entropy: Millis,
+    pub(crate) next_eval: Option<Millis>,
+    rng: ChaCha8Rng,
+    pub(crate) stats: Stats,
+    started: bool,
+}
+
+impl Replica {
+    /// A replica for the configured node. The config is validated here.
+    pub fn new(cfg: ReplicaConfig) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        let mut me = NodeRecord::new(cfg.node_id, cfg.incarnation, cfg.capacity);
+        me.tags = cfg.tags.clone();
+        let rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ u64::from_le_bytes(first8(&cfg.node_id.0)));
+        Ok(Self {
+            me,
+            state: State::default(),
+            vclock: VClock::new(),
+            ahead: BTreeMap::new(),
+            gaps: BTreeMap::new(),
+            inflight: BTreeMap::new(),
+            want_full: BTreeSet::new(),
+            next_counter: 0,
+            heard: BTreeMap::new(),
+            rtt: BTreeMap::new(),
+            local: BTreeMap::new(),
+            claimable_since: BTreeMap::new(),
+            failed_seen: BTreeMap::new(),
+            terminal_seen: BTreeMap::new(),
+            reasons: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            pending: Vec::new(),
+            next_heartbeat: 0,
+            next_anti_entropy: 0,
+            next_eval: None,
+            rng,
+            stats: Stats::default(),
+            started: false,
+            cfg,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.cfg.node_id
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.cfg
+    }
+
+    /// The replicated state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The state digest.
+    pub fn digest(&self) -> StateDigest {
+        self.state.digest()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// The version vector: per origin, the stamp up to which everything is held.
+    pub fn version_vector(&self) -> Vec<(NodeId, u64)> {
+        self.vclock.dots.iter().map(|(a, c)| (*a, *c)).collect()
+    }
+
+    /// Feeds one input. Everything it causes is queued for [`Replica::poll_action`].
+    pub fn handle(&mut self, now: Millis, input: Input) -> Result<(), InputError> {
+        self.start(now);
+        let result = match input {
+            Input::Tick => {
+                self.on_tick(now);
+                Ok(())
+            }
+            Input::Gossip { from, msg } => self.ingest(now, from, msg.deltas),
+            Input::SyncRequest { from, request } => {
+                self.serve_sync(from, &request);
+                Ok(())
+            }
+            Input::SyncReply { from, reply } => self.on_sync_reply(now, from, reply),
+            Input::SyncFailed { peer } => {
+                self.inflight.remove(&peer);
+                self.stats.syncs_failed += 1;
+                Ok(())
+            }
+            Input::Load(sample) => {
+                self.me.load = sample;
+                self.mark_dirty(now);
+                Ok(())
+            }
+            Input::Rtt { peer, rtt_us } => {
+                self.rtt.entry(peer).or_default().observe(rtt_us);
+                Ok(())
+            }
+            Input::Addresses(addrs) => {
+                self.me.addrs = addrs;
+                Ok(())
+            }
+            Input::Images(images) => {
+                self.me.images = images;
+                Ok(())
+            }
+            Input::Submit(spec) => self.submit(now, spec).map(|_| ()),
+            Input::Cancel(task) => self.cancel(now, task),
+            Input::Executor { task, epoch, event } => {
+                self.on_executor(now, task, epoch, event);
+                Ok(())
+            }
+            Input::Leave => {
+                self.leave(now);
+                Ok(())
+            }
+        };
+        self.flush();
+        result
+    }
+
+    /// Decodes a gossip message from raw bytes and feeds it; malformed bytes are counted and
+    /// dropped without touching the state.
+    pub fn handle_gossip_bytes(
+        &mut self,
+        now: Millis,
+        from: NodeId,
+        bytes: &[u8],
+    ) -> Result<(), InputError> {
+        match GossipMessage::from_wire(bytes) {
+            Ok(msg) => self.handle(now, Input::Gossip { from, msg }),
+            Err(e) => {
+                self.stats.malformed += 1;
+                Err(InputError::Malformed(e))
+            }
+        }
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.outbox.pop_front()
+    }
+
+    /// When the replica next wants an [`Input::Tick`].
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        if !self.started {
+            return Some(0);
+        }
+        let mut t = self.next_heartbeat.min(self.next_anti_entropy);
+        if let Some(e) = self.next_eval {
+            t = t.min(e);
+        }
+        Some(t)
+    }
+
+    /// Submits a task through this node. Returns its id; submitting the same signed spec
+    /// twice is harmless.
+    pub fn submit(&mut self, now: Millis, spec: SignedTaskSpec) -> Result<TaskId, InputError> {
+        self.start(now);
+        let id = spec.id();
+        if self.state.task(&id).is_some_and(|t| t.spec.is_some())
+            || self.state.tombstone(&id).is_some()
+        {
+            return Ok(id);
+        }
+        spec.verify(&self.cfg.authorized_submitters)?;
+        self.write(now, DeltaBody::Spec(spec));
+        self.mark_dirty(now);
+        self.flush();
+        Ok(id)
+    }
+
+    fn cancel(&mut self, now: Millis, task: TaskId) -> Result<(), InputError> {
+        if let Some(state) = self.state.tombstone(&task) {
+            return Err(InputError::AlreadyEnded { task, state });
+        }
+        let Some(rec) = self.state.task(&task) else {
+            return Err(InputError::UnknownTask(task));
+        };
+        if rec.is_cancelled() {
+            return Ok(());
+        }
+        let view = self.task_state(now, &task);
+        if let Some(state) = view.filter(|s| s.is_terminal()) {
+            return Err(InputError::AlreadyEnded { task, state });
+        }
+        self.write(now, DeltaBody::Cancel { task });
+        self.mark_dirty(now);
+        Ok(())
+    }
+
+    fn start(&mut self, now: Millis) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        self.heard.insert(
+            self.me.id,
+            Heard {
+                version: self.me.version(),
+                at: now,
+            },
+        );
+        self.heartbeat(now);
+        self.next_anti_entropy = now + self.cfg.anti_entropy_ms / 2;
+    }
+
+    pub(crate) fn mark_dirty(&mut self, now: Millis) {
+        self.next_eval = Some(self.next_eval.map_or(now, |e| e.min(now)));
+    }
+
+    fn heartbeat(&mut self, now: Millis) {
+        self.me.seq += 1;
+        let mut nearest: Vec<(NodeId, u32)> = self
+            .rtt
+            .iter()
+            .filter(|(id, _)| **id != self.me.id)
+            .map(|(id, r)| (*id, r.srtt_ms()))
+            .collect();
+        nearest.sort_by_key(|(id, ms)| (*ms, *id));
+        nearest.truncate(omesh_protocol::node::MAX_RTT_ENTRIES);
+        self.me.rtt_ms = nearest;
+        let rec = self.me.clone();
+        self.write(now, DeltaBody::Node(rec));
+        self.next_heartbeat = now + self.cfg.heartbeat_ms;
+    }
+
+    /// Makes a local change: stamps it, merges it, queues it for gossip.
+    pub(crate) fn write(&mut self, now: Millis, body: DeltaBody) {
+        self.next_counter += 1;
+        let stamp = (self.cfg.incarnation << 32) | self.next_counter;
+        let delta = Delta {
+            origin: self.me.id,
+            stamp,
+            body,
+        };
+        // Our own deltas satisfy every rule, so merging cannot fail; count it if it ever does.
+        match self.state.apply(&delta) {
+            Ok(_) => {}
+            Err(_) => self.stats.deltas_rejected += 1,
+        }
+        self.vclock.apply(Dot::new(self.me.id, stamp));
+        if let DeltaBody::Node(rec) = &delta.body {
+            self.heard.insert(
+                rec.id,
+                Heard {
+                    version: rec.version(),
+                    at: now,
+                },
+            );
+        }
+        self.pending.push(delta);
+    }
+
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let deltas = std::mem::take(&mut self.pending);
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        for d in deltas {
+            let len = canonical(&d).len();
+            if !batch.is_empty()
+                && (batch.len() >= MAX_DELTAS_PER_MESSAGE
+                    || bytes + len > GossipMessage::MAX_BYTES / 2)
+            {
+                self.outbox.push_back(Action::Publish(GossipMessage {
+                    deltas: std::mem::take(&mut batch),
+                }));
+                bytes = 0;
+            }
+            bytes += len;
+            batch.push(d);
+        }
+        self.outbox
+            .push_back(Action::Publish(GossipMessage { deltas: batch }));
+    }
+
+    /// Merges deltas from a peer, one by one; a bad delta is counted and dropped.
+    fn ingest(&mut self, now: Millis, from: NodeId, deltas: Vec<Delta>) -> Result<(), InputError> {
+        let total = deltas.len();
+        let mut rejected = 0usize;
+        let mut first = None;
+        for d in deltas {
+            match self.ingest_one(now, &d) {
+                Ok(()) => self.track_stamp(now, from, d.origin, d.stamp),
+                Err(e) => {
+                    rejected += 1;
+                    self.stats.deltas_rejected += 1;
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        match first {
+            None => Ok(()),
+            Some(first) => Err(InputError::Rejected {
+                rejected,
+                applied: total - rejected,
+                total,
+                first,
+            }),
+        }
+    }
+
+    fn ingest_one(&mut self, now: Millis, d: &Delta) -> Result<(), DeltaError> {
+        if d.origin == self.me.id && d.stamp >> 32 >= self.cfg.incarnation {
+            // Our own delta echoed back; we are its only writer.
+            self.stats.deltas_unchanged += 1;
+            return Ok(());
+        }
+        State::check(d)?;
+        if let DeltaBody::Spec(spec) = &d.body {
+            let id = spec.id();
+            let known = self.state.task(&id).is_some_and(|t| t.spec.is_some())
+                || self.state.tombstone(&id).is_some();
+            if !known {
+                spec.verify(&self.cfg.authorized_submitters)?;
+            }
+        }
+        match self.state.apply(d)? {
+            Merged::Changed => {
+                self.stats.deltas_applied += 1;
+                match &d.body {
+                    DeltaBody::Node(rec) => {
+                        let newer = self
+                            .heard
+                            .get(&rec.id)
+                            .is_none_or(|h| rec.version() > h.version);
+                        if newer {
+                            self.heard.insert(
+                                rec.id,
+                                Heard {
+                                    version: rec.version(),
+                                    at: now,
+                                },
+                            );
+                        }
+                    }
+                    DeltaBody::Lease { .. } => {
+                        self.stats.lease_changes += 1;
+                        self.mark_dirty(now);
+                    }
+                    _ => self.mark_dirty(now),
+                }
+            }
+            Merged::Unchanged => self.stats.deltas_unchanged += 1,
+            Merged::Tombstoned => self.stats.deltas_tombstoned += 1,
+        }
+        Ok(())
+    }
+
+    /// Advances the version vector, or notes a gap to close by sync.
+    fn track_stamp(&mut self, now: Millis, via: NodeId, origin: NodeId, stamp: u64) {
+        let have = self.vclock.get(&origin);
+        if stamp <= have {
+            return;
+        }
+        if stamp == have + 1 {
+            self.vclock.apply(Dot::new(origin, stamp));
+            self.drain_ahead(origin);
+        } else {
+            let ahead = self.ahead.entry(origin).or_default();
+            if ahead.len() < MAX_AHEAD {
+                ahead.insert(stamp);
+            }
+            if !self.gaps.contains_key(&origin) {
+                self.stats.gaps += 1;
+                self.gaps.insert(origin, (now, via));
+                let at = now + self.cfg.gap_sync_ms;
+                self.next_eval = Some(self.next_eval.map_or(at, |e| e.min(at)));
+            }
+        }
+    }
+
+    fn drain_ahead(&mut self, origin: NodeId) {
+        let mut have = self.vclock.get(&origin);
+        if let Some(ahead) = self.ahead.get_mut(&origin) {
+            while ahead.remove(&(have + 1)) {
+                have += 1;
+            }
+            ahead.retain(|s| *s > have);
+            if ahead.is_empty() {
+                self.ahead.remove(&origin);
+            }
+        }
+        if have > self.vclock.get(&origin) {
+            self.vclock.apply(Dot::new(origin, have));
+        }
+        if !self.ahead.contains_key(&origin) {
+            self.gaps.remove(&origin);
+        }
+    }
+
+    fn sync_request(&mut self, now: Millis, to: NodeId) {
+        if to == self.me.id
+            || self
+                .inflight
+                .get(&to)
+                .is_some_and(|t| now < t + SYNC_TIMEOUT_MS)
+        {
+            return;
+        }
+        self.inflight.insert(to, now);
+        self.stats.syncs_sent += 1;
+        let request = SyncRequest {
+            vclock: self.version_vector(),
+            digest: self.digest(),
+            full: self.want_full.remove(&to),
+        };
+        self.outbox.push_back(Action::SendSync { to, request });
+    }
+
+    /// Answers with every component the requester's vector lacks, cut at the size limit on
+    /// an origin boundary so the requester can adopt what it fully got.
+    fn serve_sync(&mut self, from: NodeId, req: &SyncRequest) {
+        self.stats.syncs_served += 1;
+        let theirs: BTreeMap<NodeId, u64> = req.vclock.iter().copied().collect();
+        let mut deltas: Vec<Delta> = if req.digest == self.digest() && !req.full {
+            Vec::new()
+        } else {
+            self.state
+                .components()
+                .filter(|d| req.full || d.stamp > theirs.get(&d.origin).copied().unwrap_or(0))
+                .collect()
+        };
+        deltas.sort_by_key(|d| (d.origin, d.stamp));
+        let budget = MAX_SYNC_REPLY_BYTES - 64 * 1024 - 48 * (self.vclock.dots.len() + 1);
+        let mut used = 0usize;
+        let mut cut: Option<(usize, NodeId)> = None;
+        for (i, d) in deltas.iter().enumerate() {
+            used += canonical(d).len() + 8;
+            if used > budget && i > 0 {
+                cut = Some((i, d.origin));
+                break;
+            }
+        }
+        let mine = self.version_vector();
+        let (deltas, vclock, truncated) = match cut {
+            None => (deltas, mine, false),
+            Some((i, partial)) => {
+                deltas.truncate(i);
+                let last_partial = deltas
+                    .iter()
+                    .rev()
+                    .find(|d| d.origin == partial)
+                    .map(|d| d.stamp);
+                let vclock = mine
+                    .into_iter()
+                    .filter_map(|(o, c)| match o.cmp(&partial) {
+                        std::cmp::Ordering::Less => Some((o, c)),
+                        std::cmp::Ordering::Equal => last_partial.map(|s| (o, s.min(c))),
+                        std::cmp::Ordering::Greater => None,
+                    })
+                    .collect();
+                (deltas, vclock, true)
+            }
+        };
+        let reply = SyncReply {
+            deltas,
+            vclock,
+            digest: self.digest(),
+            truncated,
+        };
+        self.outbox.push_back(Action::ReplySync { to: from, reply });
+    }
+
+    fn on_sync_reply(
+        &mut self,
+        now: Millis,
+        from: NodeId,
+        reply: SyncReply,
+    ) -> Result<(), InputError> {
+        self.inflight.remove(&from);
+        let SyncReply {
+            deltas,
+            vclock,
+            digest,
+            truncated,
+        } = reply;
+        let result = self.ingest(now, from, deltas);
+        for (origin, c) in &vclock {
+            if *c > self.vclock.get(origin) {
+                self.vclock.apply(Dot::new(*origin, *c));
+            }
+            self.drain_ahead(*origin);
+        }
+        self.stats.syncs_completed += 1;
+        if truncated {
+            self.sync_request(now, from);
+        } else if digest != self.digest() {
+            let theirs: BTreeMap<NodeId, u64> = vclock.into_iter().collect();
+            let mine: BTreeMap<NodeId, u64> = self.version_vector().into_iter().collect();
+            if theirs == mine {
+                // Same versions, different states: something was lost outside the vectors.
+                self.stats.digest_mismatches += 1;
+                self.want_full.insert(from);
+            }
+        }
+        result
+    }
+
+    fn on_tick(&mut self, now: Millis) {
+        if now >= self.next_heartbeat {
+            self.heartbeat(now);
+        }
+        if now >= self.next_anti_entropy {
+            self.next_anti_entropy = now + self.cfg.anti_entropy_ms;
+            if let Some(peer) = self.random_alive_peer(now) {
+                self.sync_request(now, peer);
+            }
+        }
+        let due: Vec<(NodeId, NodeId)> = self
+            .gaps
+            .iter()
+            .filter(|(_, (since, _))| now >= since + self.cfg.gap_sync_ms)
+            .map(|(o, (_, via))| (*o, *via))
+            .collect();
+        for (origin, via) in due {
+            let to = if self.health(now, &origin) == Health::Alive {
+                origin
+            } else {
+                via
+            };
+            self.sync_request(now, to);
+            // Re-arm: ask again later if the gap is still open.
+            self.gaps.insert(origin, (now + SYNC_TIMEOUT_MS, via));
+        }
+        self.next_eval = None;
+        self.evaluate(now);
+    }
+
+    fn random_alive_peer(&mut self, now: Millis) -> Option<NodeId> {
+        use rand::Rng;
+        let peers: Vec<NodeId> = self
+            .heard
+            .keys()
+            .filter(|id| **id != self.me.id && self.health(now, id) != Health::Gone)
+            .copied()
+            .collect();
+        if peers.is_empty() {
+            return None;
+        }
+        let i = self.rng.gen_range(0..peers.len());
+        peers.get(i).copied()
+    }
+
+    /// How a node looks from here, now.
+    pub fn health(&self, now: Millis, id: &NodeId) -> Health {
+        if *id == self.me.id {
+            return if self.me.leaving {
+                Health::Gone
+            } else {
+                Health::Alive
+            };
+        }
+        let Some(heard) = self.heard.get(id) else {
+            return Health::Gone;
+        };
+        if self.state.node(id).is_some_and(|r| r.leaving) {
+            return Health::Gone;
+        }
+        let quiet = now.saturating_sub(heard.at);
+        if quiet <= self.cfg.suspect_after_ms {
+            Health::Alive
+        } else if quiet <= self.cfg.lease_ttl_ms + self.grace_ms(id) {
+            Health::Suspect
+        } else {
+            Health::Gone
+        }
+    }
+
+    /// The grace past a lease's ttl before it counts as lost: the configured floor or the
+    /// RTT-adaptive SRTT + 4·RTTVAR, whichever is longer.
+    pub fn grace_ms(&self, id: &NodeId) -> Millis {
+        let adaptive = self.rtt.get(id).map_or(0, RttEstimate::timeout_ms);
+        self.cfg.lease_grace_ms.max(adaptive)
+    }
+
+    /// When this node last heard from `id`, on its own clock.
+    pub fn last_heard(&self, id: &NodeId) -> Option<Millis> {
+        self.heard.get(id).map(|h| h.at)
+    }
+
+    /// The RTT estimate to `id`, if measured.
+    pub fn rtt(&self, id: &NodeId) -> Option<RttEstimate> {
+        self.rtt.get(id).copied()
+    }
+
+    fn leave(&mut self, now: Millis) {
+        self.me.leaving = true;
+        self.heartbeat(now);
+        let runs: Vec<(TaskId, LocalRun)> = self.local.iter().map(|(t, r)| (*t, *r)).collect();
+        for (task, run) in runs {
+            match run.phase {
+                Phase::Settling { .. } => {
+                    self.release(now, task, run.epoch);
+                    self.local.remove(&task);
+                }
+                Phase::Started => {
+                    self.outbox.push_back(Action::StopTask {
+                        task,
+                        epoch: run.epoch,
+                        reason: StopReason::Leaving,
+                    });
+                    if let Some(r) = self.local.get_mut(&task) {
+                        r.phase = Phase::Stopping;
+                    }
+                }
+                Phase::Stopping => {}
+            }
+        }
+    }
+}
+
+fn first8(b: &[u8; 32]) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&b[..8]);
+    out
+}

@@ -1,0 +1,139 @@
+//! State deltas and the anti-entropy sync messages.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Wire;
+use crate::ids::{NodeId, TaskId};
+use crate::node::NodeRecord;
+use crate::task::{Lease, SignedTaskSpec, StatusEntry, TaskState};
+use crate::Epoch;
+
+/// The most bytes a gossip message may carry.
+pub const MAX_GOSSIP_BYTES: usize = 256 * 1024;
+/// The most bytes a sync request may carry (a version vector and a digest).
+pub const MAX_SYNC_REQUEST_BYTES: usize = 1024 * 1024;
+/// The most bytes a sync reply may carry; a larger state is sent over several replies.
+pub const MAX_SYNC_REPLY_BYTES: usize = 8 * 1024 * 1024;
+
+/// One change to the replicated state, stamped `(origin, stamp)` by the replica that made it.
+/// Stamps of one origin grow by one per change within an incarnation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delta {
+    /// The replica that made the change.
+    pub origin: NodeId,
+    /// Its counter for the change.
+    pub stamp: u64,
+    /// The change.
+    pub body: DeltaBody,
+}
+
+/// What changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeltaBody {
+    /// The origin's own node record (a heartbeat, a load or tag change, leaving).
+    Node(NodeRecord),
+    /// A submitted task.
+    Spec(SignedTaskSpec),
+    /// A claim, or a release, of a task's lease.
+    Lease {
+        /// The task.
+        task: TaskId,
+        /// The lease.
+        lease: Lease,
+    },
+    /// The state one epoch of a task reached.
+    Status {
+        /// The task.
+        task: TaskId,
+        /// The epoch reported on.
+        epoch: Epoch,
+        /// What happened.
+        entry: StatusEntry,
+    },
+    /// The task is cancelled (grow-only).
+    Cancel {
+        /// The task.
+        task: TaskId,
+    },
+    /// A terminal task's record is dropped; this tombstone keeps late peers from reviving it.
+    Compact {
+        /// The task.
+        task: TaskId,
+        /// Its final state.
+        outcome: TaskState,
+    },
+}
+
+impl DeltaBody {
+    /// A short name, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Node(_) => "node",
+            Self::Spec(_) => "spec",
+            Self::Lease { .. } => "lease",
+            Self::Status { .. } => "status",
+            Self::Cancel { .. } => "cancel",
+            Self::Compact { .. } => "compact",
+        }
+    }
+}
+
+/// An order-independent digest of a replica's state; equal states have equal digests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct StateDigest(pub [u64; 4]);
+
+impl std::fmt::Display for StateDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for lane in self.0 {
+            write!(f, "{lane:016x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What travels on the gossip topic: deltas, in the order they were made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipMessage {
+    /// The deltas.
+    pub deltas: Vec<Delta>,
+}
+
+impl Wire for GossipMessage {
+    const MAX_BYTES: usize = MAX_GOSSIP_BYTES;
+    const KIND: &'static str = "gossip message";
+}
+
+/// Anti-entropy: "here is what I have; send me what I lack".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    /// Per origin, the highest stamp up to which the requester holds everything.
+    pub vclock: Vec<(NodeId, u64)>,
+    /// The requester's state digest.
+    pub digest: StateDigest,
+    /// Ask for the whole state, not just what the version vector lacks.
+    pub full: bool,
+}
+
+impl Wire for SyncRequest {
+    const MAX_BYTES: usize = MAX_SYNC_REQUEST_BYTES;
+    const KIND: &'static str = "sync request";
+}
+
+/// The answer to a [`SyncRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReply {
+    /// Every piece of state the requester lacked, as deltas.
+    pub deltas: Vec<Delta>,
+    /// The responder's version vector; the requester may adopt it once the deltas are merged,
+    /// unless `truncated`.
+    pub vclock: Vec<(NodeId, u64)>,
+    /// The responder's digest.
+    pub digest: StateDigest,
+    /// The reply was cut at the size limit; ask again for the rest.
+    pub truncated: bool,
+}
+
+impl Wire for SyncReply {
+    const MAX_BYTES: usize = MAX_SYNC_REPLY_BYTES;
+    const KIND: &'static str = "sync reply";
+}

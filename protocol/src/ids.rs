@@ -1,0 +1,79 @@
+//! Fixed-size identifiers: node ids (ed25519 public keys), task ids and sha256 digests.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a textual id could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdParseError {
+    /// The text was not 64 hexadecimal characters.
+    #[error("expected 64 hex characters, got {0:?}")]
+    BadHex(String),
+}
+
+fn parse_hex32(s: &str) -> Result<[u8; 32], IdParseError> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out).map_err(|_| IdParseError::BadHex(s.to_owned()))?;
+    Ok(out)
+}
+
+macro_rules! id32 {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+        pub struct $name(pub [u8; 32]);
+
+        impl $name {
+            /// The first 12 hex characters, for logs and tables.
+            pub fn short(&self) -> String {
+                hex::encode(&self.0[..6])
+            }
+            /// The full lowercase hex form.
+            pub fn to_hex(&self) -> String {
+                hex::encode(self.0)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.to_hex())
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.short())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdParseError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                parse_hex32(s).map(Self)
+            }
+        }
+    };
+}
+
+id32!(
+    /// A node's identity: its ed25519 public key, the same key its libp2p peer id derives from.
+    NodeId
+);
+id32!(
+    /// A task's identity: sha256 of the canonical encoding of its signed spec.
+    TaskId
+);
+id32!(
+    /// A sha256 content digest (image manifests and layers, blobs).
+    Digest
+);
+
+impl Digest {
+    /// sha256 of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        use sha2::Digest as _;
+        Self(sha2::Sha256::digest(bytes).into())
+    }
+}

@@ -1,0 +1,78 @@
+//! Node records: what each node says about itself, written only by that node.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Digest, NodeId};
+
+/// The most RTT entries a node record carries.
+pub const MAX_RTT_ENTRIES: usize = 8;
+
+/// What a node offers to run tasks with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capacity {
+    /// CPU in thousandths of a core (2 cores = 2000).
+    pub cpu_millis: u32,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// A smoothed load sample of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LoadSample {
+    /// CPU utilisation in thousandths (750 = 75%).
+    pub cpu_permille: u16,
+    /// Memory utilisation in thousandths.
+    pub mem_permille: u16,
+}
+
+/// A node's own record. Merged last-writer-wins on `(incarnation, seq)`; liveness is not in
+/// here: every replica judges it from when it last saw `seq` advance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node.
+    pub id: NodeId,
+    /// Restart counter, kept in the node's data directory.
+    pub incarnation: u64,
+    /// Heartbeat counter within the incarnation.
+    pub seq: u64,
+    /// Addresses the node listens on (multiaddrs as text).
+    pub addrs: Vec<String>,
+    /// Operator tags, matched against a task's required tags.
+    pub tags: BTreeSet<String>,
+    /// What the node offers.
+    pub capacity: Capacity,
+    /// Its latest load sample.
+    pub load: LoadSample,
+    /// Digests of the image blobs it holds.
+    pub images: BTreeSet<Digest>,
+    /// Smoothed RTT in milliseconds to its nearest peers (at most [`MAX_RTT_ENTRIES`]), so
+    /// that every replica can weigh distance from a task's submitting node the same way.
+    pub rtt_ms: Vec<(NodeId, u32)>,
+    /// Set when the node announces a graceful leave: its leases lapse at once.
+    pub leaving: bool,
+}
+
+impl NodeRecord {
+    /// A fresh record with no load, tags or images.
+    pub fn new(id: NodeId, incarnation: u64, capacity: Capacity) -> Self {
+        Self {
+            id,
+            incarnation,
+            seq: 0,
+            addrs: Vec::new(),
+            tags: BTreeSet::new(),
+            capacity,
+            load: LoadSample::default(),
+            images: BTreeSet::new(),
+            rtt_ms: Vec::new(),
+            leaving: false,
+        }
+    }
+
+    /// The last-writer-wins version of the record.
+    pub fn version(&self) -> (u64, u64) {
+        (self.incarnation, self.seq)
+    }
+}

@@ -1,0 +1,354 @@
+//! Task specs, their signatures and ids, leases and the per-epoch status lattice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::codec::canonical;
+use crate::ids::{Digest, NodeId, TaskId};
+use crate::{Epoch, WIRE_VERSION};
+
+/// The largest canonical encoding of a signed spec that a replica accepts.
+pub const MAX_SPEC_BYTES: usize = 16 * 1024;
+/// The longest error text kept in a status entry; longer text is cut.
+pub const MAX_ERROR_CHARS: usize = 256;
+
+/// Which executor a task asks for.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub enum ExecutorKind {
+    /// Whatever the owner has: Docker when its engine answers, else a process.
+    #[default]
+    Any,
+    /// A Docker container from the pinned image.
+    Docker,
+    /// A native process (the image names what the command expects to find).
+    Process,
+}
+
+impl std::str::FromStr for ExecutorKind {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "any" | "auto" => Ok(Self::Any),
+            "docker" => Ok(Self::Docker),
+            "process" => Ok(Self::Process),
+            other => Err(SpecError::UnknownExecutor(other.to_owned())),
+        }
+    }
+}
+
+/// What a task is: immutable once submitted. Maps and sets are ordered so that the
+/// encoding, and so the id, is a function of the value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Image reference, pinned: `name@sha256:<64 hex>`.
+    pub image: String,
+    /// Command and arguments.
+    pub command: Vec<String>,
+    /// Environment variables.
+    pub env: BTreeMap<String, String>,
+    /// CPU reserved, in thousandths of a core.
+    pub cpu_millis: u32,
+    /// Memory reserved, in bytes.
+    pub memory_bytes: u64,
+    /// The owner must carry every one of these tags.
+    pub required_tags: BTreeSet<String>,
+    /// Higher runs first when capacity is short.
+    pub priority: i32,
+    /// Runs before the task is Failed for good (at least 1).
+    pub max_attempts: u32,
+    /// Wall-clock limit of one attempt, in milliseconds (0: none).
+    pub timeout_ms: u64,
+    /// Which executor it needs.
+    pub executor: ExecutorKind,
+    /// Distinguishes otherwise identical submissions.
+    pub nonce: u64,
+    /// The submitter's ed25519 public key.
+    pub submitter: [u8; 32],
+}
+
+/// A parsed, digest-pinned image reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// The name part (`busybox`, `registry/app`), informational.
+    pub name: String,
+    /// The sha256 digest the image is pinned to.
+    pub digest: Digest,
+}
+
+impl ImageRef {
+    /// Parses `name@sha256:<64 hex>`; anything not pinned by digest is refused.
+    pub fn parse(s: &str) -> Result<Self, SpecError> {
+        let Some((name, digest)) = s.rsplit_once('@') else {
+            return Err(SpecError::ImageNotPinned(s.to_owned()));
+        };
+        let Some(hex) = digest.strip_prefix("sha256:") else {
+            return Err(SpecError::ImageNotPinned(s.to_owned()));
+        };
+        let digest = hex
+            .parse::<Digest>()
+            .map_err(|_| SpecError::ImageNotPinned(s.to_owned()))?;
+        if name.is_empty() {
+            return Err(SpecError::ImageNotPinned(s.to_owned()));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            digest,
+        })
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@sha256:{}", self.name, self.digest)
+    }
+}
+
+/// Why a spec is not acceptable. Distinct variants so that an operator knows which rule broke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// The spec carries no signature.
+    #[error("task spec is not signed")]
+    Unsigned,
+    /// The signature does not verify against the submitter key.
+    #[error("task spec signature does not verify")]
+    BadSignature,
+    /// The submitter key is not a valid ed25519 key.
+    #[error("submitter key is not a valid ed25519 public key")]
+    BadSubmitterKey,
+    /// The submitter is not in `authorized_submitters`.
+    #[error("submitter {0} is not in authorized_submitters")]
+    UnknownSubmitter(String),
+    /// The image is not pinned by a sha256 digest.
+    #[error("image {0:?} is not pinned by digest (expected name@sha256:<64 hex>)")]
+    ImageNotPinned(String),
+    /// The encoded spec is over [`MAX_SPEC_BYTES`].
+    #[error("task spec of {len} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// Encoded size.
+        len: usize,
+        /// Limit in force.
+        limit: usize,
+    },
+    /// No command to run.
+    #[error("task spec has an empty command")]
+    EmptyCommand,
+    /// `max_attempts` is zero.
+    #[error("max_attempts must be at least 1")]
+    ZeroAttempts,
+    /// An executor name this build does not know.
+    #[error("unknown executor {0:?} (expected any, docker or process)")]
+    UnknownExecutor(String),
+}
+
+impl TaskSpec {
+    /// Checks the rules that do not need a key: pinned image, a command, at least one attempt.
+    pub fn check_shape(&self) -> Result<ImageRef, SpecError> {
+        let image = ImageRef::parse(&self.image)?;
+        if self.command.is_empty() {
+            return Err(SpecError::EmptyCommand);
+        }
+        if self.max_attempts == 0 {
+            return Err(SpecError::ZeroAttempts);
+        }
+        Ok(image)
+    }
+
+    /// Signs the spec with `key`, setting `submitter` to its public half.
+    pub fn sign(mut self, key: &SigningKey) -> SignedTaskSpec {
+        self.submitter = key.verifying_key().to_bytes();
+        let signature = key.sign(&canonical(&self)).to_bytes().to_vec();
+        SignedTaskSpec {
+            spec: self,
+            signature,
+        }
+    }
+}
+
+/// A spec with the submitter's signature over its canonical encoding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedTaskSpec {
+    /// The spec.
+    pub spec: TaskSpec,
+    /// ed25519 signature over `canonical(spec)`; empty when unsigned.
+    pub signature: Vec<u8>,
+}
+
+impl SignedTaskSpec {
+    /// The task id: sha256 over the version byte and the canonical encoding of the signed spec.
+    pub fn id(&self) -> TaskId {
+        let mut bytes = vec![WIRE_VERSION];
+        bytes.extend_from_slice(&canonical(self));
+        TaskId(Digest::of(&bytes).0)
+    }
+
+    /// The size of the canonical encoding.
+    pub fn encoded_len(&self) -> usize {
+        canonical(self).len()
+    }
+
+    /// Verifies size, shape and signature, then that the submitter is authorized.
+    /// Checks run in that order, so each bad input gets its own error.
+    pub fn verify(&self, authorized: &BTreeSet<[u8; 32]>) -> Result<ImageRef, SpecError> {
+        let len = self.encoded_len();
+        if len > MAX_SPEC_BYTES {
+            return Err(SpecError::TooLarge {
+                len,
+                limit: MAX_SPEC_BYTES,
+            });
+        }
+        let image = self.spec.check_shape()?;
+        if self.signature.is_empty() {
+            return Err(SpecError::Unsigned);
+        }
+        let key = VerifyingKey::from_bytes(&self.spec.submitter)
+            .map_err(|_| SpecError::BadSubmitterKey)?;
+        let sig = ed25519_dalek::Signature::from_slice(&self.signature)
+            .map_err(|_| SpecError::BadSignature)?;
+        key.verify(&canonical(&self.spec), &sig)
+            .map_err(|_| SpecError::BadSignature)?;
+        if !authorized.contains(&self.spec.submitter) {
+            return Err(SpecError::UnknownSubmitter(hex::encode(
+                self.spec.submitter,
+            )));
+        }
+        Ok(image)
+    }
+}
+
+/// The lease of one epoch: who owns the task. Merged by highest epoch; equal epochs with
+/// different owners resolve by `rank()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The fencing token.
+    pub epoch: Epoch,
+    /// The owner.
+    pub owner: NodeId,
+    /// The owner's incarnation when it claimed: a restarted owner's old leases are void.
+    pub incarnation: u64,
+    /// The owner's placement score for itself at claim time (higher is better).
+    pub score: u32,
+    /// How long the lease lives past the owner's last heartbeat, in milliseconds.
+    pub ttl_ms: u32,
+    /// Set by the owner when it hands the task back (offload, leaving) before it ran.
+    pub released: bool,
+}
+
+impl Lease {
+    /// Deterministic total order used to merge: higher epoch; at equal epoch the better score,
+    /// then the lower node id; at equal owner a released lease supersedes a held one.
+    #[allow(clippy::type_complexity)]
+    pub fn rank(&self) -> (Epoch, u32, std::cmp::Reverse<NodeId>, u64, bool, u32) {
+        (
+            self.epoch,
+            self.score,
+            std::cmp::Reverse(self.owner),
+            self.incarnation,
+            self.released,
+            self.ttl_ms,
+        )
+    }
+}
+
+/// The state of one epoch of a task. Codes follow the design: 100, 200, 300, 400; cancelled 499.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TaskState {
+    /// Accepted, waiting to run.
+    Pending,
+    /// Started by its owner.
+    Running,
+    /// Exited 0.
+    Succeeded,
+    /// Exited non-zero, could not start, or timed out.
+    Failed,
+    /// Stopped because the task was cancelled.
+    Cancelled,
+}
+
+impl TaskState {
+    /// The numeric code shown to operators.
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Pending => 100,
+            Self::Running => 200,
+            Self::Succeeded => 300,
+            Self::Failed => 400,
+            Self::Cancelled => 499,
+        }
+    }
+
+    /// A terminal state is final: nothing merges over it.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    /// Position in the lattice: Pending < Running < terminal; terminal ties break by code.
+    pub fn lattice_rank(self) -> (u8, u16) {
+        let level = match self {
+            Self::Pending => 0,
+            Self::Running => 1,
+            _ => 2,
+        };
+        (level, self.code())
+    }
+
+    /// Lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.name(), self.code())
+    }
+}
+
+/// What the owner of an epoch reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusEntry {
+    /// The state reached.
+    pub state: TaskState,
+    /// Exit code, when the run ended.
+    pub exit_code: Option<i32>,
+    /// Short error text (at most [`MAX_ERROR_CHARS`]).
+    pub error: String,
+    /// The reporter's clock when it happened (informational, for timelines).
+    pub at_ms: u64,
+    /// The node that reported it.
+    pub reporter: NodeId,
+}
+
+impl StatusEntry {
+    /// A new entry, with the error text cut to [`MAX_ERROR_CHARS`].
+    pub fn new(
+        state: TaskState,
+        exit_code: Option<i32>,
+        error: &str,
+        at_ms: u64,
+        reporter: NodeId,
+    ) -> Self {
+        Self {
+            state,
+            exit_code,
+            error: error.chars().take(MAX_ERROR_CHARS).collect(),
+            at_ms,
+            reporter,
+        }
+    }
+
+    /// Lattice order: the entry that survives a merge is the higher one.
+    pub fn rank(&self) -> ((u8, u16), u64, Option<i32>) {
+        (self.state.lattice_rank(), self.at_ms, self.exit_code)
+    }
+}
