@@ -260,6 +260,7 @@ impl Replica {
         let mut wake: Option<Millis> = None;
         let mut at = |t: Millis| wake = Some(wake.map_or(t, |w: Millis| w.min(t)));
         let overloaded = self.is_overloaded();
+        let may_claim = self.may_claim(now);
 
         for (task, run) in &self.local {
             let Some(rec) = self.state.task(task) else {
@@ -367,6 +368,11 @@ impl Replica {
                     *id,
                     "the node that sees it is over its thresholds".to_owned(),
                 ));
+                continue;
+            }
+            if !may_claim {
+                // A node that hears nobody, or has not synced since it did, may hold a stale
+                // view (a task compacted or finished elsewhere): it claims nothing until synced.
                 continue;
             }
             let image = ImageRef::parse(&spec.spec.image).ok().map(|r| r.digest);

@@ -278,6 +278,10 @@ pub struct Replica {
     rng: ChaCha8Rng,
     pub(crate) stats: Stats,
     started: bool,
+    /// Whether a sync completed since start or since this node last heard nobody. Until then
+    /// it knows it may hold a stale view, and claims nothing (see `decide.rs`).
+    pub(crate) synced: bool,
+    was_isolated: bool,
 }
 
 impl Replica {
@@ -311,6 +315,8 @@ impl Replica {
             rng,
             stats: Stats::default(),
             started: false,
+            synced: false,
+            was_isolated: false,
             cfg,
         })
     }
@@ -353,7 +359,13 @@ impl Replica {
                 self.on_tick(now);
                 Ok(())
             }
-            Input::Gossip { from, msg } => self.ingest(now, from, msg.deltas),
+            Input::Gossip { from, msg } => {
+                let r = self.ingest(now, from, msg.deltas);
+                if !self.synced {
+                    self.sync_request(now, from);
+                }
+                r
+            }
             Input::SyncRequest { from, request } => {
                 self.serve_sync(from, &request);
                 Ok(())
@@ -763,6 +775,9 @@ impl Replica {
             self.drain_ahead(*origin);
         }
         self.stats.syncs_completed += 1;
+        if !truncated {
+            self.synced = true;
+        }
         if truncated {
             self.sync_request(now, from);
         } else if digest != self.digest() {
@@ -803,8 +818,35 @@ impl Replica {
             // Re-arm: ask again later if the gap is still open.
             self.gaps.insert(origin, (now + SYNC_TIMEOUT_MS, via));
         }
+        let isolated = self.is_isolated(now);
+        if isolated && !self.was_isolated {
+            // Heard nobody for a while: whatever we believe may be stale until we sync again.
+            self.synced = false;
+        }
+        self.was_isolated = isolated;
         self.next_eval = None;
         self.evaluate(now);
+    }
+
+    /// Whether this node knows peers but hears none of them.
+    pub fn is_isolated(&self, now: Millis) -> bool {
+        let mut known = false;
+        for n in self.state.nodes() {
+            if n.id == self.me.id || n.leaving {
+                continue;
+            }
+            known = true;
+            if self.health(now, &n.id) == Health::Alive {
+                return false;
+            }
+        }
+        known
+    }
+
+    /// Whether this node may claim tasks: alone in the mesh, or hearing peers and synced.
+    pub fn may_claim(&self, now: Millis) -> bool {
+        let alone = self.state.nodes().all(|n| n.id == self.me.id || n.leaving);
+        alone || (self.synced && !self.is_isolated(now))
     }
 
     fn random_alive_peer(&mut self, now: Millis) -> Option<NodeId> {
