@@ -123,6 +123,30 @@ pub enum DeltaError {
     /// The spec failed verification.
     #[error(transparent)]
     Spec(#[from] omesh_protocol::SpecError),
+    /// A field is longer than the protocol allows (the message itself was within its limit).
+    #[error("{field} has {len} entries or characters, over the limit of {limit}")]
+    OverLimit {
+        /// Which field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// The most addresses a node record may list.
+pub const MAX_ADDRS: usize = 32;
+/// The most tags a node record may carry.
+pub const MAX_TAGS: usize = 64;
+/// The most image digests a node record may advertise.
+pub const MAX_IMAGES: usize = 4096;
+
+fn limit(field: &'static str, len: usize, limit: usize) -> Result<(), DeltaError> {
+    if len > limit {
+        return Err(DeltaError::OverLimit { field, len, limit });
+    }
+    Ok(())
 }
 
 /// The whole replicated state.
@@ -252,12 +276,27 @@ impl State {
         };
         match &delta.body {
             DeltaBody::Node(rec) if rec.id != delta.origin => Err(not_owner("node record", rec.id)),
+            DeltaBody::Node(rec) => {
+                limit("node.addrs", rec.addrs.len(), MAX_ADDRS)?;
+                limit("node.tags", rec.tags.len(), MAX_TAGS)?;
+                limit("node.images", rec.images.len(), MAX_IMAGES)?;
+                limit(
+                    "node.rtt_ms",
+                    rec.rtt_ms.len(),
+                    omesh_protocol::node::MAX_RTT_ENTRIES,
+                )
+            }
             DeltaBody::Lease { lease, .. } if lease.owner != delta.origin => {
                 Err(not_owner("lease", lease.owner))
             }
             DeltaBody::Status { entry, .. } if entry.reporter != delta.origin => {
                 Err(not_owner("status", entry.reporter))
             }
+            DeltaBody::Status { entry, .. } => limit(
+                "status.error",
+                entry.error.chars().count(),
+                omesh_protocol::task::MAX_ERROR_CHARS,
+            ),
             _ => Ok(()),
         }
     }

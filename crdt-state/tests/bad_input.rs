@@ -196,3 +196,47 @@ fn config_errors_name_the_key() {
     cfg.lease_ttl_ms = 10;
     assert_eq!(Replica::new(cfg).unwrap_err().key, "lease_ttl_ms");
 }
+
+#[test]
+fn over_long_fields_inside_a_valid_message_are_refused() {
+    let mut r = replica();
+    let before = r.digest();
+    let task = spec(12).id();
+    let mut entry =
+        omesh_protocol::StatusEntry::new(omesh_protocol::TaskState::Failed, None, "", 1, node(2));
+    entry.error = "e".repeat(10_000);
+    let mut rec = NodeRecord::new(node(2), 1, Capacity::default());
+    rec.rtt_ms = (0..100).map(|i| (node(i), 1)).collect();
+    let msg = GossipMessage {
+        deltas: vec![
+            Delta {
+                origin: node(2),
+                stamp: (1 << 32) | 1,
+                body: DeltaBody::Status {
+                    task,
+                    epoch: 1,
+                    entry,
+                },
+            },
+            Delta {
+                origin: node(2),
+                stamp: (1 << 32) | 2,
+                body: DeltaBody::Node(rec),
+            },
+        ],
+    };
+    match r
+        .handle(3, Input::Gossip { from: node(2), msg })
+        .unwrap_err()
+    {
+        InputError::Rejected {
+            rejected: 2,
+            first: DeltaError::OverLimit { field, .. },
+            ..
+        } => {
+            assert_eq!(field, "status.error");
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(r.digest(), before);
+}

@@ -89,6 +89,10 @@ impl ImageRef {
         let Some(hex) = digest.strip_prefix("sha256:") else {
             return Err(SpecError::ImageNotPinned(s.to_owned()));
         };
+        // OCI digests are lowercase hex; accepting uppercase would give one image two names.
+        if hex.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(SpecError::ImageNotPinned(s.to_owned()));
+        }
         let digest = hex
             .parse::<Digest>()
             .map_err(|_| SpecError::ImageNotPinned(s.to_owned()))?;
@@ -240,7 +244,8 @@ pub struct Lease {
 
 impl Lease {
     /// Deterministic total order used to merge: higher epoch; at equal epoch the better score,
-    /// then the lower node id; at equal owner a released lease supersedes a held one.
+    /// then the lower node id, then the newer owner incarnation; at equal owner a released
+    /// lease supersedes a held one; `ttl_ms` last, so that no two different leases tie.
     #[allow(clippy::type_complexity)]
     pub fn rank(&self) -> (Epoch, u32, std::cmp::Reverse<NodeId>, u64, bool, u32) {
         (

@@ -1,0 +1,8 @@
+//! omesh: the peer. Every host of the mesh runs this one binary.
+//!
+//! This crate owns all I/O of a peer: files, the network (libp2p, quinn), Docker, load
+//! sampling, the status API and the CLI. Every protocol decision lives in `omesh-state`;
+//! this crate only drives it and carries out what it asks. For now it holds the submitter
+//! key files behind `omesh keygen`.
+
+pub mod keys;
