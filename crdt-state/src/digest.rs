@@ -26,9 +26,9 @@ impl ComponentHash {
         Self(lanes)
     }
 
-    /// A node record.
+    /// A node record: only its durable part (see [`NodeRecord::durable`]).
     pub fn node(rec: &NodeRecord) -> Self {
-        Self::of(b'n', &[], rec)
+        Self::of(b'n', &[], &rec.durable())
     }
     /// A task's spec: the id is its content hash, so the id stands for it.
     pub fn spec(task: &TaskId) -> Self {

@@ -25,6 +25,8 @@ use crate::merge::{DeltaError, Merged, State};
 const MAX_DELTAS_PER_MESSAGE: usize = 64;
 /// How long an unanswered sync request blocks another to the same peer.
 const SYNC_TIMEOUT_MS: Millis = 5_000;
+/// Propagation samples kept until the driver takes them.
+const MAX_PROPAGATION_SAMPLES: usize = 4096;
 /// Stamps remembered beyond a gap, per origin, before we rely on sync alone.
 const MAX_AHEAD: usize = 1024;
 
@@ -282,6 +284,7 @@ pub struct Replica {
     /// it knows it may hold a stale view, and claims nothing (see `decide.rs`).
     pub(crate) synced: bool,
     was_isolated: bool,
+    propagation: Vec<Millis>,
 }
 
 impl Replica {
@@ -317,6 +320,7 @@ impl Replica {
             started: false,
             synced: false,
             was_isolated: false,
+            propagation: Vec::new(),
             cfg,
         })
     }
@@ -344,6 +348,12 @@ impl Replica {
     /// Counters.
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// Takes the delays, on this node's clock minus the writer's, with which newer node
+    /// records arrived: the delta propagation latency (includes any clock offset).
+    pub fn take_propagation_samples(&mut self) -> Vec<Millis> {
+        std::mem::take(&mut self.propagation)
     }
 
     /// The version vector: per origin, the stamp up to which everything is held.
@@ -500,6 +510,7 @@ impl Replica {
 
     fn heartbeat(&mut self, now: Millis) {
         self.me.seq += 1;
+        self.me.written_at_ms = now;
         let mut nearest: Vec<(NodeId, u32)> = self
             .rtt
             .iter()
@@ -617,6 +628,9 @@ impl Replica {
                             .get(&rec.id)
                             .is_none_or(|h| rec.version() > h.version);
                         if newer {
+                            if self.propagation.len() < MAX_PROPAGATION_SAMPLES {
+                                self.propagation.push(now.saturating_sub(rec.written_at_ms));
+                            }
                             self.heard.insert(
                                 rec.id,
                                 Heard {

@@ -52,6 +52,9 @@ pub struct NodeRecord {
     pub rtt_ms: Vec<(NodeId, u32)>,
     /// Set when the node announces a graceful leave: its leases lapse at once.
     pub leaving: bool,
+    /// The writer's clock when it wrote this version, in ms (for propagation metrics only;
+    /// nothing decides on it).
+    pub written_at_ms: u64,
 }
 
 impl NodeRecord {
@@ -68,7 +71,33 @@ impl NodeRecord {
             images: BTreeSet::new(),
             rtt_ms: Vec::new(),
             leaving: false,
+            written_at_ms: 0,
         }
+    }
+
+    /// The durable part of the record: what the state digest covers. Heartbeat counters,
+    /// load, RTTs and write times change every heartbeat and refresh themselves, so two
+    /// replicas that agree on everything else count as converged.
+    pub fn durable(
+        &self,
+    ) -> (
+        NodeId,
+        u64,
+        &[String],
+        &BTreeSet<String>,
+        Capacity,
+        &BTreeSet<Digest>,
+        bool,
+    ) {
+        (
+            self.id,
+            self.incarnation,
+            &self.addrs,
+            &self.tags,
+            self.capacity,
+            &self.images,
+            self.leaving,
+        )
     }
 
     /// The last-writer-wins version of the record.

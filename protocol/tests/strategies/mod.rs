@@ -78,6 +78,7 @@ pub(crate) fn node_record() -> impl Strategy<Value = NodeRecord> {
                     images,
                     rtt_ms,
                     leaving,
+                    written_at_ms: seq.wrapping_mul(500),
                 }
             },
         )
