@@ -361,6 +361,11 @@ impl Replica {
         self.vclock.dots.iter().map(|(a, c)| (*a, *c)).collect()
     }
 
+    /// The stamp of `origin` up to which this replica holds everything (0: nothing).
+    pub fn version_of(&self, origin: &NodeId) -> u64 {
+        self.vclock.get(origin)
+    }
+
     /// Feeds one input. Everything it causes is queued for [`Replica::poll_action`].
     pub fn handle(&mut self, now: Millis, input: Input) -> Result<(), InputError> {
         self.start(now);
@@ -840,6 +845,11 @@ impl Replica {
         self.was_isolated = isolated;
         self.next_eval = None;
         self.evaluate(now);
+    }
+
+    /// Whether a sync completed since start (or since this node last heard nobody).
+    pub fn is_synced(&self) -> bool {
+        self.synced
     }
 
     /// Whether this node knows peers but hears none of them.

@@ -2,7 +2,14 @@
 //!
 //! This crate owns all I/O of a peer: files, the network (libp2p, quinn), Docker, load
 //! sampling, the status API and the CLI. Every protocol decision lives in `omesh-state`;
-//! this crate only drives it and carries out what it asks. For now it holds the submitter
-//! key files behind `omesh keygen`.
+//! this crate only drives it and carries out what it asks.
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod datadir;
 pub mod keys;
+pub mod load;
+pub mod metrics;
+pub mod net;
+pub mod peer;

@@ -3,8 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::{Arc, Mutex};
+
 use clap::{Args, Parser, Subcommand};
+use omesh::client::{self, Client};
+use omesh::config::{LogFormat, NodeConfig};
 use omesh::keys::{self, KeyFileError, Overwrite, DEFAULT_KEY_FILE};
+use omesh::metrics::Metrics;
+use omesh::peer::Peer;
 
 /// omesh: a masterless, gossip-based offload mesh for edge hosts.
 #[derive(Debug, Parser)]
@@ -21,6 +27,138 @@ enum Command {
     /// The secret key is written as 64 hex characters to FILE with mode 0600. The public key
     /// printed on stdout is what goes into the mesh's `authorized_submitters`.
     Keygen(KeygenArgs),
+    /// Run a peer: join the mesh from seeds, gossip state, serve the status API.
+    Up(Box<UpArgs>),
+    /// Show the local peer's status.
+    Status(ApiArgs),
+    /// List the peers the local peer knows, with health, load and RTT.
+    Peers(ApiArgs),
+    /// List the tasks the mesh knows.
+    Tasks(ApiArgs),
+}
+
+#[derive(Debug, Args)]
+struct ApiArgs {
+    /// The local peer's API address.
+    #[arg(long, env = "OMESH_API", default_value = "127.0.0.1:7878")]
+    api: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Flags of `omesh up`. Each one is also an `OMESH_*` variable and a key of the config file
+/// (same name, underscores); a flag or variable wins over the file.
+#[derive(Debug, Args, serde::Serialize)]
+struct UpArgs {
+    /// TOML config file.
+    #[arg(long, short, env = "OMESH_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Data directory (identity key, incarnation counter).
+    #[arg(long, env = "OMESH_DATA_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// QUIC listen multiaddr, e.g. /ip4/0.0.0.0/udp/7001/quic-v1.
+    #[arg(long, env = "OMESH_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+    /// A seed peer's multiaddr (repeatable).
+    #[arg(long = "seed", env = "OMESH_SEEDS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    seeds: Vec<String>,
+    /// Status API address.
+    #[arg(long, env = "OMESH_API_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_listen: Option<String>,
+    /// Bearer token for API mutations.
+    #[arg(long, env = "OMESH_API_TOKEN", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_token: Option<String>,
+    /// A tag of this node (repeatable).
+    #[arg(long = "tag", env = "OMESH_TAGS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tags: Vec<String>,
+    /// CPU offered, thousandths of a core.
+    #[arg(long, env = "OMESH_CPU_MILLIS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_millis: Option<u32>,
+    /// Memory offered, bytes.
+    #[arg(long, env = "OMESH_MEMORY_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_bytes: Option<u64>,
+    /// A submitter public key (hex) allowed to submit tasks (repeatable).
+    #[arg(
+        long = "authorized-submitter",
+        env = "OMESH_AUTHORIZED_SUBMITTERS",
+        value_delimiter = ','
+    )]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    authorized_submitters: Vec<String>,
+    /// A peer id allowed to connect (repeatable; none: any).
+    #[arg(
+        long = "allowed-peer",
+        env = "OMESH_ALLOWED_PEERS",
+        value_delimiter = ','
+    )]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    allowed_peers: Vec<String>,
+    /// Hand work to others when loaded.
+    #[arg(long, env = "OMESH_ENABLE_OFFLOAD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enable_offload: Option<bool>,
+    /// CPU percent above which no new work is taken.
+    #[arg(long, env = "OMESH_THRESHOLD_CPU")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    threshold_cpu: Option<u8>,
+    /// Memory percent above which no new work is taken.
+    #[arg(long, env = "OMESH_THRESHOLD_MEMORY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    threshold_memory: Option<u8>,
+    /// Offload targets: peers with one of these tags (repeatable).
+    #[arg(
+        long = "target-node-tag",
+        env = "OMESH_TARGET_NODE_TAGS",
+        value_delimiter = ','
+    )]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    target_node_tags: Vec<String>,
+    /// Heartbeat period, ms.
+    #[arg(long, env = "OMESH_HEARTBEAT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heartbeat_ms: Option<u64>,
+    /// Lease TTL past the last heartbeat, ms.
+    #[arg(long, env = "OMESH_LEASE_TTL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease_ttl_ms: Option<u64>,
+    /// Grace before a lease counts as lost, ms.
+    #[arg(long, env = "OMESH_LEASE_GRACE_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease_grace_ms: Option<u64>,
+    /// Anti-entropy period, ms.
+    #[arg(long, env = "OMESH_ANTI_ENTROPY_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    anti_entropy_ms: Option<u64>,
+    /// Retention of finished tasks before compaction, ms.
+    #[arg(long, env = "OMESH_RETENTION_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention_ms: Option<u64>,
+    /// Log format.
+    #[arg(long, env = "OMESH_LOG_FORMAT", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<LogFormat>,
+    /// Ready without peers (a mesh of one).
+    #[arg(long, env = "OMESH_ALONE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alone: Option<bool>,
+    /// Test/demo only: pin the CPU load reading to this percent.
+    #[arg(long, env = "OMESH_FAKE_CPU_PERCENT", hide = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fake_cpu_percent: Option<u8>,
+    /// Peers to keep connections to.
+    #[arg(long, env = "OMESH_TARGET_PEERS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_peers: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -40,6 +178,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Keygen(args) => keygen(&args),
+        Command::Up(args) => up(&args),
+        Command::Status(args) => api_command(&args, Show::Status),
+        Command::Peers(args) => api_command(&args, Show::Peers),
+        Command::Tasks(args) => api_command(&args, Show::Tasks),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -49,6 +191,118 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn up(args: &UpArgs) -> anyhow::Result<()> {
+    let overrides =
+        toml::Table::try_from(args).map_err(|e| anyhow::anyhow!("cannot read flags: {e}"))?;
+    let cfg = NodeConfig::load(args.config.as_deref(), overrides)?;
+    init_logging(cfg.log_format);
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let metrics = Arc::new(Mutex::new(Metrics::new()));
+        let api_addr = cfg.api_listen;
+        let listener = tokio::net::TcpListener::bind(api_addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot serve the API on {api_addr} (config key `api_listen`): {e}")
+        })?;
+        let peer = Peer::start(cfg, Arc::clone(&metrics))?;
+        let (calls_tx, calls_rx) = tokio::sync::mpsc::channel(64);
+        let router = omesh::api::router(omesh::api::ApiState {
+            calls: calls_tx,
+            metrics,
+        });
+        tracing::info!(api = %api_addr, "status API listening");
+        let api = tokio::spawn(async move { axum::serve(listener, router).await });
+        peer.run(calls_rx, shutdown_signal()).await;
+        api.abort();
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("OMESH_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,libp2p=warn,libp2p_gossipsub=error"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+}
+
+enum Show {
+    Status,
+    Peers,
+    Tasks,
+}
+
+fn api_command(args: &ApiArgs, what: Show) -> anyhow::Result<()> {
+    let client = Client::new(&args.api);
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let text = match what {
+            Show::Status => {
+                let s = client.status().await?;
+                if args.json {
+                    serde_json::to_string_pretty(&s)?
+                } else {
+                    client::status_text(&s)
+                }
+            }
+            Show::Peers => {
+                let p = client.peers().await?;
+                if args.json {
+                    serde_json::to_string_pretty(&p)?
+                } else {
+                    client::peers_text(&p)
+                }
+            }
+            Show::Tasks => {
+                let t = client.tasks().await?;
+                if args.json {
+                    serde_json::to_string_pretty(&t)?
+                } else {
+                    client::tasks_text(&t)
+                }
+            }
+        };
+        println!("{}", text.trim_end());
+        Ok(())
+    })
 }
 
 fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {

@@ -1,0 +1,274 @@
+//! The local status API (axum). Any peer answers for the whole mesh from its replica.
+//!
+//! Handlers never touch the replica: they send an [`ApiCall`] to the driver over a bounded
+//! channel and await the answer. A full channel answers 503 rather than queueing forever.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use omesh_protocol::TaskId;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+
+/// Status of the answering node and its view of the mesh.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    /// Node id (hex ed25519 public key).
+    pub node_id: String,
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// Restart counter.
+    pub incarnation: u64,
+    /// omesh version.
+    pub version: String,
+    /// Joined a mesh (or told it is alone) and synced.
+    pub ready: bool,
+    /// Nodes with a record, this one included.
+    pub peers_known: usize,
+    /// Nodes judged alive, this one included.
+    pub peers_alive: usize,
+    /// Open connections.
+    pub peers_connected: usize,
+    /// State digest (hex).
+    pub digest: String,
+    /// Tasks known.
+    pub tasks: usize,
+    /// Listen addresses.
+    pub listen_addrs: Vec<String>,
+    /// Milliseconds since start.
+    pub uptime_ms: u64,
+    /// Whether this node is over its thresholds.
+    pub overloaded: bool,
+}
+
+/// One peer as seen from the answering node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerView {
+    /// Node id (hex).
+    pub id: String,
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// Whether this is the answering node.
+    pub is_self: bool,
+    /// Listen addresses it advertises.
+    pub addresses: Vec<String>,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// CPU utilisation, percent.
+    pub cpu_percent: f64,
+    /// Memory utilisation, percent.
+    pub mem_percent: f64,
+    /// Smoothed RTT from here, milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// alive, suspect or gone.
+    pub health: String,
+    /// Milliseconds since its record last advanced here.
+    pub last_heard_ms_ago: Option<u64>,
+    /// Its incarnation.
+    pub incarnation: u64,
+}
+
+/// One task as seen from the answering node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskJson {
+    /// Task id (hex).
+    pub id: String,
+    /// State name.
+    pub state: String,
+    /// State code (100, 200, 300, 400, 499).
+    pub code: u16,
+    /// Current lease epoch.
+    pub epoch: u64,
+    /// Current owner (hex node id).
+    pub owner: Option<String>,
+    /// Attempts that failed.
+    pub failed_attempts: u32,
+    /// Exit code of the last ended attempt.
+    pub exit_code: Option<i32>,
+    /// Error of the last ended attempt.
+    pub error: String,
+    /// Why it is still pending.
+    pub pending_reason: Option<String>,
+    /// Image reference.
+    pub image: Option<String>,
+    /// Command.
+    pub command: Vec<String>,
+    /// Per epoch: state and reporter.
+    pub history: Vec<EpochJson>,
+    /// Only a tombstone remains.
+    pub compacted: bool,
+}
+
+/// What one epoch of a task reached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochJson {
+    /// The epoch.
+    pub epoch: u64,
+    /// State name.
+    pub state: String,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Error text.
+    pub error: String,
+    /// Reporter node (hex).
+    pub reporter: String,
+    /// Reporter's clock, ms.
+    pub at_ms: u64,
+}
+
+/// A question for the driver.
+#[derive(Debug)]
+pub enum ApiCall {
+    /// Node status.
+    Status(oneshot::Sender<StatusView>),
+    /// Peers.
+    Peers(oneshot::Sender<Vec<PeerView>>),
+    /// All tasks.
+    Tasks(oneshot::Sender<Vec<TaskJson>>),
+    /// One task.
+    Task(TaskId, oneshot::Sender<Option<TaskJson>>),
+}
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// To the driver.
+    pub calls: mpsc::Sender<ApiCall>,
+    /// The metrics registry.
+    pub metrics: Arc<Mutex<Metrics>>,
+}
+
+/// An API error: JSON with a reason.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    reason: String,
+}
+
+impl ApiError {
+    /// An error with `status` and `reason`.
+    pub fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.reason })),
+        )
+            .into_response()
+    }
+}
+
+async fn ask<T>(
+    state: &ApiState,
+    make: impl FnOnce(oneshot::Sender<T>) -> ApiCall,
+) -> Result<T, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    state.calls.try_send(make(tx)).map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node is busy or shutting down",
+        )
+    })?;
+    tokio::time::timeout(Duration::from_secs(5), rx)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node did not answer in 5 s",
+            )
+        })?
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down"))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn ready(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    let st = ask(&s, ApiCall::Status).await?;
+    let code = if st.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok((
+        code,
+        Json(serde_json::json!({ "ready": st.ready, "peers_alive": st.peers_alive })),
+    )
+        .into_response())
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    let text = match s.metrics.lock() {
+        Ok(m) => m.encode(),
+        Err(poisoned) => poisoned.into_inner().encode(),
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn status(State(s): State<ApiState>) -> Result<Json<StatusView>, ApiError> {
+    Ok(Json(ask(&s, ApiCall::Status).await?))
+}
+
+async fn peers(State(s): State<ApiState>) -> Result<Json<Vec<PeerView>>, ApiError> {
+    Ok(Json(ask(&s, ApiCall::Peers).await?))
+}
+
+async fn tasks(State(s): State<ApiState>) -> Result<Json<Vec<TaskJson>>, ApiError> {
+    Ok(Json(ask(&s, ApiCall::Tasks).await?))
+}
+
+async fn task(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskJson>, ApiError> {
+    let id: TaskId = id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{id:?} is not a task id (64 hex characters)"),
+        )
+    })?;
+    ask(&s, |tx| ApiCall::Task(id, tx))
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no task {id}")))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+/// The router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/peers", get(peers))
+        .route("/api/v1/tasks", get(tasks))
+        .route("/api/v1/tasks/{id}", get(task))
+        .fallback(not_found)
+        .with_state(state)
+}

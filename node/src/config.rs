@@ -1,0 +1,351 @@
+//! The peer's configuration: one TOML file, every key also a flag of `omesh up` and an
+//! `OMESH_*` environment variable. Precedence: flag or env, then file, then default.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use libp2p::{Multiaddr, PeerId};
+use omesh_protocol::Capacity;
+use omesh_state::ReplicaConfig;
+use serde::{Deserialize, Serialize};
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything `omesh up` can be told. Keys keep these names in the TOML file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Where the identity key, incarnation counter and blobs live.
+    pub data_dir: PathBuf,
+    /// The QUIC multiaddr to listen on.
+    pub listen: String,
+    /// Multiaddrs of peers to join through.
+    pub seeds: Vec<String>,
+    /// Address of the status API.
+    pub api_listen: SocketAddr,
+    /// Bearer token for API mutations (none: mutations refused).
+    pub api_token: Option<String>,
+    /// Tags of this node.
+    pub tags: BTreeSet<String>,
+    /// CPU offered, in thousandths of a core (default: all cores).
+    pub cpu_millis: Option<u32>,
+    /// Memory offered, in bytes (default: all memory).
+    pub memory_bytes: Option<u64>,
+    /// Hex ed25519 public keys allowed to submit tasks.
+    pub authorized_submitters: Vec<String>,
+    /// Peer ids allowed to connect (empty: any peer).
+    pub allowed_peers: Vec<String>,
+    /// Whether a loaded node hands work to others.
+    pub enable_offload: bool,
+    /// CPU percent above which this node takes no new work.
+    pub threshold_cpu: u8,
+    /// Memory percent above which this node takes no new work.
+    pub threshold_memory: u8,
+    /// Peers with one of these tags receive offloaded work first.
+    pub target_node_tags: BTreeSet<String>,
+    /// Heartbeat period (leases ride on it).
+    pub heartbeat_ms: u64,
+    /// Lease time-to-live past the owner's last heartbeat.
+    pub lease_ttl_ms: u64,
+    /// Extra wait before a lease counts as lost.
+    pub lease_grace_ms: u64,
+    /// Anti-entropy period.
+    pub anti_entropy_ms: u64,
+    /// Terminal tasks are compacted after this long.
+    pub retention_ms: u64,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Report ready without any peer (a mesh of one).
+    pub alone: bool,
+    /// Test-only: a fixed CPU load in percent instead of the measured one.
+    pub fake_cpu_percent: Option<u8>,
+    /// How many peers to keep connections to.
+    pub target_peers: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        let r = ReplicaConfig::default();
+        Self {
+            data_dir: PathBuf::from("omesh-data"),
+            listen: "/ip4/0.0.0.0/udp/7001/quic-v1".into(),
+            seeds: Vec::new(),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            api_token: None,
+            tags: BTreeSet::new(),
+            cpu_millis: None,
+            memory_bytes: None,
+            authorized_submitters: Vec::new(),
+            allowed_peers: Vec::new(),
+            enable_offload: r.enable_offload,
+            threshold_cpu: r.threshold_cpu,
+            threshold_memory: r.threshold_memory,
+            target_node_tags: BTreeSet::new(),
+            heartbeat_ms: r.heartbeat_ms,
+            lease_ttl_ms: r.lease_ttl_ms,
+            lease_grace_ms: r.lease_grace_ms,
+            anti_entropy_ms: r.anti_entropy_ms,
+            retention_ms: r.retention_ms,
+            log_format: LogFormat::Pretty,
+            alone: false,
+            fake_cpu_percent: None,
+            target_peers: 8,
+        }
+    }
+}
+
+/// A configuration that cannot work. The message names the key and the bad value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file or an override is not valid for the schema (unknown key, wrong type).
+    #[error("invalid config{}: {message}", path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
+    Parse {
+        /// The file, if the error is in it.
+        path: Option<PathBuf>,
+        /// What the parser said (it names the key).
+        message: String,
+    },
+    /// A key holds a value that does not work.
+    #[error("invalid config key `{key}`: {reason}")]
+    Value {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn value(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Value {
+        key: key.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// The checked, parsed form of the network keys.
+#[derive(Debug, Clone)]
+pub struct NetPlan {
+    /// Listen address.
+    pub listen: Multiaddr,
+    /// Seed addresses.
+    pub seeds: Vec<Multiaddr>,
+    /// Allowed peers (empty: any).
+    pub allowed_peers: BTreeSet<PeerId>,
+}
+
+impl NodeConfig {
+    /// Loads `file` (if any) and lays `overrides` (a TOML table of flags and env values) over it.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        overrides: toml::Table,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                // Parse the file alone first so that its errors name the file.
+                let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: Some(path.to_owned()),
+                    message: e.to_string(),
+                })?;
+                Self::deserialize(table.clone()).map_err(|e| ConfigError::Parse {
+                    path: Some(path.to_owned()),
+                    message: e.to_string(),
+                })?;
+                table
+            }
+            None => toml::Table::new(),
+        };
+        for (k, v) in overrides {
+            table.insert(k, v);
+        }
+        let cfg = Self::deserialize(table).map_err(|e| ConfigError::Parse {
+            path: None,
+            message: e.to_string(),
+        })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Checks values serde cannot: addresses, keys, ranges.
+    pub fn check(&self) -> Result<NetPlan, ConfigError> {
+        let listen: Multiaddr = self.listen.parse().map_err(|e| {
+            value(
+                "listen",
+                format!("{:?} is not a multiaddr: {e}", self.listen),
+            )
+        })?;
+        if !self.listen.contains("/quic-v1") {
+            return Err(value(
+                "listen",
+                format!(
+                    "{:?} must be a QUIC address like /ip4/0.0.0.0/udp/7001/quic-v1",
+                    self.listen
+                ),
+            ));
+        }
+        let mut seeds = Vec::new();
+        for s in &self.seeds {
+            let addr: Multiaddr = s
+                .parse()
+                .map_err(|e| value("seeds", format!("{s:?} is not a multiaddr: {e}")))?;
+            seeds.push(addr);
+        }
+        for k in &self.authorized_submitters {
+            parse_key(k).map_err(|reason| value("authorized_submitters", reason))?;
+        }
+        let mut allowed_peers = BTreeSet::new();
+        for p in &self.allowed_peers {
+            let id: PeerId = p
+                .parse()
+                .map_err(|e| value("allowed_peers", format!("{p:?} is not a peer id: {e}")))?;
+            allowed_peers.insert(id);
+        }
+        if self.api_token.as_deref().is_some_and(str::is_empty) {
+            return Err(value("api_token", "must not be empty"));
+        }
+        if self.target_peers == 0 {
+            return Err(value("target_peers", "must be at least 1"));
+        }
+        if self.fake_cpu_percent.is_some_and(|p| p > 100) {
+            return Err(value("fake_cpu_percent", "must be 0..=100"));
+        }
+        self.replica_config(
+            Default::default(),
+            1,
+            Capacity {
+                cpu_millis: 1,
+                memory_bytes: 1,
+            },
+        )
+        .validate()
+        .map_err(|e| value(e.key, e.reason))?;
+        Ok(NetPlan {
+            listen,
+            seeds,
+            allowed_peers,
+        })
+    }
+
+    /// The replica's part of the configuration.
+    pub fn replica_config(
+        &self,
+        node_id: omesh_protocol::NodeId,
+        incarnation: u64,
+        detected: Capacity,
+    ) -> ReplicaConfig {
+        let mut r = ReplicaConfig::for_node(node_id);
+        r.incarnation = incarnation;
+        r.capacity = Capacity {
+            cpu_millis: self.cpu_millis.unwrap_or(detected.cpu_millis),
+            memory_bytes: self.memory_bytes.unwrap_or(detected.memory_bytes),
+        };
+        r.tags = self.tags.clone();
+        r.authorized_submitters = self
+            .authorized_submitters
+            .iter()
+            .filter_map(|k| parse_key(k).ok())
+            .collect();
+        r.enable_offload = self.enable_offload;
+        r.threshold_cpu = self.threshold_cpu;
+        r.threshold_memory = self.threshold_memory;
+        r.target_node_tags = self.target_node_tags.clone();
+        r.heartbeat_ms = self.heartbeat_ms;
+        r.lease_ttl_ms = self.lease_ttl_ms;
+        r.lease_grace_ms = self.lease_grace_ms;
+        r.suspect_after_ms = r
+            .suspect_after_ms
+            .min(self.lease_ttl_ms + self.lease_grace_ms);
+        r.anti_entropy_ms = self.anti_entropy_ms;
+        r.retention_ms = self.retention_ms;
+        r.seed = u64::from_le_bytes([
+            node_id.0[0],
+            node_id.0[1],
+            node_id.0[2],
+            node_id.0[3],
+            0,
+            0,
+            0,
+            0,
+        ]);
+        r
+    }
+}
+
+/// Parses a hex ed25519 public key.
+pub fn parse_key(s: &str) -> Result<[u8; 32], String> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut out)
+        .map_err(|_| format!("{s:?} is not a 64-character hex ed25519 public key"))?;
+    ed25519_dalek::VerifyingKey::from_bytes(&out)
+        .map_err(|_| format!("{s:?} is not a valid ed25519 public key"))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let mut t = toml::Table::new();
+        t.insert("threshhold_cpu".into(), toml::Value::Integer(50));
+        let err = NodeConfig::load(None, t).unwrap_err().to_string();
+        assert!(err.contains("threshhold_cpu"), "{err}");
+    }
+
+    #[test]
+    fn bad_seed_is_named() {
+        let mut t = toml::Table::new();
+        t.insert(
+            "seeds".into(),
+            toml::Value::Array(vec!["not-an-addr".into()]),
+        );
+        let err = NodeConfig::load(None, t).unwrap_err().to_string();
+        assert!(
+            err.contains("seeds") && err.contains("not-an-addr"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("omesh.toml");
+        std::fs::write(&path, "threshold_cpu = 60\ntags = [\"edge\"]\n").unwrap();
+        let mut t = toml::Table::new();
+        t.insert("threshold_cpu".into(), toml::Value::Integer(90));
+        let cfg = NodeConfig::load(Some(&path), t).unwrap();
+        assert_eq!(cfg.threshold_cpu, 90);
+        assert!(cfg.tags.contains("edge"));
+    }
+
+    #[test]
+    fn out_of_range_threshold_is_named() {
+        let mut t = toml::Table::new();
+        t.insert("threshold_cpu".into(), toml::Value::Integer(0));
+        let err = NodeConfig::load(None, t).unwrap_err().to_string();
+        assert!(err.contains("threshold_cpu"), "{err}");
+    }
+}

@@ -1,0 +1,200 @@
+//! Prometheus metrics (prometheus-client), named `omesh_*`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use omesh_state::Stats;
+
+/// Which channel a malformed message came on.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelLabel {
+    /// `gossip`, `sync_request` or `sync_reply`.
+    pub channel: String,
+}
+
+/// A task state label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// Lowercase state name.
+    pub state: String,
+}
+
+/// Every metric of a peer.
+#[derive(Debug)]
+pub struct Metrics {
+    /// The registry to encode.
+    pub registry: Registry,
+    /// Peers with a record.
+    pub peers_known: Gauge,
+    /// Peers judged alive.
+    pub peers_alive: Gauge,
+    /// Peers with an open connection.
+    pub peers_connected: Gauge,
+    /// Time from a heartbeat's write to its merge here (includes clock offset between hosts).
+    pub delta_propagation: Histogram,
+    /// Sync exchanges completed.
+    pub sync_success: Counter,
+    /// Sync exchanges failed.
+    pub sync_failure: Counter,
+    /// Syncs after which digests still differed with equal version vectors.
+    pub digest_mismatches: Counter,
+    /// Messages dropped because they did not decode.
+    pub malformed: Family<ChannelLabel, Counter>,
+    /// Deltas merged.
+    pub deltas_applied: Counter,
+    /// Deltas refused.
+    pub deltas_rejected: Counter,
+    /// Leases changed by merge.
+    pub lease_changes: Counter,
+    /// Claims by this node.
+    pub claims: Counter,
+    /// Claims that took a task over from a lost owner.
+    pub failovers: Counter,
+    /// Local instances fenced by a higher epoch.
+    pub fenced: Counter,
+    /// Tasks known, by state.
+    pub tasks: Family<StateLabel, Gauge>,
+    /// This node's incarnation.
+    pub incarnation: Gauge,
+    last: Stats,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("omesh");
+        let m = Self {
+            registry: Registry::default(),
+            peers_known: Gauge::default(),
+            peers_alive: Gauge::default(),
+            peers_connected: Gauge::default(),
+            delta_propagation: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            sync_success: Counter::default(),
+            sync_failure: Counter::default(),
+            digest_mismatches: Counter::default(),
+            malformed: Family::default(),
+            deltas_applied: Counter::default(),
+            deltas_rejected: Counter::default(),
+            lease_changes: Counter::default(),
+            claims: Counter::default(),
+            failovers: Counter::default(),
+            fenced: Counter::default(),
+            tasks: Family::default(),
+            incarnation: Gauge::default(),
+            last: Stats::default(),
+        };
+        registry.register(
+            "peers_known",
+            "Peers with a node record",
+            m.peers_known.clone(),
+        );
+        registry.register("peers_alive", "Peers judged alive", m.peers_alive.clone());
+        registry.register(
+            "peers_connected",
+            "Peers with an open connection",
+            m.peers_connected.clone(),
+        );
+        registry.register(
+            "delta_propagation_seconds",
+            "Time from a heartbeat's write to its merge here (includes clock offset)",
+            m.delta_propagation.clone(),
+        );
+        registry.register(
+            "sync_success",
+            "Anti-entropy exchanges completed",
+            m.sync_success.clone(),
+        );
+        registry.register(
+            "sync_failure",
+            "Anti-entropy exchanges failed",
+            m.sync_failure.clone(),
+        );
+        registry.register(
+            "state_digest_mismatches",
+            "Syncs after which digests differed with equal version vectors",
+            m.digest_mismatches.clone(),
+        );
+        registry.register(
+            "messages_malformed",
+            "Messages dropped because they did not decode",
+            m.malformed.clone(),
+        );
+        registry.register("deltas_applied", "Deltas merged", m.deltas_applied.clone());
+        registry.register(
+            "deltas_rejected",
+            "Deltas refused for breaking a rule",
+            m.deltas_rejected.clone(),
+        );
+        registry.register(
+            "lease_changes",
+            "Leases changed by merge",
+            m.lease_changes.clone(),
+        );
+        registry.register("claims", "Task claims by this node", m.claims.clone());
+        registry.register(
+            "failovers",
+            "Claims that took over from a lost owner",
+            m.failovers.clone(),
+        );
+        registry.register(
+            "fenced",
+            "Local instances stopped by a higher epoch",
+            m.fenced.clone(),
+        );
+        registry.register("tasks", "Tasks known here, by state", m.tasks.clone());
+        registry.register(
+            "incarnation",
+            "This node's incarnation",
+            m.incarnation.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Counts a malformed message on `channel`.
+    pub fn malformed(&self, channel: &str) {
+        self.malformed
+            .get_or_create(&ChannelLabel {
+                channel: channel.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Mirrors the replica's counters.
+    pub fn update(&mut self, s: Stats) {
+        let d = |new: u64, old: u64| new.saturating_sub(old);
+        let l = self.last;
+        self.sync_success
+            .inc_by(d(s.syncs_completed, l.syncs_completed));
+        self.sync_failure.inc_by(d(s.syncs_failed, l.syncs_failed));
+        self.digest_mismatches
+            .inc_by(d(s.digest_mismatches, l.digest_mismatches));
+        self.deltas_applied
+            .inc_by(d(s.deltas_applied, l.deltas_applied));
+        self.deltas_rejected
+            .inc_by(d(s.deltas_rejected, l.deltas_rejected));
+        self.lease_changes
+            .inc_by(d(s.lease_changes, l.lease_changes));
+        self.claims.inc_by(d(s.claims, l.claims));
+        self.failovers.inc_by(d(s.failovers, l.failovers));
+        self.fenced.inc_by(d(s.fenced, l.fenced));
+        self.last = s;
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,215 @@
+//! The control plane: one libp2p `NetworkBehaviour` composed of gossipsub (deltas and
+//! heartbeats), kademlia + identify (discovery from seeds), ping (RTT) and request-response
+//! (anti-entropy sync), over QUIC.
+
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::identity::Keypair;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{gossipsub, identify, kad, ping, request_response, PeerId, StreamProtocol, Swarm};
+use omesh_protocol::delta::{MAX_GOSSIP_BYTES, MAX_SYNC_REPLY_BYTES, MAX_SYNC_REQUEST_BYTES};
+use omesh_protocol::NodeId;
+
+/// The gossip topic for state deltas and heartbeats.
+pub const STATE_TOPIC: &str = "omesh/state/1";
+/// The anti-entropy protocol.
+pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/sync/1");
+/// The kademlia protocol (kept apart from the public IPFS DHT).
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/kad/1");
+/// Sent in identify.
+pub const AGENT: &str = concat!("omesh/", env!("CARGO_PKG_VERSION"));
+
+/// Gossip frames up to this size reach our decoder, so that oversized messages are counted
+/// as malformed rather than vanishing inside gossipsub.
+pub const GOSSIP_TRANSMIT_LIMIT: usize = 2 * MAX_GOSSIP_BYTES;
+
+/// The composed behaviour.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// Deltas and heartbeats.
+    pub gossipsub: gossipsub::Behaviour,
+    /// Peer discovery.
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// Listen addresses and keys of peers.
+    pub identify: identify::Behaviour,
+    /// RTT.
+    pub ping: ping::Behaviour,
+    /// Anti-entropy.
+    pub sync: request_response::Behaviour<BytesCodec>,
+}
+
+/// Request-response frames as raw bytes with a u32 length prefix; decoding (and counting
+/// what is malformed) happens in the driver, where the replica's counters live.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BytesCodec;
+
+async fn read_frame<T: futures::AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes over the limit of {limit}"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let len = u32::try_from(bytes.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"))?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(bytes).await?;
+    io.close().await
+}
+
+#[async_trait::async_trait]
+impl request_response::Codec for BytesCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        // Twice the decode limit: a larger frame is cut off here, a smaller oversized one
+        // reaches the decoder and is counted.
+        read_frame(io, 2 * MAX_SYNC_REQUEST_BYTES).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame(io, MAX_SYNC_REPLY_BYTES + 1024).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &req).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &res).await
+    }
+}
+
+/// Why the swarm could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the network stack: {0}")]
+pub struct BuildError(pub String);
+
+/// Builds the swarm for `key`. `gossip_limit` is the largest gossip frame accepted
+/// (tests raise it to send oversized frames).
+pub fn build_swarm(key: Keypair, gossip_limit: usize) -> Result<Swarm<Behaviour>, BuildError> {
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|key| {
+            let local = key.public().to_peer_id();
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(700))
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .validate_messages()
+                .max_transmit_size(gossip_limit)
+                .message_id_fn(|m: &gossipsub::Message| {
+                    gossipsub::MessageId::from(omesh_protocol::Digest::of(&m.data).0.to_vec())
+                })
+                .build()
+                .map_err(|e| format!("gossipsub config: {e}"))?;
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossip_config,
+            )
+            .map_err(|e| format!("gossipsub: {e}"))?;
+            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+            kad_config.set_periodic_bootstrap_interval(Some(Duration::from_secs(30)));
+            let mut kad =
+                kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config);
+            kad.set_mode(Some(kad::Mode::Server));
+            let identify = identify::Behaviour::new(
+                identify::Config::new("/omesh/1".into(), key.public())
+                    .with_agent_version(AGENT.into())
+                    .with_interval(Duration::from_secs(60)),
+            );
+            let ping =
+                ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(2)));
+            let sync = request_response::Behaviour::new(
+                [(SYNC_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+            );
+            Ok(Behaviour {
+                gossipsub,
+                kad,
+                identify,
+                ping,
+                sync,
+            })
+        })
+        .map_err(|e| BuildError(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    Ok(swarm)
+}
+
+/// The node id (ed25519 public key) a peer id stands for, when it inlines an ed25519 key.
+pub fn node_id_of(peer: &PeerId) -> Option<NodeId> {
+    let mh = peer.as_ref();
+    if mh.code() != 0 {
+        return None;
+    }
+    let key = libp2p::identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?;
+    let ed = key.try_into_ed25519().ok()?;
+    Some(NodeId(ed.to_bytes()))
+}
+
+/// The peer id of a node id.
+pub fn peer_id_of(node: &NodeId) -> Option<PeerId> {
+    let ed = libp2p::identity::ed25519::PublicKey::try_from_bytes(&node.0).ok()?;
+    Some(libp2p::identity::PublicKey::from(ed).to_peer_id())
+}
+
+/// The node id of a keypair.
+pub fn node_id_of_key(key: &Keypair) -> Option<NodeId> {
+    node_id_of(&key.public().to_peer_id())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn node_and_peer_ids_map_both_ways() {
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
+        let node = node_id_of(&peer).unwrap();
+        assert_eq!(peer_id_of(&node), Some(peer));
+    }
+}

@@ -1,0 +1,782 @@
+//! The peer's driver: one tokio task that feeds the sans-IO replica from the network, timers,
+//! load samples and API calls, and carries out the actions it returns.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use libp2p::gossipsub::{IdentTopic, MessageAcceptance};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{gossipsub, identify, kad, ping, Multiaddr, PeerId, Swarm};
+use omesh_protocol::{GossipMessage, Millis, NodeId, SyncReply, SyncRequest, TaskState, Wire};
+use omesh_state::{Action, Health, Input, InputError, Replica};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::api::{ApiCall, EpochJson, PeerView, StatusView, TaskJson};
+use crate::config::{NetPlan, NodeConfig};
+use crate::datadir::DataDir;
+use crate::load::LoadSampler;
+use crate::metrics::Metrics;
+use crate::net::{self, Behaviour, BehaviourEvent};
+
+/// Milliseconds on a monotonic clock that starts at the wall-clock time of start-up, so
+/// timelines read like wall time but never jump.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+    start_wall_ms: Millis,
+}
+
+impl Clock {
+    /// A clock starting now.
+    pub fn new() -> Self {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        Self {
+            start: Instant::now(),
+            start_wall_ms: u64::try_from(wall).unwrap_or(0),
+        }
+    }
+
+    /// Now, in ms.
+    pub fn now(&self) -> Millis {
+        self.start_wall_ms + u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The instant at which the clock reads `t`.
+    pub fn instant_at(&self, t: Millis) -> tokio::time::Instant {
+        let offset = t.saturating_sub(self.start_wall_ms);
+        tokio::time::Instant::from_std(self.start + Duration::from_millis(offset))
+    }
+
+    /// Milliseconds since start.
+    pub fn uptime_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug)]
+struct Seed {
+    addr: Multiaddr,
+    peer: Option<PeerId>,
+    connected: bool,
+    next_try: Instant,
+    backoff: Duration,
+}
+
+/// Everything a running peer holds.
+pub struct Peer {
+    cfg: NodeConfig,
+    plan: NetPlan,
+    swarm: Swarm<Behaviour>,
+    replica: Replica,
+    clock: Clock,
+    metrics: Arc<Mutex<Metrics>>,
+    topic: IdentTopic,
+    local_peer: PeerId,
+    incarnation: u64,
+    pending_replies: HashMap<NodeId, VecDeque<ResponseChannel<Vec<u8>>>>,
+    outbound: HashMap<OutboundRequestId, NodeId>,
+    connections: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
+    seeds: Vec<Seed>,
+    load: LoadSampler,
+    listen_addrs: Vec<Multiaddr>,
+    ready: bool,
+}
+
+/// Why the peer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The data directory cannot be used.
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::DataDirError),
+    /// The network stack failed.
+    #[error(transparent)]
+    Net(#[from] net::BuildError),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr} (config key `listen`): {reason}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The replica refused its config.
+    #[error(transparent)]
+    Replica(#[from] omesh_state::ConfigError),
+}
+
+impl Peer {
+    /// Opens the data directory, builds the swarm and starts listening.
+    pub fn start(cfg: NodeConfig, metrics: Arc<Mutex<Metrics>>) -> Result<Self, StartError> {
+        let plan = cfg.check()?;
+        let dir = DataDir::open(&cfg.data_dir)?;
+        let key = dir.identity()?;
+        let incarnation = dir.next_incarnation()?;
+        let node_id = net::node_id_of_key(&key)
+            .ok_or_else(|| net::BuildError("identity is not ed25519".into()))?;
+        let local_peer = key.public().to_peer_id();
+        let mut swarm = net::build_swarm(key, net::GOSSIP_TRANSMIT_LIMIT)?;
+        swarm
+            .listen_on(plan.listen.clone())
+            .map_err(|e| StartError::Listen {
+                addr: cfg.listen.clone(),
+                reason: e.to_string(),
+            })?;
+        let topic = IdentTopic::new(net::STATE_TOPIC);
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&topic)
+            .map_err(|e| net::BuildError(format!("subscribe: {e}")))?;
+        let load = LoadSampler::new(cfg.fake_cpu_percent);
+        let replica = Replica::new(cfg.replica_config(node_id, incarnation, load.capacity()))?;
+        let now = Instant::now();
+        let seeds = plan
+            .seeds
+            .iter()
+            .map(|addr| Seed {
+                addr: addr.clone(),
+                peer: None,
+                connected: false,
+                next_try: now,
+                backoff: Duration::from_millis(500),
+            })
+            .collect();
+        if let Ok(m) = metrics.lock() {
+            m.incarnation
+                .set(i64::try_from(incarnation).unwrap_or(i64::MAX));
+        }
+        info!(node = %node_id.short(), peer = %local_peer, incarnation, "omesh peer starting");
+        Ok(Self {
+            cfg,
+            plan,
+            swarm,
+            replica,
+            clock: Clock::new(),
+            metrics,
+            topic,
+            local_peer,
+            incarnation,
+            pending_replies: HashMap::new(),
+            outbound: HashMap::new(),
+            connections: HashMap::new(),
+            seeds,
+            load,
+            listen_addrs: Vec::new(),
+            ready: false,
+        })
+    }
+
+    /// Runs until `shutdown` resolves, then leaves the mesh gracefully.
+    pub async fn run(
+        mut self,
+        mut calls: mpsc::Receiver<ApiCall>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut load_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            let wake = self.replica.poll_timeout().map_or_else(
+                || tokio::time::Instant::now() + Duration::from_secs(1),
+                |t| self.clock.instant_at(t),
+            );
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some(call) = calls.recv() => self.on_call(call),
+                () = tokio::time::sleep_until(wake) => self.feed(Input::Tick),
+                _ = load_tick.tick() => {
+                    let sample = self.load.sample();
+                    self.feed(Input::Load(sample));
+                }
+                _ = housekeeping.tick() => self.housekeeping(),
+            }
+        }
+        self.leave().await;
+    }
+
+    async fn leave(&mut self) {
+        info!("leaving the mesh");
+        self.feed(Input::Leave);
+        // Give the leave announcement a moment to go out.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(event) = tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await
+        {
+            if let SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message {
+                message: request_response::Message::Request { channel, .. },
+                ..
+            })) = event
+            {
+                drop(channel);
+            }
+        }
+    }
+
+    fn feed(&mut self, input: Input) {
+        let now = self.clock.now();
+        if let Err(e) = self.replica.handle(now, input) {
+            debug!(error = %e, "input refused");
+        }
+        self.drain();
+    }
+
+    fn drain(&mut self) {
+        while let Some(action) = self.replica.poll_action() {
+            match action {
+                Action::Publish(msg) => self.publish(&msg),
+                Action::SendSync { to, request } => self.send_sync(to, &request),
+                Action::ReplySync { to, reply } => self.reply_sync(to, &reply),
+                Action::StartTask { task, epoch, .. } => {
+                    warn!(task = %task.short(), epoch, "no executor in this build; task left to others");
+                }
+                Action::StopTask {
+                    task,
+                    epoch,
+                    reason,
+                } => {
+                    debug!(task = %task.short(), epoch, ?reason, "stop task");
+                }
+            }
+        }
+        let samples = self.replica.take_propagation_samples();
+        if let Ok(mut m) = self.metrics.lock() {
+            for s in samples {
+                m.delta_propagation.observe(s as f64 / 1000.0);
+            }
+            m.update(self.replica.stats());
+        }
+    }
+
+    fn publish(&mut self, msg: &GossipMessage) {
+        let bytes = match msg.to_wire() {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "cannot encode gossip");
+                return;
+            }
+        };
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(self.topic.clone(), bytes)
+        {
+            Ok(_) | Err(gossipsub::PublishError::Duplicate) => {}
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                debug!("no peer subscribed yet; anti-entropy will carry it");
+            }
+            Err(e) => debug!(error = %e, "publish failed; anti-entropy will carry it"),
+        }
+    }
+
+    fn send_sync(&mut self, to: NodeId, request: &SyncRequest) {
+        let Some(peer) = net::peer_id_of(&to) else {
+            self.feed_later_failure(to);
+            return;
+        };
+        match request.to_wire() {
+            Ok(bytes) => {
+                let id = self.swarm.behaviour_mut().sync.send_request(&peer, bytes);
+                self.outbound.insert(id, to);
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot encode sync request");
+                self.feed_later_failure(to);
+            }
+        }
+    }
+
+    fn feed_later_failure(&mut self, peer: NodeId) {
+        let now = self.clock.now();
+        let _ = self.replica.handle(now, Input::SyncFailed { peer });
+    }
+
+    fn reply_sync(&mut self, to: NodeId, reply: &SyncReply) {
+        let Some(channel) = self
+            .pending_replies
+            .get_mut(&to)
+            .and_then(VecDeque::pop_front)
+        else {
+            return;
+        };
+        match reply.to_wire() {
+            Ok(bytes) => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_response(channel, bytes)
+                    .is_err()
+                {
+                    debug!(peer = %to.short(), "sync requester went away");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot encode sync reply"),
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => self.on_gossip(propagation_source, &message_id, &message),
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.on_sync_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                for addr in info.listen_addrs {
+                    if is_dialable(&addr) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => {
+                if let Some(node) = net::node_id_of(&peer) {
+                    let rtt_us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+                    self.feed(Input::Rtt { peer: node, rtt_us });
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer, ..
+            })) => {
+                debug!(%peer, "kademlia routing updated");
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.listen_addrs.push(address);
+                self.advertise_addrs();
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                let conns = self.connections.entry(peer_id).or_default();
+                let older: Vec<_> = std::mem::take(conns);
+                conns.push(connection_id);
+                if num_established.get() > 1 {
+                    // A peer that restarts reconnects while our old connection to it still
+                    // looks open. gossipsub only announces our subscriptions on a peer's first
+                    // connection, so the restarted peer would never learn we listen: close the
+                    // old connections and announce the topic again.
+                    for old in older {
+                        self.swarm.close_connection(old);
+                    }
+                    let gs = &mut self.swarm.behaviour_mut().gossipsub;
+                    gs.unsubscribe(&self.topic);
+                    if let Err(e) = gs.subscribe(&self.topic) {
+                        warn!(error = %e, "cannot resubscribe");
+                    }
+                }
+                if !self.plan.allowed_peers.is_empty()
+                    && !self.plan.allowed_peers.contains(&peer_id)
+                {
+                    warn!(%peer_id, "peer not in allowed_peers; disconnecting");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                let remote = endpoint.get_remote_address().clone();
+                for seed in &mut self.seeds {
+                    if strip_p2p(&seed.addr) == strip_p2p(&remote) {
+                        seed.connected = true;
+                        seed.peer = Some(peer_id);
+                        seed.backoff = Duration::from_millis(500);
+                    }
+                }
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer_id, strip_p2p(&remote));
+                debug!(%peer_id, %remote, "connected");
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                connection_id,
+                ..
+            } => {
+                if let Some(conns) = self.connections.get_mut(&peer_id) {
+                    conns.retain(|c| *c != connection_id);
+                }
+                if num_established == 0 {
+                    self.connections.remove(&peer_id);
+                    for seed in &mut self.seeds {
+                        if seed.peer == Some(peer_id) {
+                            seed.connected = false;
+                        }
+                    }
+                    debug!(%peer_id, "disconnected");
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(?peer_id, %error, "dial failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_gossip(
+        &mut self,
+        source: PeerId,
+        id: &gossipsub::MessageId,
+        message: &gossipsub::Message,
+    ) {
+        let acceptance = match GossipMessage::from_wire(&message.data) {
+            Err(e) => {
+                if let Ok(m) = self.metrics.lock() {
+                    m.malformed("gossip");
+                }
+                debug!(%source, error = %e, "malformed gossip dropped");
+                MessageAcceptance::Reject
+            }
+            Ok(msg) => {
+                let from = message
+                    .source
+                    .as_ref()
+                    .and_then(net::node_id_of)
+                    .or_else(|| net::node_id_of(&source));
+                let Some(from) = from else {
+                    return;
+                };
+                let now = self.clock.now();
+                let result = self.replica.handle(now, Input::Gossip { from, msg });
+                self.drain();
+                match result {
+                    Ok(()) => MessageAcceptance::Accept,
+                    Err(InputError::Rejected { applied, first, .. }) => {
+                        debug!(%source, error = %first, "gossip deltas rejected");
+                        if applied > 0 {
+                            MessageAcceptance::Accept
+                        } else {
+                            MessageAcceptance::Reject
+                        }
+                    }
+                    Err(_) => MessageAcceptance::Reject,
+                }
+            }
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(id, &source, acceptance);
+    }
+
+    fn on_sync_event(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let Some(from) = net::node_id_of(&peer) else {
+                        return;
+                    };
+                    match SyncRequest::from_wire(&request) {
+                        Ok(request) => {
+                            self.pending_replies
+                                .entry(from)
+                                .or_default()
+                                .push_back(channel);
+                            self.feed(Input::SyncRequest { from, request });
+                        }
+                        Err(e) => {
+                            if let Ok(m) = self.metrics.lock() {
+                                m.malformed("sync_request");
+                            }
+                            debug!(%peer, error = %e, "malformed sync request dropped");
+                        }
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    let to = self.outbound.remove(&request_id);
+                    let from = to.or_else(|| net::node_id_of(&peer));
+                    let Some(from) = from else {
+                        return;
+                    };
+                    match SyncReply::from_wire(&response) {
+                        Ok(reply) => self.feed(Input::SyncReply { from, reply }),
+                        Err(e) => {
+                            if let Ok(m) = self.metrics.lock() {
+                                m.malformed("sync_reply");
+                            }
+                            debug!(%peer, error = %e, "malformed sync reply dropped");
+                            self.feed(Input::SyncFailed { peer: from });
+                        }
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                peer,
+                ..
+            } => {
+                debug!(%peer, %error, "sync request failed");
+                if let Some(to) = self.outbound.remove(&request_id) {
+                    self.feed(Input::SyncFailed { peer: to });
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                if matches!(error, request_response::InboundFailure::Io(_)) {
+                    if let Ok(m) = self.metrics.lock() {
+                        m.malformed("sync_request");
+                    }
+                }
+                debug!(%peer, %error, "inbound sync failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn advertise_addrs(&mut self) {
+        let addrs: Vec<String> = self
+            .listen_addrs
+            .iter()
+            .filter(|a| is_dialable(a))
+            .map(|a| a.clone().with(Protocol::P2p(self.local_peer)).to_string())
+            .collect();
+        self.feed(Input::Addresses(addrs));
+    }
+
+    /// Seeds with backoff, connections to known peers, readiness, gauges.
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.seeds.len() {
+            let Some(seed) = self.seeds.get_mut(i) else {
+                continue;
+            };
+            if seed.connected || now < seed.next_try {
+                continue;
+            }
+            seed.next_try = now + seed.backoff;
+            seed.backoff = (seed.backoff * 2).min(Duration::from_secs(30));
+            let addr = seed.addr.clone();
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                warn!(seed = %addr, error = %e, "cannot dial seed; will retry");
+            } else {
+                debug!(seed = %addr, "dialing seed");
+            }
+        }
+        self.connect_known_peers();
+        let connected = self.swarm.connected_peers().count();
+        let alone = self.cfg.alone || self.seeds.is_empty();
+        if !self.ready && (alone || (connected > 0 && self.replica.is_synced())) {
+            info!(connected, "ready");
+            self.ready = true;
+        }
+        let now_ms = self.clock.now();
+        let (known, alive) = self.peer_counts(now_ms);
+        let mut by_state: BTreeMap<&'static str, i64> = BTreeMap::new();
+        for v in self.replica.task_views(now_ms) {
+            *by_state.entry(v.state.name()).or_default() += 1;
+        }
+        if let Ok(m) = self.metrics.lock() {
+            m.peers_known.set(i64::try_from(known).unwrap_or(0));
+            m.peers_alive.set(i64::try_from(alive).unwrap_or(0));
+            m.peers_connected.set(i64::try_from(connected).unwrap_or(0));
+            for s in [
+                TaskState::Pending,
+                TaskState::Running,
+                TaskState::Succeeded,
+                TaskState::Failed,
+                TaskState::Cancelled,
+            ] {
+                let n = by_state.get(s.name()).copied().unwrap_or(0);
+                m.tasks
+                    .get_or_create(&crate::metrics::StateLabel {
+                        state: s.name().into(),
+                    })
+                    .set(n);
+            }
+        }
+    }
+
+    /// Keeps connections to up to `target_peers` live peers whose records give addresses,
+    /// so that gossip does not hinge on the seed.
+    fn connect_known_peers(&mut self) {
+        let connected = self.swarm.connected_peers().count();
+        if connected >= self.cfg.target_peers {
+            return;
+        }
+        let now = self.clock.now();
+        let mut want = self.cfg.target_peers - connected;
+        let me = self.replica.id();
+        let candidates: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .replica
+            .state()
+            .nodes()
+            .filter(|n| n.id != me && !n.leaving && self.replica.health(now, &n.id) != Health::Gone)
+            .filter_map(|n| {
+                let peer = net::peer_id_of(&n.id)?;
+                let addrs = n
+                    .addrs
+                    .iter()
+                    .filter_map(|a| a.parse::<Multiaddr>().ok())
+                    .collect();
+                Some((peer, addrs))
+            })
+            .collect();
+        for (peer, addrs) in candidates {
+            if want == 0 {
+                break;
+            }
+            if self.swarm.is_connected(&peer) || addrs.is_empty() {
+                continue;
+            }
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .build();
+            if self.swarm.dial(opts).is_ok() {
+                want -= 1;
+            }
+        }
+    }
+
+    fn peer_counts(&self, now: Millis) -> (usize, usize) {
+        let mut known = 0;
+        let mut alive = 0;
+        for n in self.replica.state().nodes() {
+            known += 1;
+            if self.replica.health(now, &n.id) == Health::Alive {
+                alive += 1;
+            }
+        }
+        (known, alive)
+    }
+
+    fn on_call(&mut self, call: ApiCall) {
+        let now = self.clock.now();
+        match call {
+            ApiCall::Status(tx) => {
+                let (peers_known, peers_alive) = self.peer_counts(now);
+                let _ = tx.send(StatusView {
+                    node_id: self.replica.id().to_hex(),
+                    peer_id: self.local_peer.to_string(),
+                    incarnation: self.incarnation,
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    ready: self.ready,
+                    peers_known,
+                    peers_alive,
+                    peers_connected: self.swarm.connected_peers().count(),
+                    digest: self.replica.digest().to_string(),
+                    tasks: self.replica.state().task_count(),
+                    listen_addrs: self.listen_addrs.iter().map(ToString::to_string).collect(),
+                    uptime_ms: self.clock.uptime_ms(),
+                    overloaded: self.replica.is_overloaded(),
+                });
+            }
+            ApiCall::Peers(tx) => {
+                let me = self.replica.id();
+                let views = self
+                    .replica
+                    .state()
+                    .nodes()
+                    .map(|n| PeerView {
+                        id: n.id.to_hex(),
+                        peer_id: net::peer_id_of(&n.id)
+                            .map(|p| p.to_string())
+                            .unwrap_or_default(),
+                        is_self: n.id == me,
+                        addresses: n.addrs.clone(),
+                        tags: n.tags.iter().cloned().collect(),
+                        cpu_percent: f64::from(n.load.cpu_permille) / 10.0,
+                        mem_percent: f64::from(n.load.mem_permille) / 10.0,
+                        rtt_ms: self.replica.rtt(&n.id).map(|r| r.srtt_us as f64 / 1000.0),
+                        health: self.replica.health(now, &n.id).name().into(),
+                        last_heard_ms_ago: self
+                            .replica
+                            .last_heard(&n.id)
+                            .map(|t| now.saturating_sub(t)),
+                        incarnation: n.incarnation,
+                    })
+                    .collect();
+                let _ = tx.send(views);
+            }
+            ApiCall::Tasks(tx) => {
+                let views = self.replica.task_views(now).iter().map(task_json).collect();
+                let _ = tx.send(views);
+            }
+            ApiCall::Task(id, tx) => {
+                let _ = tx.send(self.replica.task_view(now, &id).as_ref().map(task_json));
+            }
+        }
+    }
+}
+
+fn task_json(v: &omesh_state::TaskView) -> TaskJson {
+    TaskJson {
+        id: v.id.to_hex(),
+        state: v.state.name().into(),
+        code: v.state.code(),
+        epoch: v.epoch,
+        owner: v.owner.map(|o| o.to_hex()),
+        failed_attempts: v.failed_attempts,
+        exit_code: v.exit_code,
+        error: v.error.clone(),
+        pending_reason: v.pending_reason.clone(),
+        image: v.spec.as_ref().map(|s| s.spec.image.clone()),
+        command: v
+            .spec
+            .as_ref()
+            .map(|s| s.spec.command.clone())
+            .unwrap_or_default(),
+        history: v
+            .history
+            .iter()
+            .map(|(epoch, e)| EpochJson {
+                epoch: *epoch,
+                state: e.state.name().into(),
+                exit_code: e.exit_code,
+                error: e.error.clone(),
+                reporter: e.reporter.to_hex(),
+                at_ms: e.at_ms,
+            })
+            .collect(),
+        compacted: v.compacted,
+    }
+}
+
+fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect()
+}
+
+/// Whether an address is worth giving to others (not unspecified).
+fn is_dialable(addr: &Multiaddr) -> bool {
+    !addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
