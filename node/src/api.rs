@@ -212,19 +212,26 @@ async fn ready(State(s): State<ApiState>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-async fn metrics(State(s): State<ApiState>) -> Response {
+async fn metrics(State(s): State<ApiState>, headers: axum::http::HeaderMap) -> Response {
+    let openmetrics = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
     let text = match s.metrics.lock() {
         Ok(m) => m.encode(),
         Err(poisoned) => poisoned.into_inner().encode(),
     };
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+    if openmetrics {
+        let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+        ([(axum::http::header::CONTENT_TYPE, ct)], text).into_response()
+    } else {
+        let ct = "text/plain; version=0.0.4; charset=utf-8";
+        (
+            [(axum::http::header::CONTENT_TYPE, ct)],
+            crate::metrics::to_classic(&text),
+        )
+            .into_response()
+    }
 }
 
 async fn status(State(s): State<ApiState>) -> Result<Json<StatusView>, ApiError> {

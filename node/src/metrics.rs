@@ -190,11 +190,43 @@ impl Metrics {
         self.last = s;
     }
 
-    /// The text exposition.
+    /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+
+    /// The classic Prometheus text format (0.0.4), for scrapers and tools such as
+    /// `promtool check metrics` that do not speak OpenMetrics: counters' HELP and TYPE lines
+    /// carry the `_total` name of their samples, and there is no `# EOF`.
+    pub fn encode_classic(&self) -> String {
+        to_classic(&self.encode())
+    }
+}
+
+/// Rewrites an OpenMetrics exposition into the classic text format.
+pub fn to_classic(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
