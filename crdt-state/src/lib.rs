@@ -20,4 +20,6 @@ pub use config::{ConfigError, ReplicaConfig};
 pub use decide::TaskView;
 pub use liveness::{Health, RttEstimate};
 pub use merge::{Crdt, DeltaError, Merged, Stamp, State, TaskRecord};
-pub use replica::{Action, ExecEvent, Input, InputError, Replica, Stats, StopReason};
+pub use replica::{
+    Action, ExecEvent, Input, InputError, PropagationSample, Replica, Stats, StopReason,
+};

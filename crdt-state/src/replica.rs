@@ -30,6 +30,26 @@ const MAX_PROPAGATION_SAMPLES: usize = 4096;
 /// Stamps remembered beyond a gap, per origin, before we rely on sync alone.
 const MAX_AHEAD: usize = 1024;
 
+/// One node record merged here: when its writer wrote it and when it arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PropagationSample {
+    /// The writer.
+    pub origin: NodeId,
+    /// Its heartbeat counter.
+    pub seq: u64,
+    /// The writer's clock when written.
+    pub written_at_ms: Millis,
+    /// This node's clock when merged.
+    pub merged_at_ms: Millis,
+}
+
+impl PropagationSample {
+    /// Merge time minus write time (0 if the clocks disagree the other way).
+    pub fn delay_ms(&self) -> Millis {
+        self.merged_at_ms.saturating_sub(self.written_at_ms)
+    }
+}
+
 /// What the local executor reports about one epoch of a task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecEvent {
@@ -284,7 +304,7 @@ pub struct Replica {
     /// it knows it may hold a stale view, and claims nothing (see `decide.rs`).
     pub(crate) synced: bool,
     was_isolated: bool,
-    propagation: Vec<Millis>,
+    propagation: Vec<PropagationSample>,
 }
 
 impl Replica {
@@ -350,9 +370,9 @@ impl Replica {
         self.stats
     }
 
-    /// Takes the delays, on this node's clock minus the writer's, with which newer node
-    /// records arrived: the delta propagation latency (includes any clock offset).
-    pub fn take_propagation_samples(&mut self) -> Vec<Millis> {
+    /// Takes the newer node records merged since the last call, with the writer's and this
+    /// node's clocks: the delta propagation latency (includes any clock offset).
+    pub fn take_propagation_samples(&mut self) -> Vec<PropagationSample> {
         std::mem::take(&mut self.propagation)
     }
 
@@ -634,7 +654,12 @@ impl Replica {
                             .is_none_or(|h| rec.version() > h.version);
                         if newer {
                             if self.propagation.len() < MAX_PROPAGATION_SAMPLES {
-                                self.propagation.push(now.saturating_sub(rec.written_at_ms));
+                                self.propagation.push(PropagationSample {
+                                    origin: rec.id,
+                                    seq: rec.seq,
+                                    written_at_ms: rec.written_at_ms,
+                                    merged_at_ms: now,
+                                });
                             }
                             self.heard.insert(
                                 rec.id,
@@ -711,8 +736,19 @@ impl Replica {
         }
         self.inflight.insert(to, now);
         self.stats.syncs_sent += 1;
+        let mut vclock = self.version_vector();
+        if !self.synced && self.cfg.incarnation > 1 {
+            // A restarted node starts empty, yet its own new stamps (`incarnation << 32 | n`)
+            // claim to cover everything it wrote in earlier incarnations: until a sync
+            // completes, ask for its own history too, or it never gets it back.
+            for (origin, c) in &mut vclock {
+                if *origin == self.me.id {
+                    *c = 0;
+                }
+            }
+        }
         let request = SyncRequest {
-            vclock: self.version_vector(),
+            vclock,
             digest: self.digest(),
             full: self.want_full.remove(&to),
         };

@@ -134,6 +134,21 @@ pub enum ApiCall {
     Tasks(oneshot::Sender<Vec<TaskJson>>),
     /// One task.
     Task(TaskId, oneshot::Sender<Option<TaskJson>>),
+    /// Recent propagation samples.
+    Propagation(oneshot::Sender<Vec<PropagationJson>>),
+}
+
+/// A node record merged here, with the writer's and this node's clocks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PropagationJson {
+    /// Writer (hex node id).
+    pub origin: String,
+    /// Its heartbeat counter.
+    pub seq: u64,
+    /// Writer's clock when written, ms.
+    pub written_at_ms: u64,
+    /// This node's clock when merged, ms.
+    pub merged_at_ms: u64,
 }
 
 /// What handlers share.
@@ -262,6 +277,10 @@ async fn task(
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no task {id}")))
 }
 
+async fn propagation(State(s): State<ApiState>) -> Result<Json<Vec<PropagationJson>>, ApiError> {
+    Ok(Json(ask(&s, ApiCall::Propagation).await?))
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
 }
@@ -276,6 +295,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/peers", get(peers))
         .route("/api/v1/tasks", get(tasks))
         .route("/api/v1/tasks/{id}", get(task))
+        .route("/api/v1/debug/propagation", get(propagation))
         .fallback(not_found)
         .with_state(state)
 }

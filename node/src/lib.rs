@@ -5,11 +5,13 @@
 //! this crate only drives it and carries out what it asks.
 
 pub mod api;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod datadir;
 pub mod keys;
 pub mod load;
+pub mod localmesh;
 pub mod metrics;
 pub mod net;
 pub mod peer;

@@ -35,6 +35,22 @@ enum Command {
     Peers(ApiArgs),
     /// List the tasks the mesh knows.
     Tasks(ApiArgs),
+    /// Benchmarks on local meshes of child processes.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Time for a state change to reach every peer, idle RSS and CPU, per mesh size.
+    Mesh {
+        /// Mesh sizes to run, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "5,20")]
+        peers: Vec<usize>,
+        /// Idle measurement window per size, seconds.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -182,6 +198,7 @@ fn main() -> ExitCode {
         Command::Status(args) => api_command(&args, Show::Status),
         Command::Peers(args) => api_command(&args, Show::Peers),
         Command::Tasks(args) => api_command(&args, Show::Tasks),
+        Command::Bench(BenchCommand::Mesh { peers, seconds }) => bench_mesh(&peers, seconds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -262,6 +279,25 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
+}
+
+fn bench_mesh(sizes: &[usize], seconds: u64) -> anyhow::Result<()> {
+    let bin = std::env::current_exe()?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let mut rows = Vec::new();
+        for &n in sizes {
+            anyhow::ensure!(n >= 2, "a mesh needs at least 2 peers, got {n}");
+            eprintln!("bench: {n} peers, {seconds} s idle window ...");
+            let r = omesh::bench::measure(&bin, n, std::time::Duration::from_secs(seconds))
+                .await
+                .map_err(|e| anyhow::anyhow!("{n} peers: {e}"))?;
+            rows.push(r);
+        }
+        println!("{}", omesh::bench::table(&rows).trim_end());
+        println!("(a change = a heartbeat delta; time = until the last other peer merged it, same host clock)");
+        Ok(())
+    })
 }
 
 enum Show {

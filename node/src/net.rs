@@ -134,7 +134,7 @@ pub fn build_swarm(key: Keypair, gossip_limit: usize) -> Result<Swarm<Behaviour>
         .with_behaviour(|key| {
             let local = key.public().to_peer_id();
             let gossip_config = gossipsub::ConfigBuilder::default()
-                .heartbeat_interval(Duration::from_millis(700))
+                .heartbeat_interval(Duration::from_secs(1))
                 .validation_mode(gossipsub::ValidationMode::Strict)
                 .validate_messages()
                 .max_transmit_size(gossip_limit)
@@ -159,7 +159,7 @@ pub fn build_swarm(key: Keypair, gossip_limit: usize) -> Result<Swarm<Behaviour>
                     .with_interval(Duration::from_secs(60)),
             );
             let ping =
-                ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(2)));
+                ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5)));
             let sync = request_response::Behaviour::new(
                 [(SYNC_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(10)),

@@ -67,6 +67,9 @@ impl Default for Clock {
     }
 }
 
+/// Propagation samples kept for `/api/v1/debug/propagation`.
+const RECENT_PROPAGATION: usize = 4096;
+
 #[derive(Debug)]
 struct Seed {
     addr: Multiaddr,
@@ -90,6 +93,7 @@ pub struct Peer {
     pending_replies: HashMap<NodeId, VecDeque<ResponseChannel<Vec<u8>>>>,
     outbound: HashMap<OutboundRequestId, NodeId>,
     connections: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
+    recent_propagation: VecDeque<omesh_state::PropagationSample>,
     seeds: Vec<Seed>,
     load: LoadSampler,
     listen_addrs: Vec<Multiaddr>,
@@ -176,6 +180,7 @@ impl Peer {
             pending_replies: HashMap::new(),
             outbound: HashMap::new(),
             connections: HashMap::new(),
+            recent_propagation: VecDeque::new(),
             seeds,
             load,
             listen_addrs: Vec::new(),
@@ -191,7 +196,7 @@ impl Peer {
     ) {
         tokio::pin!(shutdown);
         let mut load_tick = tokio::time::interval(Duration::from_secs(1));
-        let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         loop {
             let wake = self.replica.poll_timeout().map_or_else(
                 || tokio::time::Instant::now() + Duration::from_secs(1),
@@ -258,10 +263,16 @@ impl Peer {
         }
         let samples = self.replica.take_propagation_samples();
         if let Ok(mut m) = self.metrics.lock() {
-            for s in samples {
-                m.delta_propagation.observe(s as f64 / 1000.0);
+            for s in &samples {
+                m.delta_propagation.observe(s.delay_ms() as f64 / 1000.0);
             }
             m.update(self.replica.stats());
+        }
+        for s in samples {
+            if self.recent_propagation.len() >= RECENT_PROPAGATION {
+                self.recent_propagation.pop_front();
+            }
+            self.recent_propagation.push_back(s);
         }
     }
 
@@ -725,6 +736,19 @@ impl Peer {
             ApiCall::Tasks(tx) => {
                 let views = self.replica.task_views(now).iter().map(task_json).collect();
                 let _ = tx.send(views);
+            }
+            ApiCall::Propagation(tx) => {
+                let samples = self
+                    .recent_propagation
+                    .iter()
+                    .map(|s| crate::api::PropagationJson {
+                        origin: s.origin.to_hex(),
+                        seq: s.seq,
+                        written_at_ms: s.written_at_ms,
+                        merged_at_ms: s.merged_at_ms,
+                    })
+                    .collect();
+                let _ = tx.send(samples);
             }
             ApiCall::Task(id, tx) => {
                 let _ = tx.send(self.replica.task_view(now, &id).as_ref().map(task_json));
