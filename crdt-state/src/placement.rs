@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use omesh_protocol::{Digest, NodeId, NodeRecord, TaskSpec};
+use omesh_protocol::{Digest, ExecutorKind, NodeId, NodeRecord, TaskSpec};
 
 /// Resources already promised to live leases on one node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -100,6 +100,15 @@ fn score(
     Some(u32::try_from(s.max(1)).unwrap_or(1))
 }
 
+/// The tag a node carries when it can run tasks with `kind` (`None`: any node can).
+pub fn executor_tag(kind: ExecutorKind) -> Option<&'static str> {
+    match kind {
+        ExecutorKind::Any => None,
+        ExecutorKind::Docker => Some("executor:docker"),
+        ExecutorKind::Process => Some("executor:process"),
+    }
+}
+
 /// Ranks the live nodes for a task, best first (score, then lower node id).
 pub fn rank<'a>(
     live: impl Iterator<Item = &'a NodeRecord>,
@@ -112,8 +121,12 @@ pub fn rank<'a>(
     let mut tagged = 0usize;
     let mut fitting_but_loaded = 0usize;
     let mut out = Vec::new();
+    let executor_tag = executor_tag(spec.executor);
     for node in live {
-        if node.leaving || !spec.required_tags.iter().all(|t| node.tags.contains(t)) {
+        if node.leaving
+            || !spec.required_tags.iter().all(|t| node.tags.contains(t))
+            || executor_tag.is_some_and(|t| !node.tags.contains(t))
+        {
             continue;
         }
         tagged += 1;
@@ -132,7 +145,9 @@ pub fn rank<'a>(
     }
     if out.is_empty() {
         return Err(if tagged == 0 {
-            Unplaceable::NoTaggedNode(spec.required_tags.iter().cloned().collect())
+            let mut tags: Vec<String> = spec.required_tags.iter().cloned().collect();
+            tags.extend(executor_tag.map(str::to_owned));
+            Unplaceable::NoTaggedNode(tags)
         } else if fitting_but_loaded > 0 {
             Unplaceable::AllOverloaded
         } else {

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use omesh_protocol::TaskId;
+use omesh_protocol::{NodeId, SignedTaskSpec, TaskId, TaskSpec};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -136,6 +136,95 @@ pub enum ApiCall {
     Task(TaskId, oneshot::Sender<Option<TaskJson>>),
     /// Recent propagation samples.
     Propagation(oneshot::Sender<Vec<PropagationJson>>),
+    /// Submit a signed spec.
+    Submit(
+        Box<SignedTaskSpec>,
+        oneshot::Sender<Result<TaskId, ApiError>>,
+    ),
+    /// Cancel a task everywhere.
+    Cancel(TaskId, oneshot::Sender<Result<(), ApiError>>),
+    /// A chunk of a task's log, from its owner.
+    Logs {
+        /// The task.
+        task: TaskId,
+        /// First byte wanted.
+        offset: u64,
+        /// Where the answer goes.
+        tx: oneshot::Sender<Result<LogChunk, ApiError>>,
+    },
+    /// Test-only fault injection: refuse these peers entirely.
+    Block(Vec<libp2p::PeerId>, oneshot::Sender<()>),
+}
+
+/// The body of `POST /api/v1/tasks`: a spec and its submitter's signature.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitBody {
+    /// The spec, as signed.
+    pub spec: TaskSpec,
+    /// ed25519 signature over the spec's canonical encoding, hex.
+    pub signature: String,
+}
+
+impl SubmitBody {
+    /// The body for a signed spec.
+    pub fn from_signed(s: &SignedTaskSpec) -> Self {
+        Self {
+            spec: s.spec.clone(),
+            signature: hex::encode(&s.signature),
+        }
+    }
+}
+
+/// A piece of a task's log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogChunk {
+    /// Task (hex).
+    pub task: String,
+    /// Epoch whose log this is.
+    pub epoch: u64,
+    /// The owner that served it (hex).
+    pub owner: String,
+    /// Offset of `data`.
+    pub offset: u64,
+    /// Offset to ask for next.
+    pub next_offset: u64,
+    /// The bytes, as UTF-8 (invalid sequences replaced).
+    pub data: String,
+    /// The instance still runs: more may come.
+    pub running: bool,
+    /// The task's state.
+    pub state: String,
+}
+
+impl LogChunk {
+    /// A chunk of `data` at `offset`.
+    pub fn new(
+        task: TaskId,
+        epoch: u64,
+        owner: NodeId,
+        offset: u64,
+        data: &[u8],
+        running: bool,
+        state: String,
+    ) -> Self {
+        Self {
+            task: task.to_hex(),
+            epoch,
+            owner: owner.to_hex(),
+            offset,
+            next_offset: offset + data.len() as u64,
+            data: String::from_utf8_lossy(data).into_owned(),
+            running,
+            state,
+        }
+    }
+}
+
+/// The body of `POST /api/v1/debug/block`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlockBody {
+    /// Peer ids to refuse (empty: heal).
+    pub peers: Vec<String>,
 }
 
 /// A node record merged here, with the writer's and this node's clocks.
@@ -158,6 +247,132 @@ pub struct ApiState {
     pub calls: mpsc::Sender<ApiCall>,
     /// The metrics registry.
     pub metrics: Arc<Mutex<Metrics>>,
+    /// Bearer token for mutations (none: mutations refused).
+    pub token: Option<String>,
+}
+
+/// Checks the bearer token of a mutation.
+fn authorize(state: &ApiState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &state.token else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "mutations are disabled on this node: it has no api_token",
+        ));
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing bearer token (Authorization: Bearer ...)",
+            )
+        })?;
+    // Compare without an early exit, so timing does not tell how much matched.
+    let same = given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "wrong bearer token",
+        ))
+    }
+}
+
+fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
+    id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{id:?} is not a task id (64 hex characters)"),
+        )
+    })
+}
+
+async fn submit(
+    State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let body: SubmitBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid task body: {e}")))?;
+    let signature = hex::decode(body.signature.trim())
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "signature is not hex"))?;
+    let spec = SignedTaskSpec {
+        spec: body.spec,
+        signature,
+    };
+    let id = ask(&s, |tx| ApiCall::Submit(Box::new(spec), tx)).await??;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "id": id.to_hex() })),
+    )
+        .into_response())
+}
+
+async fn cancel(
+    State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&s, &headers)?;
+    let id = parse_task_id(&id)?;
+    ask(&s, |tx| ApiCall::Cancel(id, tx)).await??;
+    Ok(Json(
+        serde_json::json!({ "id": id.to_hex(), "cancelled": true }),
+    ))
+}
+
+/// Query of the logs endpoint.
+#[derive(Debug, Deserialize)]
+pub struct LogQuery {
+    /// First byte wanted.
+    #[serde(default)]
+    pub offset: u64,
+}
+
+async fn logs(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<LogQuery>,
+) -> Result<Json<LogChunk>, ApiError> {
+    let task = parse_task_id(&id)?;
+    let chunk = ask(&s, |tx| ApiCall::Logs {
+        task,
+        offset: q.offset,
+        tx,
+    })
+    .await??;
+    Ok(Json(chunk))
+}
+
+async fn block(
+    State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&s, &headers)?;
+    let body: BlockBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid block body: {e}")))?;
+    let mut peers = Vec::new();
+    for p in &body.peers {
+        peers.push(p.parse::<libp2p::PeerId>().map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{p:?} is not a peer id: {e}"),
+            )
+        })?);
+    }
+    let n = peers.len();
+    ask(&s, |tx| ApiCall::Block(peers, tx)).await?;
+    Ok(Json(serde_json::json!({ "blocked": n })))
 }
 
 /// An API error: JSON with a reason.
@@ -265,12 +480,7 @@ async fn task(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<TaskJson>, ApiError> {
-    let id: TaskId = id.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("{id:?} is not a task id (64 hex characters)"),
-        )
-    })?;
+    let id = parse_task_id(&id)?;
     ask(&s, |tx| ApiCall::Task(id, tx))
         .await?
         .map(Json)
@@ -293,8 +503,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .route("/api/v1/peers", get(peers))
-        .route("/api/v1/tasks", get(tasks))
-        .route("/api/v1/tasks/{id}", get(task))
+        .route("/api/v1/tasks", get(tasks).post(submit))
+        .route("/api/v1/tasks/{id}", get(task).delete(cancel))
+        .route("/api/v1/tasks/{id}/logs", get(logs))
+        .route("/api/v1/debug/block", axum::routing::post(block))
         .route("/api/v1/debug/propagation", get(propagation))
         .fallback(not_found)
         .with_state(state)

@@ -21,6 +21,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which executor runs tasks that accept any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorChoice {
+    /// Docker when the engine answers, else processes.
+    #[default]
+    Auto,
+    /// Docker; start-up fails if the engine does not answer.
+    Docker,
+    /// Native processes only.
+    Process,
+}
+
 /// Everything `omesh up` can be told. Keys keep these names in the TOML file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -71,6 +84,8 @@ pub struct NodeConfig {
     pub fake_cpu_percent: Option<u8>,
     /// How many peers to keep connections to.
     pub target_peers: usize,
+    /// Executor: auto, docker or process.
+    pub executor: ExecutorChoice,
 }
 
 impl Default for NodeConfig {
@@ -100,6 +115,7 @@ impl Default for NodeConfig {
             alone: false,
             fake_cpu_percent: None,
             target_peers: 8,
+            executor: ExecutorChoice::Auto,
         }
     }
 }

@@ -229,11 +229,16 @@ fn up(args: &UpArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(api_addr).await.map_err(|e| {
             anyhow::anyhow!("cannot serve the API on {api_addr} (config key `api_listen`): {e}")
         })?;
-        let peer = Peer::start(cfg, Arc::clone(&metrics))?;
+        let docker = omesh::executor::select_docker(cfg.executor)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e} (config key `executor`)"))?;
+        let token = cfg.api_token.clone();
+        let peer = Peer::start(cfg, Arc::clone(&metrics), docker)?;
         let (calls_tx, calls_rx) = tokio::sync::mpsc::channel(64);
         let router = omesh::api::router(omesh::api::ApiState {
             calls: calls_tx,
             metrics,
+            token,
         });
         tracing::info!(api = %api_addr, "status API listening");
         let api = tokio::spawn(async move { axum::serve(listener, router).await });

@@ -15,6 +15,8 @@ use omesh_protocol::NodeId;
 pub const STATE_TOPIC: &str = "omesh/state/1";
 /// The anti-entropy protocol.
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/sync/1");
+/// The task log protocol.
+pub const LOGS_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/logs/1");
 /// The kademlia protocol (kept apart from the public IPFS DHT).
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/kad/1");
 /// Sent in identify.
@@ -37,6 +39,8 @@ pub struct Behaviour {
     pub ping: ping::Behaviour,
     /// Anti-entropy.
     pub sync: request_response::Behaviour<BytesCodec>,
+    /// Task logs, fetched from the owner.
+    pub logs: request_response::Behaviour<BytesCodec>,
 }
 
 /// Request-response frames as raw bytes with a u32 length prefix; decoding (and counting
@@ -164,12 +168,17 @@ pub fn build_swarm(key: Keypair, gossip_limit: usize) -> Result<Swarm<Behaviour>
                 [(SYNC_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
             );
+            let logs = request_response::Behaviour::new(
+                [(LOGS_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+            );
             Ok(Behaviour {
                 gossipsub,
                 kad,
                 identify,
                 ping,
                 sync,
+                logs,
             })
         })
         .map_err(|e| BuildError(e.to_string()))?

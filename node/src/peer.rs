@@ -1,7 +1,7 @@
 //! The peer's driver: one tokio task that feeds the sans-IO replica from the network, timers,
 //! load samples and API calls, and carries out the actions it returns.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,8 +18,11 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::api::{ApiCall, EpochJson, PeerView, StatusView, TaskJson};
+use crate::config::ExecutorChoice;
 use crate::config::{NetPlan, NodeConfig};
 use crate::datadir::DataDir;
+use crate::executor::process::ProcessBackend;
+use crate::executor::{Backend, Executor, Report};
 use crate::load::LoadSampler;
 use crate::metrics::Metrics;
 use crate::net::{self, Behaviour, BehaviourEvent};
@@ -71,7 +74,7 @@ impl Default for Clock {
 const RECENT_PROPAGATION: usize = 4096;
 
 #[derive(Debug)]
-struct Seed {
+pub(crate) struct Seed {
     addr: Multiaddr,
     peer: Option<PeerId>,
     connected: bool,
@@ -81,23 +84,28 @@ struct Seed {
 
 /// Everything a running peer holds.
 pub struct Peer {
-    cfg: NodeConfig,
-    plan: NetPlan,
-    swarm: Swarm<Behaviour>,
-    replica: Replica,
-    clock: Clock,
-    metrics: Arc<Mutex<Metrics>>,
-    topic: IdentTopic,
-    local_peer: PeerId,
-    incarnation: u64,
-    pending_replies: HashMap<NodeId, VecDeque<ResponseChannel<Vec<u8>>>>,
-    outbound: HashMap<OutboundRequestId, NodeId>,
-    connections: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
-    recent_propagation: VecDeque<omesh_state::PropagationSample>,
-    seeds: Vec<Seed>,
-    load: LoadSampler,
-    listen_addrs: Vec<Multiaddr>,
-    ready: bool,
+    pub(crate) cfg: NodeConfig,
+    pub(crate) plan: NetPlan,
+    pub(crate) swarm: Swarm<Behaviour>,
+    pub(crate) replica: Replica,
+    pub(crate) clock: Clock,
+    pub(crate) metrics: Arc<Mutex<Metrics>>,
+    pub(crate) topic: IdentTopic,
+    pub(crate) local_peer: PeerId,
+    pub(crate) incarnation: u64,
+    pub(crate) pending_replies: HashMap<NodeId, VecDeque<ResponseChannel<Vec<u8>>>>,
+    pub(crate) outbound: HashMap<OutboundRequestId, NodeId>,
+    pub(crate) connections: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
+    pub(crate) recent_propagation: VecDeque<omesh_state::PropagationSample>,
+    pub(crate) seeds: Vec<Seed>,
+    pub(crate) load: LoadSampler,
+    pub(crate) listen_addrs: Vec<Multiaddr>,
+    pub(crate) ready: bool,
+    pub(crate) node_id: NodeId,
+    pub(crate) executor: Executor,
+    pub(crate) reports: mpsc::Receiver<Report>,
+    pub(crate) blocked: BTreeSet<PeerId>,
+    pub(crate) pending_logs: HashMap<OutboundRequestId, crate::tasks::PendingLog>,
 }
 
 /// Why the peer could not start.
@@ -127,7 +135,11 @@ pub enum StartError {
 
 impl Peer {
     /// Opens the data directory, builds the swarm and starts listening.
-    pub fn start(cfg: NodeConfig, metrics: Arc<Mutex<Metrics>>) -> Result<Self, StartError> {
+    pub fn start(
+        cfg: NodeConfig,
+        metrics: Arc<Mutex<Metrics>>,
+        docker: Option<Arc<dyn Backend>>,
+    ) -> Result<Self, StartError> {
         let plan = cfg.check()?;
         let dir = DataDir::open(&cfg.data_dir)?;
         let key = dir.identity()?;
@@ -149,7 +161,24 @@ impl Peer {
             .subscribe(&topic)
             .map_err(|e| net::BuildError(format!("subscribe: {e}")))?;
         let load = LoadSampler::new(cfg.fake_cpu_percent);
-        let replica = Replica::new(cfg.replica_config(node_id, incarnation, load.capacity()))?;
+        let (reports_tx, reports) = mpsc::channel(1024);
+        let log_dir = dir.path().join("logs");
+        std::fs::create_dir_all(&log_dir).map_err(|source| crate::datadir::DataDirError::Io {
+            what: "cannot create",
+            path: log_dir.clone(),
+            source,
+        })?;
+        let prefer_docker = cfg.executor != ExecutorChoice::Process;
+        let executor = Executor::new(
+            Arc::new(ProcessBackend),
+            docker,
+            prefer_docker,
+            reports_tx,
+            log_dir,
+        );
+        let mut rcfg = cfg.replica_config(node_id, incarnation, load.capacity());
+        rcfg.tags.extend(executor.tags());
+        let replica = Replica::new(rcfg)?;
         let now = Instant::now();
         let seeds = plan
             .seeds
@@ -166,7 +195,7 @@ impl Peer {
             m.incarnation
                 .set(i64::try_from(incarnation).unwrap_or(i64::MAX));
         }
-        info!(node = %node_id.short(), peer = %local_peer, incarnation, "omesh peer starting");
+        info!(node = %node_id.short(), peer = %local_peer, incarnation, executor = executor.name(), "omesh peer starting");
         Ok(Self {
             cfg,
             plan,
@@ -185,6 +214,11 @@ impl Peer {
             load,
             listen_addrs: Vec::new(),
             ready: false,
+            node_id,
+            executor,
+            reports,
+            blocked: BTreeSet::new(),
+            pending_logs: HashMap::new(),
         })
     }
 
@@ -197,6 +231,11 @@ impl Peer {
         tokio::pin!(shutdown);
         let mut load_tick = tokio::time::interval(Duration::from_secs(1));
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        match self.executor.cleanup_orphans(&self.node_id).await {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "removed instances left by an earlier run"),
+            Err(e) => warn!(error = %e, "cannot clean up instances of an earlier run"),
+        }
         loop {
             let wake = self.replica.poll_timeout().map_or_else(
                 || tokio::time::Instant::now() + Duration::from_secs(1),
@@ -207,6 +246,7 @@ impl Peer {
                 () = &mut shutdown => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(call) = calls.recv() => self.on_call(call),
+                Some(report) = self.reports.recv() => self.on_report(report),
                 () = tokio::time::sleep_until(wake) => self.feed(Input::Tick),
                 _ = load_tick.tick() => {
                     let sample = self.load.sample();
@@ -221,6 +261,7 @@ impl Peer {
     async fn leave(&mut self) {
         info!("leaving the mesh");
         self.feed(Input::Leave);
+        self.executor.stop_all();
         // Give the leave announcement a moment to go out.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
         while let Ok(event) = tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await
@@ -235,7 +276,7 @@ impl Peer {
         }
     }
 
-    fn feed(&mut self, input: Input) {
+    pub(crate) fn feed(&mut self, input: Input) {
         let now = self.clock.now();
         if let Err(e) = self.replica.handle(now, input) {
             debug!(error = %e, "input refused");
@@ -243,7 +284,7 @@ impl Peer {
         self.drain();
     }
 
-    fn drain(&mut self) {
+    pub(crate) fn drain(&mut self) {
         while let Some(action) = self.replica.poll_action() {
             match action {
                 Action::Publish(msg) => self.publish(&msg),
@@ -299,7 +340,7 @@ impl Peer {
     }
 
     fn send_sync(&mut self, to: NodeId, request: &SyncRequest) {
-        let Some(peer) = net::peer_id_of(&to) else {
+        let Some(peer) = net::peer_id_of(&to).filter(|p| !self.blocked.contains(p)) else {
             self.feed_later_failure(to);
             return;
         };
@@ -352,6 +393,7 @@ impl Peer {
                 message,
             })) => self.on_gossip(propagation_source, &message_id, &message),
             SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.on_sync_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Logs(ev)) => self.on_logs_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -586,7 +628,10 @@ impl Peer {
             let Some(seed) = self.seeds.get_mut(i) else {
                 continue;
             };
-            if seed.connected || now < seed.next_try {
+            if seed.connected
+                || now < seed.next_try
+                || seed.peer.is_some_and(|p| self.blocked.contains(&p))
+            {
                 continue;
             }
             seed.next_try = now + seed.backoff;
@@ -661,7 +706,7 @@ impl Peer {
             if want == 0 {
                 break;
             }
-            if self.swarm.is_connected(&peer) || addrs.is_empty() {
+            if self.swarm.is_connected(&peer) || addrs.is_empty() || self.blocked.contains(&peer) {
                 continue;
             }
             let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
@@ -736,6 +781,22 @@ impl Peer {
             ApiCall::Tasks(tx) => {
                 let views = self.replica.task_views(now).iter().map(task_json).collect();
                 let _ = tx.send(views);
+            }
+            ApiCall::Submit(spec, tx) => {
+                let _ = tx.send(self.submit(*spec));
+            }
+            ApiCall::Cancel(task, tx) => {
+                let _ = tx.send(self.cancel(task));
+            }
+            ApiCall::Logs { task, offset, tx } => self.logs(task, offset, tx),
+            ApiCall::Block(peers, tx) => {
+                self.blocked = peers.into_iter().collect();
+                let blocked: Vec<PeerId> = self.blocked.iter().copied().collect();
+                for p in blocked {
+                    let _ = self.swarm.disconnect_peer_id(p);
+                }
+                info!(blocked = self.blocked.len(), "peer block list set");
+                let _ = tx.send(());
             }
             ApiCall::Propagation(tx) => {
                 let samples = self

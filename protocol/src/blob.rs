@@ -46,3 +46,45 @@ impl Wire for BlobResponse {
     const MAX_BYTES: usize = MAX_CHUNK_BYTES as usize + 1024;
     const KIND: &'static str = "blob response";
 }
+
+/// Ask the owner of a task for its log, from `offset`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRequest {
+    /// The task.
+    pub task: crate::TaskId,
+    /// The epoch whose log is wanted.
+    pub epoch: crate::Epoch,
+    /// First byte wanted.
+    pub offset: u64,
+    /// At most this many bytes (capped at [`MAX_LOG_CHUNK`]).
+    pub max: u32,
+}
+
+/// The most log bytes one answer carries.
+pub const MAX_LOG_CHUNK: u32 = 256 * 1024;
+
+impl Wire for LogRequest {
+    const MAX_BYTES: usize = 128;
+    const KIND: &'static str = "log request";
+}
+
+/// The owner's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogResponse {
+    /// Bytes of the log starting at `offset`; `running` says whether more may come.
+    Chunk {
+        /// Offset of `data`.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+        /// The instance still runs.
+        running: bool,
+    },
+    /// This node holds no log for that epoch.
+    NotFound,
+}
+
+impl Wire for LogResponse {
+    const MAX_BYTES: usize = MAX_LOG_CHUNK as usize + 1024;
+    const KIND: &'static str = "log response";
+}

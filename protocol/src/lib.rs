@@ -14,6 +14,7 @@ pub mod ids;
 pub mod node;
 pub mod task;
 
+pub use blob::{LogRequest, LogResponse};
 pub use codec::{decode, encode, DecodeError, EncodeError, Wire, WIRE_VERSION};
 pub use delta::{Delta, DeltaBody, GossipMessage, StateDigest, SyncReply, SyncRequest};
 pub use ids::{Digest, IdParseError, NodeId, TaskId};

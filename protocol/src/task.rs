@@ -12,6 +12,10 @@ use crate::{Epoch, WIRE_VERSION};
 
 /// The largest canonical encoding of a signed spec that a replica accepts.
 pub const MAX_SPEC_BYTES: usize = 16 * 1024;
+/// The most CPU a spec may ask for: 1,000 cores.
+pub const MAX_CPU_MILLIS: u32 = 1_000_000;
+/// The most memory a spec may ask for: 64 TiB.
+pub const MAX_MEMORY_BYTES: u64 = 64 << 40;
 /// The longest error text kept in a status entry; longer text is cut.
 pub const MAX_ERROR_CHARS: usize = 256;
 
@@ -144,6 +148,9 @@ pub enum SpecError {
     /// `max_attempts` is zero.
     #[error("max_attempts must be at least 1")]
     ZeroAttempts,
+    /// CPU or memory beyond any host (over 1,000 cores or 64 TiB).
+    #[error("absurd resources: {0}")]
+    AbsurdResources(String),
     /// An executor name this build does not know.
     #[error("unknown executor {0:?} (expected any, docker or process)")]
     UnknownExecutor(String),
@@ -158,6 +165,18 @@ impl TaskSpec {
         }
         if self.max_attempts == 0 {
             return Err(SpecError::ZeroAttempts);
+        }
+        if self.cpu_millis > MAX_CPU_MILLIS {
+            return Err(SpecError::AbsurdResources(format!(
+                "cpu {}m is over {}m",
+                self.cpu_millis, MAX_CPU_MILLIS
+            )));
+        }
+        if self.memory_bytes > MAX_MEMORY_BYTES {
+            return Err(SpecError::AbsurdResources(format!(
+                "memory {} bytes is over {} bytes",
+                self.memory_bytes, MAX_MEMORY_BYTES
+            )));
         }
         Ok(image)
     }

@@ -54,6 +54,7 @@ pub fn config(i: u8) -> ReplicaConfig {
     let mut cfg = ReplicaConfig::for_node(node(i));
     cfg.authorized_submitters
         .insert(submitter().verifying_key().to_bytes());
+    cfg.tags.insert("executor:process".into());
     cfg.seed = u64::from(i);
     cfg
 }

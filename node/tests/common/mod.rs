@@ -208,3 +208,5 @@ pub fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
         .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .sum()
 }
+
+pub mod docker;

@@ -1,0 +1,483 @@
+//! The Docker backend: one container per epoch, driven through the engine's API (bollard).
+//!
+//! A task names its image by digest (`name@sha256:<hex>`). There is no registry: the image
+//! must already be in the local engine, either with that image ID or with that repo digest.
+//! Each epoch runs as container `omesh-<task short>-<epoch>`, labelled with the task, the epoch
+//! and this node, so that a restarted node can find and remove what it left behind.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::errors::Error as EngineError;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures::StreamExt;
+use omesh_protocol::{ImageRef, NodeId};
+use omesh_state::ExecEvent;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use super::{timeout_error, Backend, Instance};
+
+/// Label carrying the full task id (hex).
+pub const LABEL_TASK: &str = "omesh.task";
+/// Label carrying the epoch.
+pub const LABEL_EPOCH: &str = "omesh.epoch";
+/// Label carrying the id (hex) of the node that runs the container.
+pub const LABEL_NODE: &str = "omesh.node";
+
+/// How long `connect` waits for the engine to answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a killed container may take to be reported stopped.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+/// How long the log stream may take to deliver the rest once the container stopped.
+const LOG_DRAIN: Duration = Duration::from_secs(10);
+
+/// Runs tasks as containers of the local Docker engine.
+#[derive(Debug, Clone)]
+pub struct DockerBackend {
+    docker: Docker,
+}
+
+impl DockerBackend {
+    /// Connects to the local engine (`DOCKER_HOST` if set, else the default unix socket) and
+    /// checks that it answers.
+    pub async fn connect() -> Result<Self, String> {
+        let docker = Docker::connect_with_defaults()
+            .map_err(|e| format!("cannot connect to the Docker engine: {e}"))?;
+        match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("Docker engine ping failed: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "Docker engine did not answer within {}s",
+                    PING_TIMEOUT.as_secs()
+                ))
+            }
+        }
+        // Talk to older engines in their own API version. If the engine does not say, keep
+        // the client as it is: the ping answered.
+        let docker =
+            match tokio::time::timeout(PING_TIMEOUT, docker.clone().negotiate_version()).await {
+                Ok(Ok(negotiated)) => negotiated,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "Docker API version negotiation failed; using the default");
+                    docker
+                }
+                Err(_) => docker,
+            };
+        Ok(Self { docker })
+    }
+
+    /// Whether a Docker engine answers here (for `executor = "auto"`).
+    pub async fn available() -> bool {
+        Self::connect().await.is_ok()
+    }
+
+    /// The container name of an instance.
+    pub fn container_name(inst: &Instance) -> String {
+        format!("omesh-{}-{}", inst.task.short(), inst.epoch)
+    }
+
+    /// The local image ID to run for `image`: the image whose ID is the digest, or one whose
+    /// repo digests name it.
+    async fn resolve_image(&self, image: &ImageRef) -> Result<String, String> {
+        let id = format!("sha256:{}", image.digest);
+        match self.docker.inspect_image(&id).await {
+            Ok(found) => return Ok(found.id.unwrap_or(id)),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(format!("inspect image {id}: {e}")),
+        }
+        let reference = image.to_string();
+        let suffix = format!("@{id}");
+        match self.docker.inspect_image(&reference).await {
+            Ok(found)
+                if found
+                    .repo_digests
+                    .as_ref()
+                    .is_some_and(|d| d.iter().any(|r| r == &reference || r.ends_with(&suffix))) =>
+            {
+                Ok(found.id.unwrap_or(reference))
+            }
+            Ok(_) => Err(format!("image {id} not present on this node")),
+            Err(e) if is_not_found(&e) => Err(format!("image {id} not present on this node")),
+            Err(e) => Err(format!("inspect image {reference}: {e}")),
+        }
+    }
+
+    /// Creates the container; a stale container of the same name that this node left behind
+    /// is removed first.
+    async fn create(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+        node: &NodeId,
+    ) -> Result<(), String> {
+        let options = CreateContainerOptionsBuilder::new().name(name).build();
+        match self
+            .docker
+            .create_container(Some(options.clone()), body.clone())
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if status_of(&e) == Some(409) && self.owned_by(name, node).await => {
+                warn!(
+                    container = name,
+                    "removing a stale container of the same name"
+                );
+                remove(&self.docker, name)
+                    .await
+                    .map_err(|e| format!("create container {name}: remove stale one: {e}"))?;
+            }
+            Err(e) => return Err(format!("create container {name}: {e}")),
+        }
+        self.docker
+            .create_container(Some(options), body)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("create container {name}: {e}"))
+    }
+
+    /// Whether container `name` carries this node's label.
+    async fn owned_by(&self, name: &str, node: &NodeId) -> bool {
+        let node = node.to_hex();
+        self.docker
+            .inspect_container(name, None)
+            .await
+            .ok()
+            .and_then(|c| c.config)
+            .and_then(|c| c.labels)
+            .is_some_and(|l| l.get(LABEL_NODE) == Some(&node))
+    }
+
+    /// Runs an instance whose image and log file are ready; returns how it ended.
+    async fn run_container(
+        &self,
+        inst: &Instance,
+        image_id: String,
+        log: tokio::fs::File,
+        started: &(dyn Fn() + Send + Sync),
+        mut cancel: watch::Receiver<bool>,
+    ) -> ExecEvent {
+        let spec = &inst.spec.spec;
+        let name = Self::container_name(inst);
+        let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.push(format!("OMESH_TASK_ID={}", inst.task.to_hex()));
+        env.push(format!("OMESH_EPOCH={}", inst.epoch));
+        let labels = HashMap::from([
+            (LABEL_TASK.to_owned(), inst.task.to_hex()),
+            (LABEL_EPOCH.to_owned(), inst.epoch.to_string()),
+            (LABEL_NODE.to_owned(), inst.node.to_hex()),
+        ]);
+        let host_config = HostConfig {
+            nano_cpus: (spec.cpu_millis > 0).then(|| i64::from(spec.cpu_millis) * 1_000_000),
+            memory: (spec.memory_bytes > 0)
+                .then(|| i64::try_from(spec.memory_bytes).unwrap_or(i64::MAX)),
+            network_mode: Some("none".into()),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(image_id),
+            cmd: Some(spec.command.clone()),
+            env: Some(env),
+            labels: Some(labels),
+            attach_stdout: Some(false),
+            attach_stderr: Some(false),
+            tty: Some(false),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        if let Err(error) = self.create(&name, body, &inst.node).await {
+            return ExecEvent::Failed { error };
+        }
+        // From here on the container exists: remove it whatever happens, also if this future
+        // is dropped half-way.
+        let mut guard = Removal::new(self.docker.clone(), name.clone());
+        if let Err(e) = self.docker.start_container(&name, None).await {
+            guard.remove().await;
+            return ExecEvent::Failed {
+                error: format!("start container {name}: {e}"),
+            };
+        }
+        started();
+        let logs = tokio::spawn(pump_logs(self.docker.clone(), name.clone(), log));
+
+        let wait = wait_exit(&self.docker, &name);
+        tokio::pin!(wait);
+        let timeout = if spec.timeout_ms == 0 {
+            Duration::MAX
+        } else {
+            Duration::from_millis(spec.timeout_ms)
+        };
+        let deadline = tokio::time::sleep(timeout.min(Duration::from_secs(10 * 365 * 24 * 3600)));
+        tokio::pin!(deadline);
+        let (outcome, killed) = tokio::select! {
+            exit = &mut wait => (match exit {
+                Ok(code) => ExecEvent::Exited { code: i32::try_from(code).unwrap_or(-1) },
+                Err(error) => ExecEvent::Failed { error },
+            }, false),
+            () = &mut deadline => (ExecEvent::Failed { error: timeout_error(spec.timeout_ms) }, true),
+            () = super::cancelled(&mut cancel) => (ExecEvent::Stopped, true),
+        };
+        if killed {
+            let kill = KillContainerOptionsBuilder::new().signal("SIGKILL").build();
+            match self.docker.kill_container(&name, Some(kill)).await {
+                // 409: it is not running any more.
+                Err(e) if status_of(&e) != Some(409) => {
+                    warn!(container = %name, error = %e, "kill failed");
+                }
+                _ => {}
+            }
+            if tokio::time::timeout(STOP_GRACE, &mut wait).await.is_err() {
+                warn!(container = %name, "container not reported stopped after kill");
+            }
+        }
+        // The container has stopped, so the followed log stream ends once it has delivered
+        // everything: wait for that before the container (and its log) goes away.
+        let mut logs = logs;
+        match tokio::time::timeout(LOG_DRAIN, &mut logs).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(container = %name, error = %e, "log task failed"),
+            Err(_) => {
+                logs.abort();
+                append_note(
+                    &inst.log_path,
+                    &format!("log stream did not end within {}s", LOG_DRAIN.as_secs()),
+                )
+                .await;
+            }
+        }
+        if matches!(outcome, ExecEvent::Exited { .. }) && self.oom_killed(&name).await {
+            append_note(&inst.log_path, "the container was killed: out of memory").await;
+        }
+        guard.remove().await;
+        outcome
+    }
+
+    /// Whether the kernel killed the container for exceeding its memory limit.
+    async fn oom_killed(&self, name: &str) -> bool {
+        self.docker
+            .inspect_container(name, None)
+            .await
+            .ok()
+            .and_then(|c| c.state)
+            .and_then(|s| s.oom_killed)
+            .unwrap_or(false)
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for DockerBackend {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn run(
+        &self,
+        inst: &Instance,
+        started: &(dyn Fn() + Send + Sync),
+        cancel: watch::Receiver<bool>,
+    ) -> ExecEvent {
+        let spec = &inst.spec.spec;
+        if spec.command.is_empty() {
+            return ExecEvent::Failed {
+                error: "empty command".into(),
+            };
+        }
+        let image = match ImageRef::parse(&spec.image) {
+            Ok(i) => i,
+            Err(e) => {
+                return ExecEvent::Failed {
+                    error: e.to_string(),
+                }
+            }
+        };
+        let image_id = match self.resolve_image(&image).await {
+            Ok(id) => id,
+            Err(error) => return ExecEvent::Failed { error },
+        };
+        let log = match tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&inst.log_path)
+            .await
+        {
+            Ok(f) => f,
+            Err(e) => {
+                return ExecEvent::Failed {
+                    error: format!("cannot open log {}: {e}", inst.log_path.display()),
+                }
+            }
+        };
+        self.run_container(inst, image_id, log, started, cancel)
+            .await
+    }
+
+    async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, String> {
+        let filters = HashMap::from([("label", vec![format!("{LABEL_NODE}={}", node.to_hex())])]);
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let found = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| format!("list containers: {e}"))?;
+        let mut removed = 0;
+        let mut failed = Vec::new();
+        for c in found {
+            let Some(id) = c.id else { continue };
+            match remove(&self.docker, &id).await {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => failed.push(format!("{id}: {e}")),
+            }
+        }
+        if failed.is_empty() {
+            Ok(removed)
+        } else {
+            Err(format!(
+                "removed {removed} orphan container(s), {} failed: {}",
+                failed.len(),
+                failed.join("; ")
+            ))
+        }
+    }
+}
+
+/// Removes a container on drop unless [`Removal::remove`] did already.
+struct Removal {
+    docker: Docker,
+    name: Option<String>,
+}
+
+impl Removal {
+    fn new(docker: Docker, name: String) -> Self {
+        Self {
+            docker,
+            name: Some(name),
+        }
+    }
+
+    async fn remove(&mut self) {
+        if let Some(name) = self.name.take() {
+            if let Err(e) = remove(&self.docker, &name).await {
+                warn!(container = %name, error = %e, "cannot remove container");
+            }
+        }
+    }
+}
+
+impl Drop for Removal {
+    fn drop(&mut self) {
+        let Some(name) = self.name.take() else { return };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let docker = self.docker.clone();
+            runtime.spawn(async move {
+                if let Err(e) = remove(&docker, &name).await {
+                    warn!(container = %name, error = %e, "cannot remove container");
+                }
+            });
+        }
+    }
+}
+
+/// Force-removes a container with its anonymous volumes. `Ok(false)` if it was gone already.
+async fn remove(docker: &Docker, name: &str) -> Result<bool, EngineError> {
+    let options = RemoveContainerOptionsBuilder::new()
+        .force(true)
+        .v(true)
+        .build();
+    match docker.remove_container(name, Some(options)).await {
+        Ok(()) => Ok(true),
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits until the container stops; its exit code.
+async fn wait_exit(docker: &Docker, name: &str) -> Result<i64, String> {
+    match docker.wait_container(name, None).next().await {
+        Some(Ok(status)) => match status.error.and_then(|e| e.message) {
+            Some(msg) if !msg.is_empty() => Err(format!("wait for container {name}: {msg}")),
+            _ => Ok(status.status_code),
+        },
+        // bollard reports a non-zero exit status as an error.
+        Some(Err(EngineError::DockerContainerWaitError { error, code })) => {
+            if error.is_empty() {
+                Ok(code)
+            } else {
+                Err(format!(
+                    "wait for container {name}: {error} (exit code {code})"
+                ))
+            }
+        }
+        Some(Err(e)) => Err(format!("wait for container {name}: {e}")),
+        None => Err(format!(
+            "wait for container {name}: the engine closed the stream without a status"
+        )),
+    }
+}
+
+/// Appends the container's stdout and stderr to `file` until the stream ends (the container
+/// stopped).
+async fn pump_logs(docker: Docker, name: String, mut file: tokio::fs::File) {
+    let options = LogsOptionsBuilder::new()
+        .follow(true)
+        .stdout(true)
+        .stderr(true)
+        .build();
+    let mut stream = docker.logs(&name, Some(options));
+    while let Some(item) = stream.next().await {
+        let written = match item {
+            Ok(out) => file.write_all(out.as_ref()).await,
+            Err(e) => {
+                let note = format!("\n[omesh] log stream of {name} failed: {e}\n");
+                let _ = file.write_all(note.as_bytes()).await;
+                break;
+            }
+        };
+        if let Err(e) = written {
+            warn!(container = %name, error = %e, "cannot write the log");
+            break;
+        }
+    }
+    if let Err(e) = file.flush().await {
+        warn!(container = %name, error = %e, "cannot write the log");
+    }
+}
+
+/// Appends a line from omesh itself to a log file.
+async fn append_note(path: &std::path::Path, note: &str) {
+    let line = format!("[omesh] {note}\n");
+    let written = async {
+        let mut f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await?;
+        f.write_all(line.as_bytes()).await?;
+        f.flush().await
+    };
+    if let Err(e) = written.await {
+        warn!(log = %path.display(), error = %e, "cannot write the log");
+    }
+}
+
+/// The HTTP status of an engine error, if it is one.
+fn status_of(e: &EngineError) -> Option<u16> {
+    match e {
+        EngineError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+fn is_not_found(e: &EngineError) -> bool {
+    status_of(e) == Some(404)
+}

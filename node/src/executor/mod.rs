@@ -1,0 +1,250 @@
+//! Executors: run one epoch of a task, as a Docker container or a native process, behind one
+//! interface. The driver starts an instance per `StartTask` and stops it on `StopTask`;
+//! every report carries the epoch it was started with.
+
+pub mod docker;
+pub mod process;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use omesh_protocol::{Epoch, NodeId, SignedTaskSpec, TaskId};
+use omesh_state::ExecEvent;
+use tokio::sync::{mpsc, watch};
+
+/// One epoch of a task to run.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// The task.
+    pub task: TaskId,
+    /// The fencing token.
+    pub epoch: Epoch,
+    /// What to run.
+    pub spec: Arc<SignedTaskSpec>,
+    /// Where stdout and stderr go.
+    pub log_path: PathBuf,
+    /// This node (labels, orphan clean-up).
+    pub node: NodeId,
+}
+
+/// A way of running instances.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// A short name: `docker` or `process`.
+    fn name(&self) -> &'static str;
+
+    /// Runs `inst` to its end. Calls `started` once it runs. Returns how it ended:
+    /// `Exited { code }`, `Failed { error }` (could not start, or timed out after
+    /// `spec.timeout_ms`), or `Stopped` once `cancel` turned true and the instance is gone.
+    /// Leaves nothing behind (containers removed, processes reaped).
+    async fn run(
+        &self,
+        inst: &Instance,
+        started: &(dyn Fn() + Send + Sync),
+        cancel: watch::Receiver<bool>,
+    ) -> ExecEvent;
+
+    /// Removes what earlier runs of this node left (containers of epochs it no longer owns).
+    /// Returns how many were removed.
+    async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, String>;
+}
+
+/// A report for the driver.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The task.
+    pub task: TaskId,
+    /// The epoch the instance was started with.
+    pub epoch: Epoch,
+    /// What happened.
+    pub event: ExecEvent,
+}
+
+/// Runs instances on the backends of this node and routes their reports.
+pub struct Executor {
+    process: Arc<dyn Backend>,
+    docker: Option<Arc<dyn Backend>>,
+    /// Which backend runs tasks that accept any.
+    prefer_docker: bool,
+    reports: mpsc::Sender<Report>,
+    running: HashMap<(TaskId, Epoch), watch::Sender<bool>>,
+    log_dir: PathBuf,
+}
+
+impl Executor {
+    /// An executor whose reports go to `reports`. Logs are kept under `log_dir`. Tasks that
+    /// accept any executor run in Docker when `docker` is given and `prefer_docker`.
+    pub fn new(
+        process: Arc<dyn Backend>,
+        docker: Option<Arc<dyn Backend>>,
+        prefer_docker: bool,
+        reports: mpsc::Sender<Report>,
+        log_dir: PathBuf,
+    ) -> Self {
+        Self {
+            process,
+            prefer_docker: prefer_docker && docker.is_some(),
+            docker,
+            reports,
+            running: HashMap::new(),
+            log_dir,
+        }
+    }
+
+    /// The capability tags of this node: `executor:process`, and `executor:docker` with an engine.
+    pub fn tags(&self) -> Vec<String> {
+        let mut t = vec!["executor:process".to_owned()];
+        if self.docker.is_some() {
+            t.push("executor:docker".to_owned());
+        }
+        t
+    }
+
+    /// The backend that runs tasks accepting any executor.
+    pub fn name(&self) -> &'static str {
+        if self.prefer_docker {
+            "docker"
+        } else {
+            "process"
+        }
+    }
+
+    /// Whether `(task, epoch)` runs here.
+    pub fn is_running(&self, task: &TaskId, epoch: Epoch) -> bool {
+        self.running.contains_key(&(*task, epoch))
+    }
+
+    fn backend_for(&self, kind: omesh_protocol::ExecutorKind) -> Option<Arc<dyn Backend>> {
+        use omesh_protocol::ExecutorKind;
+        match kind {
+            ExecutorKind::Process => Some(Arc::clone(&self.process)),
+            ExecutorKind::Docker => self.docker.clone(),
+            ExecutorKind::Any if self.prefer_docker => self.docker.clone(),
+            ExecutorKind::Any => Some(Arc::clone(&self.process)),
+        }
+    }
+
+    /// Where the log of an epoch is kept.
+    pub fn log_path(&self, task: &TaskId, epoch: Epoch) -> PathBuf {
+        self.log_dir.join(format!("{}-{epoch}.log", task.to_hex()))
+    }
+
+    /// Starts an instance; reports arrive on the channel given to `new`.
+    pub fn start(&mut self, task: TaskId, epoch: Epoch, spec: Arc<SignedTaskSpec>, node: NodeId) {
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        self.running.insert((task, epoch), cancel_tx);
+        let inst = Instance {
+            task,
+            epoch,
+            spec,
+            log_path: self.log_path(&task, epoch),
+            node,
+        };
+        let backend = self.backend_for(inst.spec.spec.executor);
+        let reports = self.reports.clone();
+        tokio::spawn(async move {
+            let Some(backend) = backend else {
+                let _ = reports
+                    .send(Report {
+                        task,
+                        epoch,
+                        event: ExecEvent::Failed {
+                            error: "no Docker engine on this node".into(),
+                        },
+                    })
+                    .await;
+                return;
+            };
+            let started_tx = reports.clone();
+            let started = move || {
+                // The report channel is bounded; a full channel means the driver is far
+                // behind, and a dropped Started is repaired by the final report.
+                let _ = started_tx.try_send(Report {
+                    task,
+                    epoch,
+                    event: ExecEvent::Started,
+                });
+            };
+            let end = backend.run(&inst, &started, cancel_rx).await;
+            let _ = reports
+                .send(Report {
+                    task,
+                    epoch,
+                    event: end,
+                })
+                .await;
+        });
+    }
+
+    /// Stops the instance of `(task, epoch)` if it runs.
+    pub fn stop(&mut self, task: TaskId, epoch: Epoch) {
+        if let Some(cancel) = self.running.get(&(task, epoch)) {
+            let _ = cancel.send(true);
+        }
+    }
+
+    /// Forgets an instance that reported its end.
+    pub fn finished(&mut self, task: TaskId, epoch: Epoch) {
+        self.running.remove(&(task, epoch));
+    }
+
+    /// Instances running.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Stops every instance (shutdown).
+    pub fn stop_all(&mut self) {
+        for cancel in self.running.values() {
+            let _ = cancel.send(true);
+        }
+    }
+
+    /// Removes leftovers of earlier runs.
+    pub async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, String> {
+        let mut n = self.process.cleanup_orphans(node).await?;
+        if let Some(d) = &self.docker {
+            n += d.cleanup_orphans(node).await?;
+        }
+        Ok(n)
+    }
+}
+
+/// The Docker backend for an executor choice: `auto` uses it when the engine answers,
+/// `docker` requires it, `process` never uses it.
+pub async fn select_docker(
+    choice: crate::config::ExecutorChoice,
+) -> Result<Option<Arc<dyn Backend>>, String> {
+    use crate::config::ExecutorChoice;
+    match choice {
+        ExecutorChoice::Process => Ok(None),
+        ExecutorChoice::Auto | ExecutorChoice::Docker => {
+            // Filled in by the Docker backend.
+            let _ = choice;
+            if choice == ExecutorChoice::Docker {
+                return Err(
+                    "executor = \"docker\" but this build has no Docker backend yet".into(),
+                );
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Resolves once `cancel` turns true; never if its sender is dropped without it.
+pub async fn cancelled(cancel: &mut watch::Receiver<bool>) {
+    loop {
+        if *cancel.borrow_and_update() {
+            return;
+        }
+        if cancel.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A short text for a timeout.
+pub fn timeout_error(ms: u64) -> String {
+    format!("timed out after {:.1}s", ms as f64 / 1000.0)
+}

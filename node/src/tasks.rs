@@ -1,0 +1,241 @@
+//! The peer's task plumbing: executor reports into the replica, submissions and cancels from
+//! the API, and task logs served to (and fetched from) the owner over `/omesh/logs/1`.
+
+use std::io::{Read, Seek, SeekFrom};
+
+use axum::http::StatusCode;
+use libp2p::request_response;
+use omesh_protocol::blob::MAX_LOG_CHUNK;
+use omesh_protocol::{Epoch, LogRequest, LogResponse, SignedTaskSpec, TaskId, Wire};
+use omesh_state::{ExecEvent, Input, InputError};
+use tokio::sync::oneshot;
+use tracing::{debug, info};
+
+use crate::api::{ApiError, LogChunk};
+use crate::executor::Report;
+use crate::net;
+use crate::peer::Peer;
+
+/// A log fetch waiting for the owner's answer.
+pub(crate) struct PendingLog {
+    tx: oneshot::Sender<Result<LogChunk, ApiError>>,
+    task: TaskId,
+    epoch: Epoch,
+    state: String,
+}
+
+impl Peer {
+    pub(crate) fn on_report(&mut self, report: Report) {
+        let Report { task, epoch, event } = report;
+        if !matches!(event, ExecEvent::Started) {
+            self.executor.finished(task, epoch);
+        }
+        info!(task = %task.short(), epoch, ?event, "executor report");
+        self.feed(Input::Executor { task, epoch, event });
+    }
+
+    pub(crate) fn submit(&mut self, spec: SignedTaskSpec) -> Result<TaskId, ApiError> {
+        let now = self.clock.now();
+        let result = self.replica.submit(now, spec);
+        self.drain();
+        result.map_err(|e| match e {
+            InputError::Spec(e) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
+            other => ApiError::new(StatusCode::BAD_REQUEST, other.to_string()),
+        })
+    }
+
+    pub(crate) fn cancel(&mut self, task: TaskId) -> Result<(), ApiError> {
+        let now = self.clock.now();
+        let result = self.replica.handle(now, Input::Cancel(task));
+        self.drain();
+        result.map_err(|e| match e {
+            InputError::UnknownTask(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            InputError::AlreadyEnded { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            other => ApiError::new(StatusCode::BAD_REQUEST, other.to_string()),
+        })
+    }
+
+    /// Reads a chunk of the local log of `(task, epoch)`.
+    fn local_log(
+        &self,
+        task: &TaskId,
+        epoch: Epoch,
+        offset: u64,
+        max: u32,
+    ) -> Option<(Vec<u8>, bool)> {
+        let path = self.executor.log_path(task, epoch);
+        let mut file = std::fs::File::open(&path).ok()?;
+        let mut data = Vec::new();
+        if file.seek(SeekFrom::Start(offset)).is_ok() {
+            let _ = file
+                .take(u64::from(max.min(MAX_LOG_CHUNK)))
+                .read_to_end(&mut data);
+        }
+        Some((data, self.executor.is_running(task, epoch)))
+    }
+
+    /// Answers a logs call: from the local file when this node owns the task's current epoch,
+    /// else from the owner over the logs protocol.
+    pub(crate) fn logs(
+        &mut self,
+        task: TaskId,
+        offset: u64,
+        tx: oneshot::Sender<Result<LogChunk, ApiError>>,
+    ) {
+        let now = self.clock.now();
+        let Some(view) = self.replica.task_view(now, &task) else {
+            let _ = tx.send(Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no task {task}"),
+            )));
+            return;
+        };
+        let (Some(owner), epoch) = (view.owner, view.epoch) else {
+            let reason = view.pending_reason.map_or_else(
+                || "task has not been claimed yet".to_owned(),
+                |r| format!("task has no owner: {r}"),
+            );
+            let _ = tx.send(Err(ApiError::new(StatusCode::CONFLICT, reason)));
+            return;
+        };
+        let state = view.state.name().to_owned();
+        if owner == self.node_id {
+            let reply = match self.local_log(&task, epoch, offset, MAX_LOG_CHUNK) {
+                Some((data, running)) => Ok(LogChunk::new(
+                    task, epoch, owner, offset, &data, running, state,
+                )),
+                None => Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no log for epoch {epoch} yet"),
+                )),
+            };
+            let _ = tx.send(reply);
+            return;
+        }
+        let Some(peer) = net::peer_id_of(&owner) else {
+            let _ = tx.send(Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "owner has no peer id",
+            )));
+            return;
+        };
+        let req = LogRequest {
+            task,
+            epoch,
+            offset,
+            max: MAX_LOG_CHUNK,
+        };
+        match req.to_wire() {
+            Ok(bytes) => {
+                let id = self.swarm.behaviour_mut().logs.send_request(&peer, bytes);
+                self.pending_logs.insert(
+                    id,
+                    PendingLog {
+                        tx,
+                        task,
+                        epoch,
+                        state,
+                    },
+                );
+            }
+            Err(e) => {
+                let _ = tx.send(Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    e.to_string(),
+                )));
+            }
+        }
+    }
+
+    pub(crate) fn on_logs_event(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    if self.blocked.contains(&peer) {
+                        return;
+                    }
+                    let response = match LogRequest::from_wire(&request) {
+                        Ok(req) => {
+                            match self.local_log(&req.task, req.epoch, req.offset, req.max) {
+                                Some((data, running)) => LogResponse::Chunk {
+                                    offset: req.offset,
+                                    data,
+                                    running,
+                                },
+                                None => LogResponse::NotFound,
+                            }
+                        }
+                        Err(e) => {
+                            if let Ok(m) = self.metrics.lock() {
+                                m.malformed("logs_request");
+                            }
+                            debug!(%peer, error = %e, "malformed log request dropped");
+                            return;
+                        }
+                    };
+                    if let Ok(bytes) = response.to_wire() {
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .logs
+                            .send_response(channel, bytes);
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    let Some(PendingLog {
+                        tx,
+                        task,
+                        epoch,
+                        state,
+                    }) = self.pending_logs.remove(&request_id)
+                    else {
+                        return;
+                    };
+                    let owner = net::node_id_of(&peer).unwrap_or_default();
+                    let reply = match LogResponse::from_wire(&response) {
+                        Ok(LogResponse::Chunk {
+                            offset,
+                            data,
+                            running,
+                        }) => Ok(LogChunk::new(
+                            task, epoch, owner, offset, &data, running, state,
+                        )),
+                        Ok(LogResponse::NotFound) => Err(ApiError::new(
+                            StatusCode::NOT_FOUND,
+                            "the owner holds no log for this epoch yet",
+                        )),
+                        Err(e) => {
+                            if let Ok(m) = self.metrics.lock() {
+                                m.malformed("logs_response");
+                            }
+                            Err(ApiError::new(
+                                StatusCode::BAD_GATEWAY,
+                                format!("bad answer from owner: {e}"),
+                            ))
+                        }
+                    };
+                    let _ = tx.send(reply);
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                peer,
+                ..
+            } => {
+                if let Some(PendingLog { tx, .. }) = self.pending_logs.remove(&request_id) {
+                    let _ = tx.send(Err(ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        format!("owner {peer} unreachable: {error}"),
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+}
