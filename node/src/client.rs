@@ -8,7 +8,7 @@ use crate::api::{PeerView, StatusView, TaskJson};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing answered.
-    #[error("cannot reach the omesh API at {url}: {source} (is `omesh up` running? see --api)")]
+    #[error("cannot reach the omesh API at {url} (is `omesh up` running? see --api)")]
     Unreachable {
         /// The URL.
         url: String,
@@ -26,7 +26,7 @@ pub enum ClientError {
         reason: String,
     },
     /// The answer was not what this CLI understands.
-    #[error("unexpected answer from {url}: {source}")]
+    #[error("unexpected answer from {url}")]
     Decode {
         /// The URL.
         url: String,
@@ -203,4 +203,206 @@ pub fn tasks_text(tasks: &[TaskJson]) -> String {
         &["ID", "STATE", "EPOCH", "OWNER", "FAILED", "EXIT", "COMMAND"],
         &rows,
     )
+}
+
+/// Parses CPU: `500m` (thousandths), `0.5` or `2` (cores).
+pub fn parse_cpu(s: &str) -> Result<u32, String> {
+    let bad = || format!("{s:?} is not a CPU amount (e.g. 500m, 0.5, 2)");
+    let millis = if let Some(m) = s.strip_suffix('m') {
+        m.parse::<u64>().map_err(|_| bad())?
+    } else {
+        let cores: f64 = s.parse().map_err(|_| bad())?;
+        if !cores.is_finite() || cores < 0.0 {
+            return Err(bad());
+        }
+        (cores * 1000.0).round() as u64
+    };
+    u32::try_from(millis).map_err(|_| format!("CPU {s:?} is absurd"))
+}
+
+/// Parses memory: bytes, or with a suffix `Ki Mi Gi Ti` (1024) or `K M G T` (1000).
+pub fn parse_memory(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a memory size (e.g. 256Mi, 1Gi, 500M, 1048576)");
+    let units: [(&str, u64); 8] = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("K", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+    ];
+    for (suffix, mult) in units {
+        if let Some(n) = s.strip_suffix(suffix) {
+            let n: u64 = n.parse().map_err(|_| bad())?;
+            return n
+                .checked_mul(mult)
+                .ok_or_else(|| format!("memory {s:?} is absurd"));
+        }
+    }
+    s.parse().map_err(|_| bad())
+}
+
+/// Parses a duration: `500ms`, `60s`, `5m`, `2h`, or seconds.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a duration (e.g. 500ms, 60s, 5m, 2h)");
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1_000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000)
+    } else {
+        (s, 1_000)
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+impl Client {
+    /// Sends `method path` with an optional JSON body and bearer token; decodes JSON.
+    pub async fn send<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&serde_json::Value>,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body: serde_json::Value = resp.json().await.unwrap_or_default();
+            let reason = body
+                .get("error")
+                .and_then(|v| v.as_str())
+                .unwrap_or("no reason given")
+                .to_owned();
+            return Err(ClientError::Api {
+                url,
+                status: status.as_u16(),
+                reason,
+            });
+        }
+        resp.json()
+            .await
+            .map_err(|source| ClientError::Decode { url, source })
+    }
+
+    /// Resolves a task id or a unique prefix of one.
+    pub async fn resolve_task(&self, prefix: &str) -> Result<String, String> {
+        if prefix.len() == 64 {
+            return Ok(prefix.to_owned());
+        }
+        if prefix.len() < 4 {
+            return Err(format!(
+                "task id prefix {prefix:?} is too short (at least 4 characters)"
+            ));
+        }
+        let tasks = self.tasks().await.map_err(|e| e.to_string())?;
+        let matches: Vec<&TaskJson> = tasks.iter().filter(|t| t.id.starts_with(prefix)).collect();
+        match matches.as_slice() {
+            [one] => Ok(one.id.clone()),
+            [] => Err(format!("no task id starts with {prefix:?}")),
+            _ => Err(format!(
+                "{} task ids start with {prefix:?}; give more characters",
+                matches.len()
+            )),
+        }
+    }
+}
+
+/// One task in detail.
+pub fn task_text(t: &TaskJson) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("id          {}\n", t.id));
+    out.push_str(&format!("state       {} ({})\n", t.state, t.code));
+    out.push_str(&format!("epoch       {}\n", t.epoch));
+    out.push_str(&format!(
+        "owner       {}\n",
+        t.owner.as_deref().unwrap_or("-")
+    ));
+    out.push_str(&format!("attempts    {} failed\n", t.failed_attempts));
+    out.push_str(&format!(
+        "exit code   {}\n",
+        t.exit_code.map_or("-".into(), |c| c.to_string())
+    ));
+    if !t.error.is_empty() {
+        out.push_str(&format!("error       {}\n", t.error));
+    }
+    if let Some(r) = &t.pending_reason {
+        out.push_str(&format!("pending     {r}\n"));
+    }
+    out.push_str(&format!(
+        "image       {}\n",
+        t.image.as_deref().unwrap_or("-")
+    ));
+    out.push_str(&format!("command     {}\n", t.command.join(" ")));
+    if !t.history.is_empty() {
+        out.push_str("timeline\n");
+        let rows: Vec<Vec<String>> = t
+            .history
+            .iter()
+            .map(|h| {
+                vec![
+                    h.epoch.to_string(),
+                    h.state.clone(),
+                    h.exit_code.map_or("-".into(), |c| c.to_string()),
+                    h.reporter[..12.min(h.reporter.len())].to_owned(),
+                    h.at_ms.to_string(),
+                    h.error.clone(),
+                ]
+            })
+            .collect();
+        for line in table(
+            &["EPOCH", "STATE", "EXIT", "REPORTER", "AT_MS", "ERROR"],
+            &rows,
+        )
+        .lines()
+        {
+            out.push_str("  ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_parse() {
+        assert_eq!(parse_cpu("500m"), Ok(500));
+        assert_eq!(parse_cpu("0.25"), Ok(250));
+        assert_eq!(parse_cpu("2"), Ok(2000));
+        assert!(parse_cpu("-1").is_err());
+        assert!(parse_cpu("lots").is_err());
+        assert_eq!(parse_memory("256Mi"), Ok(256 << 20));
+        assert_eq!(parse_memory("1G"), Ok(1_000_000_000));
+        assert_eq!(parse_memory("4096"), Ok(4096));
+        assert!(parse_memory("-5Mi").is_err());
+        assert!(parse_memory("99999999999999Ti").is_err());
+        assert_eq!(parse_duration_ms("60s"), Ok(60_000));
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        assert_eq!(parse_duration_ms("5m"), Ok(300_000));
+        assert!(parse_duration_ms("soon").is_err());
+    }
 }

@@ -35,6 +35,14 @@ enum Command {
     Peers(ApiArgs),
     /// List the tasks the mesh knows.
     Tasks(ApiArgs),
+    /// Submit a task, signed with your submitter key, through the local peer.
+    Submit(Box<SubmitArgs>),
+    /// Show one task: spec, owner, epoch, state, attempts, timeline, exit code.
+    Task(TaskArgs),
+    /// Cancel a task everywhere.
+    Cancel(CancelArgs),
+    /// Print a task's log, fetched from its owner.
+    Logs(LogsArgs),
     /// Benchmarks on local meshes of child processes.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -51,6 +59,94 @@ enum BenchCommand {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+}
+
+#[derive(Debug, Args)]
+struct SubmitArgs {
+    /// Image, pinned by digest: NAME@sha256:<64 hex>.
+    #[arg(long)]
+    image: String,
+    /// CPU to reserve: 500m, 0.5, 2.
+    #[arg(long, default_value = "100m", value_parser = client::parse_cpu)]
+    cpu: u32,
+    /// Memory to reserve: 256Mi, 1Gi.
+    #[arg(long, default_value = "64Mi", value_parser = client::parse_memory)]
+    memory: u64,
+    /// A tag the owner must carry (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Limit of one attempt: 60s, 5m (0: none).
+    #[arg(long, default_value = "10m", value_parser = client::parse_duration_ms)]
+    timeout: u64,
+    /// Attempts before the task fails for good.
+    #[arg(long, default_value_t = 3)]
+    attempts: u32,
+    /// Executor: any, docker or process.
+    #[arg(long, default_value = "any")]
+    executor: String,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Priority (higher first).
+    #[arg(long, default_value_t = 0)]
+    priority: i32,
+    /// Submitter secret key file (from `omesh keygen`).
+    #[arg(long, env = "OMESH_KEY", default_value = DEFAULT_KEY_FILE)]
+    key: PathBuf,
+    /// API bearer token.
+    #[arg(long, env = "OMESH_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The local peer's API address.
+    #[arg(long, env = "OMESH_API", default_value = "127.0.0.1:7878")]
+    api: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?} has an empty name"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+#[derive(Debug, Args)]
+struct TaskArgs {
+    /// Task id, or a unique prefix of one.
+    id: String,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+struct CancelArgs {
+    /// Task id, or a unique prefix of one.
+    id: String,
+    /// API bearer token.
+    #[arg(long, env = "OMESH_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The local peer's API address.
+    #[arg(long, env = "OMESH_API", default_value = "127.0.0.1:7878")]
+    api: String,
+}
+
+#[derive(Debug, Args)]
+struct LogsArgs {
+    /// Task id, or a unique prefix of one.
+    id: String,
+    /// Keep printing as the log grows, until the task ends.
+    #[arg(long, short)]
+    follow: bool,
+    /// The local peer's API address.
+    #[arg(long, env = "OMESH_API", default_value = "127.0.0.1:7878")]
+    api: String,
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +295,10 @@ fn main() -> ExitCode {
         Command::Peers(args) => api_command(&args, Show::Peers),
         Command::Tasks(args) => api_command(&args, Show::Tasks),
         Command::Bench(BenchCommand::Mesh { peers, seconds }) => bench_mesh(&peers, seconds),
+        Command::Submit(args) => submit(&args),
+        Command::Task(args) => show_task(&args),
+        Command::Cancel(args) => cancel(&args),
+        Command::Logs(args) => logs(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -284,6 +384,130 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
+}
+
+fn submit(args: &SubmitArgs) -> anyhow::Result<()> {
+    let executor: omesh_protocol::ExecutorKind = args.executor.parse()?;
+    omesh_protocol::ImageRef::parse(&args.image)?;
+    let key = keys::read_key_file(&args.key)?;
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let spec = omesh_protocol::TaskSpec {
+        image: args.image.clone(),
+        command: args.command.clone(),
+        env: args.env.iter().cloned().collect(),
+        cpu_millis: args.cpu,
+        memory_bytes: args.memory,
+        required_tags: args.tags.iter().cloned().collect(),
+        priority: args.priority,
+        max_attempts: args.attempts,
+        timeout_ms: args.timeout,
+        executor,
+        nonce,
+        submitter: [0; 32],
+    };
+    spec.check_shape()?;
+    let signed = spec.sign(&key);
+    let body = serde_json::to_value(omesh::api::SubmitBody::from_signed(&signed))?;
+    let client = Client::new(&args.api);
+    let rt = runtime()?;
+    let resp: serde_json::Value = rt.block_on(client.send(
+        reqwest::Method::POST,
+        "/api/v1/tasks",
+        args.token.as_deref(),
+        Some(&body),
+    ))?;
+    let id = resp.get("id").and_then(|v| v.as_str()).unwrap_or_default();
+    if args.json {
+        println!("{resp}");
+    } else {
+        println!("{id}");
+    }
+    Ok(())
+}
+
+fn show_task(args: &TaskArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.api.api);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let id = client
+            .resolve_task(&args.id)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let t: omesh::api::TaskJson = client.get(&format!("/api/v1/tasks/{id}")).await?;
+        if args.api.json {
+            println!("{}", serde_json::to_string_pretty(&t)?);
+        } else {
+            print!("{}", client::task_text(&t));
+        }
+        Ok(())
+    })
+}
+
+fn cancel(args: &CancelArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.api);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let id = client
+            .resolve_task(&args.id)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let _: serde_json::Value = client
+            .send(
+                reqwest::Method::DELETE,
+                &format!("/api/v1/tasks/{id}"),
+                args.token.as_deref(),
+                None,
+            )
+            .await?;
+        println!("cancelled {id}");
+        Ok(())
+    })
+}
+
+fn logs(args: &LogsArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let client = Client::new(&args.api);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let id = client
+            .resolve_task(&args.id)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let mut offset = 0u64;
+        let mut epoch = None;
+        loop {
+            let chunk: omesh::api::LogChunk = client
+                .get(&format!("/api/v1/tasks/{id}/logs?offset={offset}"))
+                .await?;
+            if epoch.is_some_and(|e| e != chunk.epoch) {
+                // The task moved to a new epoch (failover or retry): start its log from the top.
+                eprintln!(
+                    "--- epoch {} on {} ---",
+                    chunk.epoch,
+                    &chunk.owner[..12.min(chunk.owner.len())]
+                );
+                offset = 0;
+                epoch = Some(chunk.epoch);
+                continue;
+            }
+            epoch = Some(chunk.epoch);
+            let mut out = std::io::stdout().lock();
+            out.write_all(chunk.data.as_bytes())?;
+            out.flush()?;
+            offset = chunk.next_offset;
+            let more_now = chunk.next_offset > chunk.offset;
+            let ended = !chunk.running
+                && matches!(chunk.state.as_str(), "succeeded" | "failed" | "cancelled");
+            if !args.follow || (ended && !more_now) {
+                return Ok(());
+            }
+            if !more_now {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    })
 }
 
 fn bench_mesh(sizes: &[usize], seconds: u64) -> anyhow::Result<()> {

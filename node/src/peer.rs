@@ -290,15 +290,30 @@ impl Peer {
                 Action::Publish(msg) => self.publish(&msg),
                 Action::SendSync { to, request } => self.send_sync(to, &request),
                 Action::ReplySync { to, reply } => self.reply_sync(to, &reply),
-                Action::StartTask { task, epoch, .. } => {
-                    warn!(task = %task.short(), epoch, "no executor in this build; task left to others");
+                Action::StartTask { task, epoch, spec } => {
+                    info!(task = %task.short(), epoch, "starting task");
+                    self.executor.start(task, epoch, spec, self.node_id);
                 }
                 Action::StopTask {
                     task,
                     epoch,
                     reason,
                 } => {
-                    debug!(task = %task.short(), epoch, ?reason, "stop task");
+                    info!(task = %task.short(), epoch, ?reason, "stopping task");
+                    if self.executor.is_running(&task, epoch) {
+                        self.executor.stop(task, epoch);
+                    } else {
+                        // Nothing runs (never started, or already ended): say so at once.
+                        let now = self.clock.now();
+                        let _ = self.replica.handle(
+                            now,
+                            Input::Executor {
+                                task,
+                                epoch,
+                                event: omesh_state::ExecEvent::Stopped,
+                            },
+                        );
+                    }
                 }
             }
         }
@@ -449,6 +464,10 @@ impl Peer {
                         warn!(error = %e, "cannot resubscribe");
                     }
                 }
+                if self.blocked.contains(&peer_id) {
+                    let _ = self.swarm.close_connection(connection_id);
+                    return;
+                }
                 if !self.plan.allowed_peers.is_empty()
                     && !self.plan.allowed_peers.contains(&peer_id)
                 {
@@ -502,6 +521,15 @@ impl Peer {
         id: &gossipsub::MessageId,
         message: &gossipsub::Message,
     ) {
+        if self.blocked.contains(&source)
+            || message.source.is_some_and(|s| self.blocked.contains(&s))
+        {
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(id, &source, MessageAcceptance::Ignore);
+            return;
+        }
         let acceptance = match GossipMessage::from_wire(&message.data) {
             Err(e) => {
                 if let Ok(m) = self.metrics.lock() {
@@ -548,7 +576,9 @@ impl Peer {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    let Some(from) = net::node_id_of(&peer) else {
+                    let Some(from) =
+                        net::node_id_of(&peer).filter(|_| !self.blocked.contains(&peer))
+                    else {
                         return;
                     };
                     match SyncRequest::from_wire(&request) {

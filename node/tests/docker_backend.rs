@@ -42,7 +42,12 @@ async fn setup(test: &str) -> Option<(DockerBackend, String)> {
 }
 
 /// One epoch (7) of a fresh task on a fresh node, logging under `dir`.
-fn instance(dir: &Path, image: &str, command: &[&str], edit: impl FnOnce(&mut TaskSpec)) -> Instance {
+fn instance(
+    dir: &Path,
+    image: &str,
+    command: &[&str],
+    edit: impl FnOnce(&mut TaskSpec),
+) -> Instance {
     let mut spec = TaskSpec {
         image: image.into(),
         command: command.iter().map(|s| (*s).to_owned()).collect(),
@@ -122,8 +127,14 @@ async fn exit_code_and_both_streams_are_reported() {
     assert_eq!(end, ExecEvent::Exited { code: 3 });
     assert!(started.load(Ordering::SeqCst), "started() was not called");
     let log = std::fs::read_to_string(&inst.log_path).unwrap();
-    assert!(log.contains("to-stdout\n"), "stdout missing from log: {log:?}");
-    assert!(log.contains("to-stderr\n"), "stderr missing from log: {log:?}");
+    assert!(
+        log.contains("to-stdout\n"),
+        "stdout missing from log: {log:?}"
+    );
+    assert!(
+        log.contains("to-stderr\n"),
+        "stderr missing from log: {log:?}"
+    );
     assert!(
         containers_with_label(&task_label(&inst)).is_empty(),
         "the container was left behind"
@@ -202,7 +213,10 @@ async fn limits_and_labels_are_set_and_cancel_stops() {
         "stopping took {:?}",
         asked.elapsed()
     );
-    assert!(containers_with_label(&label).is_empty(), "the container was left behind");
+    assert!(
+        containers_with_label(&label).is_empty(),
+        "the container was left behind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,7 +225,9 @@ async fn a_timeout_kills_the_container_and_fails() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let inst = instance(dir.path(), &image, &["sleep", "30"], |s| s.timeout_ms = 1000);
+    let inst = instance(dir.path(), &image, &["sleep", "30"], |s| {
+        s.timeout_ms = 1000
+    });
     let _cleanup = RemoveOnDrop(task_label(&inst));
     let started = AtomicBool::new(false);
     let (_cancel, cancel_rx) = watch::channel(false);
@@ -274,11 +290,18 @@ async fn cleanup_orphans_removes_only_this_nodes_containers() {
     let theirs = NodeId(rand::random());
     let our_label = format!("omesh.node={}", ours.to_hex());
     let their_label = format!("omesh.node={}", theirs.to_hex());
-    let _cleanup = (RemoveOnDrop(our_label.clone()), RemoveOnDrop(their_label.clone()));
+    let _cleanup = (
+        RemoveOnDrop(our_label.clone()),
+        RemoveOnDrop(their_label.clone()),
+    );
     // What a killed node leaves: one container still running, one never started; and one of
     // another node sharing the engine.
     let image_id = image_id_of(&image);
-    for (label, run) in [(&our_label, true), (&our_label, false), (&their_label, true)] {
+    for (label, run) in [
+        (&our_label, true),
+        (&our_label, false),
+        (&their_label, true),
+    ] {
         let mut cmd = Command::new("docker");
         cmd.arg(if run { "run" } else { "create" });
         if run {
