@@ -210,3 +210,163 @@ pub fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
 }
 
 pub mod docker;
+
+/// A submitter key and the flags every test peer needs to accept its tasks.
+pub struct Submitter {
+    pub key: ed25519_dalek::SigningKey,
+    pub token: String,
+}
+
+impl Submitter {
+    pub fn new() -> Self {
+        Self {
+            key: ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]),
+            token: "test-token".into(),
+        }
+    }
+
+    /// Flags for `omesh up`: authorize the key, set the token, and ignore host memory
+    /// pressure (the CI host's memory is not what these tests are about).
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--authorized-submitter".into(),
+            hex::encode(self.key.verifying_key().to_bytes()),
+            "--api-token".into(),
+            self.token.clone(),
+            "--threshold-memory".into(),
+            "100".into(),
+        ]
+    }
+
+    /// A signed spec running `command` with the process executor.
+    pub fn spec(
+        &self,
+        command: &[&str],
+        f: impl FnOnce(&mut omesh_protocol::TaskSpec),
+    ) -> omesh_protocol::SignedTaskSpec {
+        let mut spec = omesh_protocol::TaskSpec {
+            image: format!("busybox@sha256:{}", "ab".repeat(32)),
+            command: command.iter().map(|s| (*s).to_owned()).collect(),
+            env: Default::default(),
+            cpu_millis: 100,
+            memory_bytes: 32 << 20,
+            required_tags: Default::default(),
+            priority: 0,
+            max_attempts: 3,
+            timeout_ms: 120_000,
+            executor: omesh_protocol::ExecutorKind::Process,
+            nonce: rand::random(),
+            submitter: [0; 32],
+        };
+        f(&mut spec);
+        spec.sign(&self.key)
+    }
+
+    /// POSTs a spec; returns (HTTP status, JSON body).
+    pub async fn post(
+        &self,
+        node: &Node,
+        body: &serde_json::Value,
+        token: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = reqwest::Client::new()
+            .post(format!("{}/api/v1/tasks", node.api()))
+            .json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or_default())
+    }
+
+    /// Submits a signed spec through `node`; returns the task id.
+    pub async fn submit(&self, node: &Node, spec: &omesh_protocol::SignedTaskSpec) -> String {
+        let body = serde_json::to_value(omesh::api::SubmitBody::from_signed(spec)).unwrap();
+        let (status, json) = self.post(node, &body, Some(&self.token)).await;
+        assert_eq!(status, 201, "submit refused: {json}");
+        json["id"].as_str().unwrap().to_owned()
+    }
+
+    /// DELETE a task.
+    pub async fn cancel(&self, node: &Node, id: &str) -> u16 {
+        reqwest::Client::new()
+            .delete(format!("{}/api/v1/tasks/{id}", node.api()))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+}
+
+impl Default for Submitter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Node {
+    pub async fn task(&self, id: &str) -> Option<omesh::api::TaskJson> {
+        self.get(&format!("/api/v1/tasks/{id}")).await
+    }
+
+    pub async fn node_id(&self) -> String {
+        self.status().await.map(|s| s.node_id).unwrap_or_default()
+    }
+
+    pub async fn peer_id(&self) -> String {
+        self.status().await.map(|s| s.peer_id).unwrap_or_default()
+    }
+
+    /// Sets this node's test-only block list.
+    pub async fn block(&self, token: &str, peers: &[String]) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/api/v1/debug/block", self.api()))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "peers": peers }))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            resp.status().is_success(),
+            "block refused: {}",
+            resp.status()
+        );
+    }
+}
+
+/// Starts `n` peers (the first is the seed) with `extra(i)` flags, and waits until all see
+/// each other alive.
+pub async fn mesh(root: &Path, n: usize, extra: impl Fn(usize) -> Vec<String>) -> Vec<Node> {
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 0..n {
+        let mut flags = extra(i);
+        let seeds = match nodes.first() {
+            Some(seed) => vec![seed.addr()],
+            None => {
+                flags.push("--alone".into());
+                flags.push("true".into());
+                Vec::new()
+            }
+        };
+        let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+        nodes.push(Node::start(root, &format!("n{i}"), &seeds, &refs));
+    }
+    let ok = wait_until(Duration::from_secs(60), || async {
+        for node in &nodes {
+            match node.status().await {
+                Some(s) if s.ready && s.peers_alive == n => {}
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await;
+    if !ok {
+        dump(&nodes.iter().collect::<Vec<_>>());
+    }
+    assert!(ok, "{n} peers did not join");
+    nodes
+}

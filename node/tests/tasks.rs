@@ -1,0 +1,436 @@
+//! Tasks end to end with the process executor, on real peers over loopback: offload,
+//! one view everywhere, failover after `kill -9`, cancel, retries, partitions, bad input.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{dump, mesh, wait_until, Node, Submitter};
+
+fn flags(sub: &Submitter, extra: &[&str]) -> Vec<String> {
+    let mut f = sub.flags();
+    f.extend(extra.iter().map(|s| (*s).to_owned()));
+    f.push("--fake-cpu-percent".into());
+    f.push("10".into());
+    f
+}
+
+async fn state_on(node: &Node, id: &str) -> Option<(String, u64, Option<String>)> {
+    node.task(id).await.map(|t| (t.state, t.epoch, t.owner))
+}
+
+async fn wait_state(nodes: &[&Node], id: &str, state: &str, limit: Duration) -> bool {
+    wait_until(limit, || async {
+        for n in nodes {
+            match n.task(id).await {
+                Some(t) if t.state == state => {}
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await
+}
+
+/// Processes whose command line contains `marker`.
+fn running_with(marker: &str) -> usize {
+    std::process::Command::new("pgrep")
+        .args(["-f", marker])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_submitted_to_an_overloaded_peer_runs_on_a_target_tagged_peer() {
+    let root = tempfile::tempdir().unwrap();
+    let sub = Submitter::new();
+    let nodes = mesh(root.path(), 3, |i| {
+        let mut f = sub.flags();
+        f.extend(["--target-node-tag".into(), "edge".into()]);
+        // Peer 0 is loaded; peer 1 carries the target tag; peer 2 does not.
+        f.extend([
+            "--fake-cpu-percent".into(),
+            if i == 0 { "95" } else { "10" }.into(),
+        ]);
+        if i == 1 {
+            f.extend(["--tag".into(), "edge".into()]);
+        }
+        f
+    })
+    .await;
+    let edge_id = nodes[1].node_id().await;
+    let spec = sub.spec(&["sh", "-c", "echo offloaded"], |_| {});
+    let id = sub.submit(&nodes[0], &spec).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    assert!(
+        wait_state(&all, &id, "succeeded", Duration::from_secs(60)).await,
+        "task did not succeed everywhere"
+    );
+    let t = nodes[0].task(&id).await.unwrap();
+    assert_eq!(
+        t.owner.as_deref(),
+        Some(edge_id.as_str()),
+        "ran on {:?}, not the edge peer",
+        t.owner
+    );
+    assert!(nodes[0].status().await.unwrap().overloaded);
+    // The same state, epoch and owner on every peer.
+    let views: Vec<_> = futures::future::join_all(nodes.iter().map(|n| state_on(n, &id))).await;
+    assert!(views.windows(2).all(|w| w[0] == w[1]), "{views:?}");
+    let log: serde_json::Value = nodes[2]
+        .get(&format!("/api/v1/tasks/{id}/logs"))
+        .await
+        .unwrap();
+    assert_eq!(log["data"].as_str(), Some("offloaded\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_owner_moves_the_task_to_another_peer_with_a_higher_epoch() {
+    let root = tempfile::tempdir().unwrap();
+    let sub = Submitter::new();
+    let mut nodes = mesh(root.path(), 3, |_| flags(&sub, &[])).await;
+    let marker = format!("omesh-failover-{}", rand::random::<u32>());
+    let spec = sub.spec(&["sh", "-c", &format!("sleep 4; echo {marker}")], |_| {});
+    let id = sub.submit(&nodes[0], &spec).await;
+    assert!(wait_state(&[&nodes[0]], &id, "running", Duration::from_secs(30)).await);
+    let t = nodes[0].task(&id).await.unwrap();
+    let owner = t.owner.clone().unwrap();
+    let mut owner_idx = 0;
+    for (i, n) in nodes.iter().enumerate() {
+        if n.node_id().await == owner {
+            owner_idx = i;
+        }
+    }
+    nodes[owner_idx].kill9();
+    let killed = Instant::now();
+    let survivor = if owner_idx == 0 { 1 } else { 0 };
+    let moved = wait_until(Duration::from_secs(30), || async {
+        nodes[survivor]
+            .task(&id)
+            .await
+            .is_some_and(|t| t.state == "running" && t.epoch > 1)
+    })
+    .await;
+    if !moved {
+        dump(&nodes.iter().collect::<Vec<_>>());
+    }
+    assert!(moved, "no failover");
+    println!("failover: Running again after {:?}", killed.elapsed());
+    let t = nodes[survivor].task(&id).await.unwrap();
+    assert_ne!(t.owner.as_deref(), Some(owner.as_str()));
+    assert_eq!(t.epoch, 2);
+    let others: Vec<&Node> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != owner_idx)
+        .map(|(_, n)| n)
+        .collect();
+    assert!(wait_state(&others, &id, "succeeded", Duration::from_secs(60)).await);
+    let t = nodes[survivor].task(&id).await.unwrap();
+    assert_eq!((t.code, t.epoch, t.exit_code), (300, 2, Some(0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_task_stops_and_never_restarts() {
+    let root = tempfile::tempdir().unwrap();
+    let sub = Submitter::new();
+    let nodes = mesh(root.path(), 2, |_| flags(&sub, &[])).await;
+    let marker = format!("omesh-cancel-{}", rand::random::<u32>());
+    let spec = sub.spec(&["sh", "-c", &format!("sleep 120; echo {marker}")], |_| {});
+    let id = sub.submit(&nodes[0], &spec).await;
+    assert!(wait_state(&[&nodes[0]], &id, "running", Duration::from_secs(30)).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            running_with(&marker) == 1
+        })
+        .await
+    );
+    let epoch = nodes[0].task(&id).await.unwrap().epoch;
+    assert_eq!(sub.cancel(&nodes[1], &id).await, 200);
+    let all: Vec<&Node> = nodes.iter().collect();
+    assert!(wait_state(&all, &id, "cancelled", Duration::from_secs(30)).await);
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            running_with(&marker) == 0
+        })
+        .await,
+        "process still running"
+    );
+    // Absence over time: nothing restarts it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(running_with(&marker), 0);
+    let t = nodes[1].task(&id).await.unwrap();
+    assert_eq!(
+        (t.state.as_str(), t.code, t.epoch),
+        ("cancelled", 499, epoch)
+    );
+    // Cancelling again is harmless; cancelling an unknown task is a JSON 404.
+    assert_eq!(sub.cancel(&nodes[0], &id).await, 200);
+    assert_eq!(sub.cancel(&nodes[0], &"cd".repeat(32)).await, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_task_is_retried_then_fails_with_its_exit_code() {
+    let root = tempfile::tempdir().unwrap();
+    let sub = Submitter::new();
+    let nodes = mesh(root.path(), 2, |_| flags(&sub, &[])).await;
+    let spec = sub.spec(&["sh", "-c", "echo trying; exit 7"], |s| s.max_attempts = 3);
+    let id = sub.submit(&nodes[1], &spec).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    assert!(
+        wait_state(&all, &id, "failed", Duration::from_secs(90)).await,
+        "task did not fail for good"
+    );
+    let t = nodes[0].task(&id).await.unwrap();
+    assert_eq!((t.code, t.exit_code, t.failed_attempts), (400, Some(7), 3));
+    let failed: Vec<_> = t.history.iter().filter(|h| h.state == "failed").collect();
+    assert_eq!(failed.len(), 3, "{:?}", t.history);
+    // Backoff: each retry waited longer than the one before (base 1 s, doubling, ±20%).
+    let at: Vec<u64> = failed.iter().map(|h| h.at_ms).collect();
+    assert!(at[2] - at[1] > at[1] - at[0], "no growing backoff: {at:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        nodes[0].task(&id).await.unwrap().failed_attempts,
+        3,
+        "a 4th attempt ran"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_owner_keeps_running_until_it_rejoins_then_the_lower_epoch_stops() {
+    let root = tempfile::tempdir().unwrap();
+    let sub = Submitter::new();
+    let nodes = mesh(root.path(), 3, |_| flags(&sub, &[])).await;
+    let marker = format!("omesh-partition-{}", rand::random::<u32>());
+    let spec = sub.spec(&["sh", "-c", &format!("sleep 12; echo {marker}")], |_| {});
+    let id = sub.submit(&nodes[0], &spec).await;
+    assert!(wait_state(&[&nodes[0]], &id, "running", Duration::from_secs(30)).await);
+    let owner = nodes[0].task(&id).await.unwrap().owner.unwrap();
+    let mut owner_idx = 0;
+    let mut peer_ids = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        if n.node_id().await == owner {
+            owner_idx = i;
+        }
+        peer_ids.push(n.peer_id().await);
+    }
+    // Cut the owner off both ways.
+    let others: Vec<usize> = (0..3).filter(|i| *i != owner_idx).collect();
+    nodes[owner_idx]
+        .block(
+            &sub.token,
+            &others
+                .iter()
+                .map(|i| peer_ids[*i].clone())
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    for i in &others {
+        nodes[*i]
+            .block(&sub.token, &[peer_ids[owner_idx].clone()])
+            .await;
+    }
+    let cut = Instant::now();
+    let survivor = &nodes[others[0]];
+    let failed_over = wait_until(Duration::from_secs(30), || async {
+        survivor
+            .task(&id)
+            .await
+            .is_some_and(|t| t.state == "running" && t.epoch == 2)
+    })
+    .await;
+    assert!(failed_over, "the majority did not take over");
+    // Both instances run now: the cut-off owner keeps its own.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            running_with(&marker) == 2
+        })
+        .await
+    );
+    let duplicate_from = Instant::now();
+    assert_eq!(
+        nodes[owner_idx].task(&id).await.unwrap().epoch,
+        1,
+        "the cut-off owner saw epoch 2"
+    );
+    // Heal: the owner learns of epoch 2 and stops its epoch-1 instance.
+    for n in &nodes {
+        n.block(&sub.token, &[]).await;
+    }
+    let healed = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            running_with(&marker) <= 1
+        })
+        .await,
+        "epoch 1 kept running"
+    );
+    let window = duplicate_from.elapsed();
+    println!(
+        "partition: cut to failover {:?}; duplicate-run window {:?} (of which after heal {:?})",
+        duplicate_from - cut,
+        window,
+        healed.elapsed()
+    );
+    let all: Vec<&Node> = nodes.iter().collect();
+    assert!(wait_state(&all, &id, "succeeded", Duration::from_secs(60)).await);
+    let new_owner = survivor.task(&id).await.unwrap().owner;
+    assert_ne!(new_owner.as_deref(), Some(owner.as_str()));
+    for n in &nodes {
+        let t = n.task(&id).await.unwrap();
+        assert_eq!(t.epoch, 2, "the surviving epoch's result is reported");
+        assert_eq!(t.owner, new_owner);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_submissions_get_clear_errors_and_change_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let sub = Submitter::new();
+    let nodes = mesh(root.path(), 1, |_| flags(&sub, &[])).await;
+    let n = &nodes[0];
+    let body = |s: &omesh_protocol::SignedTaskSpec| {
+        serde_json::to_value(omesh::api::SubmitBody::from_signed(s)).unwrap()
+    };
+    let good = sub.spec(&["true"], |_| {});
+
+    let mut unsigned = body(&good);
+    unsigned["signature"] = "".into();
+    let stranger = ed25519_dalek::SigningKey::from_bytes(&[1u8; 32]);
+    let unknown = good.spec.clone().sign(&stranger);
+    let undigested = sub.spec(&["true"], |s| s.image = "busybox:latest".into());
+    let absurd = sub.spec(&["true"], |s| s.memory_bytes = u64::MAX);
+    let mut bad_executor = body(&good);
+    bad_executor["spec"]["executor"] = "Kubernetes".into();
+    let cases: Vec<(&str, serde_json::Value, Option<&str>, u16, &str)> = vec![
+        (
+            "no signature",
+            unsigned,
+            Some(&sub.token),
+            400,
+            "not signed",
+        ),
+        (
+            "unknown key",
+            body(&unknown),
+            Some(&sub.token),
+            400,
+            "authorized_submitters",
+        ),
+        ("missing token", body(&good), None, 401, "bearer token"),
+        (
+            "wrong token",
+            body(&good),
+            Some("nope"),
+            401,
+            "wrong bearer token",
+        ),
+        (
+            "image without digest",
+            body(&undigested),
+            Some(&sub.token),
+            400,
+            "not pinned by digest",
+        ),
+        (
+            "absurd resources",
+            body(&absurd),
+            Some(&sub.token),
+            400,
+            "absurd",
+        ),
+        (
+            "unknown executor",
+            bad_executor,
+            Some(&sub.token),
+            400,
+            "Kubernetes",
+        ),
+        (
+            "not json",
+            serde_json::json!("hello"),
+            Some(&sub.token),
+            400,
+            "invalid task body",
+        ),
+    ];
+    for (what, b, token, status, needle) in cases {
+        let (got, json) = sub.post(n, &b, token).await;
+        let reason = json["error"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(got, status, "{what}: {json}");
+        assert!(
+            reason.contains(needle),
+            "{what}: reason {reason:?} lacks {needle:?}"
+        );
+    }
+    assert_eq!(
+        n.status().await.unwrap().tasks,
+        0,
+        "a bad submission changed the state"
+    );
+
+    // The CLI refuses negative resources and unknown executors before sending anything.
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "submit",
+            "--api",
+            &n.api(),
+            "--cpu",
+            "-1",
+            "--image",
+            &good.spec.image,
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-1"));
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "submit",
+            "--api",
+            &n.api(),
+            "--executor",
+            "vm",
+            "--image",
+            &good.spec.image,
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown executor"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A task no peer can ever satisfy stays pending, with the reason in `omesh task`.
+    let gpu = sub.spec(&["true"], |s| {
+        s.required_tags.insert("gpu".into());
+    });
+    let id = sub.submit(n, &gpu).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            n.task(&id).await.is_some_and(|t| {
+                t.pending_reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("gpu"))
+            })
+        })
+        .await
+    );
+    let out = std::process::Command::new(common::bin())
+        .args(["task", "--api", &n.api(), &id[..10]])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("pending (100)") && text.contains("gpu"),
+        "{text}"
+    );
+}
