@@ -209,6 +209,59 @@ fn merge_slot<T: Clone>(
     }
 }
 
+/// `merge_slot` on a present value, in place.
+fn merge_into<T: Clone>(
+    digest: &mut Digest4,
+    cur: &mut Stamped<T>,
+    incoming: &Stamped<T>,
+    order: impl Fn(&T, &T) -> Ordering,
+) -> Merged {
+    match order(&incoming.value, &cur.value) {
+        Ordering::Greater => {
+            digest.replace(cur.hash, incoming.hash);
+            cur.clone_from(incoming);
+            Merged::Changed
+        }
+        Ordering::Equal if incoming.at < cur.at && incoming.hash == cur.hash => {
+            cur.at = incoming.at;
+            Merged::Unchanged
+        }
+        _ => Merged::Unchanged,
+    }
+}
+
+fn lease_order(a: &Lease, b: &Lease) -> Ordering {
+    a.rank().cmp(&b.rank())
+}
+
+fn same(_: &impl Sized, _: &impl Sized) -> Ordering {
+    Ordering::Equal
+}
+
+/// Joins one task record into another, component by component, in place.
+fn merge_record(digest: &mut Digest4, rec: &mut TaskRecord, theirs: &TaskRecord) {
+    if let Some(s) = &theirs.spec {
+        merge_slot(digest, &mut rec.spec, s, same);
+    }
+    if let Some(s) = &theirs.lease {
+        merge_slot(digest, &mut rec.lease, s, lease_order);
+    }
+    for (epoch, s) in &theirs.statuses {
+        match rec.statuses.get_mut(epoch) {
+            Some(cur) => {
+                merge_into(digest, cur, s, status_order);
+            }
+            None => {
+                digest.add(s.hash);
+                rec.statuses.insert(*epoch, s.clone());
+            }
+        }
+    }
+    if let Some(s) = &theirs.cancel {
+        merge_slot(digest, &mut rec.cancel, s, same);
+    }
+}
+
 /// The live record of `id`, created empty if new; `None` once the task is compacted.
 fn live<'a>(
     tasks: &'a mut BTreeMap<TaskId, TaskRecord>,
@@ -310,6 +363,17 @@ impl State {
         };
         Ok(match &delta.body {
             DeltaBody::Node(rec) => {
+                // Old or duplicate heartbeats (gossip fan-out delivers each several times) are
+                // settled without hashing or cloning the record.
+                if let Some(cur) = self.nodes.get(&rec.id) {
+                    match rec.version().cmp(&cur.value.version()) {
+                        Ordering::Less => return Ok(Merged::Unchanged),
+                        Ordering::Equal if at >= cur.at && *rec == cur.value => {
+                            return Ok(Merged::Unchanged)
+                        }
+                        _ => {}
+                    }
+                }
                 self.merge_node(&stamped(at, rec.clone(), ComponentHash::node(rec)))
             }
             DeltaBody::Spec(spec) => {
@@ -343,12 +407,23 @@ impl State {
     }
 
     fn merge_node(&mut self, incoming: &Stamped<NodeRecord>) -> Merged {
-        let mut slot = self.nodes.remove(&incoming.value.id);
-        let merged = merge_slot(&mut self.digest, &mut slot, incoming, node_order);
-        if let Some(s) = slot {
-            self.nodes.insert(s.value.id, s);
+        match self.nodes.get_mut(&incoming.value.id) {
+            Some(cur) => {
+                // The hash covers only the durable fields, so compare the values themselves.
+                if incoming.value.version() == cur.value.version() && incoming.value == cur.value {
+                    if incoming.at < cur.at {
+                        cur.at = incoming.at;
+                    }
+                    return Merged::Unchanged;
+                }
+                merge_into(&mut self.digest, cur, incoming, node_order)
+            }
+            None => {
+                self.digest.add(incoming.hash);
+                self.nodes.insert(incoming.value.id, incoming.clone());
+                Merged::Changed
+            }
         }
-        merged
     }
 
     fn merge_spec(&mut self, id: TaskId, incoming: &Stamped<Arc<SignedTaskSpec>>) -> Merged {
@@ -379,12 +454,14 @@ impl State {
         let Some(rec) = live(&mut self.tasks, &self.tombstones, id) else {
             return Merged::Tombstoned;
         };
-        let mut slot = rec.statuses.remove(&epoch);
-        let merged = merge_slot(&mut self.digest, &mut slot, incoming, status_order);
-        if let Some(s) = slot {
-            rec.statuses.insert(epoch, s);
+        match rec.statuses.get_mut(&epoch) {
+            Some(cur) => merge_into(&mut self.digest, cur, incoming, status_order),
+            None => {
+                self.digest.add(incoming.hash);
+                rec.statuses.insert(epoch, incoming.clone());
+                Merged::Changed
+            }
         }
-        merged
     }
 
     fn merge_cancel(&mut self, id: TaskId, incoming: &Stamped<()>) -> Merged {
@@ -493,7 +570,8 @@ impl State {
 }
 
 impl Crdt for State {
-    /// Joins two already-verified states component by component, reusing cached hashes.
+    /// Joins two already-verified states: one ordered pass over each map, merging each record
+    /// in place, reusing cached hashes.
     fn merge(&mut self, other: &Self) {
         for s in other.nodes.values() {
             self.merge_node(s);
@@ -501,19 +579,31 @@ impl Crdt for State {
         for (id, s) in &other.tombstones {
             self.merge_tombstone(*id, s);
         }
-        for (id, rec) in &other.tasks {
-            if let Some(s) = &rec.spec {
-                self.merge_spec(*id, s);
+        if self.tasks.is_empty() && self.tombstones.is_empty() {
+            // Cold join: take the other's records wholesale.
+            self.tasks.clone_from(&other.tasks);
+            for rec in self.tasks.values() {
+                for h in rec.components_hash() {
+                    self.digest.add(h);
+                }
             }
-            if let Some(s) = &rec.lease {
-                self.merge_lease(*id, s);
+            return;
+        }
+        let mut missing = Vec::new();
+        let mut mine = self.tasks.iter_mut().peekable();
+        for (id, theirs) in &other.tasks {
+            if !self.tombstones.is_empty() && self.tombstones.contains_key(id) {
+                continue;
             }
-            for (epoch, s) in &rec.statuses {
-                self.merge_status(*id, *epoch, s);
+            while mine.next_if(|(k, _)| *k < id).is_some() {}
+            match mine.next_if(|(k, _)| *k == id) {
+                Some((_, rec)) => merge_record(&mut self.digest, rec, theirs),
+                None => missing.push((*id, theirs)),
             }
-            if let Some(s) = &rec.cancel {
-                self.merge_cancel(*id, s);
-            }
+        }
+        for (id, theirs) in missing {
+            let rec = self.tasks.entry(id).or_default();
+            merge_record(&mut self.digest, rec, theirs);
         }
     }
 }
