@@ -6,9 +6,11 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_tasks;
 pub mod client;
 pub mod config;
 pub mod datadir;
+pub mod demo;
 pub mod executor;
 pub mod keys;
 pub mod load;

@@ -49,6 +49,20 @@ impl LocalPeer {
         self.child.is_some()
     }
 
+    /// If the process has exited on its own: its status and the end of its log.
+    pub fn exited(&mut self) -> Option<String> {
+        let c = self.child.as_mut()?;
+        let status = c.try_wait().ok()??;
+        self.child = None;
+        let log = std::fs::read_to_string(self.dir.join("omesh.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        Some(format!(
+            "{} exited ({status}): {}",
+            self.name,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        ))
+    }
+
     fn spawn(&mut self, bin: &Path) -> std::io::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -196,10 +210,15 @@ impl LocalMesh {
 
     /// Waits until every running peer is ready, sees all running peers alive, and all
     /// digests are equal.
-    pub async fn wait_converged(&self, limit: Duration) -> Result<Duration, String> {
+    pub async fn wait_converged(&mut self, limit: Duration) -> Result<Duration, String> {
         let start = Instant::now();
         let running = self.peers.iter().filter(|p| p.is_running()).count();
         loop {
+            for p in &mut self.peers {
+                if let Some(why) = p.exited() {
+                    return Err(why);
+                }
+            }
             let statuses = self.statuses().await;
             let live: Vec<&StatusView> = statuses.iter().flatten().collect();
             let ok = live.len() == running

@@ -35,6 +35,18 @@ enum Command {
     Peers(ApiArgs),
     /// List the tasks the mesh knows.
     Tasks(ApiArgs),
+    /// Start a local 3-peer mesh and show offload and failover (no set-up needed).
+    Demo {
+        /// Tasks to submit.
+        #[arg(long, default_value_t = 6)]
+        tasks: usize,
+        /// Seconds of CPU each task burns.
+        #[arg(long, default_value_t = 4)]
+        burn_secs: u64,
+        /// Keep the mesh running after the summary, until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Submit a task, signed with your submitter key, through the local peer.
     Submit(Box<SubmitArgs>),
     /// Show one task: spec, owner, epoch, state, attempts, timeline, exit code.
@@ -58,6 +70,22 @@ enum BenchCommand {
         /// Idle measurement window per size, seconds.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+    },
+    /// Failover time after `kill -9` of a task's owner, and submit-to-running latency per
+    /// executor (docker when an engine answers), on a local mesh.
+    Tasks {
+        /// Peers in the mesh.
+        #[arg(long, default_value_t = 5)]
+        peers: usize,
+        /// Owners to kill, one failover each.
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        /// Tasks to submit per executor.
+        #[arg(long, default_value_t = 20)]
+        submits: usize,
+        /// Do not time the docker executor.
+        #[arg(long)]
+        no_docker: bool,
     },
 }
 
@@ -267,6 +295,10 @@ struct UpArgs {
     #[arg(long, env = "OMESH_FAKE_CPU_PERCENT", hide = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     fake_cpu_percent: Option<u8>,
+    /// Executor for tasks that accept any: auto (Docker when the engine answers), docker, process.
+    #[arg(long, env = "OMESH_EXECUTOR", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    executor: Option<omesh::config::ExecutorChoice>,
     /// Peers to keep connections to.
     #[arg(long, env = "OMESH_TARGET_PEERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -295,7 +327,23 @@ fn main() -> ExitCode {
         Command::Peers(args) => api_command(&args, Show::Peers),
         Command::Tasks(args) => api_command(&args, Show::Tasks),
         Command::Bench(BenchCommand::Mesh { peers, seconds }) => bench_mesh(&peers, seconds),
+        Command::Bench(BenchCommand::Tasks {
+            peers,
+            kills,
+            submits,
+            no_docker,
+        }) => bench_tasks(&omesh::bench_tasks::TaskBench {
+            peers,
+            kills,
+            submits,
+            docker: !no_docker,
+        }),
         Command::Submit(args) => submit(&args),
+        Command::Demo {
+            tasks,
+            burn_secs,
+            keep,
+        } => demo(tasks, burn_secs, keep),
         Command::Task(args) => show_task(&args),
         Command::Cancel(args) => cancel(&args),
         Command::Logs(args) => logs(&args),
@@ -384,6 +432,27 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
+}
+
+fn demo(tasks: usize, burn_secs: u64, keep: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(tasks >= 1, "--tasks must be at least 1");
+    let bin = std::env::current_exe()?;
+    let root = tempfile::Builder::new().prefix("omesh-demo-").tempdir()?;
+    let opts = omesh::demo::DemoOptions {
+        tasks,
+        burn_secs,
+        keep,
+    };
+    let rt = runtime()?;
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = omesh::demo::run(&bin, root.path(), &opts) => r,
+            _ = tokio::signal::ctrl_c() => Err("interrupted; peers stopped".to_owned()),
+        }
+    });
+    // Dropping the runtime's futures dropped the peers (each kills its process).
+    drop(rt);
+    result.map_err(anyhow::Error::msg)
 }
 
 fn submit(args: &SubmitArgs) -> anyhow::Result<()> {
@@ -525,6 +594,24 @@ fn bench_mesh(sizes: &[usize], seconds: u64) -> anyhow::Result<()> {
         }
         println!("{}", omesh::bench::table(&rows).trim_end());
         println!("(a change = a heartbeat delta; time = until the last other peer merged it, same host clock)");
+        Ok(())
+    })
+}
+
+fn bench_tasks(cfg: &omesh::bench_tasks::TaskBench) -> anyhow::Result<()> {
+    let bin = std::env::current_exe()?;
+    let command: Vec<String> = std::env::args().collect();
+    let rt = runtime()?;
+    rt.block_on(async move {
+        eprintln!(
+            "bench: {} peers, {} kills, {} submits per executor ...",
+            cfg.peers, cfg.kills, cfg.submits
+        );
+        let report = omesh::bench_tasks::run(&bin, cfg, |line| eprintln!("bench: {line}"))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        println!("$ {}", command.join(" "));
+        print!("{}", omesh::bench_tasks::table(&report));
         Ok(())
     })
 }
