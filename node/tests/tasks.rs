@@ -103,8 +103,22 @@ async fn kill_9_of_the_owner_moves_the_task_to_another_peer_with_a_higher_epoch(
             owner_idx = i;
         }
     }
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            running_with(&marker) == 1
+        })
+        .await
+    );
     nodes[owner_idx].kill9();
     let killed = Instant::now();
+    // The killed owner's instance dies with it (no duplicate beside its successor's).
+    assert!(
+        wait_until(Duration::from_secs(2), || async {
+            running_with(&marker) == 0
+        })
+        .await,
+        "the killed owner's instance kept running"
+    );
     let survivor = if owner_idx == 0 { 1 } else { 0 };
     let moved = wait_until(Duration::from_secs(30), || async {
         nodes[survivor]

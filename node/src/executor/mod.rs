@@ -203,7 +203,8 @@ impl Executor {
 
     /// Removes leftovers of earlier runs.
     pub async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, String> {
-        let mut n = self.process.cleanup_orphans(node).await?;
+        let mut n = process::kill_leftover_groups(&self.log_dir);
+        n += self.process.cleanup_orphans(node).await?;
         if let Some(d) = &self.docker {
             n += d.cleanup_orphans(node).await?;
         }

@@ -53,7 +53,16 @@ impl Backend for ProcessBackend {
                 }
             }
         };
-        let mut cmd = Command::new(program);
+        // With util-linux's setpriv the child gets SIGKILL when this peer dies (even by
+        // SIGKILL), so a killed owner leaves no instance running beside its successor's.
+        let mut cmd = match setpriv() {
+            Some(setpriv) => {
+                let mut c = Command::new(setpriv);
+                c.args(["--pdeathsig", "KILL", "--"]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
         cmd.args(args)
             .env_clear()
             .env(
@@ -77,6 +86,11 @@ impl Backend for ProcessBackend {
                 }
             }
         };
+        // Remember the process group, so a restarted peer can kill what a crash left behind.
+        let group_file = inst.log_path.with_extension("pgid");
+        if let Some(pid) = child.id() {
+            let _ = std::fs::write(&group_file, format!("{pid} {}\n", inst.task.to_hex()));
+        }
         started();
         let timeout = if spec.timeout_ms == 0 {
             Duration::MAX
@@ -102,22 +116,68 @@ impl Backend for ProcessBackend {
                 ExecEvent::Stopped
             }
         };
+        // The group leader is gone; kill whatever it left in its group too.
+        kill_group(&mut child).await;
+        let _ = std::fs::remove_file(&group_file);
         outcome
     }
 
     async fn cleanup_orphans(&self, _node: &NodeId) -> Result<usize, String> {
-        // Children die with the peer (kill_on_drop, and a restart has no children).
         Ok(0)
     }
+}
+
+/// Kills the process groups that instances of an earlier run of this peer left behind, as
+/// recorded in `<log dir>/*.pgid`. A group is killed only if its leader still carries the
+/// task id in its environment, so a reused pid is never hit.
+pub fn kill_leftover_groups(log_dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(log_dir) else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("pgid") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut parts = text.split_whitespace();
+        let (Some(pid), Some(task)) = (parts.next(), parts.next()) else {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        };
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let marker = format!("OMESH_TASK_ID={task}");
+        if environ.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()) {
+            let _ = std::process::Command::new("kill")
+                .args(["-s", "KILL", "--", &format!("-{pid}")])
+                .status();
+            killed += 1;
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    killed
+}
+
+fn setpriv() -> Option<&'static str> {
+    ["/usr/bin/setpriv", "/bin/setpriv"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
 }
 
 /// Kills the child's whole process group, then reaps it.
 async fn kill_group(child: &mut tokio::process::Child) {
     #[cfg(unix)]
     if let Some(pid) = child.id() {
-        // The child leads its own process group: `kill -KILL -PGID` takes its children too.
+        // The child leads its own process group: killing -PGID takes its children too.
+        // Spell it `kill -s KILL -- -PGID`: procps-ng 4.0.2 runs `kill -KILL -PGID` as
+        // kill(-1, SIGKILL), which kills every process the peer may signal.
         let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{pid}")])
+            .args(["-s", "KILL", "--", &format!("-{pid}")])
             .status()
             .await;
     }
