@@ -1,0 +1,233 @@
+//! The fake executor and the log of every task instance that ran, from which the duplicate-run
+//! windows and failover times are read.
+//!
+//! StartTask → `Started` after a short delay → `Exited` after the task's duration;
+//! StopTask → the instance ends at once and `Stopped` is reported shortly after; a crash ends
+//! every instance of the node.
+
+use std::collections::BTreeMap;
+
+use omesh_protocol::Epoch;
+use omesh_state::{ExecEvent, Input};
+
+use crate::queue::SimTime;
+use crate::sim::{fold, ix, Event, ExecStep, Sim, Slot};
+
+/// One instance of a task, as it ran on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Instance {
+    /// Node index.
+    pub node: u32,
+    /// Task index.
+    pub task: u32,
+    /// The epoch it ran for.
+    pub epoch: Epoch,
+    /// When it reported `Started`.
+    pub started_at: SimTime,
+    /// When it exited, was stopped, or died with its node.
+    pub ended_at: Option<SimTime>,
+}
+
+/// An owner crash waiting for its task to run elsewhere.
+#[derive(Debug, Clone, Copy)]
+struct PendingFailover {
+    task: u32,
+    epoch: Epoch,
+    crashed_at: SimTime,
+}
+
+/// Every instance, indexed by task, plus failover bookkeeping.
+#[derive(Debug, Default)]
+pub struct Runs {
+    /// All instances, in start order.
+    pub instances: Vec<Instance>,
+    by_task: BTreeMap<u32, Vec<usize>>,
+    pending: Vec<PendingFailover>,
+    /// Measured failovers: crash of the owner to `Started` of a later epoch, in µs.
+    pub failovers: Vec<SimTime>,
+}
+
+impl Runs {
+    /// An instance reported `Started`; returns its index.
+    pub fn start(&mut self, node: u32, task: u32, epoch: Epoch, now: SimTime) -> usize {
+        let i = self.instances.len();
+        self.instances.push(Instance {
+            node,
+            task,
+            epoch,
+            started_at: now,
+            ended_at: None,
+        });
+        self.by_task.entry(task).or_default().push(i);
+        let mut k = 0;
+        while k < self.pending.len() {
+            let p = self.pending[k];
+            if p.task == task && epoch > p.epoch {
+                self.failovers.push(now - p.crashed_at);
+                self.pending.swap_remove(k);
+            } else {
+                k += 1;
+            }
+        }
+        i
+    }
+
+    /// An instance ended.
+    pub fn end(&mut self, i: usize, now: SimTime) {
+        if let Some(inst) = self.instances.get_mut(i) {
+            inst.ended_at.get_or_insert(now);
+        }
+    }
+
+    /// The node of instance `i` crashed while it ran: end it and wait for a failover.
+    pub fn crashed(&mut self, i: usize, now: SimTime) {
+        let Some(inst) = self.instances.get(i).copied() else {
+            return;
+        };
+        if inst.ended_at.is_some() {
+            return;
+        }
+        self.end(i, now);
+        if !self.pending.iter().any(|p| p.task == inst.task) {
+            self.pending.push(PendingFailover {
+                task: inst.task,
+                epoch: inst.epoch,
+                crashed_at: now,
+            });
+        }
+    }
+
+    /// Owner crashes whose task has not run elsewhere yet: `(task, crashed_at)`.
+    pub fn unresolved_failovers(&self) -> Vec<(u32, SimTime)> {
+        self.pending
+            .iter()
+            .map(|p| (p.task, p.crashed_at))
+            .collect()
+    }
+
+    /// Instances of `task` still running.
+    pub fn running(&self, task: u32) -> impl Iterator<Item = &Instance> + '_ {
+        self.by_task
+            .get(&task)
+            .into_iter()
+            .flatten()
+            .filter_map(|i| self.instances.get(*i))
+            .filter(|i| i.ended_at.is_none())
+    }
+
+    /// Tasks that ever ran.
+    pub fn tasks(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_task.keys().copied()
+    }
+
+    /// How long two or more instances of `task` ran at once, in µs, up to `end`.
+    pub fn duplicate_window(&self, task: u32, end: SimTime) -> SimTime {
+        let Some(ids) = self.by_task.get(&task) else {
+            return 0;
+        };
+        if ids.len() < 2 {
+            return 0;
+        }
+        let mut edges: Vec<(SimTime, i32)> = Vec::with_capacity(ids.len() * 2);
+        for inst in ids.iter().filter_map(|i| self.instances.get(*i)) {
+            edges.push((inst.started_at, 1));
+            edges.push((inst.ended_at.unwrap_or(end), -1));
+        }
+        // Ends before starts at the same instant: touching intervals do not overlap.
+        edges.sort_unstable();
+        let (mut depth, mut since, mut total) = (0i32, 0, 0);
+        for (t, d) in edges {
+            if depth >= 2 {
+                total += t - since;
+            }
+            depth += d;
+            since = t;
+        }
+        total
+    }
+}
+
+impl Sim {
+    pub(crate) fn on_exec(&mut self, i: u32, gen: u32, task: u32, epoch: Epoch, step: ExecStep) {
+        let now = self.queue.now();
+        self.trace = fold(
+            self.trace,
+            5 << 32 | u64::from(i) << 16 ^ u64::from(task) ^ epoch << 48,
+        );
+        let node = &mut self.nodes[ix(i)];
+        if self.frozen || node.gen != gen || !node.up() {
+            return;
+        }
+        let Some(info) = self.tasks.get(ix(task)) else {
+            return;
+        };
+        let id = info.id;
+        let event = match step {
+            ExecStep::Started => {
+                if node.exec.get(&(task, epoch)) != Some(&Slot::Starting) {
+                    return;
+                }
+                let inst = self.runs.start(i, task, epoch, now);
+                node.exec.insert((task, epoch), Slot::Running(inst));
+                let code = if info.fails(epoch) { 1 } else { 0 };
+                self.queue.push(
+                    now + info.duration_us,
+                    Event::Exec {
+                        node: i,
+                        gen,
+                        task,
+                        epoch,
+                        step: ExecStep::Exit(code),
+                    },
+                );
+                ExecEvent::Started
+            }
+            ExecStep::Exit(code) => {
+                let Some(Slot::Running(inst)) = node.exec.remove(&(task, epoch)) else {
+                    return;
+                };
+                self.runs.end(inst, now);
+                ExecEvent::Exited { code }
+            }
+            ExecStep::Stopped => ExecEvent::Stopped,
+        };
+        self.feed(
+            i,
+            Input::Executor {
+                task: id,
+                epoch,
+                event,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicate_window_counts_overlap_only() {
+        let mut r = Runs::default();
+        let a = r.start(0, 7, 1, 100);
+        let b = r.start(1, 7, 2, 150);
+        r.end(a, 400);
+        r.end(b, 500);
+        let c = r.start(2, 7, 3, 500);
+        r.end(c, 600);
+        assert_eq!(r.duplicate_window(7, 1_000), 250);
+        assert_eq!(r.duplicate_window(8, 1_000), 0);
+    }
+
+    #[test]
+    fn failover_is_crash_to_a_later_epoch_starting() {
+        let mut r = Runs::default();
+        let a = r.start(0, 1, 1, 0);
+        r.crashed(a, 1_000);
+        let _ = r.start(3, 1, 1, 1_500); // same epoch elsewhere: not a failover
+        assert!(r.failovers.is_empty());
+        let _ = r.start(2, 1, 2, 4_000);
+        assert_eq!(r.failovers, vec![3_000]);
+        assert!(r.unresolved_failovers().is_empty());
+    }
+}

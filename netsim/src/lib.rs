@@ -1,0 +1,115 @@
+//! omesh-netsim: a deterministic discrete-event simulator that drives the real
+//! `omesh_state::Replica` for 10 to 10,000 nodes in one process, on simulated time.
+//!
+//! It owns the network model (latency, loss, duplication, reordering, bandwidth, partitions),
+//! a gossipsub-shaped flood over a mesh of D peers, per-node clocks with drift, crashes and
+//! restarts, a fake executor, scenarios as TOML, invariant checks and reports. It never reads
+//! the wall clock or an unseeded random source inside a run: the same seed gives the same
+//! event trace hash. Wall-clock time is read only around a run, to report its speed.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod clock;
+pub mod executor;
+pub mod faults;
+pub mod gossip;
+pub mod invariants;
+pub mod network;
+pub mod plot;
+pub mod propagation;
+pub mod queue;
+pub mod report;
+pub mod scenario;
+pub mod sim;
+pub mod sweep;
+mod transport;
+pub mod workload;
+
+use std::time::Instant;
+
+pub use report::Outcome;
+pub use scenario::{Scenario, ScenarioError};
+pub use sim::Sim;
+
+/// Runs `scenario` with `seed` to its end, checks every invariant and expectation, and
+/// returns what was measured.
+pub fn run(scenario: Scenario, seed: u64) -> Outcome {
+    run_sim(scenario, seed).1
+}
+
+/// Like [`run`], and hands back the finished simulation too (instance log, nodes, replicas).
+pub fn run_sim(scenario: Scenario, seed: u64) -> (Sim, Outcome) {
+    let started = Instant::now();
+    let end = sim::secs(scenario.duration_s);
+    let mut sim = Sim::new(scenario, seed);
+    sim.run_until(end);
+    let mut violations = invariants::check_running(&sim);
+    sim.freeze_and_drain();
+    let (final_violations, tasks) = invariants::check_final(&sim);
+    violations.extend(final_violations);
+    let mut outcome = Outcome::collect(&sim, started.elapsed(), violations, tasks);
+    outcome
+        .violations
+        .extend(expectations(&sim.scenario, &outcome));
+    (sim, outcome)
+}
+
+/// The scenario's `[expect]` bounds that the outcome breaks.
+pub fn expectations(s: &Scenario, o: &Outcome) -> Vec<invariants::Violation> {
+    use report::pct;
+    let mut out = Vec::new();
+    let mut over = |name: &'static str, got: Option<f64>, limit: Option<f64>| {
+        if let (Some(got), Some(limit)) = (got, limit) {
+            if got > limit {
+                out.push(invariants::Violation {
+                    invariant: name,
+                    detail: format!("{got:.0} ms is over the expected {limit:.0} ms"),
+                });
+            }
+        }
+    };
+    let e = &s.expect;
+    over(
+        "expect.convergence_p99_ms",
+        pct(&o.spread_ms(), 99.0),
+        e.convergence_p99_ms,
+    );
+    over(
+        "expect.failover_p99_ms",
+        pct(&o.failover_ms, 99.0),
+        e.failover_p99_ms,
+    );
+    over(
+        "expect.max_duplicate_ms",
+        pct(&o.duplicate_ms, 100.0),
+        e.max_duplicate_ms,
+    );
+    over(
+        "expect.heal_converge_ms",
+        Some(o.heal_converged_ms.unwrap_or(f64::INFINITY)),
+        e.heal_converge_ms,
+    );
+    if let Some(min) = e.min_failovers {
+        if o.failover_ms.len() < min {
+            out.push(invariants::Violation {
+                invariant: "expect.min_failovers",
+                detail: format!(
+                    "{} failovers measured, expected at least {min}",
+                    o.failover_ms.len()
+                ),
+            });
+        }
+    }
+    if let Some(min) = e.min_succeeded_permille {
+        let got = (o.tasks.succeeded * 1000)
+            .checked_div(o.tasks.accepted)
+            .unwrap_or(1000);
+        if got < min as usize {
+            out.push(invariants::Violation {
+                invariant: "expect.min_succeeded_permille",
+                detail: format!("{got}‰ of accepted tasks succeeded, expected at least {min}‰"),
+            });
+        }
+    }
+    out
+}
