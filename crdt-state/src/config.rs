@@ -19,13 +19,13 @@ pub struct ReplicaConfig {
     pub tags: BTreeSet<String>,
     /// Keys allowed to submit tasks (ed25519 public keys). Empty: nobody may.
     pub authorized_submitters: BTreeSet<[u8; 32]>,
-    /// Heartbeat period; leases ride on it. Default 500 ms.
+    /// Heartbeat period; leases ride on it. Default 1,000 ms.
     pub heartbeat_ms: Millis,
     /// A lease lives this long past the owner's last heartbeat. Default 2,000 ms.
     pub lease_ttl_ms: Millis,
     /// Extra wait before a lease counts as lost, floor of the RTT-adaptive grace. Default 1,000 ms.
     pub lease_grace_ms: Millis,
-    /// A peer not heard from for this long is suspect. Default 1,500 ms.
+    /// A peer not heard from for this long is suspect. Default 2,500 ms.
     pub suspect_after_ms: Millis,
     /// Floor of the delay between claiming and starting (about one gossip round trip). Default 150 ms.
     pub settle_ms: Millis,
@@ -64,10 +64,10 @@ impl Default for ReplicaConfig {
             },
             tags: BTreeSet::new(),
             authorized_submitters: BTreeSet::new(),
-            heartbeat_ms: 500,
+            heartbeat_ms: 1_000,
             lease_ttl_ms: 2_000,
             lease_grace_ms: 1_000,
-            suspect_after_ms: 1_500,
+            suspect_after_ms: 2_500,
             settle_ms: 150,
             claim_stagger_ms: 400,
             anti_entropy_ms: 2_000,

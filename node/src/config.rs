@@ -114,7 +114,7 @@ impl Default for NodeConfig {
             log_format: LogFormat::Pretty,
             alone: false,
             fake_cpu_percent: None,
-            target_peers: 8,
+            target_peers: 6,
             executor: ExecutorChoice::Auto,
         }
     }

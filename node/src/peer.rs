@@ -539,14 +539,22 @@ impl Peer {
                 MessageAcceptance::Reject
             }
             Ok(msg) => {
-                let from = message
-                    .source
-                    .as_ref()
-                    .and_then(net::node_id_of)
-                    .or_else(|| net::node_id_of(&source));
-                let Some(from) = from else {
+                // Strict validation means gossipsub checked the signer's signature; a node
+                // only ever publishes its own deltas, so any other origin is a forgery.
+                let Some(from) = message.source.as_ref().and_then(net::node_id_of) else {
                     return;
                 };
+                if msg.deltas.iter().any(|d| d.origin != from) {
+                    if let Ok(m) = self.metrics.lock() {
+                        m.malformed("gossip_forged_origin");
+                    }
+                    warn!(%source, "gossip carrying another node's deltas dropped");
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(id, &source, MessageAcceptance::Reject);
+                    return;
+                }
                 let now = self.clock.now();
                 let result = self.replica.handle(now, Input::Gossip { from, msg });
                 self.drain();

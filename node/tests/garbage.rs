@@ -38,6 +38,8 @@ fn gossip_payloads() -> Vec<(&'static str, Vec<u8>)> {
             v
         }),
         ("oversized", oversized),
+        // Well formed, but carrying a delta of a node other than the signer.
+        ("forged origin", valid),
     ]
 }
 
@@ -129,6 +131,11 @@ async fn garbage_on_gossip_and_sync_is_counted_and_dropped() {
                     "omesh_messages_malformed_total",
                     Some("channel=\"sync_request\""),
                 ) >= 2.0
+                && metric(
+                    &m,
+                    "omesh_messages_malformed_total",
+                    Some("channel=\"gossip_forged_origin\""),
+                ) >= 1.0
         });
         tokio::select! {
             ok = check => ok,

@@ -112,8 +112,9 @@ fn task_spec_with(
             image,
             command,
             btree_map("[A-Z][A-Z0-9_]{0,7}", short_text(), 0..3),
-            any::<u32>(),
-            any::<u64>(),
+            // Within the limits a valid spec may ask for.
+            0..=omesh_protocol::task::MAX_CPU_MILLIS,
+            0..=omesh_protocol::task::MAX_MEMORY_BYTES,
             btree_set(tag(), 0..3),
         ),
         (
