@@ -139,6 +139,15 @@ pub fn build_swarm(key: Keypair, gossip_limit: usize) -> Result<Swarm<Behaviour>
             let local = key.public().to_peer_id();
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(Duration::from_secs(1))
+                // Every node's heartbeat reaches every node, so each copy gossipsub adds is
+                // paid N times a second per node: a smaller mesh (4, not 6) and publishing to
+                // the mesh only (not flooding every peer) cut the duplicate deliveries.
+                .mesh_n(4)
+                .mesh_n_low(3)
+                .mesh_n_high(8)
+                .mesh_outbound_min(1)
+                .gossip_lazy(3)
+                .flood_publish(false)
                 .validation_mode(gossipsub::ValidationMode::Strict)
                 .validate_messages()
                 .max_transmit_size(gossip_limit)
