@@ -153,14 +153,25 @@ pub fn kill_leftover_groups(log_dir: &std::path::Path) -> usize {
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         let marker = format!("OMESH_TASK_ID={task}");
         if environ.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()) {
-            let _ = std::process::Command::new("kill")
-                .args(["-s", "KILL", "--", &format!("-{pid}")])
-                .status();
+            kill_group_id(pid);
             killed += 1;
         }
         let _ = std::fs::remove_file(&path);
     }
     killed
+}
+
+/// Sends SIGKILL to the process group `pgid` through the kill(2) call itself: shelling out
+/// to `kill -PGID` is parsed as `kill(-1, ...)` by some procps versions, which as root kills
+/// every process on the host.
+fn kill_group_id(pgid: u32) {
+    let Some(pid) = i32::try_from(pgid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
 }
 
 fn setpriv() -> Option<&'static str> {
@@ -173,13 +184,8 @@ fn setpriv() -> Option<&'static str> {
 async fn kill_group(child: &mut tokio::process::Child) {
     #[cfg(unix)]
     if let Some(pid) = child.id() {
-        // The child leads its own process group: killing -PGID takes its children too.
-        // Spell it `kill -s KILL -- -PGID`: procps-ng 4.0.2 runs `kill -KILL -PGID` as
-        // kill(-1, SIGKILL), which kills every process the peer may signal.
-        let _ = Command::new("kill")
-            .args(["-s", "KILL", "--", &format!("-{pid}")])
-            .status()
-            .await;
+        // The child leads its own process group: killing the group takes its children too.
+        kill_group_id(pid);
     }
     let _ = child.kill().await;
     let _ = child.wait().await;
