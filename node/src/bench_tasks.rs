@@ -90,7 +90,8 @@ pub struct Failover {
     pub visible: f64,
     /// Whether the epoch seen was more than one above the killed one.
     pub skipped_epochs: bool,
-    /// `kill -9`-orphaned task processes found still running after the failover.
+    /// Processes of the killed owner's epoch still running once the new epoch ran: a duplicate
+    /// run the lease cannot fence (the bench then ends them by pid).
     pub orphans: usize,
 }
 
@@ -290,20 +291,16 @@ impl Bench {
             claim_to_running: running_at - expiry,
             visible: seen_wall - running_at,
             skipped_epochs: t.epoch != epoch + 1,
-            orphans: 0,
+            // Did the killed owner's instance die with it?
+            orphans: kill_task_processes(&id, Some(epoch)),
         };
 
         self.cancel(observer, &id).await?;
-        // The killed peer's child outlives it (see the report); end it by pid.
-        let orphans = kill_task_processes(&id);
         self.mesh
             .restart(owner)
             .map_err(|e| format!("restart peer{owner}: {e}"))?;
         self.mesh.wait_converged(LONG).await?;
-        Ok(Failover {
-            orphans,
-            ..failover
-        })
+        Ok(failover)
     }
 
     /// Submit to Running, through peer `k % n`.
@@ -378,7 +375,7 @@ pub async fn run(bin: &Path, cfg: &TaskBench, progress: impl Fn(&str)) -> Result
     }
     bench.mesh.stop_all();
     for id in &bench.submitted {
-        kill_task_processes(id);
+        kill_task_processes(id, None);
     }
     if docker_image.is_ok() {
         for node in &bench.ids {
@@ -504,7 +501,7 @@ pub fn table(r: &Report) -> String {
     let skipped = r.failovers.iter().filter(|f| f.skipped_epochs).count();
     let orphans: usize = r.failovers.iter().map(|f| f.orphans).sum();
     out.push_str(&format!(
-        "({} peers; p99 is nearest-rank; {skipped} failover(s) landed beyond epoch + 1; {orphans} task process(es) outlived their killed peer)\n",
+        "({} peers; p99 is nearest-rank; {skipped} failover(s) landed beyond epoch + 1; {orphans} killed owner's instance(s) still running after the failover)\n",
         r.peers
     ));
     if let Some(why) = &r.docker_skipped {
@@ -514,9 +511,10 @@ pub fn table(r: &Report) -> String {
 }
 
 /// Kills, by pid, every process whose environment names task `id` (`OMESH_TASK_ID`, set by the
-/// process executor). Returns how many it found.
-pub fn kill_task_processes(id: &str) -> usize {
-    let needle = format!("OMESH_TASK_ID={id}");
+/// process executor) and, if given, `epoch` (`OMESH_EPOCH`). Returns how many it found.
+pub fn kill_task_processes(id: &str, epoch: Option<u64>) -> usize {
+    let task = format!("OMESH_TASK_ID={id}");
+    let epoch = epoch.map(|e| format!("OMESH_EPOCH={e}"));
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
     };
@@ -532,10 +530,11 @@ pub fn kill_task_processes(id: &str) -> usize {
         let Ok(env) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };
-        if env.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+        let has = |want: &str| env.split(|b| *b == 0).any(|v| v == want.as_bytes());
+        if has(&task) && epoch.as_deref().is_none_or(has) {
             found += 1;
             let _ = Command::new("kill")
-                .args(["-KILL", pid])
+                .args(["-s", "KILL", "--", pid])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
