@@ -890,23 +890,49 @@ impl Replica {
 
     /// Whether this node knows peers but hears none of them.
     pub fn is_isolated(&self, now: Millis) -> bool {
+        // Isolation must be noticed before any lease it could take over expires: two missed
+        // heartbeats of silence from everyone, while a lease needs ttl + grace (config checks
+        // ttl >= 2 heartbeats). Peers gone for much longer than a lease are forgotten here, so
+        // a lone survivor of a dead mesh takes over eventually instead of waiting forever.
+        let quiet_after = 2 * self.cfg.heartbeat_ms;
+        let forget_after = 10 * (self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms);
         let mut known = false;
         for n in self.state.nodes() {
             if n.id == self.me.id || n.leaving {
                 continue;
             }
+            let Some(heard) = self.heard.get(&n.id) else {
+                continue;
+            };
+            let silent = now.saturating_sub(heard.at);
+            if silent > forget_after {
+                continue;
+            }
             known = true;
-            if self.health(now, &n.id) == Health::Alive {
+            if silent < quiet_after {
                 return false;
             }
         }
         known
     }
 
-    /// Whether this node may claim tasks: alone in the mesh, or hearing peers and synced.
+    /// Whether this node may claim tasks: alone in the mesh (or the only one left for long),
+    /// or hearing peers and synced.
     pub fn may_claim(&self, now: Millis) -> bool {
-        let alone = self.state.nodes().all(|n| n.id == self.me.id || n.leaving);
-        alone || (self.synced && !self.is_isolated(now))
+        self.synced_or_alone(now) && !self.is_isolated(now)
+    }
+
+    fn synced_or_alone(&self, now: Millis) -> bool {
+        let forget_after = 10 * (self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms);
+        let alone = self.state.nodes().all(|n| {
+            n.id == self.me.id
+                || n.leaving
+                || self
+                    .heard
+                    .get(&n.id)
+                    .is_none_or(|h| now.saturating_sub(h.at) > forget_after)
+        });
+        alone || self.synced
     }
 
     fn random_alive_peer(&mut self, now: Millis) -> Option<NodeId> {

@@ -324,3 +324,23 @@ fn a_task_submitted_anywhere_is_seen_with_the_same_state_everywhere() {
             |id| m.replica(*id).task_state(m.now, &task) == Some(TaskState::Succeeded)
         )));
 }
+
+#[test]
+fn a_cut_off_peer_does_not_take_over_tasks_whose_owners_are_healthy() {
+    let mut m = joined(3, |_| {});
+    let task = m.submit(node(1), spec(11));
+    assert!(m.run_until(5_000, |m| owner_of(m, task).is_some()));
+    let (owner, _) = owner_of(&m, task).unwrap();
+    let cut = m.ids().into_iter().find(|id| *id != owner).unwrap();
+    m.isolate(cut);
+    // Long past ttl + grace: the cut-off peer hears nobody, so it claims nothing; the owner,
+    // still hearing the third node, keeps its lease.
+    m.run_for(15_000);
+    assert!(m.replica(cut).is_isolated(m.now));
+    assert_eq!(
+        m.runners(task),
+        vec![(owner, 1)],
+        "the cut-off peer started a duplicate"
+    );
+    assert_eq!(m.instances.iter().filter(|i| i.task == task).count(), 1);
+}

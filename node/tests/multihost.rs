@@ -1,0 +1,594 @@
+//! The multi-host suite: four peers, each in its own container on a private Docker network,
+//! built from the binary under test (`docker import` of a rootfs holding it, its shared
+//! libraries and a static busybox: no registry). Tasks are submitted in waves; under each
+//! wave one fault hits the owner of its long task: `docker network disconnect`, `docker
+//! pause`, `docker kill` then `docker start`. Every task must end exactly once, the views and
+//! state digests of all peers must converge, and no stale epoch may keep running.
+//! Skips without Docker, unless `OMESH_REQUIRE_DOCKER=1`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::docker::{docker_or_skip, skip};
+use common::{wait_until, Submitter};
+use omesh::api::{StatusView, SubmitBody, TaskJson};
+
+const PEERS: usize = 4;
+/// A generous bound on anything that has to happen.
+const LONG: Duration = Duration::from_secs(90);
+/// How long a fault lasts at least (well past lease ttl + grace = 3 s).
+const HOLD: Duration = Duration::from_secs(8);
+const APPLETS: &[&str] = &[
+    "sh", "sleep", "echo", "kill", "ps", "cat", "tr", "true", "false",
+];
+
+/// Runs `docker args...`; stdout, or the error text.
+fn docker(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("docker: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(format!(
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Copies `file` and every shared library `ldd` lists for it (the loader too) into `root`.
+fn copy_with_libs(file: &Path, root: &Path, dest: &str) -> Result<(), String> {
+    let target = root.join(dest);
+    std::fs::create_dir_all(target.parent().unwrap()).map_err(|e| e.to_string())?;
+    // Without debug info the image is a tenth of the size; a plain copy if strip is missing.
+    let stripped = Command::new("strip")
+        .args(["--strip-debug", "-o"])
+        .arg(&target)
+        .arg(file)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        std::fs::copy(file, &target).map_err(|e| format!("copy {}: {e}", file.display()))?;
+    }
+    let ldd = Command::new("ldd")
+        .arg(file)
+        .output()
+        .map_err(|e| format!("ldd: {e}"))?;
+    // A static binary makes ldd fail ("not a dynamic executable"): nothing to copy.
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next().unwrap_or(""),
+            None => line.split_whitespace().next().unwrap_or(""),
+        };
+        if path.starts_with('/') {
+            let to = root.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(to.parent().unwrap()).map_err(|e| e.to_string())?;
+            std::fs::copy(path, &to).map_err(|e| format!("copy {path}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Builds the rootfs in `dir` and imports it as `tag`.
+fn build_image(dir: &Path, tag: &str) -> Result<(), String> {
+    let root = dir.join("rootfs");
+    for d in ["bin", "tmp", "data"] {
+        std::fs::create_dir_all(root.join(d)).map_err(|e| e.to_string())?;
+    }
+    copy_with_libs(Path::new(common::bin()), &root, "omesh")?;
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .ok_or("no busybox (install Debian's busybox-static)")?;
+    copy_with_libs(Path::new(busybox), &root, "bin/busybox")?;
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))
+            .map_err(|e| format!("symlink {applet}: {e}"))?;
+    }
+    let tar = dir.join("rootfs.tar");
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        return Err("tar of the rootfs failed".into());
+    }
+    docker(&[
+        "import",
+        "--change",
+        r#"ENTRYPOINT ["/omesh"]"#,
+        "--change",
+        "ENV PATH=/bin",
+        tar.to_str().unwrap(),
+        tag,
+    ])
+    .map(drop)
+}
+
+/// Everything this run created in Docker; removed on drop, even after a failed assertion.
+struct Mesh {
+    run: String,
+    image: Option<String>,
+    network: Option<String>,
+    containers: Vec<String>,
+    ips: Vec<String>,
+    node_ids: Vec<String>,
+    /// A peer its fault makes unreachable right now.
+    down: Option<usize>,
+    http: reqwest::Client,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        // OMESH_MULTIHOST_LOGS=1 prints the peers' whole logs even when the suite passes.
+        let all = std::env::var_os("OMESH_MULTIHOST_LOGS").is_some();
+        if std::thread::panicking() || all {
+            self.dump(if all { "all" } else { "40" });
+        }
+        for c in &self.containers {
+            let _ = docker(&["unpause", c]);
+            let _ = docker(&["rm", "-f", "-v", c]);
+            let _ = docker(&["volume", "rm", "-f", c]);
+        }
+        if let Some(n) = &self.network {
+            let _ = docker(&["network", "rm", n]);
+        }
+        if let Some(i) = &self.image {
+            let _ = docker(&["rmi", "-f", i]);
+        }
+    }
+}
+
+impl Mesh {
+    fn dump(&self, tail: &str) {
+        for c in &self.containers {
+            let logs = Command::new("docker")
+                .args(["logs", "--tail", tail, c])
+                .output()
+                .map(|o| {
+                    let out = String::from_utf8_lossy(&o.stdout);
+                    format!("{out}{}", String::from_utf8_lossy(&o.stderr))
+                })
+                .unwrap_or_default();
+            eprintln!("---- {c} ----\n{logs}");
+        }
+    }
+
+    /// Starts peer `i` (peer 0 is the seed) with a data volume named like its container.
+    fn start(&mut self, i: usize, sub: &Submitter) {
+        let name = format!("omesh-mh-{}-p{i}", self.run);
+        let mut args: Vec<String> = [
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--hostname",
+            &format!("p{i}"),
+            "--network",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.push(self.network.clone().unwrap());
+        args.extend(["-v".into(), format!("{name}:/data")]);
+        args.push(self.image.clone().unwrap());
+        args.extend(
+            [
+                "up",
+                "--data-dir",
+                "/data",
+                "--listen",
+                "/ip4/0.0.0.0/udp/7001/quic-v1",
+                "--api-listen",
+                "0.0.0.0:7878",
+                "--executor",
+                "process",
+                "--fake-cpu-percent",
+                "10",
+            ]
+            .map(String::from),
+        );
+        args.extend(sub.flags());
+        match self.ips.first() {
+            Some(seed) => args.extend(["--seed".into(), format!("/ip4/{seed}/udp/7001/quic-v1")]),
+            None => args.extend(["--alone".into(), "true".into()]),
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        // Recorded first: a `docker run` that fails half-way still leaves a container to remove.
+        self.containers.push(name);
+        self.ips.push(String::new());
+        docker(&refs).unwrap();
+        self.refresh_ip(i);
+    }
+
+    /// Reads peer `i`'s address on the network again (it may change on restart or reconnect).
+    fn refresh_ip(&mut self, i: usize) {
+        let format = format!(
+            "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+            self.network.as_ref().unwrap()
+        );
+        self.ips[i] = docker(&["inspect", "-f", &format, &self.containers[i]]).unwrap();
+    }
+
+    fn live(&self) -> Vec<usize> {
+        (0..self.containers.len())
+            .filter(|i| Some(*i) != self.down)
+            .collect()
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, i: usize, path: &str) -> Option<T> {
+        let url = format!("http://{}:7878{path}", self.ips[i]);
+        let resp = self.http.get(url).send().await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        resp.json().await.ok()
+    }
+
+    async fn status(&self, i: usize) -> Option<StatusView> {
+        self.get(i, "/api/v1/status").await
+    }
+
+    async fn tasks(&self, i: usize) -> Option<BTreeMap<String, TaskJson>> {
+        let list: Vec<TaskJson> = self.get(i, "/api/v1/tasks").await?;
+        Some(list.into_iter().map(|t| (t.id.clone(), t)).collect())
+    }
+
+    /// Every live peer is ready and judges all peers alive.
+    async fn healed(&self) -> bool {
+        for i in self.live() {
+            match self.status(i).await {
+                Some(s) if s.ready && s.peers_alive == self.containers.len() => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    async fn wait_healed(&self, what: &str) {
+        let ok = wait_until(LONG, || self.healed()).await;
+        assert!(ok, "{what}: the mesh did not heal");
+    }
+
+    async fn submit(&self, i: usize, sub: &Submitter, script: &str) -> String {
+        let spec = sub.spec(&["sh", "-c", script], |s| {
+            s.max_attempts = 2;
+            s.timeout_ms = 120_000;
+        });
+        let resp = self
+            .http
+            .post(format!("http://{}:7878/api/v1/tasks", self.ips[i]))
+            .bearer_auth(&sub.token)
+            .json(&SubmitBody::from_signed(&spec))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 201, "submit to peer {i} refused");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    fn peer_of(&self, node: &str) -> Option<usize> {
+        self.node_ids.iter().position(|n| n == node)
+    }
+
+    /// (task, epoch) of every task instance running in peer `i`'s container, read from the
+    /// OMESH_TASK_ID and OMESH_EPOCH its executor gives each process.
+    fn instances(&self, i: usize) -> Vec<(String, u64)> {
+        let script = r#"cd /proc; for p in [0-9]*; do cat $p/environ 2>/dev/null | tr '\000' ' '; echo; done"#;
+        let out = docker(&["exec", &self.containers[i], "sh", "-c", script]).unwrap_or_default();
+        let mut found: Vec<(String, u64)> = out
+            .lines()
+            .filter_map(|l| {
+                let var = |k: &str| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix(k).map(str::to_owned))
+                };
+                Some((var("OMESH_TASK_ID=")?, var("OMESH_EPOCH=")?.parse().ok()?))
+            })
+            .collect();
+        found.sort();
+        found.dedup();
+        found
+    }
+
+    /// Instances that run although the mesh (peer `view`'s table) gave their task a higher
+    /// epoch or another owner: (peer, task, epoch).
+    async fn stale_instances(&self, view: usize) -> Vec<(usize, String, u64)> {
+        let Some(table) = self.tasks(view).await else {
+            return vec![(view, "unreachable".into(), 0)];
+        };
+        let mut stale = Vec::new();
+        for i in self.live() {
+            for (task, epoch) in self.instances(i) {
+                let current = table.get(&task).is_some_and(|t| {
+                    t.epoch == epoch && t.owner.as_deref() == Some(self.node_ids[i].as_str())
+                });
+                if !current {
+                    stale.push((i, task, epoch));
+                }
+            }
+        }
+        stale
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Disconnect,
+    Pause,
+    KillRestart,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_survive_partition_pause_and_kill_of_peers_in_containers() {
+    let test = "multihost";
+    if !docker_or_skip(test) {
+        return;
+    }
+    for tool in ["tar", "ldd"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            skip(test, &format!("{tool} is not installed"));
+            return;
+        }
+    }
+    let started = Instant::now();
+    let sub = Submitter::new();
+    let run = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let mut mesh = Mesh {
+        image: None,
+        network: None,
+        containers: Vec::new(),
+        ips: Vec::new(),
+        node_ids: Vec::new(),
+        down: None,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(4))
+            .build()
+            .unwrap(),
+        run,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("omesh-multihost:{}", mesh.run);
+    if let Err(e) = build_image(dir.path(), &tag) {
+        let _ = docker(&["rmi", "-f", &tag]);
+        skip(test, &format!("cannot build the peer image: {e}"));
+        return;
+    }
+    mesh.image = Some(tag);
+    println!("image built in {:?}", started.elapsed());
+    let network = format!("omesh-mh-{}", mesh.run);
+    docker(&["network", "create", &network]).unwrap();
+    mesh.network = Some(network);
+    for i in 0..PEERS {
+        mesh.start(i, &sub);
+    }
+    mesh.wait_healed("start").await;
+    for i in 0..PEERS {
+        let id = mesh.status(i).await.unwrap().node_id;
+        mesh.node_ids.push(id);
+    }
+    println!(
+        "{PEERS} peers up at {:?} after {:?}",
+        mesh.ips,
+        started.elapsed()
+    );
+
+    // Waves of tasks, each with one fault on the owner of its long task.
+    let mut expect: BTreeMap<String, &str> = BTreeMap::new();
+    let mut faults = Vec::new();
+    // The peer each wave's fault hit, and the wave of each task (they end within it).
+    let mut faulted = Vec::new();
+    let mut wave_of = BTreeMap::new();
+    let plan = [Fault::Disconnect, Fault::Pause, Fault::KillRestart];
+    for (w, fault) in plan.into_iter().enumerate() {
+        let wanted = 1 + w % (PEERS - 1);
+        // A task runs where it is submitted when that peer has room: the long one goes to
+        // the peer the fault is meant for.
+        let long = mesh.submit(wanted, &sub, "sleep 15; echo ok").await;
+        expect.insert(long.clone(), "succeeded");
+        wave_of.insert(long.clone(), w);
+        for k in 0..4 {
+            let id = mesh.submit((w + k) % PEERS, &sub, "sleep 3; echo ok").await;
+            wave_of.insert(id.clone(), w);
+            expect.insert(id, "succeeded");
+        }
+        let id = mesh.submit((w + 2) % PEERS, &sub, "sleep 1; exit 3").await;
+        wave_of.insert(id.clone(), w);
+        expect.insert(id, "failed");
+
+        let running = wait_until(LONG, || async {
+            let t: Option<TaskJson> = mesh.get(0, &format!("/api/v1/tasks/{long}")).await;
+            t.is_some_and(|t| t.state == "running" && t.owner.is_some())
+        })
+        .await;
+        assert!(running, "wave {w}: the long task never ran");
+        let t: TaskJson = mesh.get(0, &format!("/api/v1/tasks/{long}")).await.unwrap();
+        let target = t.owner.as_deref().and_then(|o| mesh.peer_of(o)).unwrap();
+        let (epoch0, c) = (t.epoch, mesh.containers[target].clone());
+        let net = mesh.network.clone().unwrap();
+        let incarnation0 = mesh.status(target).await.unwrap().incarnation;
+        mesh.down = Some(target);
+        let fault_at = Instant::now();
+        match fault {
+            Fault::Disconnect => docker(&["network", "disconnect", &net, &c]).unwrap(),
+            Fault::Pause => docker(&["pause", &c]).unwrap(),
+            Fault::KillRestart => docker(&["kill", &c]).unwrap(),
+        };
+        // The others take the long task over with a higher epoch.
+        let observer = (target + 1) % PEERS;
+        let failover = wait_until(LONG, || async {
+            let t: Option<TaskJson> = mesh.get(observer, &format!("/api/v1/tasks/{long}")).await;
+            t.is_some_and(|t| {
+                t.epoch > epoch0 && t.owner.as_deref() != Some(mesh.node_ids[target].as_str())
+            })
+        })
+        .await;
+        let failover_after = fault_at.elapsed();
+        assert!(
+            failover,
+            "wave {w}: no failover of {long} away from peer {target}"
+        );
+        tokio::time::sleep(HOLD.saturating_sub(fault_at.elapsed())).await;
+        // A cut-off owner keeps running its superseded epoch until it hears of the new one.
+        let old_ran = matches!(fault, Fault::Disconnect)
+            .then(|| mesh.instances(target).contains(&(long.clone(), epoch0)));
+        match fault {
+            Fault::Disconnect => docker(&["network", "connect", &net, &c]).unwrap(),
+            Fault::Pause => docker(&["unpause", &c]).unwrap(),
+            Fault::KillRestart => docker(&["start", &c]).unwrap(),
+        };
+        let held = fault_at.elapsed();
+        mesh.refresh_ip(target);
+        mesh.down = None;
+        // Fencing: no instance of a superseded epoch keeps running once the fault is over.
+        let stale = RefCell::new(Vec::new());
+        let fenced = wait_until(Duration::from_secs(30), || async {
+            *stale.borrow_mut() = mesh.stale_instances(observer).await;
+            stale.borrow().is_empty()
+        })
+        .await;
+        assert!(
+            fenced,
+            "wave {w}: stale instances still run after {fault:?}: {stale:?}"
+        );
+        let fenced_after = fault_at.elapsed().saturating_sub(held);
+        mesh.wait_healed(&format!("after {fault:?} of peer {target}"))
+            .await;
+        let healed_after = fault_at.elapsed();
+        if matches!(fault, Fault::KillRestart) {
+            let inc = mesh.status(target).await.unwrap().incarnation;
+            assert_eq!(
+                inc,
+                incarnation0 + 1,
+                "peer {target} restarted without incarnation+1"
+            );
+        }
+        println!(
+            "wave {w}: {fault:?} of peer {target} (owner of the long task, epoch {epoch0}): \
+             failover after {failover_after:?}, fault held {held:?}; the cut-off owner still ran \
+             epoch {epoch0} before the heal: {old_ran:?}; no stale instance {fenced_after:?} \
+             after the heal; \
+             all peers alive again {healed_after:?} after the fault"
+        );
+        faults.push(format!("{fault:?} p{target}"));
+        faulted.push(target);
+    }
+
+    // Every task ends exactly once: terminal everywhere, one (state, epoch, owner) on every
+    // peer, equal digests, and nothing left running in any container.
+    let last = RefCell::new(String::new());
+    let converged = wait_until(Duration::from_secs(150), || async {
+        let mut views = Vec::new();
+        for i in 0..PEERS {
+            let (Some(tasks), Some(st)) = (mesh.tasks(i).await, mesh.status(i).await) else {
+                *last.borrow_mut() = format!("peer {i} unreachable");
+                return false;
+            };
+            views.push((tasks, st.digest));
+        }
+        for (id, want) in &expect {
+            let states: Vec<_> = views
+                .iter()
+                .map(|(t, _)| {
+                    t.get(id)
+                        .map(|t| (t.state.clone(), t.epoch, t.owner.clone()))
+                })
+                .collect();
+            if states
+                .iter()
+                .any(|s| s.as_ref().is_none_or(|s| s.0 != *want))
+                || states.windows(2).any(|w| w[0] != w[1])
+            {
+                *last.borrow_mut() = format!("task {id}: want {want} everywhere, views {states:?}");
+                return false;
+            }
+        }
+        if views.windows(2).any(|w| w[0].1 != w[1].1) {
+            *last.borrow_mut() = format!(
+                "digests differ: {:?}",
+                views.iter().map(|v| &v.1).collect::<Vec<_>>()
+            );
+            return false;
+        }
+        true
+    })
+    .await;
+    assert!(
+        converged,
+        "no convergence after the faults: {}",
+        last.borrow()
+    );
+    let tasks = mesh.tasks(0).await.unwrap();
+    let mut lost = 0;
+    let mut failed_over = 0;
+    let mut twice = 0;
+    // A task whose first owner had no fault in the task's wave has no reason to run again.
+    let mut healthy_reruns = 0;
+    for (id, want) in &expect {
+        let t = &tasks[id];
+        lost += usize::from(t.state != *want);
+        failed_over += usize::from(t.epoch > 1 && *want == "succeeded");
+        let ended = t.history.iter().filter(|h| h.state == "succeeded").count();
+        if ended > 1 {
+            twice += 1;
+            let runs: Vec<_> = t
+                .history
+                .iter()
+                .map(|h| (h.epoch, h.state.as_str(), mesh.peer_of(&h.reporter)))
+                .collect();
+            let first = t.history.iter().find(|h| h.state == "succeeded");
+            let first = first.and_then(|h| mesh.peer_of(&h.reporter));
+            let healthy = first.is_some_and(|p| p != faulted[wave_of[id]]);
+            healthy_reruns += usize::from(healthy);
+            let why = if healthy {
+                ", a re-run: its first owner had no fault"
+            } else {
+                ""
+            };
+            println!("{}: (epoch, state, reporter) {runs:?}{why}", &id[..12]);
+        }
+        if *want == "failed" {
+            assert_eq!(t.exit_code, Some(3), "{id}: {t:?}");
+        }
+    }
+    let mut duplicates = 0;
+    for i in 0..PEERS {
+        let left = mesh.instances(i);
+        duplicates += left.len();
+        assert!(
+            left.is_empty(),
+            "peer {i} still runs {left:?} after convergence"
+        );
+        let running = mesh.tasks(i).await.unwrap();
+        assert!(
+            running.values().all(|t| t.state != "running"),
+            "peer {i} lists a running task"
+        );
+    }
+    println!(
+        "multihost summary: tasks submitted: {} ({} ok, {} failing), faults injected: {} ({}), \
+         tasks failed over: {failed_over}, tasks that succeeded in two epochs during a fault: \
+         {twice} (of them re-runs of a task whose owner had no fault: {healthy_reruns}), \
+         tasks lost: {lost}, duplicates after heal: {duplicates}, suite time: {:?}",
+        expect.len(),
+        expect.values().filter(|s| **s == "succeeded").count(),
+        expect.values().filter(|s| **s == "failed").count(),
+        faults.len(),
+        faults.join(", "),
+        started.elapsed()
+    );
+    assert_eq!(lost, 0);
+}
