@@ -242,7 +242,7 @@ impl Sim {
             self.scenario.gossip.maintenance_ms,
         );
         let every = (ping_ms / period_ms).max(1);
-        if ping_ms > 0 && self.maintain_round % every == 0 {
+        if ping_ms > 0 && self.maintain_round.is_multiple_of(every) {
             let total = u32::try_from(self.nodes.len()).unwrap_or(u32::MAX);
             for i in 0..total {
                 if !self.nodes[ix(i)].up() {
