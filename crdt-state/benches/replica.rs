@@ -84,7 +84,7 @@ fn spec(key: &SigningKey, j: usize) -> SignedTaskSpec {
         ]),
         cpu_millis: 500,
         memory_bytes: 256 << 20,
-        required_tags: if j % 4 == 0 {
+        required_tags: if j.is_multiple_of(4) {
             BTreeSet::from(["arch=amd64".to_owned()])
         } else {
             BTreeSet::new()
@@ -204,7 +204,7 @@ impl Mesh {
                 owner: j * 31 % NODES,
             });
             out.push(self.delta(j * 7 % NODES, DeltaBody::Spec(signed)));
-            if j % 5 == 0 {
+            if j.is_multiple_of(5) {
                 out.push(self.lease(j));
                 out.push(self.status(j, TaskState::Failed, Some(1)));
                 self.fail_over(j);
@@ -221,7 +221,7 @@ impl Mesh {
     fn newer(&mut self) -> Vec<Delta> {
         let mut out = self.heartbeat_round();
         for j in (0..TASKS).step_by(2) {
-            if j % 4 == 0 {
+            if j.is_multiple_of(4) {
                 self.fail_over(j);
                 out.push(self.lease(j));
                 out.push(self.status(j, TaskState::Running, None));
