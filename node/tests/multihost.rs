@@ -593,7 +593,7 @@ async fn tasks_survive_partition_pause_and_kill_of_peers_in_containers() {
     println!("{summary}");
     // cargo test hides a passing test's output; .ci/run prints this file at its end.
     let _ = std::fs::write(
-        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("multihost-summary.txt"),
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("multihost-summary.txt"),
         format!("{summary}\n"),
     );
     assert_eq!(lost, 0);
