@@ -104,6 +104,10 @@ pub struct TaskJson {
     pub history: Vec<EpochJson>,
     /// Only a tombstone remains.
     pub compacted: bool,
+    /// While the owner fetches the task's image from peers: how far it got (only the
+    /// owner's API knows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
 }
 
 /// What one epoch of a task reached.
@@ -154,6 +158,20 @@ pub enum ApiCall {
     },
     /// Test-only fault injection: refuse these peers entirely.
     Block(Vec<libp2p::PeerId>, oneshot::Sender<()>),
+    /// Pull an image from peers into the local blob store.
+    PullImage(
+        omesh_protocol::ImageRef,
+        oneshot::Sender<crate::images::PullJson>,
+    ),
+    /// Pulls asked for, with their progress.
+    Pulls(oneshot::Sender<Vec<crate::images::PullJson>>),
+}
+
+/// The body of `POST /api/v1/images/pull`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PullBody {
+    /// The image, pinned by digest: `name@sha256:<hex>`.
+    pub image: String,
 }
 
 /// The body of `POST /api/v1/tasks`: a spec and its submitter's signature.
@@ -353,6 +371,24 @@ async fn logs(
     Ok(Json(chunk))
 }
 
+async fn pull_image(
+    State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let body: PullBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid pull body: {e}")))?;
+    let image = omesh_protocol::ImageRef::parse(&body.image)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let pull = ask(&s, |tx| ApiCall::PullImage(image, tx)).await?;
+    Ok((StatusCode::ACCEPTED, Json(pull)).into_response())
+}
+
+async fn pulls(State(s): State<ApiState>) -> Result<Json<Vec<crate::images::PullJson>>, ApiError> {
+    Ok(Json(ask(&s, ApiCall::Pulls).await?))
+}
+
 async fn block(
     State(s): State<ApiState>,
     headers: axum::http::HeaderMap,
@@ -506,6 +542,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/tasks", get(tasks).post(submit))
         .route("/api/v1/tasks/{id}", get(task).delete(cancel))
         .route("/api/v1/tasks/{id}/logs", get(logs))
+        .route("/api/v1/images/pull", axum::routing::post(pull_image))
+        .route("/api/v1/images/pulls", get(pulls))
         .route("/api/v1/debug/block", axum::routing::post(block))
         .route("/api/v1/debug/propagation", get(propagation))
         .fallback(not_found)

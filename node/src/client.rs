@@ -349,6 +349,9 @@ pub fn task_text(t: &TaskJson) -> String {
     if let Some(r) = &t.pending_reason {
         out.push_str(&format!("pending     {r}\n"));
     }
+    if let Some(p) = &t.progress {
+        out.push_str(&format!("progress    {p}\n"));
+    }
     out.push_str(&format!(
         "image       {}\n",
         t.image.as_deref().unwrap_or("-")

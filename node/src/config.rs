@@ -86,6 +86,14 @@ pub struct NodeConfig {
     pub target_peers: usize,
     /// Executor: auto, docker or process.
     pub executor: ExecutorChoice,
+    /// UDP address of the blob data plane (default: the `listen` IP, QUIC port + 1).
+    pub blob_listen: Option<SocketAddr>,
+    /// Most bytes the blob store holds; least-recently-used blobs no live task needs go first.
+    pub blob_cap_bytes: u64,
+    /// Test-only: flip a byte of every blob chunk served.
+    pub debug_corrupt_blobs: bool,
+    /// Test-only: cut each blob connection once it has carried this many bytes.
+    pub debug_drop_after_bytes: Option<u64>,
 }
 
 impl Default for NodeConfig {
@@ -116,6 +124,10 @@ impl Default for NodeConfig {
             fake_cpu_percent: None,
             target_peers: 6,
             executor: ExecutorChoice::Auto,
+            blob_listen: None,
+            blob_cap_bytes: crate::blobs::DEFAULT_CAP_BYTES,
+            debug_corrupt_blobs: false,
+            debug_drop_after_bytes: None,
         }
     }
 }
@@ -165,6 +177,8 @@ pub struct NetPlan {
     pub seeds: Vec<Multiaddr>,
     /// Allowed peers (empty: any).
     pub allowed_peers: BTreeSet<PeerId>,
+    /// Where the blob data plane listens.
+    pub blob_listen: SocketAddr,
 }
 
 impl NodeConfig {
@@ -256,10 +270,29 @@ impl NodeConfig {
         )
         .validate()
         .map_err(|e| value(e.key, e.reason))?;
+        if self.blob_cap_bytes == 0 {
+            return Err(value("blob_cap_bytes", "must be more than 0"));
+        }
+        if self.debug_drop_after_bytes == Some(0) {
+            return Err(value("debug_drop_after_bytes", "must be more than 0"));
+        }
+        let blob_listen = match self.blob_listen {
+            Some(a) => a,
+            None => default_blob_listen(&listen).ok_or_else(|| {
+                value(
+                    "blob_listen",
+                    format!(
+                        "cannot derive it from listen = {:?}; set it (e.g. 0.0.0.0:7002)",
+                        self.listen
+                    ),
+                )
+            })?,
+        };
         Ok(NetPlan {
             listen,
             seeds,
             allowed_peers,
+            blob_listen,
         })
     }
 
@@ -306,6 +339,26 @@ impl NodeConfig {
         ]);
         r
     }
+}
+
+/// The blob data plane's default address: the QUIC listen IP, UDP port + 1 (0 stays 0).
+fn default_blob_listen(listen: &Multiaddr) -> Option<SocketAddr> {
+    use libp2p::multiaddr::Protocol;
+    let mut ip = None;
+    let mut port = None;
+    for p in listen.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Udp(p) => port = Some(p),
+            _ => {}
+        }
+    }
+    let port = match port? {
+        0 => 0,
+        p => p.checked_add(1)?,
+    };
+    Some(SocketAddr::new(ip?, port))
 }
 
 /// Parses a hex ed25519 public key.
@@ -355,6 +408,22 @@ mod tests {
         let cfg = NodeConfig::load(Some(&path), t).unwrap();
         assert_eq!(cfg.threshold_cpu, 90);
         assert!(cfg.tags.contains("edge"));
+    }
+
+    #[test]
+    fn blob_listen_defaults_to_the_next_port() {
+        let cfg = NodeConfig {
+            listen: "/ip4/10.0.0.5/udp/7001/quic-v1".into(),
+            ..NodeConfig::default()
+        };
+        assert_eq!(
+            cfg.check().unwrap().blob_listen,
+            "10.0.0.5:7002".parse().unwrap()
+        );
+        let mut t = toml::Table::new();
+        t.insert("blob_cap_bytes".into(), toml::Value::Integer(0));
+        let err = NodeConfig::load(None, t).unwrap_err().to_string();
+        assert!(err.contains("blob_cap_bytes"), "{err}");
     }
 
     #[test]

@@ -6,12 +6,19 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_blobs;
 pub mod bench_tasks;
+pub mod blobs;
 pub mod client;
 pub mod config;
 pub mod datadir;
+pub mod dataplane;
 pub mod demo;
 pub mod executor;
+pub mod fetch;
+pub mod image_cli;
+pub mod image_import;
+pub mod images;
 pub mod keys;
 pub mod load;
 pub mod localmesh;

@@ -58,6 +58,9 @@ enum Command {
     /// Benchmarks on local meshes of child processes.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Container images: the local blob store, and pulls from peers.
+    #[command(subcommand)]
+    Image(omesh::image_cli::ImageCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +89,22 @@ enum BenchCommand {
         /// Do not time the docker executor.
         #[arg(long)]
         no_docker: bool,
+    },
+    /// Blob data plane: one blob between two peers (vs plain quinn and cp), and one image to
+    /// many peers at once (time and bytes the origin serves).
+    Blobs {
+        /// Size of the single-transfer blob, MiB.
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Peers pulling one image at once.
+        #[arg(long, default_value_t = 8)]
+        fanout_peers: usize,
+        /// Size of that image, MiB (0: skip the fan-out).
+        #[arg(long, default_value_t = 1024)]
+        fanout_mib: u64,
+        /// Rounds of the single transfer, alternating omesh, plain quinn and cp (best counts).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -303,6 +322,22 @@ struct UpArgs {
     #[arg(long, env = "OMESH_TARGET_PEERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     target_peers: Option<usize>,
+    /// UDP address of the blob data plane (default: the listen IP, QUIC port + 1).
+    #[arg(long, env = "OMESH_BLOB_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    blob_listen: Option<String>,
+    /// Most bytes the blob store keeps (least-recently-used unneeded blobs are evicted).
+    #[arg(long, env = "OMESH_BLOB_CAP_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    blob_cap_bytes: Option<u64>,
+    /// Test only: flip a byte of every blob chunk served.
+    #[arg(long, env = "OMESH_DEBUG_CORRUPT_BLOBS", hide = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    debug_corrupt_blobs: Option<bool>,
+    /// Test only: cut each blob connection after it carried this many bytes.
+    #[arg(long, env = "OMESH_DEBUG_DROP_AFTER_BYTES", hide = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    debug_drop_after_bytes: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -338,6 +373,17 @@ fn main() -> ExitCode {
             submits,
             docker: !no_docker,
         }),
+        Command::Bench(BenchCommand::Blobs {
+            mib,
+            fanout_peers,
+            fanout_mib,
+            rounds,
+        }) => bench_blobs(&omesh::bench_blobs::BlobBench {
+            mib,
+            fanout_peers,
+            fanout_mib,
+            rounds,
+        }),
         Command::Submit(args) => submit(&args),
         Command::Demo {
             tasks,
@@ -347,6 +393,7 @@ fn main() -> ExitCode {
         Command::Task(args) => show_task(&args),
         Command::Cancel(args) => cancel(&args),
         Command::Logs(args) => logs(&args),
+        Command::Image(cmd) => omesh::image_cli::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -612,6 +659,20 @@ fn bench_tasks(cfg: &omesh::bench_tasks::TaskBench) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
         println!("$ {}", command.join(" "));
         print!("{}", omesh::bench_tasks::table(&report));
+        Ok(())
+    })
+}
+
+fn bench_blobs(cfg: &omesh::bench_blobs::BlobBench) -> anyhow::Result<()> {
+    let bin = std::env::current_exe()?;
+    let command: Vec<String> = std::env::args().collect();
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let figures = omesh::bench_blobs::run(&bin, cfg, |line| eprintln!("bench: {line}"))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        println!("$ {}", command.join(" "));
+        print!("{}", omesh::bench_blobs::table(&figures));
         Ok(())
     })
 }

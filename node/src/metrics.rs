@@ -230,3 +230,79 @@ pub fn to_classic(openmetrics: &str) -> String {
     }
     out
 }
+
+/// Metrics of the blob data plane and store. Counters are shared handles: clones count
+/// into the same series, so the server, fetcher and store hold their own clones.
+#[derive(Debug, Clone, Default)]
+pub struct BlobMetrics {
+    /// Chunk bytes this node served to peers.
+    pub bytes_served: Counter,
+    /// Chunk bytes this node received from peers (verified or not, wasted or not).
+    pub bytes_fetched: Counter,
+    /// Blob connections refused: the peer is not a node of this mesh.
+    pub refused: Counter,
+    /// Blob requests that did not decode.
+    pub malformed_requests: Counter,
+    /// Holders dropped from a fetch for serving bytes that do not match the digest.
+    pub bad_holders: Counter,
+    /// Blobs fetched and verified.
+    pub blobs_fetched: Counter,
+    /// Fetches of a blob that failed.
+    pub fetch_failures: Counter,
+    /// Blobs evicted to stay under `blob_cap_bytes`.
+    pub evicted: Counter,
+    /// Bytes in the blob store.
+    pub store_bytes: Gauge,
+}
+
+impl BlobMetrics {
+    /// Registers every series in `registry` (prefixed `omesh_blob_`).
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("blob");
+        r.register(
+            "bytes_served",
+            "Chunk bytes served to peers",
+            self.bytes_served.clone(),
+        );
+        r.register(
+            "bytes_fetched",
+            "Chunk bytes received from peers",
+            self.bytes_fetched.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Blob connections refused because the peer is not a node of this mesh",
+            self.refused.clone(),
+        );
+        r.register(
+            "requests_malformed",
+            "Blob requests that did not decode",
+            self.malformed_requests.clone(),
+        );
+        r.register(
+            "bad_holders",
+            "Holders dropped from a fetch for serving bytes that do not match the digest",
+            self.bad_holders.clone(),
+        );
+        r.register(
+            "fetched",
+            "Blobs fetched from peers and verified",
+            self.blobs_fetched.clone(),
+        );
+        r.register(
+            "fetch_failures",
+            "Blob fetches that failed",
+            self.fetch_failures.clone(),
+        );
+        r.register(
+            "evicted",
+            "Blobs evicted to stay under blob_cap_bytes",
+            self.evicted.clone(),
+        );
+        r.register(
+            "store_bytes",
+            "Bytes held in the blob store",
+            self.store_bytes.clone(),
+        );
+    }
+}

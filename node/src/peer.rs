@@ -106,6 +106,7 @@ pub struct Peer {
     pub(crate) reports: mpsc::Receiver<Report>,
     pub(crate) blocked: BTreeSet<PeerId>,
     pub(crate) pending_logs: HashMap<OutboundRequestId, crate::tasks::PendingLog>,
+    pub(crate) images: Arc<crate::images::ImageService>,
 }
 
 /// Why the peer could not start.
@@ -131,6 +132,9 @@ pub enum StartError {
     /// The replica refused its config.
     #[error(transparent)]
     Replica(#[from] omesh_state::ConfigError),
+    /// The blob store or data plane cannot start.
+    #[error(transparent)]
+    Images(#[from] crate::images::ImagesError),
 }
 
 impl Peer {
@@ -147,6 +151,8 @@ impl Peer {
         let node_id = net::node_id_of_key(&key)
             .ok_or_else(|| net::BuildError("identity is not ed25519".into()))?;
         let local_peer = key.public().to_peer_id();
+        let images =
+            crate::images::ImageService::start(&cfg, &plan, &key, &metrics, docker.is_some())?;
         let mut swarm = net::build_swarm(key, net::GOSSIP_TRANSMIT_LIMIT)?;
         swarm
             .listen_on(plan.listen.clone())
@@ -169,13 +175,14 @@ impl Peer {
             source,
         })?;
         let prefer_docker = cfg.executor != ExecutorChoice::Process;
-        let executor = Executor::new(
+        let mut executor = Executor::new(
             Arc::new(ProcessBackend),
             docker,
             prefer_docker,
             reports_tx,
             log_dir,
         );
+        executor.set_image_provider(images.clone());
         let mut rcfg = cfg.replica_config(node_id, incarnation, load.capacity());
         rcfg.tags.extend(executor.tags());
         let replica = Replica::new(rcfg)?;
@@ -219,6 +226,7 @@ impl Peer {
             reports,
             blocked: BTreeSet::new(),
             pending_logs: HashMap::new(),
+            images,
         })
     }
 
@@ -241,6 +249,7 @@ impl Peer {
                 || tokio::time::Instant::now() + Duration::from_secs(1),
                 |t| self.clock.instant_at(t),
             );
+            let images = Arc::clone(&self.images);
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -253,6 +262,7 @@ impl Peer {
                     self.feed(Input::Load(sample));
                 }
                 _ = housekeeping.tick() => self.housekeeping(),
+                () = images.store_changed() => self.refresh_images(),
             }
         }
         self.leave().await;
@@ -650,12 +660,19 @@ impl Peer {
     }
 
     fn advertise_addrs(&mut self) {
-        let addrs: Vec<String> = self
+        let mut addrs: Vec<String> = self
             .listen_addrs
             .iter()
             .filter(|a| is_dialable(a))
             .map(|a| a.clone().with(Protocol::P2p(self.local_peer)).to_string())
             .collect();
+        let dialable: Vec<Multiaddr> = self
+            .listen_addrs
+            .iter()
+            .filter(|a| is_dialable(a))
+            .cloned()
+            .collect();
+        addrs.extend(self.images.advertised_addrs(&dialable));
         self.feed(Input::Addresses(addrs));
     }
 
@@ -682,6 +699,7 @@ impl Peer {
             }
         }
         self.connect_known_peers();
+        self.refresh_images();
         let connected = self.swarm.connected_peers().count();
         let alone = self.cfg.alone || self.seeds.is_empty();
         if !self.ready && (alone || (connected > 0 && self.replica.is_synced())) {
@@ -817,7 +835,12 @@ impl Peer {
                 let _ = tx.send(views);
             }
             ApiCall::Tasks(tx) => {
-                let views = self.replica.task_views(now).iter().map(task_json).collect();
+                let views = self
+                    .replica
+                    .task_views(now)
+                    .iter()
+                    .map(|v| self.with_progress(task_json(v)))
+                    .collect();
                 let _ = tx.send(views);
             }
             ApiCall::Submit(spec, tx) => {
@@ -850,9 +873,36 @@ impl Peer {
                 let _ = tx.send(samples);
             }
             ApiCall::Task(id, tx) => {
-                let _ = tx.send(self.replica.task_view(now, &id).as_ref().map(task_json));
+                let view = self.replica.task_view(now, &id);
+                let _ = tx.send(view.as_ref().map(|v| self.with_progress(task_json(v))));
+            }
+            ApiCall::PullImage(image, tx) => {
+                let _ = tx.send(self.images.pull(image));
+            }
+            ApiCall::Pulls(tx) => {
+                let _ = tx.send(self.images.pulls());
             }
         }
+    }
+}
+
+impl Peer {
+    /// Brings the image service up to date with the replica, and the replica with what the
+    /// blob store holds (at once when a fetch starts, so others can fetch from this node).
+    fn refresh_images(&mut self) {
+        let now = self.clock.now();
+        let held = self
+            .images
+            .refresh(&self.replica, now, &self.blocked, &self.plan.allowed_peers);
+        if let Some(held) = held {
+            self.feed(Input::Images(held));
+        }
+    }
+
+    /// Adds the progress of the image fetch this node runs for the task, if any.
+    fn with_progress(&self, mut t: TaskJson) -> TaskJson {
+        t.progress = t.id.parse().ok().and_then(|id| self.images.progress(&id));
+        t
     }
 }
 
@@ -886,6 +936,7 @@ fn task_json(v: &omesh_state::TaskView) -> TaskJson {
             })
             .collect(),
         compacted: v.compacted,
+        progress: None,
     }
 }
 

@@ -74,6 +74,11 @@ impl DockerBackend {
         Ok(Self { docker })
     }
 
+    /// The engine client (image loads share it).
+    pub fn engine(&self) -> Docker {
+        self.docker.clone()
+    }
+
     /// Whether a Docker engine answers here (for `executor = "auto"`).
     pub async fn available() -> bool {
         Self::connect().await.is_ok()

@@ -50,6 +50,15 @@ pub trait Backend: Send + Sync + 'static {
     async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, String>;
 }
 
+/// Makes a task's image available to the Docker engine before its container starts (the
+/// peer fetches it from other peers and loads it). Runs inside the instance's task, so a
+/// long fetch holds up nothing else; a stop while it runs ends the instance as stopped.
+#[async_trait::async_trait]
+pub trait ImageProvider: Send + Sync + 'static {
+    /// Ensures the engine holds `inst`'s image; the error text ends up in the task's status.
+    async fn prepare(&self, inst: &Instance) -> Result<(), String>;
+}
+
 /// A report for the driver.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -70,6 +79,7 @@ pub struct Executor {
     reports: mpsc::Sender<Report>,
     running: HashMap<(TaskId, Epoch), watch::Sender<bool>>,
     log_dir: PathBuf,
+    images: Option<Arc<dyn ImageProvider>>,
 }
 
 impl Executor {
@@ -89,7 +99,13 @@ impl Executor {
             reports,
             running: HashMap::new(),
             log_dir,
+            images: None,
         }
+    }
+
+    /// Has Docker instances wait for `images` to provide their image before they start.
+    pub fn set_image_provider(&mut self, images: Arc<dyn ImageProvider>) {
+        self.images = Some(images);
     }
 
     /// The capability tags of this node: `executor:process`, and `executor:docker` with an engine.
@@ -142,6 +158,7 @@ impl Executor {
             node,
         };
         let backend = self.backend_for(inst.spec.spec.executor);
+        let images = self.images.clone();
         let reports = self.reports.clone();
         tokio::spawn(async move {
             let Some(backend) = backend else {
@@ -156,6 +173,17 @@ impl Executor {
                     .await;
                 return;
             };
+            if let Some(images) = images.filter(|_| backend.name() == "docker") {
+                let mut cancel = cancel_rx.clone();
+                let end = tokio::select! {
+                    ready = images.prepare(&inst) => ready.err().map(|error| ExecEvent::Failed { error }),
+                    () = cancelled(&mut cancel) => Some(ExecEvent::Stopped),
+                };
+                if let Some(event) = end {
+                    let _ = reports.send(Report { task, epoch, event }).await;
+                    return;
+                }
+            }
             let started_tx = reports.clone();
             let started = move || {
                 // The report channel is bounded; a full channel means the driver is far
