@@ -425,7 +425,14 @@ impl Replica {
                 Ok(())
             }
             Input::Images(images) => {
-                self.me.images = images;
+                // Holders are found through node records: announce a change at once rather
+                // than at the next heartbeat, so fetchers spread over holders sooner.
+                if images != self.me.images {
+                    self.me.images = images;
+                    if self.started {
+                        self.heartbeat(now);
+                    }
+                }
                 Ok(())
             }
             Input::Submit(spec) => self.submit(now, spec).map(|_| ()),

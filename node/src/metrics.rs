@@ -157,6 +157,17 @@ impl Metrics {
             "This node's incarnation",
             m.incarnation.clone(),
         );
+        // Every channel has a series from the start, so dashboards and alerts see 0, not nothing.
+        for channel in [
+            "gossip",
+            "gossip_forged_origin",
+            "sync_request",
+            "sync_reply",
+        ] {
+            m.malformed.get_or_create(&ChannelLabel {
+                channel: channel.to_owned(),
+            });
+        }
         Self { registry, ..m }
     }
 
