@@ -164,7 +164,7 @@ impl Metrics {
             "sync_request",
             "sync_reply",
         ] {
-            m.malformed.get_or_create(&ChannelLabel {
+            let _ = m.malformed.get_or_create(&ChannelLabel {
                 channel: channel.to_owned(),
             });
         }
