@@ -598,7 +598,8 @@ pub fn ensure_test_image() -> Result<String, String> {
     Ok(format!("{name}@sha256:{hex}"))
 }
 
-fn image_id(reference: &str) -> Option<String> {
+/// The local image ID (`sha256:<hex>`) of `reference`, if the engine has it.
+pub fn image_id(reference: &str) -> Option<String> {
     let out = Command::new("docker")
         .args(["image", "inspect", "-f", "{{.Id}}", reference])
         .stdin(Stdio::null())

@@ -58,33 +58,7 @@ impl Client {
 
     /// GETs `path` and decodes JSON.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let url = format!("{}{path}", self.base);
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
-        let status = resp.status();
-        if !status.is_success() {
-            let body: serde_json::Value = resp.json().await.unwrap_or_default();
-            let reason = body
-                .get("error")
-                .and_then(|v| v.as_str())
-                .unwrap_or("no reason given")
-                .to_owned();
-            return Err(ClientError::Api {
-                url,
-                status: status.as_u16(),
-                reason,
-            });
-        }
-        resp.json()
-            .await
-            .map_err(|source| ClientError::Decode { url, source })
+        self.send(reqwest::Method::GET, path, None, None).await
     }
 
     /// The peer's status.

@@ -1,14 +1,12 @@
 //! A Docker engine for tests: whether one answers, and a tiny image built here (no registry):
 //! a static busybox with a few applet links, imported as `omesh-test/busybox:latest`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-/// The tag of the test image.
-pub const TEST_IMAGE_TAG: &str = "omesh-test/busybox:latest";
-/// The applets linked into the image's `/bin`.
-const APPLETS: &[&str] = &["sh", "echo", "sleep", "true", "false", "cat"];
+// The image itself is built by the same code `omesh bench tasks` uses.
+pub use omesh::bench_tasks::{image_id, TEST_IMAGE_TAG};
 
 /// Whether tests must not skip for want of Docker (CI sets it).
 pub fn docker_required() -> bool {
@@ -65,66 +63,13 @@ pub fn test_image() -> Option<String> {
 }
 
 fn build_test_image() -> Result<String, String> {
-    let id = match image_id(TEST_IMAGE_TAG) {
-        Some(id) => id,
-        None => {
-            import_image()?;
-            image_id(TEST_IMAGE_TAG)
-                .ok_or_else(|| format!("{TEST_IMAGE_TAG} not found after docker import"))?
-        }
-    };
-    let hex = id
-        .strip_prefix("sha256:")
-        .ok_or_else(|| format!("unexpected image id {id:?}"))?;
-    let name = TEST_IMAGE_TAG.split(':').next().unwrap_or(TEST_IMAGE_TAG);
-    Ok(format!("{name}@sha256:{hex}"))
-}
-
-/// The local image ID (`sha256:<hex>`) of `reference`, if the engine has it.
-pub fn image_id(reference: &str) -> Option<String> {
-    let out = Command::new("docker")
-        .args(["image", "inspect", "-f", "{{.Id}}", reference])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    (out.status.success() && !id.is_empty()).then_some(id)
-}
-
-/// Builds the rootfs, tars it and `docker import`s it under [`TEST_IMAGE_TAG`].
-fn import_image() -> Result<(), String> {
-    let busybox = static_busybox()?;
-    let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-    let root = dir.path().join("rootfs");
-    let bin = root.join("bin");
-    std::fs::create_dir_all(&bin).map_err(|e| format!("mkdir {}: {e}", bin.display()))?;
-    std::fs::create_dir_all(root.join("tmp")).map_err(|e| format!("mkdir tmp: {e}"))?;
-    std::fs::copy(&busybox, bin.join("busybox"))
-        .map_err(|e| format!("copy {}: {e}", busybox.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(bin.join("busybox"), std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| format!("chmod busybox: {e}"))?;
+    if image_id(TEST_IMAGE_TAG).is_none() {
+        static_busybox()?;
     }
-    for applet in APPLETS {
-        std::os::unix::fs::symlink("busybox", bin.join(applet))
-            .map_err(|e| format!("symlink {applet}: {e}"))?;
-    }
-    let tar = dir.path().join("rootfs.tar");
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg("."))?;
-    run(Command::new("docker")
-        .arg("import")
-        .arg(&tar)
-        .arg(TEST_IMAGE_TAG))
+    omesh::bench_tasks::ensure_test_image()
 }
 
-/// A statically linked busybox on this host, installing Debian's `busybox-static` if there is
+/// A busybox on this host, installing Debian's `busybox-static` if there is
 /// none and we may (root with apt-get).
 fn static_busybox() -> Result<PathBuf, String> {
     let found = || {
@@ -133,20 +78,13 @@ fn static_busybox() -> Result<PathBuf, String> {
             .map(PathBuf::from)
             .find(|p| p.is_file())
     };
-    let path = match found() {
-        Some(p) => p,
+    match found() {
+        Some(p) => Ok(p),
         None => {
             install_busybox_static()?;
-            found().ok_or("busybox-static installed but no /bin/busybox")?
+            found().ok_or_else(|| "busybox-static installed but no /bin/busybox".to_owned())
         }
-    };
-    if is_dynamic_elf(&path)? {
-        return Err(format!(
-            "{} is dynamically linked; install Debian's busybox-static",
-            path.display()
-        ));
     }
-    Ok(path)
 }
 
 fn install_busybox_static() -> Result<(), String> {
@@ -179,37 +117,6 @@ fn install_busybox_static() -> Result<(), String> {
     // The package lists may be missing or stale.
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     install()
-}
-
-/// Whether the ELF file at `path` asks for a dynamic loader (has a PT_INTERP header).
-fn is_dynamic_elf(path: &Path) -> Result<bool, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("read {}: {e}", path.display()))?;
-    let bad = || format!("{} is not an ELF file", path.display());
-    if bytes.get(..4) != Some(b"\x7fELF".as_slice()) {
-        return Err(bad());
-    }
-    let little = bytes.get(5) == Some(&1);
-    let uint = |at: usize, len: usize| -> Result<u64, String> {
-        let b = bytes.get(at..at + len).ok_or_else(bad)?;
-        let mut v = 0u64;
-        for (i, byte) in b.iter().enumerate() {
-            let shift = (if little { i } else { len - 1 - i }) * 8;
-            v |= u64::from(*byte) << shift;
-        }
-        Ok(v)
-    };
-    let (phoff, phentsize, phnum) = if bytes.get(4) == Some(&2) {
-        (uint(0x20, 8)?, uint(0x36, 2)?, uint(0x38, 2)?)
-    } else {
-        (uint(0x1c, 4)?, uint(0x2a, 2)?, uint(0x2c, 2)?)
-    };
-    for i in 0..phnum {
-        let at = usize::try_from(phoff + i * phentsize).map_err(|_| bad())?;
-        if uint(at, 4)? == 3 {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {
