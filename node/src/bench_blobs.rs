@@ -28,8 +28,10 @@ pub struct BlobBench {
     pub fanout_peers: usize,
     /// Size of the fan-out image, MiB (0: skip the fan-out).
     pub fanout_mib: u64,
-    /// Rounds of the single transfer (best of each kind counts).
+    /// Rounds of the single transfer (best of each kind counts; 0: skip it).
     pub rounds: usize,
+    /// Each fan-out peer's uplink cap, MB/s (0: none).
+    pub link_mbps: f64,
 }
 
 /// The figures.
@@ -57,6 +59,8 @@ pub struct BlobFigures {
     pub origin_served: u64,
     /// Bytes each fetching peer served to the others.
     pub fetchers_served: Vec<u64>,
+    /// Each fan-out peer's uplink cap, MB/s (0: none).
+    pub link_mbps: f64,
 }
 
 const TOKEN: &str = "bench-token";
@@ -183,27 +187,43 @@ pub async fn run(bin: &Path, cfg: &BlobBench, log: impl Fn(&str)) -> Result<Blob
         .tempdir()
         .map_err(|e| e.to_string())?;
     let mut fig = BlobFigures::default();
+    if cfg.rounds > 0 {
+        single(bin, root.path(), cfg, &mut fig, &log).await?;
+    }
+    if cfg.fanout_mib > 0 && cfg.fanout_peers > 0 {
+        fanout(bin, root.path(), cfg, &mut fig, &log).await?;
+    }
+    Ok(fig)
+}
 
+/// One blob A -> B, against plain quinn and cp.
+async fn single(
+    bin: &Path,
+    root: &Path,
+    cfg: &BlobBench,
+    fig: &mut BlobFigures,
+    log: &impl Fn(&str),
+) -> Result<(), String> {
     log(&format!(
         "writing a {} MiB blob into peer A's store",
         cfg.mib
     ));
-    let a_data = root.path().join("single/peer0/data");
+    let a_data = root.join("single/peer0/data");
     let (image, _, blob_path) = synthetic_image(&a_data, cfg.mib, 1)?;
     fig.bytes = std::fs::metadata(&blob_path)
         .map_err(|e| e.to_string())?
         .len();
-    let mut mesh = LocalMesh::start(bin, &root.path().join("single"), 2, |_| flags())
-        .map_err(|e| e.to_string())?;
+    let mut mesh =
+        LocalMesh::start(bin, &root.join("single"), 2, |_| flags()).map_err(|e| e.to_string())?;
     mesh.wait_converged(Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await; // A's next heartbeats carry the image
     let b = mesh.peers.get(1).map(|p| p.client()).ok_or("no peer B")?;
-    let b_store = BlobStore::open(&root.path().join("single/peer1/data"), u64::MAX)
-        .map_err(|e| e.to_string())?;
+    let b_store =
+        BlobStore::open(&root.join("single/peer1/data"), u64::MAX).map_err(|e| e.to_string())?;
     // Rounds alternate the three transfers; the best of each counts, so that load from
     // elsewhere on the host weighs on all of them alike.
     let (mut omesh, mut quinn, mut cp) = (f64::MAX, f64::MAX, f64::MAX);
-    for round in 1..=cfg.rounds.max(1) {
+    for round in 1..=cfg.rounds {
         log(&format!("round {round}: omesh A -> B"));
         pull(&b, &image).await?;
         let t = pulled(&b, &image, Duration::from_secs(1800)).await?;
@@ -214,7 +234,7 @@ pub async fn run(bin: &Path, cfg: &BlobBench, log: impl Fn(&str)) -> Result<Blob
         log(&format!(
             "round {round}: plain quinn stream of the same bytes"
         ));
-        let (src, dst) = (blob_path.clone(), root.path().join("quinn.out"));
+        let (src, dst) = (blob_path.clone(), root.join("quinn.out"));
         // Its runtimes need a thread outside this one's.
         let plain = std::thread::spawn(move || plain_quinn(&src, &dst));
         let plain = tokio::task::spawn_blocking(move || plain.join())
@@ -222,30 +242,26 @@ pub async fn run(bin: &Path, cfg: &BlobBench, log: impl Fn(&str)) -> Result<Blob
             .map_err(|e| e.to_string())?
             .map_err(|_| "the plain quinn transfer panicked".to_owned())?;
         quinn = quinn.min(plain?.as_secs_f64());
-        let _ = std::fs::remove_file(root.path().join("quinn.out"));
+        let _ = std::fs::remove_file(root.join("quinn.out"));
         log(&format!("round {round}: cp of the same file"));
         let start = Instant::now();
         let status = std::process::Command::new("cp")
             .arg(&blob_path)
-            .arg(root.path().join("cp.out"))
+            .arg(root.join("cp.out"))
             .status()
             .map_err(|e| format!("cp: {e}"))?;
         if !status.success() {
             return Err("cp failed".into());
         }
         cp = cp.min(start.elapsed().as_secs_f64());
-        let _ = std::fs::remove_file(root.path().join("cp.out"));
+        let _ = std::fs::remove_file(root.join("cp.out"));
     }
     (fig.omesh_s, fig.quinn_s, fig.cp_s) = (omesh, quinn, cp);
-    fig.rounds = cfg.rounds.max(1);
+    fig.rounds = cfg.rounds;
     mesh.stop_all();
-    let _ = std::fs::remove_dir_all(root.path().join("single"));
-    let _ = std::fs::remove_file(root.path().join("cp.out"));
-
-    if cfg.fanout_mib > 0 && cfg.fanout_peers > 0 {
-        fanout(bin, root.path(), cfg, &mut fig, &log).await?;
-    }
-    Ok(fig)
+    let _ = std::fs::remove_dir_all(root.join("single"));
+    let _ = std::fs::remove_file(root.join("cp.out"));
+    Ok(())
 }
 
 async fn fanout(
@@ -263,8 +279,16 @@ async fn fanout(
     let (image, _, blob) = synthetic_image(&dir.join("peer0/data"), cfg.fanout_mib, 2)?;
     fig.fanout_bytes = std::fs::metadata(&blob).map_err(|e| e.to_string())?.len();
     fig.fanout_peers = cfg.fanout_peers;
-    let mut mesh = LocalMesh::start(bin, &dir, cfg.fanout_peers + 1, |_| flags())
-        .map_err(|e| e.to_string())?;
+    fig.link_mbps = cfg.link_mbps;
+    let rate = (cfg.link_mbps * 1e6) as u64;
+    let mut mesh = LocalMesh::start(bin, &dir, cfg.fanout_peers + 1, |_| {
+        let mut f = flags();
+        if rate > 0 {
+            f.extend(["--blob-serve-bytes-per-sec".into(), rate.to_string()]);
+        }
+        f
+    })
+    .map_err(|e| e.to_string())?;
     mesh.wait_converged(Duration::from_secs(120)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let clients: Vec<Client> = mesh.peers.iter().map(|p| p.client()).collect();
@@ -384,6 +408,16 @@ fn plain_quinn(src: &Path, out: &Path) -> Result<Duration, String> {
 /// The report.
 pub fn table(f: &BlobFigures) -> String {
     let mut out = String::new();
+    if f.rounds > 0 {
+        single_table(f, &mut out);
+    }
+    if f.fanout_peers > 0 {
+        fanout_table(f, &mut out);
+    }
+    out
+}
+
+fn single_table(f: &BlobFigures, out: &mut String) {
     let mb = f.bytes as f64 / 1e6;
     out.push_str(&format!(
         "single transfer of {:.0} MB between two local peers (best of {} rounds)\n",
@@ -412,31 +446,36 @@ pub fn table(f: &BlobFigures) -> String {
         "  omesh / cp               {:>8.2}\n",
         f.cp_s / f.omesh_s.max(1e-9)
     ));
-    if f.fanout_peers > 0 {
-        out.push_str(&format!(
-            "one image ({:.0} MB) to {} local peers at once\n",
-            f.fanout_bytes as f64 / 1e6,
-            f.fanout_peers
-        ));
-        out.push_str(&format!("  one peer alone           {:>8.2} s\n", f.one_s));
-        out.push_str(&format!("  all at once (last done)  {:>8.2} s\n", f.all_s));
-        out.push_str(&format!(
-            "  time, all / one          {:>8.2}   (goal <= 2)\n",
-            f.all_s / f.one_s.max(1e-9)
-        ));
-        out.push_str(&format!(
-            "  origin served / image    {:>8.2}   (goal <= 2)\n",
-            f.origin_served as f64 / (f.fanout_bytes.max(1)) as f64
-        ));
-        let peers: Vec<String> = f
-            .fetchers_served
-            .iter()
-            .map(|b| format!("{:.2}", *b as f64 / f.fanout_bytes.max(1) as f64))
-            .collect();
-        out.push_str(&format!(
-            "  served by each fetcher / image: {}\n",
-            peers.join(" ")
-        ));
-    }
-    out
+}
+
+fn fanout_table(f: &BlobFigures, out: &mut String) {
+    let link = if f.link_mbps > 0.0 {
+        format!("each peer's uplink capped at {:.0} MB/s", f.link_mbps)
+    } else {
+        "no uplink cap: the host's CPU is the limit".to_owned()
+    };
+    out.push_str(&format!(
+        "one image ({:.0} MB) to {} local peers at once ({link})\n",
+        f.fanout_bytes as f64 / 1e6,
+        f.fanout_peers
+    ));
+    out.push_str(&format!("  one peer alone           {:>8.2} s\n", f.one_s));
+    out.push_str(&format!("  all at once (last done)  {:>8.2} s\n", f.all_s));
+    out.push_str(&format!(
+        "  time, all / one          {:>8.2}   (goal <= 2)\n",
+        f.all_s / f.one_s.max(1e-9)
+    ));
+    out.push_str(&format!(
+        "  origin served / image    {:>8.2}   (goal <= 2)\n",
+        f.origin_served as f64 / (f.fanout_bytes.max(1)) as f64
+    ));
+    let peers: Vec<String> = f
+        .fetchers_served
+        .iter()
+        .map(|b| format!("{:.2}", *b as f64 / f.fanout_bytes.max(1) as f64))
+        .collect();
+    out.push_str(&format!(
+        "  served by each fetcher / image: {}\n",
+        peers.join(" ")
+    ));
 }

@@ -25,7 +25,7 @@ const LONG: Duration = Duration::from_secs(120);
 /// The tag of the image the docker rows run.
 pub const TEST_IMAGE_TAG: &str = "omesh-test/busybox:latest";
 /// The busybox applets linked into the image.
-const APPLETS: &[&str] = &["sh", "echo", "sleep", "true", "false", "cat"];
+const APPLETS: &[&str] = &["sh", "echo", "sleep", "true", "false", "cat", "date"];
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -586,7 +586,7 @@ pub fn ensure_test_image() -> Result<String, String> {
     let id = match image_id(TEST_IMAGE_TAG) {
         Some(id) => id,
         None => {
-            import_image()?;
+            import_busybox_image(TEST_IMAGE_TAG)?;
             image_id(TEST_IMAGE_TAG)
                 .ok_or_else(|| format!("{TEST_IMAGE_TAG} not found after docker import"))?
         }
@@ -610,7 +610,8 @@ pub fn image_id(reference: &str) -> Option<String> {
     (out.status.success() && !id.is_empty()).then_some(id)
 }
 
-fn import_image() -> Result<(), String> {
+/// `docker import`s a rootfs of a static busybox with a few applet links as `tag`.
+pub fn import_busybox_image(tag: &str) -> Result<(), String> {
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
         .iter()
         .map(PathBuf::from)
@@ -647,12 +648,7 @@ fn import_image() -> Result<(), String> {
             .arg(&tar)
             .arg("."),
     )?;
-    run_cmd(
-        Command::new("docker")
-            .arg("import")
-            .arg(&tar)
-            .arg(TEST_IMAGE_TAG),
-    )
+    run_cmd(Command::new("docker").arg("import").arg(&tar).arg(tag))
 }
 
 /// Whether the ELF file at `path` asks for a dynamic loader (has a PT_INTERP header).

@@ -90,6 +90,8 @@ pub struct NodeConfig {
     pub blob_listen: Option<SocketAddr>,
     /// Most bytes the blob store holds; least-recently-used blobs no live task needs go first.
     pub blob_cap_bytes: u64,
+    /// Most bytes per second this node serves to other peers, all together (0: no cap).
+    pub blob_serve_bytes_per_sec: u64,
     /// Test-only: flip a byte of every blob chunk served.
     pub debug_corrupt_blobs: bool,
     /// Test-only: cut each blob connection once it has carried this many bytes.
@@ -126,6 +128,7 @@ impl Default for NodeConfig {
             executor: ExecutorChoice::Auto,
             blob_listen: None,
             blob_cap_bytes: crate::blobs::DEFAULT_CAP_BYTES,
+            blob_serve_bytes_per_sec: 0,
             debug_corrupt_blobs: false,
             debug_drop_after_bytes: None,
         }

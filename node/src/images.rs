@@ -174,6 +174,7 @@ impl ImageService {
             allowed.clone(),
             faults,
             blob_metrics.clone(),
+            dataplane::Pacer::new(cfg.blob_serve_bytes_per_sec),
         ));
         info!(addr = %blob_addr, cap_bytes = cfg.blob_cap_bytes, "blob data plane listening");
         let service = Arc::new(Self {

@@ -46,6 +46,10 @@ enum Command {
         /// Keep the mesh running after the summary, until Ctrl-C.
         #[arg(long)]
         keep: bool,
+        /// What runs the tasks: `auto` (Docker when an engine answers and the demo image can
+        /// be built, else processes), `docker` or `process`.
+        #[arg(long, default_value = "auto")]
+        executor: omesh::demo::DemoExecutor,
     },
     /// Submit a task, signed with your submitter key, through the local peer.
     Submit(Box<SubmitArgs>),
@@ -102,9 +106,14 @@ enum BenchCommand {
         /// Size of that image, MiB (0: skip the fan-out).
         #[arg(long, default_value_t = 1024)]
         fanout_mib: u64,
-        /// Rounds of the single transfer, alternating omesh, plain quinn and cp (best counts).
+        /// Rounds of the single transfer, alternating omesh, plain quinn and cp (best counts;
+        /// 0: skip the single transfer).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Uplink of each fan-out peer, MB/s (`blob_serve_bytes_per_sec`; 0: no cap, so the
+        /// host's CPU is the limit).
+        #[arg(long, default_value_t = 0.0)]
+        link_mbps: f64,
     },
 }
 
@@ -330,6 +339,10 @@ struct UpArgs {
     #[arg(long, env = "OMESH_BLOB_CAP_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     blob_cap_bytes: Option<u64>,
+    /// Most bytes per second this peer serves to others, all together (0: no cap).
+    #[arg(long, env = "OMESH_BLOB_SERVE_BYTES_PER_SEC")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    blob_serve_bytes_per_sec: Option<u64>,
     /// Test only: flip a byte of every blob chunk served.
     #[arg(long, env = "OMESH_DEBUG_CORRUPT_BLOBS", hide = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -378,18 +391,21 @@ fn main() -> ExitCode {
             fanout_peers,
             fanout_mib,
             rounds,
+            link_mbps,
         }) => bench_blobs(&omesh::bench_blobs::BlobBench {
             mib,
             fanout_peers,
             fanout_mib,
             rounds,
+            link_mbps,
         }),
         Command::Submit(args) => submit(&args),
         Command::Demo {
             tasks,
             burn_secs,
             keep,
-        } => demo(tasks, burn_secs, keep),
+            executor,
+        } => demo(tasks, burn_secs, keep, executor),
         Command::Task(args) => show_task(&args),
         Command::Cancel(args) => cancel(&args),
         Command::Logs(args) => logs(&args),
@@ -481,7 +497,12 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-fn demo(tasks: usize, burn_secs: u64, keep: bool) -> anyhow::Result<()> {
+fn demo(
+    tasks: usize,
+    burn_secs: u64,
+    keep: bool,
+    executor: omesh::demo::DemoExecutor,
+) -> anyhow::Result<()> {
     anyhow::ensure!(tasks >= 1, "--tasks must be at least 1");
     let bin = std::env::current_exe()?;
     let root = tempfile::Builder::new().prefix("omesh-demo-").tempdir()?;
@@ -489,15 +510,11 @@ fn demo(tasks: usize, burn_secs: u64, keep: bool) -> anyhow::Result<()> {
         tasks,
         burn_secs,
         keep,
+        executor,
     };
     let rt = runtime()?;
-    let result = rt.block_on(async {
-        tokio::select! {
-            r = omesh::demo::run(&bin, root.path(), &opts) => r,
-            _ = tokio::signal::ctrl_c() => Err("interrupted; peers stopped".to_owned()),
-        }
-    });
-    // Dropping the runtime's futures dropped the peers (each kills its process).
+    // The demo handles Ctrl-C itself: it stops the peers gracefully and cleans the engine.
+    let result = rt.block_on(omesh::demo::run(&bin, root.path(), &opts));
     drop(rt);
     result.map_err(anyhow::Error::msg)
 }

@@ -24,7 +24,10 @@ use tracing::{debug, info, warn};
 use crate::blobs::BlobStore;
 
 mod frame;
+mod pace;
+
 use crate::metrics::BlobMetrics;
+pub use pace::Pacer;
 
 /// The TLS server name (libp2p's certificates do not carry one; the peer id is checked).
 pub const SERVER_NAME: &str = "l";
@@ -193,6 +196,7 @@ pub async fn serve(
     allowed: Allowed,
     faults: Faults,
     metrics: BlobMetrics,
+    pacer: Option<Arc<Pacer>>,
 ) {
     if faults.corrupt || faults.drop_after_bytes.is_some() {
         warn!(?faults, "test-only blob faults are on");
@@ -201,6 +205,7 @@ pub async fn serve(
         let store = store.clone();
         let allowed = allowed.clone();
         let metrics = metrics.clone();
+        let pacer = pacer.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -215,7 +220,7 @@ pub async fn serve(
                 conn.close(CLOSE_NOT_MEMBER.into(), b"not a node of this mesh");
                 return;
             };
-            serve_connection(conn, peer, store, faults, metrics).await;
+            serve_connection(conn, peer, store, faults, metrics, pacer).await;
         });
     }
 }
@@ -226,6 +231,7 @@ async fn serve_connection(
     store: BlobStore,
     faults: Faults,
     metrics: BlobMetrics,
+    pacer: Option<Arc<Pacer>>,
 ) {
     let carried = Arc::new(AtomicU64::new(0));
     loop {
@@ -241,10 +247,11 @@ async fn serve_connection(
             metrics.clone(),
             Arc::clone(&carried),
             conn.clone(),
+            pacer.clone(),
         );
         tokio::spawn(async move {
-            let (store, metrics, carried, conn) = ctx;
-            let served = serve_stream(send, recv, &store, faults, &metrics).await;
+            let (store, metrics, carried, conn, pacer) = ctx;
+            let served = serve_stream(send, recv, &store, faults, &metrics, pacer.as_deref()).await;
             let total = carried.fetch_add(served, Ordering::Relaxed) + served;
             if faults.drop_after_bytes.is_some_and(|n| total >= n) {
                 info!(%peer, carried = total, "test fault: cutting the blob connection");
@@ -261,6 +268,7 @@ async fn serve_stream(
     store: &BlobStore,
     faults: Faults,
     metrics: &BlobMetrics,
+    pacer: Option<&Pacer>,
 ) -> u64 {
     let Ok(bytes) = recv.read_to_end(BlobRequest::MAX_BYTES).await else {
         metrics.malformed_requests.inc();
@@ -290,6 +298,9 @@ async fn serve_stream(
                         }
                     }
                     let served = buf.len().saturating_sub(frame::HEADROOM) as u64;
+                    if let Some(p) = pacer {
+                        p.take(served).await;
+                    }
                     // The data goes out in the buffer it was read into.
                     let wire = frame::chunk_frame(buf, offset, total);
                     if send.write_chunk(wire).await.is_err() || send.finish().is_err() {
@@ -388,6 +399,7 @@ mod tests {
             allowed,
             Faults::default(),
             metrics.clone(),
+            None,
         ));
         let server_peer = server_key.public().to_peer_id();
         let client = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
