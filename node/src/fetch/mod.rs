@@ -308,6 +308,7 @@ impl Fetcher {
     ) -> Result<(), FetchError> {
         let digest = partial.digest();
         let missing = partial.missing();
+        let started = Instant::now();
         self.run(
             partial,
             image,
@@ -322,6 +323,16 @@ impl Fetcher {
             progress,
         )
         .await?;
+        let mut sources: HashMap<String, usize> = HashMap::new();
+        for p in served_by.values() {
+            let id = p.to_string();
+            let short = id
+                .get(id.len().saturating_sub(6)..)
+                .unwrap_or(&id)
+                .to_owned();
+            *sources.entry(short).or_default() += 1;
+        }
+        info!(blob = %digest, secs = started.elapsed().as_secs_f64(), chunks_by_source = ?sources, "blob received");
         match self.finish(partial).await {
             Err(FetchError::Store(StoreError::Mismatch { .. })) => {}
             other => return other,

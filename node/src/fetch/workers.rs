@@ -19,9 +19,11 @@ use crate::dataplane::DataPlaneError;
 /// Requests in flight per holder.
 const PER_HOLDER: usize = 8;
 /// While other nodes fetch the same blob (a swarm), each member takes only its share of the
-/// chunks from holders of the whole image and the rest from the members; unless no member has
-/// served anything for this long.
-const SWARM_STALL: Duration = Duration::from_secs(2);
+/// chunks from holders of the whole image and the rest from the members. A member that has
+/// served this node nothing for this long (from when it joined) is taken to be stuck, and its
+/// share comes from the holders of the whole image too. Per member: one slow member must not
+/// send every node back to the origin for everything.
+const SWARM_STALL: Duration = Duration::from_secs(10);
 /// Failures in a row after which a holder that has served nothing for [`GIVE_UP_AFTER`] is
 /// left out of this fetch. A cut connection fails every request in flight at once, so the
 /// count alone would drop a holder that serves well between cuts.
@@ -57,8 +59,9 @@ impl Fetcher {
             served_by: HashMap::new(),
             me: self.inner.key.public().to_peer_id(),
             shares: HashMap::new(),
+            owners: Vec::new(),
             share_len: 0,
-            last_swarm_ok: Instant::now(),
+            member_ok: HashMap::new(),
         }));
         let mut workers = tokio::task::JoinSet::new();
         let mut active: HashMap<PeerId, usize> = HashMap::new();
@@ -183,10 +186,12 @@ struct Plan {
     me: PeerId,
     /// Where each swarm member's share starts (this node's included; empty: no swarm).
     shares: HashMap<PeerId, u64>,
+    /// The members in share order (share `k` is chunks `k * share_len ..`).
+    owners: Vec<PeerId>,
     /// Chunks per share.
     share_len: u64,
-    /// When a member last served a chunk.
-    last_swarm_ok: Instant,
+    /// When each member last served this node a chunk (or joined).
+    member_ok: HashMap<PeerId, Instant>,
 }
 
 enum Take {
@@ -208,9 +213,28 @@ impl Plan {
         members.dedup();
         let n = members.len() as u64;
         self.share_len = self.chunks.div_ceil(n).max(1);
-        for (i, p) in (0u64..).zip(members) {
-            self.shares.insert(p, i * self.share_len);
+        let now = Instant::now();
+        for (i, p) in (0u64..).zip(&members) {
+            self.shares.insert(*p, i * self.share_len);
+            self.member_ok.entry(*p).or_insert(now);
         }
+        self.owners = members;
+    }
+
+    /// Whether chunk `i` is this node's to take from holders of the whole blob: it is in this
+    /// node's share, or in the share of a member that has stopped serving.
+    fn from_origin(&self, i: u64) -> bool {
+        let Some(owner) = usize::try_from(i / self.share_len.max(1))
+            .ok()
+            .and_then(|k| self.owners.get(k))
+        else {
+            return true;
+        };
+        *owner == self.me
+            || self
+                .member_ok
+                .get(owner)
+                .is_none_or(|t| t.elapsed() >= SWARM_STALL)
     }
 
     /// The next chunk to ask `peer` for. A swarm member is asked for its share, in order and
@@ -229,31 +253,42 @@ impl Plan {
         }
         let lacking = self.lacks.get(peer).map(|(_, l)| l);
         let wanted = |i: &u64| !lacking.is_some_and(|l| l.contains(i));
-        let swarm_serves = !self.shares.is_empty() && self.last_swarm_ok.elapsed() < SWARM_STALL;
         let pos = if complete {
-            let mine = self.shares.get(&self.me).copied();
-            let len = self.share_len;
-            let in_mine = |i: &u64| mine.is_none_or(|s| (s..s + len).contains(i));
-            if swarm_serves {
-                // This node's share, from its start: the order the others ask for it in.
+            if self.shares.is_empty() {
+                self.queue.iter().position(wanted)
+            } else {
+                // This node's share, from its start (the order the others ask for it in), then
+                // the shares of members that stopped serving.
+                let mine = self.shares.get(&self.me).copied().unwrap_or(0);
+                let len = self.share_len;
                 self.queue
                     .iter()
                     .enumerate()
-                    .filter(|(_, i)| wanted(i) && in_mine(i))
-                    .min_by_key(|(_, i)| **i)
+                    .filter(|(_, i)| wanted(i) && self.from_origin(**i))
+                    .min_by_key(|(_, i)| (!(mine..mine + len).contains(*i), **i))
                     .map(|(p, _)| p)
-            } else {
-                self.queue.iter().position(wanted)
             }
         } else {
+            // Distances from the start of the member's share. The window of what to ask runs
+            // to a little past the member's known frontier, or past the first chunk this node
+            // still lacks, whichever is further: chunks this node got elsewhere (before the
+            // swarm formed, say) must not leave it waiting below the window for good.
             let start = self.shares.get(peer).copied().unwrap_or(0);
-            let reach = self.frontier.get(peer).copied().unwrap_or(0) + PER_HOLDER as u64;
             let n = self.chunks.max(1);
+            let dist = |i: u64| (i + n - start % n) % n;
+            let first_needed = self.queue.iter().map(|i| dist(*i)).min().unwrap_or(0);
+            let reach = self
+                .frontier
+                .get(peer)
+                .copied()
+                .unwrap_or(0)
+                .max(first_needed)
+                + PER_HOLDER as u64;
             self.queue
                 .iter()
                 .enumerate()
                 .filter(|(_, i)| wanted(i))
-                .map(|(p, i)| (p, (i + n - start % n) % n))
+                .map(|(p, i)| (p, dist(*i)))
                 .filter(|(_, d)| *d <= reach)
                 .min_by_key(|(_, d)| *d)
                 .map(|(p, _)| p)
@@ -281,7 +316,7 @@ impl Plan {
         self.left = self.left.saturating_sub(1);
         self.served_by.insert(idx, peer);
         if !complete {
-            self.last_swarm_ok = Instant::now();
+            self.member_ok.insert(peer, Instant::now());
             let start = self.shares.get(&peer).copied().unwrap_or(0);
             let n = self.chunks.max(1);
             let d = (idx + n - start % n) % n;
