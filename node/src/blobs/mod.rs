@@ -8,7 +8,7 @@
 //! (`blob_cap_bytes`); room is made by evicting least-recently-used blobs (file mtime) that no
 //! live task's image needs (the peer writes those image ids to `blobs/pinned`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -116,12 +116,24 @@ pub struct Scan {
     pub blobs: BTreeMap<Digest, BlobInfo>,
     /// Image records.
     pub images: Vec<ImageRecord>,
+    /// Partial blobs no fetch has touched for [`ABANDONED_AFTER`]: bytes on disk (both files)
+    /// and last write. A retry would resume them; they go first when room is needed.
+    pub abandoned: BTreeMap<Digest, BlobInfo>,
 }
 
+/// A partial blob whose files have not been written for this long, and that no fetch of this
+/// process has open, counts against the cap and may be evicted. (A fetch appends to the chunk
+/// log with every chunk; the CLI, a process of its own, sees the peer's fetches only so.)
+pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl Scan {
-    /// Bytes of all blobs.
+    /// Bytes of all blobs, and of abandoned partial ones.
     pub fn total_bytes(&self) -> u64 {
-        self.blobs.values().map(|b| b.size).sum()
+        self.blobs
+            .values()
+            .chain(self.abandoned.values())
+            .map(|b| b.size)
+            .sum()
     }
 
     /// Whether every blob of `rec` is present.
@@ -281,7 +293,57 @@ impl BlobStore {
         Ok(Scan {
             blobs,
             images: self.records()?,
+            abandoned: self.abandoned_partials(),
         })
+    }
+
+    /// Partial blobs left by fetches that stopped (see [`ABANDONED_AFTER`]).
+    fn abandoned_partials(&self) -> BTreeMap<Digest, BlobInfo> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self.partial_dir();
+        let active: HashSet<Digest> = self.partial_digests().into_iter().collect();
+        let mut out = BTreeMap::new();
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return out;
+        };
+        let now = SystemTime::now();
+        for entry in entries.flatten() {
+            let Some(d) = entry.file_name().to_str().and_then(parse_digest) else {
+                continue;
+            };
+            if active.contains(&d) {
+                continue;
+            }
+            let log = dir.join(format!("{}.chunks", d.to_hex()));
+            let metas = [entry.metadata().ok(), fs::metadata(&log).ok()];
+            let metas: Vec<&fs::Metadata> = metas.iter().flatten().collect();
+            // Bytes really on disk: the data file is sparse until filled.
+            let size = metas.iter().map(|m| m.blocks().saturating_mul(512)).sum();
+            let used = metas
+                .iter()
+                .filter_map(|m| m.modified().ok())
+                .max()
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            if now.duration_since(used).unwrap_or_default() >= ABANDONED_AFTER {
+                out.insert(d, BlobInfo { size, used });
+            }
+        }
+        out
+    }
+
+    /// Removes an abandoned partial blob's files, unless a fetch opened it meanwhile.
+    fn remove_abandoned(&self, d: &Digest) -> Result<(), StoreError> {
+        let reg = self
+            .partials
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if reg.contains_key(d) {
+            return Ok(());
+        }
+        let dir = self.partial_dir();
+        remove_if_present(&dir.join(d.to_hex()))?;
+        remove_if_present(&dir.join(format!("{}.chunks", d.to_hex())))?;
+        Ok(())
     }
 
     /// Records which images live tasks need, so that neither eviction here nor `image rm`
@@ -320,6 +382,10 @@ impl BlobStore {
             .flat_map(ImageRecord::blobs)
             .chain(keep.iter())
             .collect();
+        // Abandoned partial blobs first (oldest first), then complete blobs least recently
+        // used first.
+        let mut abandoned: Vec<(&Digest, &BlobInfo)> = scan.abandoned.iter().collect();
+        abandoned.sort_by_key(|(d, b)| (b.used, **d));
         let mut candidates: Vec<(&Digest, &BlobInfo)> = scan
             .blobs
             .iter()
@@ -327,13 +393,22 @@ impl BlobStore {
             .collect();
         candidates.sort_by_key(|(d, b)| (b.used, **d));
         let mut plan = Vec::new();
+        let mut partial_plan = Vec::new();
         let mut after = total;
-        for (d, b) in candidates {
+        for (is_partial, (d, b)) in abandoned
+            .into_iter()
+            .map(|c| (true, c))
+            .chain(candidates.into_iter().map(|c| (false, c)))
+        {
             if after.saturating_add(need) <= self.cap_bytes {
                 break;
             }
-            plan.push(*d);
-            after -= b.size;
+            if is_partial {
+                partial_plan.push(*d);
+            } else {
+                plan.push(*d);
+            }
+            after = after.saturating_sub(b.size);
         }
         if after.saturating_add(need) > self.cap_bytes {
             return Err(StoreError::Full {
@@ -342,10 +417,14 @@ impl BlobStore {
                 cap: self.cap_bytes,
             });
         }
+        for d in &partial_plan {
+            self.remove_abandoned(d)?;
+        }
         for d in &plan {
             remove_if_present(&self.blob_path(d))?;
         }
-        Ok(plan)
+        partial_plan.extend(plan);
+        Ok(partial_plan)
     }
 
     /// Opens (or resumes) the partial file of a blob of `total` bytes being fetched, and

@@ -112,3 +112,56 @@ fn advertised_lists_complete_images_and_partials() {
     let adv = store.scan().unwrap().advertised(&[partial], 1);
     assert_eq!(adv, BTreeSet::from([a.id]));
 }
+
+/// Sets the mtime of a partial blob's two files.
+fn age_partial(store: &BlobStore, d: &Digest, secs_ago: u64) {
+    let dir = store.partial_dir();
+    for name in [d.to_hex(), format!("{}.chunks", d.to_hex())] {
+        let f = File::options().append(true).open(dir.join(name)).unwrap();
+        f.set_modified(SystemTime::now() - std::time::Duration::from_secs(secs_ago))
+            .unwrap();
+    }
+}
+
+#[test]
+fn abandoned_partial_blobs_count_against_the_cap_and_go_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path(), 64 * CHUNK_BYTES).unwrap();
+    let (old, fresh, active) = (
+        Digest::of(b"old partial"),
+        Digest::of(b"fresh partial"),
+        Digest::of(b"partial being fetched"),
+    );
+    let chunk = vec![7u8; usize::try_from(CHUNK_BYTES).unwrap()];
+    for d in [old, fresh, active] {
+        let p = store.partial(&d, 2 * CHUNK_BYTES).unwrap();
+        p.write_chunk(0, &chunk).unwrap();
+        if d != active {
+            store.forget_partial(&d);
+        }
+    }
+    let long_ago = ABANDONED_AFTER.as_secs() * 2;
+    age_partial(&store, &old, long_ago);
+    age_partial(&store, &active, long_ago);
+    let blob = put(&store, b"a complete blob, used long ago");
+    age(&store, &blob, long_ago * 10);
+
+    let scan = store.scan().unwrap();
+    // Only the old one that no fetch holds counts as abandoned; it holds a chunk on disk.
+    assert_eq!(scan.abandoned.keys().collect::<Vec<_>>(), vec![&old]);
+    let old_bytes = scan.abandoned[&old].size;
+    assert!(old_bytes >= CHUNK_BYTES, "{old_bytes}");
+    assert_eq!(scan.total_bytes(), scan.blobs[&blob].size + old_bytes);
+
+    // Room that the abandoned partial alone makes: it goes, though the blob is older.
+    let need = store.cap_bytes() - scan.total_bytes() + 1;
+    assert_eq!(store.make_room(need, &BTreeSet::new()).unwrap(), vec![old]);
+    let partials = store.partial_dir();
+    assert!(!partials.join(old.to_hex()).exists());
+    assert!(!partials.join(format!("{}.chunks", old.to_hex())).exists());
+    for kept in [fresh, active] {
+        assert!(partials.join(kept.to_hex()).exists(), "{kept} removed");
+    }
+    assert!(store.blob_path(&blob).exists());
+    assert!(store.scan().unwrap().abandoned.is_empty());
+}
