@@ -223,7 +223,7 @@ impl Plan {
 
     /// Whether chunk `i` is this node's to take from holders of the whole blob: it is in this
     /// node's share, or in the share of a member that has stopped serving.
-    fn from_origin(&self, i: u64) -> bool {
+    fn origin_serves(&self, i: u64) -> bool {
         let Some(owner) = usize::try_from(i / self.share_len.max(1))
             .ok()
             .and_then(|k| self.owners.get(k))
@@ -264,7 +264,7 @@ impl Plan {
                 self.queue
                     .iter()
                     .enumerate()
-                    .filter(|(_, i)| wanted(i) && self.from_origin(**i))
+                    .filter(|(_, i)| wanted(i) && self.origin_serves(**i))
                     .min_by_key(|(_, i)| (!(mine..mine + len).contains(*i), **i))
                     .map(|(p, _)| p)
             }
