@@ -447,7 +447,14 @@ impl Peer {
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
-                self.listen_addrs.push(address);
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                    self.advertise_addrs();
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                info!(%address, "no longer listening");
+                self.listen_addrs.retain(|a| a != &address);
                 self.advertise_addrs();
             }
             SwarmEvent::ConnectionEstablished {
@@ -660,17 +667,10 @@ impl Peer {
     }
 
     fn advertise_addrs(&mut self) {
-        let mut addrs: Vec<String> = self
-            .listen_addrs
+        let dialable = advertisable(&self.listen_addrs);
+        let mut addrs: Vec<String> = dialable
             .iter()
-            .filter(|a| is_dialable(a))
             .map(|a| a.clone().with(Protocol::P2p(self.local_peer)).to_string())
-            .collect();
-        let dialable: Vec<Multiaddr> = self
-            .listen_addrs
-            .iter()
-            .filter(|a| is_dialable(a))
-            .cloned()
             .collect();
         addrs.extend(self.images.advertised_addrs(&dialable));
         self.feed(Input::Addresses(addrs));
@@ -946,6 +946,29 @@ fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
         .collect()
 }
 
+/// The listen addresses worth giving to others: dialable, each once, and loopback ones only
+/// when there is nothing else (a mesh on one host); another host cannot reach 127.0.0.1.
+fn advertisable(listen: &[Multiaddr]) -> Vec<Multiaddr> {
+    let mut out: Vec<Multiaddr> = Vec::new();
+    for a in listen.iter().filter(|a| is_dialable(a)) {
+        if !out.contains(a) {
+            out.push(a.clone());
+        }
+    }
+    if out.iter().any(|a| !is_loopback(a)) {
+        out.retain(|a| !is_loopback(a));
+    }
+    out
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
 /// Whether an address is worth giving to others (not unspecified).
 fn is_dialable(addr: &Multiaddr) -> bool {
     !addr.iter().any(|p| match p {
@@ -953,4 +976,29 @@ fn is_dialable(addr: &Multiaddr) -> bool {
         Protocol::Ip6(ip) => ip.is_unspecified(),
         _ => false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn addrs(list: &[&str]) -> Vec<Multiaddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn advertised_addresses_are_deduplicated_and_leave_loopback_out_when_there_is_more() {
+        let lan = "/ip4/10.0.0.7/udp/7001/quic-v1";
+        let lo = "/ip4/127.0.0.1/udp/7001/quic-v1";
+        let any = "/ip4/0.0.0.0/udp/7001/quic-v1";
+        assert_eq!(advertisable(&addrs(&[lo, lan, lan, any])), addrs(&[lan]));
+        // A mesh on one host has only loopback: it is kept, once.
+        assert_eq!(advertisable(&addrs(&[lo, lo])), addrs(&[lo]));
+        assert_eq!(
+            advertisable(&addrs(&["/ip6/::1/udp/7001/quic-v1", any])),
+            addrs(&["/ip6/::1/udp/7001/quic-v1"])
+        );
+        assert!(advertisable(&addrs(&[any])).is_empty());
+    }
 }
