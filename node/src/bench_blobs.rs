@@ -164,12 +164,19 @@ async fn pulled(api: &Client, image: &str, limit: Duration) -> Result<Duration, 
 
 /// `omesh_blob_bytes_served_total` of the peer whose API is at `api` (`host:port`).
 async fn served(api: &str) -> u64 {
+    blob_bytes(api, "served").await
+}
+
+/// `omesh_blob_bytes_<what>_total` (`served`, `fetched`) of the peer whose API is at `api`
+/// (`host:port`); 0 when it does not answer.
+pub async fn blob_bytes(api: &str, what: &str) -> u64 {
     let text = match reqwest::get(format!("http://{api}/metrics")).await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => return 0,
     };
+    let key = format!("omesh_blob_bytes_{what}_total ");
     text.lines()
-        .find_map(|l| l.strip_prefix("omesh_blob_bytes_served_total "))
+        .find_map(|l| l.strip_prefix(key.as_str()))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map_or(0, |v| v as u64)
 }

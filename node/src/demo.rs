@@ -20,6 +20,7 @@ use ed25519_dalek::SigningKey;
 use omesh_protocol::{ExecutorKind, TaskSpec};
 
 use crate::api::{SubmitBody, TaskJson};
+use crate::bench_blobs::blob_bytes;
 use crate::client::table;
 use crate::localmesh::LocalMesh;
 
@@ -206,19 +207,6 @@ async fn choose(executor: DemoExecutor) -> Result<Option<DemoImage>, String> {
         "no Docker ({why}); the tasks run with the process executor"
     ));
     Ok(None)
-}
-
-/// `omesh_blob_bytes_<what>_total` of the peer at `api`.
-async fn blob_bytes(api: &str, what: &str) -> u64 {
-    let text = match reqwest::get(format!("http://{api}/metrics")).await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => return 0,
-    };
-    let key = format!("omesh_blob_bytes_{what}_total ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(key.as_str()))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
 }
 
 fn mb(bytes: u64) -> String {
