@@ -263,6 +263,20 @@ pub async fn run(bin: &Path, root: &Path, opts: &DemoOptions) -> Result<(), Stri
         println!("    try: omesh peers --api {api}   omesh tasks --api {api}   curl http://{api}/metrics");
         let _ = tokio::signal::ctrl_c().await;
     }
+    if result.is_err() {
+        // What the peers said last, for whoever has to find out why.
+        for p in &mut mesh.peers {
+            if let Some(why) = p.exited() {
+                eprintln!("{why}");
+            }
+            let log = std::fs::read_to_string(p.dir.join("omesh.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("--- last lines of {}'s log ---", p.name);
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
     say("stopping the mesh");
     mesh.stop_all();
     if let Some(img) = &image {
