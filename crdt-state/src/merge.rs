@@ -168,6 +168,40 @@ fn stamped<T>(at: Stamp, value: T, hash: ComponentHash) -> Stamped<T> {
     Stamped { at, value, hash }
 }
 
+/// `cur = rec.clone()`, field by field so the held record's buffers are reused (a derived
+/// `clone_from` allocates a whole new record). The destructuring breaks the build if a field
+/// is added and forgotten here.
+fn overwrite_node(cur: &mut NodeRecord, rec: &NodeRecord) {
+    let NodeRecord {
+        id,
+        incarnation,
+        seq,
+        addrs,
+        tags,
+        capacity,
+        load,
+        images,
+        rtt_ms,
+        leaving,
+        written_at_ms,
+    } = rec;
+    cur.id = *id;
+    cur.incarnation = *incarnation;
+    cur.seq = *seq;
+    cur.addrs.clone_from(addrs);
+    if cur.tags != *tags {
+        cur.tags.clone_from(tags);
+    }
+    cur.capacity = *capacity;
+    cur.load = *load;
+    if cur.images != *images {
+        cur.images.clone_from(images);
+    }
+    cur.rtt_ms.clone_from(rtt_ms);
+    cur.leaving = *leaving;
+    cur.written_at_ms = *written_at_ms;
+}
+
 fn node_order(a: &NodeRecord, b: &NodeRecord) -> Ordering {
     a.version()
         .cmp(&b.version())
@@ -365,13 +399,28 @@ impl State {
             DeltaBody::Node(rec) => {
                 // Old or duplicate heartbeats (gossip fan-out delivers each several times) are
                 // settled without hashing or cloning the record.
-                if let Some(cur) = self.nodes.get(&rec.id) {
+                if let Some(cur) = self.nodes.get_mut(&rec.id) {
                     match rec.version().cmp(&cur.value.version()) {
                         Ordering::Less => return Ok(Merged::Unchanged),
                         Ordering::Equal if at >= cur.at && *rec == cur.value => {
                             return Ok(Merged::Unchanged)
                         }
-                        _ => {}
+                        Ordering::Greater => {
+                            // A newer heartbeat, the N² case: overwrite in place, reusing the
+                            // held record's allocations, and rehash only if the durable part
+                            // (all the digest covers) changed, which a heartbeat rarely does.
+                            let hash = if rec.durable() == cur.value.durable() {
+                                cur.hash
+                            } else {
+                                ComponentHash::node(rec)
+                            };
+                            self.digest.replace(cur.hash, hash);
+                            overwrite_node(&mut cur.value, rec);
+                            cur.at = at;
+                            cur.hash = hash;
+                            return Ok(Merged::Changed);
+                        }
+                        Ordering::Equal => {}
                     }
                 }
                 self.merge_node(&stamped(at, rec.clone(), ComponentHash::node(rec)))
@@ -492,6 +541,16 @@ impl State {
     /// Every component as the delta that would recreate it, for anti-entropy. A task's
     /// spec comes before its other parts.
     pub fn components(&self) -> impl Iterator<Item = Delta> + '_ {
+        self.components_where(|_| true)
+    }
+
+    /// The components whose stamp `keep` accepts, in the order of [`State::components`].
+    /// Values are cloned only for the components kept: a sync reply usually needs a few
+    /// records out of thousands.
+    pub fn components_where<'a>(
+        &'a self,
+        keep: impl Fn(Stamp) -> bool + Copy + 'a,
+    ) -> impl Iterator<Item = Delta> + 'a {
         let delta = |at: Stamp, body| Delta {
             origin: at.origin,
             stamp: at.stamp,
@@ -500,14 +559,16 @@ impl State {
         let nodes = self
             .nodes
             .values()
+            .filter(move |s| keep(s.at))
             .map(move |s| delta(s.at, DeltaBody::Node(s.value.clone())));
         let tasks = self.tasks.iter().flat_map(move |(id, rec)| {
             let id = *id;
             let spec = rec
                 .spec
                 .iter()
+                .filter(move |s| keep(s.at))
                 .map(move |s| delta(s.at, DeltaBody::Spec((*s.value).clone())));
-            let lease = rec.lease.iter().map(move |s| {
+            let lease = rec.lease.iter().filter(move |s| keep(s.at)).map(move |s| {
                 delta(
                     s.at,
                     DeltaBody::Lease {
@@ -516,31 +577,40 @@ impl State {
                     },
                 )
             });
-            let statuses = rec.statuses.iter().map(move |(epoch, s)| {
-                delta(
-                    s.at,
-                    DeltaBody::Status {
-                        task: id,
-                        epoch: *epoch,
-                        entry: s.value.clone(),
-                    },
-                )
-            });
+            let statuses =
+                rec.statuses
+                    .iter()
+                    .filter(move |(_, s)| keep(s.at))
+                    .map(move |(epoch, s)| {
+                        delta(
+                            s.at,
+                            DeltaBody::Status {
+                                task: id,
+                                epoch: *epoch,
+                                entry: s.value.clone(),
+                            },
+                        )
+                    });
             let cancel = rec
                 .cancel
                 .iter()
+                .filter(move |s| keep(s.at))
                 .map(move |s| delta(s.at, DeltaBody::Cancel { task: id }));
             spec.chain(lease).chain(statuses).chain(cancel)
         });
-        let tombs = self.tombstones.iter().map(move |(id, s)| {
-            delta(
-                s.at,
-                DeltaBody::Compact {
-                    task: *id,
-                    outcome: s.value,
-                },
-            )
-        });
+        let tombs = self
+            .tombstones
+            .iter()
+            .filter(move |(_, s)| keep(s.at))
+            .map(move |(id, s)| {
+                delta(
+                    s.at,
+                    DeltaBody::Compact {
+                        task: *id,
+                        outcome: s.value,
+                    },
+                )
+            });
         nodes.chain(tasks).chain(tombs)
     }
 

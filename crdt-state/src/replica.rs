@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use crdts::{CmRDT, Dot, VClock};
-use omesh_protocol::codec::canonical;
+use omesh_protocol::codec::canonical_len;
 use omesh_protocol::delta::MAX_SYNC_REPLY_BYTES;
 use omesh_protocol::{
     DecodeError, Delta, DeltaBody, Digest, Epoch, GossipMessage, LoadSample, Millis, NodeId,
@@ -394,13 +394,7 @@ impl Replica {
                 self.on_tick(now);
                 Ok(())
             }
-            Input::Gossip { from, msg } => {
-                let r = self.ingest(now, from, msg.deltas);
-                if !self.synced {
-                    self.sync_request(now, from);
-                }
-                r
-            }
+            Input::Gossip { from, msg } => self.on_gossip(now, from, &msg),
             Input::SyncRequest { from, request } => {
                 self.serve_sync(from, &request);
                 Ok(())
@@ -448,6 +442,33 @@ impl Replica {
         };
         self.flush();
         result
+    }
+
+    /// Feeds a gossip message by reference: the same as [`Input::Gossip`], for a driver that
+    /// hands one message to many replicas (the simulator) and need not clone it for each.
+    pub fn handle_gossip(
+        &mut self,
+        now: Millis,
+        from: NodeId,
+        msg: &GossipMessage,
+    ) -> Result<(), InputError> {
+        self.start(now);
+        let result = self.on_gossip(now, from, msg);
+        self.flush();
+        result
+    }
+
+    fn on_gossip(
+        &mut self,
+        now: Millis,
+        from: NodeId,
+        msg: &GossipMessage,
+    ) -> Result<(), InputError> {
+        let r = self.ingest(now, from, &msg.deltas);
+        if !self.synced {
+            self.sync_request(now, from);
+        }
+        r
     }
 
     /// Decodes a gossip message from raw bytes and feeds it; malformed bytes are counted and
@@ -592,7 +613,7 @@ impl Replica {
         let mut batch = Vec::new();
         let mut bytes = 0usize;
         for d in deltas {
-            let len = canonical(&d).len();
+            let len = canonical_len(&d);
             if !batch.is_empty()
                 && (batch.len() >= MAX_DELTAS_PER_MESSAGE
                     || bytes + len > GossipMessage::MAX_BYTES / 2)
@@ -610,12 +631,12 @@ impl Replica {
     }
 
     /// Merges deltas from a peer, one by one; a bad delta is counted and dropped.
-    fn ingest(&mut self, now: Millis, from: NodeId, deltas: Vec<Delta>) -> Result<(), InputError> {
+    fn ingest(&mut self, now: Millis, from: NodeId, deltas: &[Delta]) -> Result<(), InputError> {
         let total = deltas.len();
         let mut rejected = 0usize;
         let mut first = None;
         for d in deltas {
-            match self.ingest_one(now, &d) {
+            match self.ingest_one(now, d) {
                 Ok(()) => self.track_stamp(now, from, d.origin, d.stamp),
                 Err(e) => {
                     rejected += 1;
@@ -655,26 +676,28 @@ impl Replica {
                 self.stats.deltas_applied += 1;
                 match &d.body {
                     DeltaBody::Node(rec) => {
-                        let newer = self
-                            .heard
-                            .get(&rec.id)
-                            .is_none_or(|h| rec.version() > h.version);
-                        if newer {
-                            if self.propagation.len() < MAX_PROPAGATION_SAMPLES {
-                                self.propagation.push(PropagationSample {
-                                    origin: rec.id,
-                                    seq: rec.seq,
-                                    written_at_ms: rec.written_at_ms,
-                                    merged_at_ms: now,
-                                });
+                        let heard = Heard {
+                            version: rec.version(),
+                            at: now,
+                        };
+                        let newer = match self.heard.get_mut(&rec.id) {
+                            Some(h) if rec.version() <= h.version => false,
+                            Some(h) => {
+                                *h = heard;
+                                true
                             }
-                            self.heard.insert(
-                                rec.id,
-                                Heard {
-                                    version: rec.version(),
-                                    at: now,
-                                },
-                            );
+                            None => {
+                                self.heard.insert(rec.id, heard);
+                                true
+                            }
+                        };
+                        if newer && self.propagation.len() < MAX_PROPAGATION_SAMPLES {
+                            self.propagation.push(PropagationSample {
+                                origin: rec.id,
+                                seq: rec.seq,
+                                written_at_ms: rec.written_at_ms,
+                                merged_at_ms: now,
+                            });
                         }
                     }
                     DeltaBody::Lease { .. } => {
@@ -692,12 +715,19 @@ impl Replica {
 
     /// Advances the version vector, or notes a gap to close by sync.
     fn track_stamp(&mut self, now: Millis, via: NodeId, origin: NodeId, stamp: u64) {
-        let have = self.vclock.get(&origin);
+        // One lookup for the in-order case, which every gossip delivery takes.
+        let slot = self.vclock.dots.get_mut(&origin);
+        let have = slot.as_deref().copied().unwrap_or(0);
         if stamp <= have {
             return;
         }
         if stamp == have + 1 {
-            self.vclock.apply(Dot::new(origin, stamp));
+            match slot {
+                Some(c) => *c = stamp,
+                None => {
+                    self.vclock.dots.insert(origin, stamp);
+                }
+            }
             self.drain_ahead(origin);
         } else {
             let ahead = self.ahead.entry(origin).or_default();
@@ -714,6 +744,13 @@ impl Replica {
     }
 
     fn drain_ahead(&mut self, origin: NodeId) {
+        if !self.ahead.contains_key(&origin) {
+            // Nothing held beyond a gap (the usual case: a sync reply calls this per origin).
+            if !self.gaps.is_empty() {
+                self.gaps.remove(&origin);
+            }
+            return;
+        }
         let mut have = self.vclock.get(&origin);
         if let Some(ahead) = self.ahead.get_mut(&origin) {
             while ahead.remove(&(have + 1)) {
@@ -729,6 +766,44 @@ impl Replica {
         }
         if !self.ahead.contains_key(&origin) {
             self.gaps.remove(&origin);
+        }
+    }
+
+    /// Raises the version vector to a sync reply's (what it carried, we now hold) and closes
+    /// the gaps that filled. Each origin is handled on its own, so the order is free: a
+    /// sorted vector (as replicas send it) is merged in one ordered pass instead of one
+    /// B-tree search per origin, which a mesh's boot, N² syncs of N entries, would pay.
+    fn adopt_vector(&mut self, vclock: &[(NodeId, u64)]) {
+        if !vclock.windows(2).all(|w| w[0].0 < w[1].0) {
+            for (origin, c) in vclock {
+                if *c > self.vclock.get(origin) {
+                    self.vclock.apply(Dot::new(*origin, *c));
+                }
+                self.drain_ahead(*origin);
+            }
+            return;
+        }
+        let mut missing = Vec::new();
+        let mut mine = self.vclock.dots.iter_mut().peekable();
+        for (origin, c) in vclock {
+            while mine.next_if(|(k, _)| *k < origin).is_some() {}
+            match mine.next_if(|(k, _)| *k == origin) {
+                Some((_, have)) => *have = (*have).max(*c),
+                None if *c > 0 => missing.push((*origin, *c)),
+                None => {}
+            }
+        }
+        self.vclock.dots.extend(missing);
+        // Only origins with a gap or stamps held beyond one have anything to drain.
+        let open: Vec<NodeId> = self
+            .ahead
+            .keys()
+            .chain(self.gaps.keys())
+            .filter(|o| vclock.binary_search_by(|(k, _)| k.cmp(o)).is_ok())
+            .copied()
+            .collect();
+        for origin in open {
+            self.drain_ahead(origin);
         }
     }
 
@@ -766,13 +841,31 @@ impl Replica {
     /// an origin boundary so the requester can adopt what it fully got.
     fn serve_sync(&mut self, from: NodeId, req: &SyncRequest) {
         self.stats.syncs_served += 1;
-        let theirs: BTreeMap<NodeId, u64> = req.vclock.iter().copied().collect();
         let mut deltas: Vec<Delta> = if req.digest == self.digest() && !req.full {
             Vec::new()
         } else {
+            // A sorted vector (as replicas send it) is searched in place; anything else is
+            // read into a map first, a repeated origin counting with its last entry.
+            let sorted = req.vclock.windows(2).all(|w| w[0].0 < w[1].0);
+            let map: BTreeMap<NodeId, u64> = if sorted {
+                BTreeMap::new()
+            } else {
+                req.vclock.iter().copied().collect()
+            };
+            let (vclock, map, full) = (&req.vclock, &map, req.full);
+            let theirs = move |origin: &NodeId| {
+                if sorted {
+                    vclock
+                        .binary_search_by(|(k, _)| k.cmp(origin))
+                        .ok()
+                        .and_then(|i| vclock.get(i))
+                        .map_or(0, |e| e.1)
+                } else {
+                    map.get(origin).copied().unwrap_or(0)
+                }
+            };
             self.state
-                .components()
-                .filter(|d| req.full || d.stamp > theirs.get(&d.origin).copied().unwrap_or(0))
+                .components_where(move |at| full || at.stamp > theirs(&at.origin))
                 .collect()
         };
         deltas.sort_by_key(|d| (d.origin, d.stamp));
@@ -780,7 +873,7 @@ impl Replica {
         let mut used = 0usize;
         let mut cut: Option<(usize, NodeId)> = None;
         for (i, d) in deltas.iter().enumerate() {
-            used += canonical(d).len() + 8;
+            used += canonical_len(d) + 8;
             if used > budget && i > 0 {
                 cut = Some((i, d.origin));
                 break;
@@ -829,13 +922,8 @@ impl Replica {
             digest,
             truncated,
         } = reply;
-        let result = self.ingest(now, from, deltas);
-        for (origin, c) in &vclock {
-            if *c > self.vclock.get(origin) {
-                self.vclock.apply(Dot::new(*origin, *c));
-            }
-            self.drain_ahead(*origin);
-        }
+        let result = self.ingest(now, from, &deltas);
+        self.adopt_vector(&vclock);
         self.stats.syncs_completed += 1;
         if !truncated {
             self.synced = true;

@@ -3,6 +3,8 @@
 //! id. Lazy repair is not modelled here: it is the replica's own anti-entropy
 //! (`SendSync`/`ReplySync`), sent point to point.
 
+use std::sync::Arc;
+
 use omesh_protocol::GossipMessage;
 use omesh_state::Input;
 use rand::Rng;
@@ -130,8 +132,8 @@ fn idx(n: u32) -> usize {
 pub struct Flood {
     /// Global message id (publication order).
     pub id: u64,
-    /// The message.
-    pub msg: GossipMessage,
+    /// The message, shared by every receiver (none needs its own copy).
+    pub msg: Arc<GossipMessage>,
     /// Its size with the real codec, in bytes.
     pub bytes: usize,
     /// Per origin node index, the highest stamp it carries.
@@ -184,7 +186,7 @@ impl Floods {
         self.next_id += 1;
         let mut f = Flood {
             id: self.next_id,
-            msg,
+            msg: Arc::new(msg),
             bytes,
             stamps,
             seen: vec![0; nodes.div_ceil(64)],

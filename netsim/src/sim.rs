@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use ed25519_dalek::SigningKey;
-use omesh_protocol::{Digest, Epoch, LoadSample, NodeId, SyncReply, SyncRequest, TaskId, Wire};
+use omesh_protocol::{
+    Digest, Epoch, GossipMessage, LoadSample, NodeId, SyncReply, SyncRequest, TaskId, Wire,
+};
 use omesh_state::{Action, Input, Replica, ReplicaConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -432,6 +434,19 @@ impl Sim {
         ok
     }
 
+    /// [`Sim::feed`] for a gossip message, which the replica reads without taking a copy.
+    pub(crate) fn feed_gossip(&mut self, i: u32, from: NodeId, msg: &GossipMessage) -> bool {
+        let now = self.queue.now();
+        let node = &mut self.nodes[ix(i)];
+        let local = node.clock.local_ms(now);
+        let Some(r) = node.replica.as_mut() else {
+            return false;
+        };
+        let ok = r.handle_gossip(local, from, msg).is_ok();
+        self.drain(i);
+        ok
+    }
+
     /// Carries out the actions node `i` queued, then re-arms its tick.
     pub(crate) fn drain(&mut self, i: u32) {
         while let Some(action) = self.nodes[ix(i)]
@@ -465,14 +480,12 @@ impl Sim {
         match action {
             Action::Publish(msg) => self.publish(i, msg),
             Action::SendSync { to, request } => {
-                let bytes = request
-                    .to_wire()
-                    .map_or(SyncRequest::MAX_BYTES, |b| b.len());
+                let bytes = request.wire_len().unwrap_or(SyncRequest::MAX_BYTES);
                 self.traffic.sync_requests += 1;
                 self.send_sync(i, to, bytes, SyncMsg::Request(request));
             }
             Action::ReplySync { to, reply } => {
-                let bytes = reply.to_wire().map_or(SyncReply::MAX_BYTES, |b| b.len());
+                let bytes = reply.wire_len().unwrap_or(SyncReply::MAX_BYTES);
                 self.traffic.sync_replies += 1;
                 self.send_sync(i, to, bytes, SyncMsg::Reply(reply));
             }

@@ -2,6 +2,8 @@
 //! message id) and point-to-point anti-entropy, both through the network model, with every
 //! copy counted in messages and bytes with the real codec.
 
+use std::sync::Arc;
+
 use omesh_protocol::{GossipMessage, NodeId, Wire};
 use omesh_state::Input;
 
@@ -15,7 +17,7 @@ pub(crate) const SYNC_TIMEOUT_US: SimTime = 5_000_000;
 impl Sim {
     pub(crate) fn publish(&mut self, i: u32, msg: GossipMessage) {
         let now = self.queue.now();
-        let bytes = msg.to_wire().map_or(GossipMessage::MAX_BYTES, |b| b.len());
+        let bytes = msg.wire_len().unwrap_or(GossipMessage::MAX_BYTES);
         let mut stamps: Vec<(u32, u64)> = Vec::new();
         for d in &msg.deltas {
             let Some(o) = self.by_id.get(&d.origin).copied() else {
@@ -123,11 +125,11 @@ impl Sim {
         };
         if fresh {
             if let Some(f) = self.floods.get(slot) {
-                let msg = f.msg.clone();
+                let msg = Arc::clone(&f.msg);
                 let stamps = f.stamps.clone();
                 self.trace = fold(self.trace, f.id);
                 let from_id = self.nodes[ix(from)].id;
-                self.feed(to, Input::Gossip { from: from_id, msg });
+                self.feed_gossip(to, from_id, &msg);
                 if let Some(r) = self.nodes[ix(to)].replica.as_ref() {
                     for (o, s) in stamps {
                         self.tracker.on_gossip(now, to, r, o, s);

@@ -27,6 +27,19 @@ pub trait Wire: Serialize + DeserializeOwned {
         Ok(bytes)
     }
 
+    /// The length [`Wire::to_wire`] would produce (with the same errors), without encoding.
+    fn wire_len(&self) -> Result<usize, EncodeError> {
+        let len = serialized_size(self).map_err(|e| EncodeError::Serialize(e.to_string()))? + 1;
+        if len > Self::MAX_BYTES {
+            return Err(EncodeError::TooLarge {
+                kind: Self::KIND,
+                len,
+                limit: Self::MAX_BYTES,
+            });
+        }
+        Ok(len)
+    }
+
     /// Decodes bytes produced by [`Wire::to_wire`], enforcing the size limit first.
     fn from_wire(bytes: &[u8]) -> Result<Self, DecodeError> {
         decode(bytes, Self::MAX_BYTES)
@@ -112,4 +125,14 @@ pub fn canonical<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     // Serializing plain data into a Vec cannot fail: every omesh type is a tree of
     // integers, strings, vectors and ordered maps.
     postcard::to_allocvec(value).unwrap_or_default()
+}
+
+/// `canonical(value).len()`, without building the bytes.
+pub fn canonical_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    serialized_size(value).unwrap_or_default()
+}
+
+/// The postcard length of a value, counted by a flavor that stores nothing.
+fn serialized_size<T: Serialize + ?Sized>(value: &T) -> postcard::Result<usize> {
+    postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default())
 }

@@ -50,6 +50,12 @@ fn wire_roundtrip<T: Wire + PartialEq + Debug>(value: &T) -> Result<(), TestCase
     // The encoding is a function of the value.
     let again = value.to_wire();
     prop_assert_eq!(again.as_ref(), Ok(&bytes));
+    // Lengths computed without encoding agree with the encodings.
+    prop_assert_eq!(value.wire_len(), Ok(bytes.len()));
+    prop_assert_eq!(
+        omesh_protocol::codec::canonical_len(value),
+        omesh_protocol::codec::canonical(value).len()
+    );
     Ok(())
 }
 
