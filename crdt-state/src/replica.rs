@@ -283,6 +283,8 @@ pub struct Replica {
     ahead: BTreeMap<NodeId, BTreeSet<u64>>,
     gaps: BTreeMap<NodeId, (Millis, NodeId)>,
     inflight: BTreeMap<NodeId, Millis>,
+    /// The peer of the gap-closing sync last sent (in flight while `inflight` says so).
+    gap_sync: Option<NodeId>,
     want_full: BTreeSet<NodeId>,
     next_counter: u64,
     pub(crate) heard: BTreeMap<NodeId, Heard>,
@@ -321,6 +323,7 @@ impl Replica {
             ahead: BTreeMap::new(),
             gaps: BTreeMap::new(),
             inflight: BTreeMap::new(),
+            gap_sync: None,
             want_full: BTreeSet::new(),
             next_counter: 0,
             heard: BTreeMap::new(),
@@ -958,13 +961,23 @@ impl Replica {
             .filter(|(_, (since, _))| now >= since + self.cfg.gap_sync_ms)
             .map(|(o, (_, via))| (*o, *via))
             .collect();
-        for (origin, via) in due {
+        // One gap sync in flight at a time: a reply carries all that this node's vector
+        // lacks, so it closes every gap its sender can fill. A sync per gap instead (a booting
+        // node has a gap for every origin) brings N replies of up to N records each, N³ across
+        // a mesh. Gaps the reply leaves open get the next sync, to another peer.
+        let busy = self.gap_sync.is_some_and(|p| {
+            self.inflight
+                .get(&p)
+                .is_some_and(|t| now < t + SYNC_TIMEOUT_MS)
+        });
+        if let Some((origin, via)) = due.first().copied().filter(|_| !busy) {
             let to = if self.health(now, &origin) == Health::Alive {
                 origin
             } else {
                 via
             };
             self.sync_request(now, to);
+            self.gap_sync = Some(to);
             // Re-arm: ask again later if the gap is still open.
             self.gaps.insert(origin, (now + SYNC_TIMEOUT_MS, via));
         }
