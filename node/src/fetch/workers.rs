@@ -58,7 +58,6 @@ impl Fetcher {
             frontier: HashMap::new(),
             served_by: HashMap::new(),
             me: self.inner.key.public().to_peer_id(),
-            shares: HashMap::new(),
             owners: Vec::new(),
             share_len: 0,
             member_ok: HashMap::new(),
@@ -184,9 +183,8 @@ struct Plan {
     served_by: HashMap<u64, PeerId>,
     /// This node.
     me: PeerId,
-    /// Where each swarm member's share starts (this node's included; empty: no swarm).
-    shares: HashMap<PeerId, u64>,
-    /// The members in share order (share `k` is chunks `k * share_len ..`).
+    /// The swarm's members in share order, this node included (share `k` is chunks
+    /// `k * share_len ..`); empty: no swarm.
     owners: Vec<PeerId>,
     /// Chunks per share.
     share_len: u64,
@@ -204,8 +202,8 @@ impl Plan {
     /// Splits the chunks into contiguous shares, one per member of the swarm (sorted by
     /// peer id, so every member computes the same split once views agree).
     fn share_out(&mut self, mut members: Vec<PeerId>) {
-        self.shares.clear();
         if members.is_empty() {
+            self.owners.clear();
             return;
         }
         members.push(self.me);
@@ -214,11 +212,24 @@ impl Plan {
         let n = members.len() as u64;
         self.share_len = self.chunks.div_ceil(n).max(1);
         let now = Instant::now();
-        for (i, p) in (0u64..).zip(&members) {
-            self.shares.insert(*p, i * self.share_len);
+        for p in &members {
             self.member_ok.entry(*p).or_insert(now);
         }
         self.owners = members;
+    }
+
+    /// The first chunk of `peer`'s share (0 for a peer outside the swarm).
+    fn share_start(&self, peer: &PeerId) -> u64 {
+        self.owners
+            .iter()
+            .position(|p| p == peer)
+            .map_or(0, |k| k as u64 * self.share_len)
+    }
+
+    /// How far chunk `i` lies past `start` (a share's first chunk), wrapping around the blob.
+    fn dist(&self, start: u64, i: u64) -> u64 {
+        let n = self.chunks.max(1);
+        (i + n - start % n) % n
     }
 
     /// Whether chunk `i` is this node's to take from holders of the whole blob: it is in this
@@ -254,12 +265,12 @@ impl Plan {
         let lacking = self.lacks.get(peer).map(|(_, l)| l);
         let wanted = |i: &u64| !lacking.is_some_and(|l| l.contains(i));
         let pos = if complete {
-            if self.shares.is_empty() {
+            if self.owners.is_empty() {
                 self.queue.iter().position(wanted)
             } else {
                 // This node's share, from its start (the order the others ask for it in), then
                 // the shares of members that stopped serving.
-                let mine = self.shares.get(&self.me).copied().unwrap_or(0);
+                let mine = self.share_start(&self.me);
                 let len = self.share_len;
                 self.queue
                     .iter()
@@ -273,10 +284,13 @@ impl Plan {
             // to a little past the member's known frontier, or past the first chunk this node
             // still lacks, whichever is further: chunks this node got elsewhere (before the
             // swarm formed, say) must not leave it waiting below the window for good.
-            let start = self.shares.get(peer).copied().unwrap_or(0);
-            let n = self.chunks.max(1);
-            let dist = |i: u64| (i + n - start % n) % n;
-            let first_needed = self.queue.iter().map(|i| dist(*i)).min().unwrap_or(0);
+            let start = self.share_start(peer);
+            let first_needed = self
+                .queue
+                .iter()
+                .map(|i| self.dist(start, *i))
+                .min()
+                .unwrap_or(0);
             let reach = self
                 .frontier
                 .get(peer)
@@ -288,7 +302,7 @@ impl Plan {
                 .iter()
                 .enumerate()
                 .filter(|(_, i)| wanted(i))
-                .map(|(p, i)| (p, dist(*i)))
+                .map(|(p, i)| (p, self.dist(start, *i)))
                 .filter(|(_, d)| *d <= reach)
                 .min_by_key(|(_, d)| *d)
                 .map(|(p, _)| p)
@@ -317,9 +331,7 @@ impl Plan {
         self.served_by.insert(idx, peer);
         if !complete {
             self.member_ok.insert(peer, Instant::now());
-            let start = self.shares.get(&peer).copied().unwrap_or(0);
-            let n = self.chunks.max(1);
-            let d = (idx + n - start % n) % n;
+            let d = self.dist(self.share_start(&peer), idx);
             let f = self.frontier.entry(peer).or_default();
             *f = (*f).max(d);
         }
