@@ -962,19 +962,20 @@ fn advertisable(listen: &[Multiaddr]) -> Vec<Multiaddr> {
 }
 
 fn is_loopback(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_loopback(),
-        Protocol::Ip6(ip) => ip.is_loopback(),
-        _ => false,
-    })
+    ips(addr).any(|ip| ip.is_loopback())
 }
 
 /// Whether an address is worth giving to others (not unspecified).
 fn is_dialable(addr: &Multiaddr) -> bool {
-    !addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_unspecified(),
-        Protocol::Ip6(ip) => ip.is_unspecified(),
-        _ => false,
+    !ips(addr).any(|ip| ip.is_unspecified())
+}
+
+/// The IP parts of a multiaddr.
+fn ips(addr: &Multiaddr) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+    addr.iter().filter_map(|p| match p {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
     })
 }
 
