@@ -777,7 +777,7 @@ impl Replica {
     /// sorted vector (as replicas send it) is merged in one ordered pass instead of one
     /// B-tree search per origin, which a mesh's boot, N² syncs of N entries, would pay.
     fn adopt_vector(&mut self, vclock: &[(NodeId, u64)]) {
-        if !vclock.windows(2).all(|w| w[0].0 < w[1].0) {
+        if !vclock.is_sorted_by(|a, b| a.0 < b.0) {
             for (origin, c) in vclock {
                 if *c > self.vclock.get(origin) {
                     self.vclock.apply(Dot::new(*origin, *c));
@@ -849,7 +849,7 @@ impl Replica {
         } else {
             // A sorted vector (as replicas send it) is searched in place; anything else is
             // read into a map first, a repeated origin counting with its last entry.
-            let sorted = req.vclock.windows(2).all(|w| w[0].0 < w[1].0);
+            let sorted = req.vclock.is_sorted_by(|a, b| a.0 < b.0);
             let map: BTreeMap<NodeId, u64> = if sorted {
                 BTreeMap::new()
             } else {

@@ -17,19 +17,19 @@ pub trait Wire: Serialize + DeserializeOwned {
     /// Encodes `self` behind the version byte; fails if the result exceeds [`Wire::MAX_BYTES`].
     fn to_wire(&self) -> Result<Vec<u8>, EncodeError> {
         let bytes = encode(self)?;
-        if bytes.len() > Self::MAX_BYTES {
-            return Err(EncodeError::TooLarge {
-                kind: Self::KIND,
-                len: bytes.len(),
-                limit: Self::MAX_BYTES,
-            });
-        }
+        Self::within_limit(bytes.len())?;
         Ok(bytes)
     }
 
     /// The length [`Wire::to_wire`] would produce (with the same errors), without encoding.
     fn wire_len(&self) -> Result<usize, EncodeError> {
         let len = serialized_size(self).map_err(|e| EncodeError::Serialize(e.to_string()))? + 1;
+        Self::within_limit(len)?;
+        Ok(len)
+    }
+
+    /// Refuses an encoding of `len` bytes over [`Wire::MAX_BYTES`].
+    fn within_limit(len: usize) -> Result<(), EncodeError> {
         if len > Self::MAX_BYTES {
             return Err(EncodeError::TooLarge {
                 kind: Self::KIND,
@@ -37,7 +37,7 @@ pub trait Wire: Serialize + DeserializeOwned {
                 limit: Self::MAX_BYTES,
             });
         }
-        Ok(len)
+        Ok(())
     }
 
     /// Decodes bytes produced by [`Wire::to_wire`], enforcing the size limit first.
