@@ -187,35 +187,17 @@ fn flags() -> Vec<String> {
         .to_vec()
 }
 
-/// The bench's directory: removed at the end unless kept.
-enum Kept {
-    Temp(tempfile::TempDir),
-    Dir(PathBuf),
-}
-
-impl Kept {
-    fn path(&self) -> &Path {
-        match self {
-            Self::Temp(t) => t.path(),
-            Self::Dir(d) => d,
-        }
-    }
-}
-
 /// Runs the benchmark; progress lines go to `log`.
 pub async fn run(bin: &Path, cfg: &BlobBench, log: impl Fn(&str)) -> Result<BlobFigures, String> {
-    let root = tempfile::Builder::new()
+    let mut root = tempfile::Builder::new()
         .prefix("omesh-bench-blobs-")
         .tempdir()
         .map_err(|e| e.to_string())?;
     // OMESH_BENCH_KEEP=1 keeps the peers' directories (logs) for a look afterwards.
-    let root = if std::env::var("OMESH_BENCH_KEEP").as_deref() == Ok("1") {
-        let kept = root.keep();
-        eprintln!("bench: keeping {}", kept.display());
-        Kept::Dir(kept)
-    } else {
-        Kept::Temp(root)
-    };
+    if std::env::var("OMESH_BENCH_KEEP").as_deref() == Ok("1") {
+        root.disable_cleanup(true);
+        eprintln!("bench: keeping {}", root.path().display());
+    }
     let mut fig = BlobFigures::default();
     if cfg.rounds > 0 {
         single(bin, root.path(), cfg, &mut fig, &log).await?;

@@ -648,7 +648,7 @@ pub fn import_busybox_image(tag: &str) -> Result<(), String> {
             .arg(&tar)
             .arg("."),
     )?;
-    run_cmd(Command::new("docker").arg("import").arg(&tar).arg(tag))
+    run_cmd(Command::new("docker").arg("import").arg(&tar).arg(tag)).map(drop)
 }
 
 /// Whether the ELF file at `path` asks for a dynamic loader (has a PT_INTERP header).
@@ -682,13 +682,14 @@ fn is_dynamic_elf(path: &Path) -> Result<bool, String> {
     Ok(false)
 }
 
-fn run_cmd(cmd: &mut Command) -> Result<(), String> {
+/// Runs `cmd` to its end; its stdout, or an error naming the command, its status and stderr.
+pub fn run_cmd(cmd: &mut Command) -> Result<String, String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("{cmd:?}: {e}"))?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(format!(
             "{cmd:?} failed ({}): {}",

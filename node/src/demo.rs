@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
@@ -21,6 +21,7 @@ use omesh_protocol::{ExecutorKind, TaskSpec};
 
 use crate::api::{SubmitBody, TaskJson};
 use crate::bench_blobs::blob_bytes;
+use crate::bench_tasks::run_cmd;
 use crate::client::table;
 use crate::localmesh::LocalMesh;
 
@@ -111,19 +112,11 @@ impl DemoImage {
     /// Imports it into the store of the peer whose data directory is `data`, with the CLI an
     /// operator would use, then removes it from the engine.
     fn hand_to(&self, bin: &Path, data: &Path) -> Result<(), String> {
-        let out = Command::new(bin)
-            .args(["image", "import", "--from-docker", &self.tag, "--data-dir"])
-            .arg(data)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("omesh image import: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "omesh image import --from-docker {}: {}",
-                self.tag,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        run_cmd(
+            Command::new(bin)
+                .args(["image", "import", "--from-docker", &self.tag, "--data-dir"])
+                .arg(data),
+        )?;
         docker(&["rmi", &self.tag])?;
         if crate::bench_tasks::image_id(&self.id).is_some() {
             return Err(format!(
@@ -155,20 +148,7 @@ impl DemoImage {
 
 /// Runs the docker CLI; its stdout.
 fn docker(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("docker {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "docker {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    run_cmd(Command::new("docker").args(args))
 }
 
 /// Containers of `task` at `epoch` (their states), as the engine lists them.
