@@ -19,14 +19,23 @@ pub struct ReplicaConfig {
     pub tags: BTreeSet<String>,
     /// Keys allowed to submit tasks (ed25519 public keys). Empty: nobody may.
     pub authorized_submitters: BTreeSet<[u8; 32]>,
-    /// Heartbeat period; leases ride on it. Default 1,000 ms.
+    /// Probe period: each node pings one peer per period (SWIM), and publishes a changed node
+    /// record at most this often. Default 1,000 ms.
     pub heartbeat_ms: Millis,
-    /// A lease lives this long past the owner's last heartbeat. Default 2,000 ms.
+    /// A suspected owner's leases hold this long past the suspicion reaching a replica, so a
+    /// falsely suspected node has time to refute it (one gossip round trip). At least one
+    /// probe period. Default 1,000 ms.
     pub lease_ttl_ms: Millis,
     /// Extra wait before a lease counts as lost, floor of the RTT-adaptive grace. Default 1,000 ms.
     pub lease_grace_ms: Millis,
-    /// A peer not heard from for this long is suspect. Default 2,500 ms.
-    pub suspect_after_ms: Millis,
+    /// How long a ping waits for its ack before asking other peers to ping the target
+    /// (floor of the RTT-adaptive timeout; below `heartbeat_ms`). Default 300 ms.
+    pub probe_timeout_ms: Millis,
+    /// How many peers are asked to ping an unanswering target. Default 3.
+    pub indirect_probes: u8,
+    /// A load sample moving this far (thousandths) from the one last published, or crossing
+    /// a threshold, republishes the node record. Default 50 (5 points).
+    pub load_delta_permille: u16,
     /// Floor of the delay between claiming and starting (about one gossip round trip). Default 150 ms.
     pub settle_ms: Millis,
     /// Delay per rank position before a lower-ranked node claims a task the best one left alone. Default 400 ms.
@@ -65,9 +74,11 @@ impl Default for ReplicaConfig {
             tags: BTreeSet::new(),
             authorized_submitters: BTreeSet::new(),
             heartbeat_ms: 1_000,
-            lease_ttl_ms: 2_000,
+            lease_ttl_ms: 1_000,
             lease_grace_ms: 1_000,
-            suspect_after_ms: 2_500,
+            probe_timeout_ms: 300,
+            indirect_probes: 3,
+            load_delta_permille: 50,
             settle_ms: 150,
             claim_stagger_ms: 400,
             anti_entropy_ms: 2_000,
@@ -112,21 +123,20 @@ impl ReplicaConfig {
 
     /// A preset for a mesh of `nodes` across a WAN, foca-style (`new_wan(n)`).
     ///
-    /// Every heartbeat reaches every node, so each node takes in `nodes / heartbeat` node
-    /// records per second: the heartbeat grows with the mesh (2 ms per node, 500 ms at least)
-    /// to keep that near 500 per second, and the lease ttl, grace and suspicion follow it.
-    /// The price is failover time, about `6 × heartbeat` (2 minutes at 10,000 nodes).
+    /// Probing costs each node the same whatever the mesh size; what grows is the time for
+    /// a suspicion to spread (log N gossip hops of up to a WAN RTT) and the size of a sync
+    /// request (the version vector, one entry per node), so leases get longer and
+    /// anti-entropy rarer as the mesh grows (N / 10 ms, 2 s at least).
     pub fn wan(nodes: usize) -> Self {
         let n = u64::try_from(nodes).unwrap_or(u64::MAX);
-        let heartbeat_ms = n.saturating_mul(2).clamp(500, 60_000);
         Self {
-            heartbeat_ms,
-            lease_ttl_ms: 4 * heartbeat_ms,
-            lease_grace_ms: 2 * heartbeat_ms,
-            suspect_after_ms: 3 * heartbeat_ms,
+            heartbeat_ms: 1_000,
+            lease_ttl_ms: 3_000,
+            lease_grace_ms: 2_000,
+            probe_timeout_ms: 500,
             settle_ms: 300,
             claim_stagger_ms: 800,
-            anti_entropy_ms: (2 * heartbeat_ms).max(2_000),
+            anti_entropy_ms: (n / 10).clamp(2_000, 60_000),
             gap_sync_ms: 500,
             ..Self::default()
         }
@@ -137,25 +147,25 @@ impl ReplicaConfig {
         if self.heartbeat_ms == 0 {
             return Err(bad("heartbeat_ms", "must be above 0"));
         }
-        if self.lease_ttl_ms < 2 * self.heartbeat_ms {
+        if self.lease_ttl_ms < self.heartbeat_ms {
             return Err(bad(
                 "lease_ttl_ms",
                 format!(
-                    "must be at least two heartbeats ({} ms), got {}",
-                    2 * self.heartbeat_ms,
-                    self.lease_ttl_ms
+                    "must be at least one probe period (heartbeat_ms, {} ms), got {}",
+                    self.heartbeat_ms, self.lease_ttl_ms
                 ),
             ));
         }
         if self.lease_ttl_ms > u64::from(u32::MAX) {
             return Err(bad("lease_ttl_ms", "must fit in 32 bits of milliseconds"));
         }
-        if self.suspect_after_ms == 0
-            || self.suspect_after_ms > self.lease_ttl_ms + self.lease_grace_ms
-        {
+        if self.probe_timeout_ms == 0 || self.probe_timeout_ms >= self.heartbeat_ms {
             return Err(bad(
-                "suspect_after_ms",
-                "must be above 0 and at most lease_ttl_ms + lease_grace_ms",
+                "probe_timeout_ms",
+                format!(
+                    "must be above 0 and below heartbeat_ms ({}), got {}",
+                    self.heartbeat_ms, self.probe_timeout_ms
+                ),
             ));
         }
         if self.anti_entropy_ms == 0 {

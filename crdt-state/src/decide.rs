@@ -93,15 +93,19 @@ impl Replica {
         if rec.leaving || rec.incarnation > lease.incarnation {
             return false;
         }
-        let Some(heard) = self.heard.get(&lease.owner) else {
-            return false;
-        };
-        now <= heard.at + u64::from(lease.ttl_ms) + self.grace_ms(&lease.owner)
+        // Leases ride on membership: they hold until a suspicion of the owner has been held
+        // here for the lease's ttl + grace without the owner refuting it.
+        match self.suspected_since(&lease.owner) {
+            None => true,
+            Some(at) => {
+                now <= at.saturating_add(u64::from(lease.ttl_ms) + self.grace_ms(&lease.owner))
+            }
+        }
     }
 
     fn lease_expiry(&self, lease: &Lease) -> Option<Millis> {
-        let heard = self.heard.get(&lease.owner)?;
-        Some(heard.at + u64::from(lease.ttl_ms) + self.grace_ms(&lease.owner) + 1)
+        let at = self.suspected_since(&lease.owner)?;
+        Some(at.saturating_add(u64::from(lease.ttl_ms) + self.grace_ms(&lease.owner) + 1))
     }
 
     fn derive_state(&self, now: Millis, rec: &TaskRecord, spec: &SignedTaskSpec) -> TaskState {

@@ -2,7 +2,9 @@
 //! components change, so comparing two replicas costs one 32-byte compare.
 
 use omesh_protocol::codec::canonical;
-use omesh_protocol::{Epoch, Lease, NodeRecord, StateDigest, StatusEntry, TaskId, TaskState};
+use omesh_protocol::{
+    Epoch, Lease, NodeId, NodeRecord, StateDigest, StatusEntry, TaskId, TaskState,
+};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
@@ -45,6 +47,10 @@ impl ComponentHash {
     /// A task's cancel flag.
     pub fn cancel(task: &TaskId) -> Self {
         Self::of(b'c', &task.0, &())
+    }
+    /// A suspicion of a node at one version of its record.
+    pub fn suspect(node: &NodeId, version: (u64, u64)) -> Self {
+        Self::of(b'p', &node.0, &version)
     }
     /// A compacted task's tombstone.
     pub fn tombstone(task: &TaskId, outcome: TaskState) -> Self {

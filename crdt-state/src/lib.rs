@@ -14,6 +14,7 @@ pub mod digest;
 pub mod liveness;
 pub mod merge;
 pub mod placement;
+mod probe;
 pub mod replica;
 
 pub use config::{ConfigError, ReplicaConfig};

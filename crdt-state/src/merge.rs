@@ -155,6 +155,9 @@ pub struct State {
     nodes: BTreeMap<NodeId, Stamped<NodeRecord>>,
     tasks: BTreeMap<TaskId, TaskRecord>,
     tombstones: BTreeMap<TaskId, Stamped<TaskState>>,
+    /// Per node, the highest version of its record some replica suspected, kept only while
+    /// no newer record of that node is held (a newer record refutes it).
+    suspects: BTreeMap<NodeId, Stamped<(u64, u64)>>,
     digest: Digest4,
 }
 
@@ -418,6 +421,7 @@ impl State {
                             overwrite_node(&mut cur.value, rec);
                             cur.at = at;
                             cur.hash = hash;
+                            self.refute(&rec.id, rec.version());
                             return Ok(Merged::Changed);
                         }
                         Ordering::Equal => {}
@@ -452,10 +456,61 @@ impl State {
                 *task,
                 &stamped(at, *outcome, ComponentHash::tombstone(task, *outcome)),
             ),
+            DeltaBody::Suspect { node, version } => self.merge_suspect(
+                *node,
+                &stamped(at, *version, ComponentHash::suspect(node, *version)),
+            ),
         })
     }
 
+    /// The version of `id`'s record suspected, if no newer record of it is held.
+    pub fn suspicion(&self, id: &NodeId) -> Option<(u64, u64)> {
+        self.suspects.get(id).map(|s| s.value)
+    }
+
+    /// Nodes under suspicion, with the version suspected.
+    pub fn suspects(&self) -> impl Iterator<Item = (&NodeId, (u64, u64))> {
+        self.suspects.iter().map(|(id, s)| (id, s.value))
+    }
+
+    /// A suspicion holds only while no record of its node at least as new is held: the record
+    /// is the node's answer (or its restart), so the older suspicion is dropped for good.
+    fn merge_suspect(&mut self, node: NodeId, incoming: &Stamped<(u64, u64)>) -> Merged {
+        if self
+            .nodes
+            .get(&node)
+            .is_some_and(|r| r.value.version() > incoming.value)
+        {
+            return Merged::Unchanged;
+        }
+        let mut slot = self.suspects.remove(&node);
+        let merged = merge_slot(&mut self.digest, &mut slot, incoming, Ord::cmp);
+        if let Some(s) = slot {
+            self.suspects.insert(node, s);
+        }
+        merged
+    }
+
+    /// Drops a suspicion of `node` that its record at `version` answers.
+    fn refute(&mut self, node: &NodeId, version: (u64, u64)) {
+        if self.suspects.is_empty() {
+            return;
+        }
+        if let Some(s) = self.suspects.get(node).filter(|s| s.value < version) {
+            self.digest.remove(s.hash);
+            self.suspects.remove(node);
+        }
+    }
+
     fn merge_node(&mut self, incoming: &Stamped<NodeRecord>) -> Merged {
+        let merged = self.merge_node_record(incoming);
+        if merged == Merged::Changed {
+            self.refute(&incoming.value.id, incoming.value.version());
+        }
+        merged
+    }
+
+    fn merge_node_record(&mut self, incoming: &Stamped<NodeRecord>) -> Merged {
         match self.nodes.get_mut(&incoming.value.id) {
             Some(cur) => {
                 // The hash covers only the durable fields, so compare the values themselves.
@@ -611,7 +666,20 @@ impl State {
                     },
                 )
             });
-        nodes.chain(tasks).chain(tombs)
+        let suspects =
+            self.suspects
+                .iter()
+                .filter(move |(_, s)| keep(s.at))
+                .map(move |(node, s)| {
+                    delta(
+                        s.at,
+                        DeltaBody::Suspect {
+                            node: *node,
+                            version: s.value,
+                        },
+                    )
+                });
+        nodes.chain(tasks).chain(tombs).chain(suspects)
     }
 
     /// Stamps of every component, without cloning values: what a version vector covers.
@@ -628,6 +696,7 @@ impl State {
         nodes
             .chain(tasks)
             .chain(self.tombstones.values().map(|s| s.at))
+            .chain(self.suspects.values().map(|s| s.at))
     }
 
     /// The image digest a task's spec pins, if its spec is known and well formed.
@@ -648,6 +717,9 @@ impl Crdt for State {
         }
         for (id, s) in &other.tombstones {
             self.merge_tombstone(*id, s);
+        }
+        for (id, s) in &other.suspects {
+            self.merge_suspect(*id, s);
         }
         if self.tasks.is_empty() && self.tombstones.is_empty() {
             // Cold join: take the other's records wholesale.

@@ -12,7 +12,8 @@ use omesh_protocol::codec::canonical_len;
 use omesh_protocol::delta::MAX_SYNC_REPLY_BYTES;
 use omesh_protocol::{
     DecodeError, Delta, DeltaBody, Digest, Epoch, GossipMessage, LoadSample, Millis, NodeId,
-    NodeRecord, SignedTaskSpec, SpecError, StateDigest, SyncReply, SyncRequest, TaskId, Wire,
+    NodeRecord, Probe, SignedTaskSpec, SpecError, StateDigest, SyncReply, SyncRequest, TaskId,
+    Wire,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -20,6 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::{ConfigError, ReplicaConfig};
 use crate::liveness::{Health, Heard, RttEstimate};
 use crate::merge::{DeltaError, Merged, State};
+use crate::probe::Prober;
 
 /// Deltas per gossip message; a larger batch is split.
 const MAX_DELTAS_PER_MESSAGE: usize = 64;
@@ -95,6 +97,13 @@ pub enum Input {
         /// Its reply.
         reply: SyncReply,
     },
+    /// A liveness probe from a peer.
+    Probe {
+        /// The peer that sent it.
+        from: NodeId,
+        /// The probe.
+        probe: Probe,
+    },
     /// A sync request to `peer` failed (unreachable, timeout).
     SyncFailed {
         /// The peer.
@@ -164,6 +173,14 @@ pub enum Action {
         to: NodeId,
         /// The reply.
         reply: SyncReply,
+    },
+    /// Send a liveness probe to a peer (point to point, best effort: a lost probe is a
+    /// missed answer, which is what probing measures).
+    SendProbe {
+        /// The peer.
+        to: NodeId,
+        /// The probe.
+        probe: Probe,
     },
     /// Run an epoch of a task; every report about it must carry the same epoch.
     StartTask {
@@ -254,6 +271,18 @@ pub struct Stats {
     pub fenced: u64,
     /// Leases that changed by merge.
     pub lease_changes: u64,
+    /// Probes sent (pings and ping requests).
+    pub probes_sent: u64,
+    /// Pings answered (directly or through others).
+    pub probes_acked: u64,
+    /// Ping requests dropped because too many were being relayed.
+    pub probes_dropped: u64,
+    /// Peers this node suspected.
+    pub suspicions: u64,
+    /// Suspicions of this node it refuted with a newer record.
+    pub refutations: u64,
+    /// Node records this node published.
+    pub records_published: u64,
 }
 
 /// What this node does about a task it owns.
@@ -288,6 +317,11 @@ pub struct Replica {
     want_full: BTreeSet<NodeId>,
     next_counter: u64,
     pub(crate) heard: BTreeMap<NodeId, Heard>,
+    /// Per suspected node, the version suspected and when that suspicion reached us.
+    pub(crate) suspected_at: BTreeMap<NodeId, ((u64, u64), Millis)>,
+    /// The last time any peer was heard from (a message from it, or news of the mesh).
+    last_contact: Option<Millis>,
+    pub(crate) prober: Prober,
     pub(crate) rtt: BTreeMap<NodeId, RttEstimate>,
     pub(crate) local: BTreeMap<TaskId, LocalRun>,
     pub(crate) claimable_since: BTreeMap<TaskId, Millis>,
@@ -296,10 +330,13 @@ pub struct Replica {
     pub(crate) reasons: BTreeMap<TaskId, String>,
     pub(crate) outbox: VecDeque<Action>,
     pending: Vec<Delta>,
-    next_heartbeat: Millis,
+    /// When a changed record is next published (rate-limited to one per `heartbeat_ms`).
+    record_due: Option<Millis>,
+    last_publish: Millis,
+    published_load: LoadSample,
     next_anti_entropy: Millis,
     pub(crate) next_eval: Option<Millis>,
-    rng: ChaCha8Rng,
+    pub(crate) rng: ChaCha8Rng,
     pub(crate) stats: Stats,
     started: bool,
     /// Whether a sync completed since start or since this node last heard nobody. Until then
@@ -327,6 +364,9 @@ impl Replica {
             want_full: BTreeSet::new(),
             next_counter: 0,
             heard: BTreeMap::new(),
+            suspected_at: BTreeMap::new(),
+            last_contact: None,
+            prober: Prober::default(),
             rtt: BTreeMap::new(),
             local: BTreeMap::new(),
             claimable_since: BTreeMap::new(),
@@ -335,7 +375,9 @@ impl Replica {
             reasons: BTreeMap::new(),
             outbox: VecDeque::new(),
             pending: Vec::new(),
-            next_heartbeat: 0,
+            record_due: None,
+            last_publish: 0,
+            published_load: LoadSample::default(),
             next_anti_entropy: 0,
             next_eval: None,
             rng,
@@ -399,7 +441,12 @@ impl Replica {
             }
             Input::Gossip { from, msg } => self.on_gossip(now, from, &msg),
             Input::SyncRequest { from, request } => {
+                self.contact(now, from);
                 self.serve_sync(from, &request);
+                Ok(())
+            }
+            Input::Probe { from, probe } => {
+                self.on_probe(now, from, probe);
                 Ok(())
             }
             Input::SyncReply { from, reply } => self.on_sync_reply(now, from, reply),
@@ -410,6 +457,9 @@ impl Replica {
             }
             Input::Load(sample) => {
                 self.me.load = sample;
+                if self.load_moved(sample) {
+                    self.publish_soon(now);
+                }
                 self.mark_dirty(now);
                 Ok(())
             }
@@ -418,16 +468,19 @@ impl Replica {
                 Ok(())
             }
             Input::Addresses(addrs) => {
-                self.me.addrs = addrs;
+                if addrs != self.me.addrs {
+                    self.me.addrs = addrs;
+                    self.publish_soon(now);
+                }
                 Ok(())
             }
             Input::Images(images) => {
                 // Holders are found through node records: announce a change at once rather
-                // than at the next heartbeat, so fetchers spread over holders sooner.
+                // than at the next period, so fetchers spread over holders sooner.
                 if images != self.me.images {
                     self.me.images = images;
                     if self.started {
-                        self.heartbeat(now);
+                        self.publish_record(now);
                     }
                 }
                 Ok(())
@@ -467,6 +520,7 @@ impl Replica {
         from: NodeId,
         msg: &GossipMessage,
     ) -> Result<(), InputError> {
+        self.contact(now, from);
         let r = self.ingest(now, from, &msg.deltas);
         if !self.synced {
             self.sync_request(now, from);
@@ -501,9 +555,9 @@ impl Replica {
         if !self.started {
             return Some(0);
         }
-        let mut t = self.next_heartbeat.min(self.next_anti_entropy);
-        if let Some(e) = self.next_eval {
-            t = t.min(e);
+        let mut t = self.prober.next_timeout().min(self.next_anti_entropy);
+        for due in [self.next_eval, self.record_due].into_iter().flatten() {
+            t = t.min(due);
         }
         Some(t)
     }
@@ -556,15 +610,75 @@ impl Replica {
                 at: now,
             },
         );
-        self.heartbeat(now);
+        self.publish_record(now);
         self.next_anti_entropy = now + self.cfg.anti_entropy_ms / 2;
+        // Spread the nodes' probe periods (a mesh booted at once would probe in lockstep).
+        let offset = {
+            use rand::Rng;
+            self.rng.gen_range(0..self.cfg.heartbeat_ms)
+        };
+        self.prober_start(now + offset);
+    }
+
+    /// Whether a load sample moved far enough from the one last published to publish again:
+    /// by `load_delta_permille`, or across a threshold (which placement turns on).
+    fn load_moved(&self, s: LoadSample) -> bool {
+        let d = self.cfg.load_delta_permille;
+        let over = |l: LoadSample| {
+            l.cpu_permille >= u16::from(self.cfg.threshold_cpu) * 10
+                || l.mem_permille >= u16::from(self.cfg.threshold_memory) * 10
+        };
+        let p = self.published_load;
+        s.cpu_permille.abs_diff(p.cpu_permille) >= d
+            || s.mem_permille.abs_diff(p.mem_permille) >= d
+            || over(s) != over(p)
+    }
+
+    /// Publishes the record now, or when one period has passed since the last publication.
+    fn publish_soon(&mut self, now: Millis) {
+        if !self.started {
+            return;
+        }
+        let at = now.max(self.last_publish + self.cfg.heartbeat_ms);
+        self.record_due = Some(self.record_due.map_or(at, |d| d.min(at)));
+    }
+
+    /// A peer was heard from directly. A peer this node suspects (or does not know) is
+    /// asked for its state: after a partition heals, that is how each side learns the other's
+    /// suspicions of it and refutes them.
+    pub(crate) fn contact(&mut self, now: Millis, from: NodeId) {
+        if from == self.me.id {
+            return;
+        }
+        self.last_contact = Some(now);
+        if self.health(now, &from) != Health::Alive {
+            self.sync_request(now, from);
+        }
+        match self.heard.get_mut(&from) {
+            Some(h) => h.at = h.at.max(now),
+            None => {
+                self.heard.insert(
+                    from,
+                    Heard {
+                        version: (0, 0),
+                        at: now,
+                    },
+                );
+            }
+        }
     }
 
     pub(crate) fn mark_dirty(&mut self, now: Millis) {
         self.next_eval = Some(self.next_eval.map_or(now, |e| e.min(now)));
     }
 
-    fn heartbeat(&mut self, now: Millis) {
+    /// Publishes this node's record with a new version: at start, when it changed, to refute a
+    /// suspicion, and when leaving. Liveness does not ride on it (see `probe.rs`).
+    fn publish_record(&mut self, now: Millis) {
+        self.record_due = None;
+        self.last_publish = now;
+        self.published_load = self.me.load;
+        self.stats.records_published += 1;
         self.me.seq += 1;
         self.me.written_at_ms = now;
         let mut nearest: Vec<(NodeId, u32)> = self
@@ -578,7 +692,6 @@ impl Replica {
         self.me.rtt_ms = nearest;
         let rec = self.me.clone();
         self.write(now, DeltaBody::Node(rec));
-        self.next_heartbeat = now + self.cfg.heartbeat_ms;
     }
 
     /// Makes a local change: stamps it, merges it, queues it for gossip.
@@ -694,6 +807,14 @@ impl Replica {
                                 true
                             }
                         };
+                        if newer {
+                            self.last_contact = Some(now);
+                            if self.suspected_at.contains_key(&rec.id) {
+                                // Refuted (or restarted): its leases hold again.
+                                self.note_suspicion(now, rec.id);
+                                self.mark_dirty(now);
+                            }
+                        }
                         if newer && self.propagation.len() < MAX_PROPAGATION_SAMPLES {
                             self.propagation.push(PropagationSample {
                                 origin: rec.id,
@@ -705,6 +826,19 @@ impl Replica {
                     }
                     DeltaBody::Lease { .. } => {
                         self.stats.lease_changes += 1;
+                        self.mark_dirty(now);
+                    }
+                    DeltaBody::Suspect { node, .. } => {
+                        if *node == self.me.id {
+                            // Someone could not reach us: answer with a newer record, which
+                            // supersedes the suspicion everywhere it spreads.
+                            if !self.me.leaving {
+                                self.stats.refutations += 1;
+                                self.publish_record(now);
+                            }
+                        } else {
+                            self.note_suspicion(now, *node);
+                        }
                         self.mark_dirty(now);
                     }
                     _ => self.mark_dirty(now),
@@ -919,6 +1053,7 @@ impl Replica {
         reply: SyncReply,
     ) -> Result<(), InputError> {
         self.inflight.remove(&from);
+        self.contact(now, from);
         let SyncReply {
             deltas,
             vclock,
@@ -946,9 +1081,10 @@ impl Replica {
     }
 
     fn on_tick(&mut self, now: Millis) {
-        if now >= self.next_heartbeat {
-            self.heartbeat(now);
+        if self.record_due.is_some_and(|d| now >= d) {
+            self.publish_record(now);
         }
+        self.probe_tick(now);
         if now >= self.next_anti_entropy {
             self.next_anti_entropy = now + self.cfg.anti_entropy_ms;
             if let Some(peer) = self.random_alive_peer(now) {
@@ -998,30 +1134,17 @@ impl Replica {
 
     /// Whether this node knows peers but hears none of them.
     pub fn is_isolated(&self, now: Millis) -> bool {
-        // Isolation must be noticed before any lease it could take over expires: two missed
-        // heartbeats of silence from everyone, while a lease needs ttl + grace (config checks
-        // ttl >= 2 heartbeats). Peers gone for much longer than a lease are forgotten here, so
-        // a lone survivor of a dead mesh takes over eventually instead of waiting forever.
+        // Isolation must be noticed before any lease it could take over expires: two probe
+        // periods of silence from everyone (a node pings one peer and is pinged by about one
+        // per period), while a lease needs a suspicion plus ttl + grace. Silence much longer
+        // than a lease means the rest of the mesh is gone, so a lone survivor of a dead mesh
+        // takes over eventually instead of waiting forever.
         let quiet_after = 2 * self.cfg.heartbeat_ms;
         let forget_after = 10 * (self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms);
-        let mut known = false;
-        for n in self.state.nodes() {
-            if n.id == self.me.id || n.leaving {
-                continue;
-            }
-            let Some(heard) = self.heard.get(&n.id) else {
-                continue;
-            };
-            let silent = now.saturating_sub(heard.at);
-            if silent > forget_after {
-                continue;
-            }
-            known = true;
-            if silent < quiet_after {
-                return false;
-            }
-        }
-        known
+        self.last_contact.is_some_and(|t| {
+            let silent = now.saturating_sub(t);
+            silent >= quiet_after && silent <= forget_after
+        })
     }
 
     /// Whether this node may claim tasks: alone in the mesh (or the only one left for long),
@@ -1032,30 +1155,15 @@ impl Replica {
 
     fn synced_or_alone(&self, now: Millis) -> bool {
         let forget_after = 10 * (self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms);
-        let alone = self.state.nodes().all(|n| {
-            n.id == self.me.id
-                || n.leaving
-                || self
-                    .heard
-                    .get(&n.id)
-                    .is_none_or(|h| now.saturating_sub(h.at) > forget_after)
-        });
+        let alone = self
+            .last_contact
+            .is_none_or(|t| now.saturating_sub(t) > forget_after);
         alone || self.synced
     }
 
     fn random_alive_peer(&mut self, now: Millis) -> Option<NodeId> {
-        use rand::Rng;
-        let peers: Vec<NodeId> = self
-            .heard
-            .keys()
-            .filter(|id| **id != self.me.id && self.health(now, id) != Health::Gone)
-            .copied()
-            .collect();
-        if peers.is_empty() {
-            return None;
-        }
-        let i = self.rng.gen_range(0..peers.len());
-        peers.get(i).copied()
+        let me = self.me.id;
+        self.random_peers(now, 1, me).first().copied()
     }
 
     /// How a node looks from here, now.
@@ -1067,19 +1175,17 @@ impl Replica {
                 Health::Alive
             };
         }
-        let Some(heard) = self.heard.get(id) else {
-            return Health::Gone;
-        };
-        if self.state.node(id).is_some_and(|r| r.leaving) {
-            return Health::Gone;
+        match self.state.node(id) {
+            None => return Health::Gone,
+            Some(r) if r.leaving => return Health::Gone,
+            Some(_) => {}
         }
-        let quiet = now.saturating_sub(heard.at);
-        if quiet <= self.cfg.suspect_after_ms {
-            Health::Alive
-        } else if quiet <= self.cfg.lease_ttl_ms + self.grace_ms(id) {
-            Health::Suspect
-        } else {
-            Health::Gone
+        match self.suspected_since(id) {
+            None => Health::Alive,
+            Some(at) if now <= at.saturating_add(self.cfg.lease_ttl_ms + self.grace_ms(id)) => {
+                Health::Suspect
+            }
+            Some(_) => Health::Gone,
         }
     }
 
@@ -1102,7 +1208,7 @@ impl Replica {
 
     fn leave(&mut self, now: Millis) {
         self.me.leaving = true;
-        self.heartbeat(now);
+        self.publish_record(now);
         let runs: Vec<(TaskId, LocalRun)> = self.local.iter().map(|(t, r)| (*t, *r)).collect();
         for (task, run) in runs {
             match run.phase {

@@ -97,6 +97,17 @@ fn delta_strategy() -> impl Strategy<Value = Delta> {
             ]
         )
             .prop_map(|(task, outcome)| (None, DeltaBody::Compact { task, outcome })),
+        // Suspicions by anyone, of the same few nodes and versions the records use, so a
+        // record refuting a suspicion and a late suspicion of an old version both occur.
+        (1u8..=4, 1u64..3, 1u64..4).prop_map(|(i, inc, seq)| {
+            (
+                None,
+                DeltaBody::Suspect {
+                    node: node(i),
+                    version: (inc, seq),
+                },
+            )
+        }),
     ];
     (origin, 1u64..50, body).prop_map(|(origin, stamp, (writer, body))| Delta {
         // Single-writer components come from their writer.

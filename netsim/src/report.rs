@@ -166,24 +166,26 @@ impl Outcome {
         let o = &self.tasks;
         row("tasks", format!("{} submitted, {} accepted: {} succeeded, {} failed, {} cancelled, {} running, {} pending with a reason, {} in progress, {} lost",
             o.submitted, o.accepted, o.succeeded, o.failed, o.cancelled, o.running, o.pending_with_reason, o.pending_in_progress, o.lost));
-        let msgs = t.gossip_msgs + t.sync_requests + t.sync_replies;
+        let msgs = t.gossip_msgs + t.sync_requests + t.sync_replies + t.probe_msgs;
         row(
             "messages / node / s",
             format!(
-                "{:.1} (gossip {:.1}, of which duplicates {:.1}; sync {:.2})",
+                "{:.1} (gossip {:.1}, of which duplicates {:.1}; sync {:.2}; probes {:.2})",
                 per(msgs),
                 per(t.gossip_msgs),
                 per(t.gossip_dups),
-                per(t.sync_requests + t.sync_replies)
+                per(t.sync_requests + t.sync_replies),
+                per(t.probe_msgs)
             ),
         );
         row(
             "bytes / node / s",
             format!(
-                "{} (gossip {}, sync {})",
-                bytes_str(per(t.gossip_bytes + t.sync_bytes)),
+                "{} (gossip {}, sync {}, probes {})",
+                bytes_str(per(t.gossip_bytes + t.sync_bytes + t.probe_bytes)),
                 bytes_str(per(t.gossip_bytes)),
-                bytes_str(per(t.sync_bytes))
+                bytes_str(per(t.sync_bytes)),
+                bytes_str(per(t.probe_bytes))
             ),
         );
         row(

@@ -121,8 +121,8 @@ pub struct ReplicaOverrides {
     pub lease_ttl_ms: Option<u64>,
     /// `lease_grace_ms`.
     pub lease_grace_ms: Option<u64>,
-    /// `suspect_after_ms`.
-    pub suspect_after_ms: Option<u64>,
+    /// `probe_timeout_ms`.
+    pub probe_timeout_ms: Option<u64>,
     /// `settle_ms`.
     pub settle_ms: Option<u64>,
     /// `claim_stagger_ms`.
@@ -514,7 +514,7 @@ impl Scenario {
         set(&mut c.heartbeat_ms, o.heartbeat_ms);
         set(&mut c.lease_ttl_ms, o.lease_ttl_ms);
         set(&mut c.lease_grace_ms, o.lease_grace_ms);
-        set(&mut c.suspect_after_ms, o.suspect_after_ms);
+        set(&mut c.probe_timeout_ms, o.probe_timeout_ms);
         set(&mut c.settle_ms, o.settle_ms);
         set(&mut c.claim_stagger_ms, o.claim_stagger_ms);
         set(&mut c.anti_entropy_ms, o.anti_entropy_ms);

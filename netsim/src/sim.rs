@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use ed25519_dalek::SigningKey;
 use omesh_protocol::{
-    Digest, Epoch, GossipMessage, LoadSample, NodeId, SyncReply, SyncRequest, TaskId, Wire,
+    Digest, Epoch, GossipMessage, LoadSample, NodeId, Probe, SyncReply, SyncRequest, TaskId, Wire,
 };
 use omesh_state::{Action, Input, Replica, ReplicaConfig};
 use rand::{Rng, SeedableRng};
@@ -68,6 +68,15 @@ pub enum Event {
         from: u32,
         /// The message.
         msg: Box<SyncMsg>,
+    },
+    /// A liveness probe arrives.
+    Swim {
+        /// Receiver.
+        to: u32,
+        /// Sender.
+        from: u32,
+        /// The probe.
+        probe: Probe,
     },
     /// A sync request went unanswered.
     SyncFailed {
@@ -180,6 +189,10 @@ pub struct Traffic {
     pub sync_replies: u64,
     /// Sync bytes, both ways.
     pub sync_bytes: u64,
+    /// Liveness probes sent (pings, acks, ping requests).
+    pub probe_msgs: u64,
+    /// Their bytes.
+    pub probe_bytes: u64,
     /// Messages dropped by loss or partition.
     pub lost: u64,
     /// Messages published.
@@ -489,6 +502,7 @@ impl Sim {
                 self.traffic.sync_replies += 1;
                 self.send_sync(i, to, bytes, SyncMsg::Reply(reply));
             }
+            Action::SendProbe { to, probe } => self.send_probe(i, to, probe),
             Action::StartTask { task, epoch, .. } => {
                 let Some(t) = self.task_index.get(&task).copied() else {
                     return;
@@ -580,6 +594,13 @@ impl Sim {
             }
             Event::Gossip { to, from, flood } => self.on_gossip(to, from, flood),
             Event::Sync { to, from, msg } => self.on_sync(to, from, *msg),
+            Event::Swim { to, from, probe } => {
+                self.trace = fold(self.trace, 8 << 32 | u64::from(to) << 16 ^ u64::from(from));
+                if !self.frozen && self.nodes[ix(to)].up() {
+                    let from = self.nodes[ix(from)].id;
+                    self.feed(to, Input::Probe { from, probe });
+                }
+            }
             Event::SyncFailed { node, gen, peer } => {
                 self.trace = fold(self.trace, 4 << 32 | u64::from(node));
                 if self.nodes[ix(node)].gen == gen {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use omesh_protocol::{GossipMessage, NodeId, Wire};
+use omesh_protocol::{GossipMessage, NodeId, Probe, Wire};
 use omesh_state::Input;
 
 use crate::network::Fate;
@@ -110,6 +110,31 @@ impl Sim {
                     },
                 );
             }
+        }
+    }
+
+    /// A liveness probe: point to point, best effort (a lost probe is a missed answer).
+    pub(crate) fn send_probe(&mut self, i: u32, to: NodeId, probe: Probe) {
+        let now = self.queue.now();
+        let bytes = probe.wire_len().unwrap_or(Probe::MAX_BYTES);
+        self.traffic.probe_msgs += 1;
+        self.traffic.probe_bytes += bytes as u64;
+        let Some(t) = self.by_id.get(&to).copied() else {
+            return;
+        };
+        let fate = self.network.send(&mut self.rng, now, i, t, bytes);
+        if fate == Fate::Lost {
+            self.traffic.lost += 1;
+        }
+        for at in arrivals(fate) {
+            self.queue.push(
+                at,
+                Event::Swim {
+                    to: t,
+                    from: i,
+                    probe,
+                },
+            );
         }
     }
 

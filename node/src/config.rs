@@ -325,9 +325,7 @@ impl NodeConfig {
         r.heartbeat_ms = self.heartbeat_ms;
         r.lease_ttl_ms = self.lease_ttl_ms;
         r.lease_grace_ms = self.lease_grace_ms;
-        r.suspect_after_ms = r
-            .suspect_after_ms
-            .min(self.lease_ttl_ms + self.lease_grace_ms);
+        r.probe_timeout_ms = r.probe_timeout_ms.min(self.heartbeat_ms / 2).max(1);
         r.anti_entropy_ms = self.anti_entropy_ms;
         r.retention_ms = self.retention_ms;
         r.seed = u64::from_le_bytes([

@@ -12,7 +12,7 @@ use omesh_state::Stats;
 /// Which channel a malformed message came on.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChannelLabel {
-    /// `gossip`, `sync_request` or `sync_reply`.
+    /// `gossip`, `sync_request`, `sync_reply` or `probe`.
     pub channel: String,
 }
 

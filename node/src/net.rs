@@ -17,6 +17,9 @@ pub const STATE_TOPIC: &str = "omesh/state/1";
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/sync/1");
 /// The task log protocol.
 pub const LOGS_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/logs/1");
+/// SWIM-style liveness probes, one-way: each probe is a request answered with an empty frame
+/// (the replica's `Ack` is a probe of its own).
+pub const PROBE_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/probe/1");
 /// The kademlia protocol (kept apart from the public IPFS DHT).
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/kad/1");
 /// Sent in identify.
@@ -41,6 +44,8 @@ pub struct Behaviour {
     pub sync: request_response::Behaviour<BytesCodec>,
     /// Task logs, fetched from the owner.
     pub logs: request_response::Behaviour<BytesCodec>,
+    /// Liveness probes.
+    pub probe: request_response::Behaviour<BytesCodec>,
 }
 
 /// Request-response frames as raw bytes with a u32 length prefix; decoding (and counting
@@ -139,9 +144,9 @@ pub fn build_swarm(key: Keypair, gossip_limit: usize) -> Result<Swarm<Behaviour>
             let local = key.public().to_peer_id();
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(Duration::from_secs(1))
-                // Every node's heartbeat reaches every node, so each copy gossipsub adds is
-                // paid N times a second per node: a smaller mesh (4, not 6) and publishing to
-                // the mesh only (not flooding every peer) cut the duplicate deliveries.
+                // Every copy gossipsub adds is paid once per change per node: a smaller mesh
+                // (4, not 6) and publishing to the mesh only (not flooding every peer) cut
+                // the duplicate deliveries.
                 .mesh_n(4)
                 .mesh_n_low(3)
                 .mesh_n_high(8)
@@ -181,6 +186,11 @@ pub fn build_swarm(key: Keypair, gossip_limit: usize) -> Result<Swarm<Behaviour>
                 [(LOGS_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
             );
+            // A probe unanswered within a period is a missed answer, nothing to retry.
+            let probe = request_response::Behaviour::new(
+                [(PROBE_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(5)),
+            );
             Ok(Behaviour {
                 gossipsub,
                 kad,
@@ -188,6 +198,7 @@ pub fn build_swarm(key: Keypair, gossip_limit: usize) -> Result<Swarm<Behaviour>
                 ping,
                 sync,
                 logs,
+                probe,
             })
         })
         .map_err(|e| BuildError(e.to_string()))?

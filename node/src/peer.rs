@@ -12,7 +12,9 @@ use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, identify, kad, ping, Multiaddr, PeerId, Swarm};
-use omesh_protocol::{GossipMessage, Millis, NodeId, SyncReply, SyncRequest, TaskState, Wire};
+use omesh_protocol::{
+    GossipMessage, Millis, NodeId, Probe, SyncReply, SyncRequest, TaskState, Wire,
+};
 use omesh_state::{Action, Health, Input, InputError, Replica};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -300,6 +302,7 @@ impl Peer {
                 Action::Publish(msg) => self.publish(&msg),
                 Action::SendSync { to, request } => self.send_sync(to, &request),
                 Action::ReplySync { to, reply } => self.reply_sync(to, &reply),
+                Action::SendProbe { to, probe } => self.send_probe(to, probe),
                 Action::StartTask { task, epoch, spec } => {
                     info!(task = %task.short(), epoch, "starting task");
                     self.executor.start(task, epoch, spec, self.node_id);
@@ -364,6 +367,58 @@ impl Peer {
         }
     }
 
+    fn send_probe(&mut self, to: NodeId, probe: Probe) {
+        let Some(peer) = net::peer_id_of(&to).filter(|p| !self.blocked.contains(p)) else {
+            return;
+        };
+        match probe.to_wire() {
+            Ok(bytes) => {
+                self.swarm.behaviour_mut().probe.send_request(&peer, bytes);
+            }
+            Err(e) => warn!(error = %e, "cannot encode probe"),
+        }
+    }
+
+    fn on_probe_event(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                // The empty answer only closes the stream; the replica answers with a probe.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .probe
+                    .send_response(channel, Vec::new());
+                let Some(from) = net::node_id_of(&peer).filter(|_| !self.blocked.contains(&peer))
+                else {
+                    return;
+                };
+                match Probe::from_wire(&request) {
+                    Ok(probe) => self.feed(Input::Probe { from, probe }),
+                    Err(e) => {
+                        if let Ok(m) = self.metrics.lock() {
+                            m.malformed("probe");
+                        }
+                        debug!(%peer, error = %e, "malformed probe dropped");
+                    }
+                }
+            }
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                // Unreachable or slow: the replica sees a missing ack, which is the point.
+                debug!(%peer, %error, "probe not delivered");
+            }
+            request_response::Event::Message { .. }
+            | request_response::Event::InboundFailure { .. }
+            | request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
     fn send_sync(&mut self, to: NodeId, request: &SyncRequest) {
         let Some(peer) = net::peer_id_of(&to).filter(|p| !self.blocked.contains(p)) else {
             self.feed_later_failure(to);
@@ -419,6 +474,7 @@ impl Peer {
             })) => self.on_gossip(propagation_source, &message_id, &message),
             SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.on_sync_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Logs(ev)) => self.on_logs_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Probe(ev)) => self.on_probe_event(ev),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,

@@ -62,6 +62,15 @@ pub enum DeltaBody {
         /// Its final state.
         outcome: TaskState,
     },
+    /// The origin probed `node` and got no answer, directly or through others: `node` is
+    /// suspect at this version of its record. Any replica may write it; a newer record of
+    /// `node` (its refutation, or a restart) supersedes it.
+    Suspect {
+        /// The node that did not answer.
+        node: NodeId,
+        /// The version `(incarnation, seq)` of its record the origin held.
+        version: (u64, u64),
+    },
 }
 
 impl DeltaBody {
@@ -74,6 +83,7 @@ impl DeltaBody {
             Self::Status { .. } => "status",
             Self::Cancel { .. } => "cancel",
             Self::Compact { .. } => "compact",
+            Self::Suspect { .. } => "suspect",
         }
     }
 }
@@ -101,6 +111,41 @@ pub struct GossipMessage {
 impl Wire for GossipMessage {
     const MAX_BYTES: usize = MAX_GOSSIP_BYTES;
     const KIND: &'static str = "gossip message";
+}
+
+/// The most bytes a liveness probe may carry.
+pub const MAX_PROBE_BYTES: usize = 128;
+
+/// A SWIM-style liveness probe, sent point to point (not gossiped). Each node pings one peer
+/// per period; an unanswered ping is retried through a few other peers (`PingReq`); a peer
+/// that answers neither way is suspected (a [`DeltaBody::Suspect`] gossiped to all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Probe {
+    /// "Are you there?" Answered by an `Ack` with the same nonce.
+    Ping {
+        /// The pinger's nonce.
+        nonce: u64,
+    },
+    /// "`about` is there": the answer to a ping, or passed on by a node that pinged `about`
+    /// for the requester of a `PingReq` (then `nonce` is the requester's).
+    Ack {
+        /// The nonce of the ping or ping request answered.
+        nonce: u64,
+        /// The node whose liveness this confirms.
+        about: NodeId,
+    },
+    /// "Please ping `target` for me, and pass its ack on with my nonce."
+    PingReq {
+        /// The requester's nonce.
+        nonce: u64,
+        /// The node to ping.
+        target: NodeId,
+    },
+}
+
+impl Wire for Probe {
+    const MAX_BYTES: usize = MAX_PROBE_BYTES;
+    const KIND: &'static str = "probe";
 }
 
 /// Anti-entropy: "here is what I have; send me what I lack".

@@ -16,7 +16,7 @@ pub mod task;
 
 pub use blob::{LogRequest, LogResponse};
 pub use codec::{decode, encode, DecodeError, EncodeError, Wire, WIRE_VERSION};
-pub use delta::{Delta, DeltaBody, GossipMessage, StateDigest, SyncReply, SyncRequest};
+pub use delta::{Delta, DeltaBody, GossipMessage, Probe, StateDigest, SyncReply, SyncRequest};
 pub use ids::{Digest, IdParseError, NodeId, TaskId};
 pub use node::{Capacity, LoadSample, NodeRecord};
 pub use task::{

@@ -7,8 +7,8 @@ use std::fmt::Debug;
 
 use omesh_protocol::blob::{BlobRequest, BlobResponse, MAX_CHUNK_BYTES};
 use omesh_protocol::{
-    decode, encode, DecodeError, Delta, DeltaBody, EncodeError, GossipMessage, NodeId, StateDigest,
-    SyncReply, SyncRequest, TaskId, Wire, WIRE_VERSION,
+    decode, encode, DecodeError, Delta, DeltaBody, EncodeError, GossipMessage, NodeId, Probe,
+    StateDigest, SyncReply, SyncRequest, TaskId, Wire, WIRE_VERSION,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -159,6 +159,12 @@ proptest! {
     #[test]
     fn gossip_message_roundtrips(msg in gossip_message()) {
         wire_roundtrip(&msg)?;
+    }
+
+    #[test]
+    fn probe_roundtrips(msg in probe()) {
+        wire_roundtrip(&msg)?;
+        prop_assert!(msg.to_wire().map_err(|e| TestCaseError::fail(e.to_string()))?.len() <= Probe::MAX_BYTES);
     }
 
     #[test]

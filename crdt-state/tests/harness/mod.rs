@@ -94,6 +94,8 @@ pub struct Mesh {
     pub dup_permille: u32,
     /// Extra random delay per message (reorders deliveries).
     pub jitter_ms: Millis,
+    /// Nodes whose incoming liveness probes are dropped (everything else reaches them).
+    pub deaf_to_probes: BTreeSet<NodeId>,
     rng: rand_chacha::ChaCha8Rng,
 }
 
@@ -119,6 +121,7 @@ impl Mesh {
             drop_permille: 0,
             dup_permille: 0,
             jitter_ms: 0,
+            deaf_to_probes: BTreeSet::new(),
             rng: rand::SeedableRng::seed_from_u64(u64::from(n)),
         }
     }
@@ -206,6 +209,11 @@ impl Mesh {
                 }
                 Action::ReplySync { to, reply } => {
                     self.send(id, to, Input::SyncReply { from: id, reply })
+                }
+                Action::SendProbe { to, probe } => {
+                    if !self.deaf_to_probes.contains(&to) {
+                        self.send(id, to, Input::Probe { from: id, probe })
+                    }
                 }
                 Action::StartTask { task, epoch, .. } => {
                     self.instances.push(Instance {

@@ -9,8 +9,8 @@ use omesh_protocol::blob::{BlobRequest, BlobResponse};
 use omesh_protocol::node::MAX_RTT_ENTRIES;
 use omesh_protocol::{
     Capacity, Delta, DeltaBody, Digest, ExecutorKind, GossipMessage, Lease, LoadSample, NodeId,
-    NodeRecord, SignedTaskSpec, StateDigest, StatusEntry, SyncReply, SyncRequest, TaskId, TaskSpec,
-    TaskState,
+    NodeRecord, Probe, SignedTaskSpec, StateDigest, StatusEntry, SyncReply, SyncRequest, TaskId,
+    TaskSpec, TaskState,
 };
 use proptest::collection::{btree_map, btree_set, vec};
 use proptest::prelude::*;
@@ -220,6 +220,16 @@ pub(crate) fn delta_body() -> impl Strategy<Value = DeltaBody> {
             .prop_map(|(task, epoch, entry)| DeltaBody::Status { task, epoch, entry }),
         task_id().prop_map(|task| DeltaBody::Cancel { task }),
         (task_id(), task_state()).prop_map(|(task, outcome)| DeltaBody::Compact { task, outcome }),
+        (node_id(), any::<(u64, u64)>())
+            .prop_map(|(node, version)| DeltaBody::Suspect { node, version }),
+    ]
+}
+
+pub(crate) fn probe() -> impl Strategy<Value = Probe> {
+    prop_oneof![
+        any::<u64>().prop_map(|nonce| Probe::Ping { nonce }),
+        (any::<u64>(), node_id()).prop_map(|(nonce, about)| Probe::Ack { nonce, about }),
+        (any::<u64>(), node_id()).prop_map(|(nonce, target)| Probe::PingReq { nonce, target }),
     ]
 }
 

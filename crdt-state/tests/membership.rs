@@ -1,0 +1,116 @@
+//! SWIM-style membership: probing finds a crashed peer, a falsely suspected peer refutes and
+//! keeps its leases, an idle mesh sends no node records, and a partition heals by probing.
+#![allow(clippy::unwrap_used)]
+
+mod harness;
+
+use harness::{node, spec, Mesh};
+use omesh_state::Health;
+
+fn joined(n: u8) -> Mesh {
+    let mut m = Mesh::new(n, |_| {});
+    let ok = m.run_until(10_000, |m| {
+        m.ids().iter().all(|a| {
+            let r = m.replica(*a);
+            r.may_claim(m.now) && m.ids().iter().all(|b| r.health(m.now, b) == Health::Alive)
+        })
+    });
+    assert!(ok, "mesh did not join");
+    m
+}
+
+fn owner_of(m: &Mesh, task: omesh_protocol::TaskId) -> Option<(omesh_protocol::NodeId, u64)> {
+    let runners = m.runners(task);
+    assert!(runners.len() <= 1, "more than one instance: {runners:?}");
+    runners.first().copied()
+}
+
+#[test]
+fn a_crashed_peer_is_suspected_by_probing_then_judged_gone_everywhere() {
+    let mut m = joined(5);
+    let dead = node(3);
+    m.crash(dead);
+    let crashed_at = m.now;
+    let others: Vec<_> = m.ids().into_iter().filter(|id| *id != dead).collect();
+    assert!(m.run_until(20_000, |m| others
+        .iter()
+        .all(|id| m.replica(*id).health(m.now, &dead) == Health::Gone)));
+    // Gone only after a suspicion was held for ttl + grace, never sooner.
+    let r = m.replica(others[0]);
+    let floor = r.config().lease_ttl_ms + r.config().lease_grace_ms;
+    assert!(
+        m.now - crashed_at > floor,
+        "gone {} ms after the crash, before ttl + grace ({floor} ms)",
+        m.now - crashed_at
+    );
+    let suspicions: u64 = others
+        .iter()
+        .map(|id| m.replica(*id).stats().suspicions)
+        .sum();
+    assert!(suspicions >= 1, "nobody suspected the crashed node");
+    for id in &others {
+        assert!(m.replica(*id).state().suspicion(&dead).is_some());
+    }
+}
+
+#[test]
+fn a_falsely_suspected_owner_refutes_and_keeps_its_lease() {
+    let mut m = joined(3);
+    let task = m.submit(node(1), spec(40));
+    assert!(m.run_until(5_000, |m| owner_of(m, task).is_some()));
+    let (owner, epoch) = owner_of(&m, task).unwrap();
+    // Its probes are lost, but gossip still reaches it: every probe of it fails, it hears
+    // each suspicion and answers with a newer record before its lease runs out.
+    m.deaf_to_probes.insert(owner);
+    let before = m.replica(owner).stats().refutations;
+    m.run_until(20_000, |_| false);
+    assert_eq!(owner_of(&m, task), Some((owner, epoch)), "the lease moved");
+    assert!(
+        m.replica(owner).stats().refutations > before,
+        "the owner never refuted a suspicion"
+    );
+    for id in m.ids() {
+        let v = m.replica(id).task_view(m.now, &task).unwrap();
+        assert_eq!((v.owner, v.epoch), (Some(owner), epoch));
+    }
+}
+
+#[test]
+fn an_idle_mesh_probes_but_publishes_no_records() {
+    let mut m = joined(6);
+    let start: Vec<_> = m.ids().iter().map(|id| m.replica(*id).stats()).collect();
+    let secs = 30;
+    m.run_until(secs * 1000, |_| false);
+    for (id, s0) in m.ids().into_iter().zip(start) {
+        let s = m.replica(id).stats();
+        let records = s.records_published - s0.records_published;
+        let probes = s.probes_sent - s0.probes_sent;
+        assert_eq!(records, 0, "{id}: {records} records in {secs} s of idle");
+        assert!(
+            probes >= secs - 2 && probes <= secs + 2,
+            "{id}: {probes} probes in {secs} s (one per period expected)"
+        );
+        assert_eq!(s.suspicions, 0, "{id} suspected a live peer");
+    }
+    assert!(m.converged());
+}
+
+#[test]
+fn a_healed_partition_finds_itself_again_by_probing() {
+    let mut m = joined(4);
+    let cut = node(4);
+    m.isolate(cut);
+    assert!(
+        m.run_until(30_000, |m| m.replica(node(1)).health(m.now, &cut)
+            == Health::Gone
+            && m.replica(cut).health(m.now, &node(1)) == Health::Gone)
+    );
+    m.heal();
+    // Nothing is published in an idle mesh: only the probes of peers judged gone bring the
+    // two sides back together, each refuting the other's suspicion of it.
+    assert!(m.run_until(30_000, |m| m.ids().iter().all(|a| m
+        .ids()
+        .iter()
+        .all(|b| m.replica(*a).health(m.now, b) == Health::Alive))
+        && m.converged()));
+}
