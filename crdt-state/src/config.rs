@@ -20,7 +20,9 @@ pub struct ReplicaConfig {
     /// Keys allowed to submit tasks (ed25519 public keys). Empty: nobody may.
     pub authorized_submitters: BTreeSet<[u8; 32]>,
     /// Probe period: each node pings one peer per period (SWIM), and publishes a changed node
-    /// record at most this often. Default 1,000 ms.
+    /// record at most this often. A crashed node is first probed within a few periods (each
+    /// period it escapes every prober with chance ~1/e), so this sets detection time; a
+    /// period costs each node about four probe messages of ~20 bytes. Default 500 ms.
     pub heartbeat_ms: Millis,
     /// A suspected owner's leases hold this long past the suspicion reaching a replica, so a
     /// falsely suspected node has time to refute it (one gossip round trip). At least one
@@ -29,7 +31,7 @@ pub struct ReplicaConfig {
     /// Extra wait before a lease counts as lost, floor of the RTT-adaptive grace. Default 1,000 ms.
     pub lease_grace_ms: Millis,
     /// How long a ping waits for its ack before asking other peers to ping the target
-    /// (floor of the RTT-adaptive timeout; below `heartbeat_ms`). Default 300 ms.
+    /// (floor of the RTT-adaptive timeout; below `heartbeat_ms`). Default 200 ms.
     pub probe_timeout_ms: Millis,
     /// How many peers are asked to ping an unanswering target. Default 3.
     pub indirect_probes: u8,
@@ -73,10 +75,10 @@ impl Default for ReplicaConfig {
             },
             tags: BTreeSet::new(),
             authorized_submitters: BTreeSet::new(),
-            heartbeat_ms: 1_000,
+            heartbeat_ms: 500,
             lease_ttl_ms: 1_000,
             lease_grace_ms: 1_000,
-            probe_timeout_ms: 300,
+            probe_timeout_ms: 200,
             indirect_probes: 3,
             load_delta_permille: 50,
             settle_ms: 150,

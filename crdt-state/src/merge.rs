@@ -400,7 +400,7 @@ impl State {
         };
         Ok(match &delta.body {
             DeltaBody::Node(rec) => {
-                // Old or duplicate heartbeats (gossip fan-out delivers each several times) are
+                // Old or duplicate records (gossip fan-out delivers each several times) are
                 // settled without hashing or cloning the record.
                 if let Some(cur) = self.nodes.get_mut(&rec.id) {
                     match rec.version().cmp(&cur.value.version()) {
@@ -409,9 +409,9 @@ impl State {
                             return Ok(Merged::Unchanged)
                         }
                         Ordering::Greater => {
-                            // A newer heartbeat, the N² case: overwrite in place, reusing the
+                            // A newer record: overwrite in place, reusing the
                             // held record's allocations, and rehash only if the durable part
-                            // (all the digest covers) changed, which a heartbeat rarely does.
+                            // (all the digest covers) changed, which a load move never does.
                             let hash = if rec.durable() == cur.value.durable() {
                                 cur.hash
                             } else {

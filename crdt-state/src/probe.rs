@@ -244,8 +244,9 @@ impl Replica {
         }
     }
 
-    /// When the suspicion of `id` that still holds reached this replica.
-    pub(crate) fn suspected_since(&self, id: &NodeId) -> Option<Millis> {
+    /// When the suspicion of `id` that still holds reached this replica (its local clock);
+    /// `None` while `id` is not suspected.
+    pub fn suspected_since(&self, id: &NodeId) -> Option<Millis> {
         let v = self.state.suspicion(id)?;
         match self.suspected_at.get(id) {
             Some((sv, at)) if *sv == v => Some(*at),

@@ -37,7 +37,7 @@ const MAX_AHEAD: usize = 1024;
 pub struct PropagationSample {
     /// The writer.
     pub origin: NodeId,
-    /// Its heartbeat counter.
+    /// Its record counter.
     pub seq: u64,
     /// The writer's clock when written.
     pub written_at_ms: Millis,
@@ -945,6 +945,12 @@ impl Replica {
     }
 
     fn sync_request(&mut self, now: Millis, to: NodeId) {
+        self.send_sync_request(now, to, false);
+    }
+
+    /// A sync request; `digest_only` compares digests first (periodic anti-entropy of a
+    /// synced replica), sending the version vector only if they differ.
+    fn send_sync_request(&mut self, now: Millis, to: NodeId, digest_only: bool) {
         if to == self.me.id
             || self
                 .inflight
@@ -955,7 +961,12 @@ impl Replica {
         }
         self.inflight.insert(to, now);
         self.stats.syncs_sent += 1;
-        let mut vclock = self.version_vector();
+        let digest_only = digest_only && self.synced && !self.want_full.contains(&to);
+        let mut vclock = if digest_only {
+            Vec::new()
+        } else {
+            self.version_vector()
+        };
         if !self.synced && self.cfg.incarnation > 1 {
             // A restarted node starts empty, yet its own new stamps (`incarnation << 32 | n`)
             // claim to cover everything it wrote in earlier incarnations: until a sync
@@ -970,6 +981,7 @@ impl Replica {
             vclock,
             digest: self.digest(),
             full: self.want_full.remove(&to),
+            digest_only,
         };
         self.outbox.push_back(Action::SendSync { to, request });
     }
@@ -978,6 +990,18 @@ impl Replica {
     /// an origin boundary so the requester can adopt what it fully got.
     fn serve_sync(&mut self, from: NodeId, req: &SyncRequest) {
         self.stats.syncs_served += 1;
+        if req.digest_only && !req.full {
+            // Equal: nothing to do. Different: "truncated", so the requester asks again with
+            // its vector (see `SyncRequest::digest_only`).
+            let reply = SyncReply {
+                deltas: Vec::new(),
+                vclock: Vec::new(),
+                digest: self.digest(),
+                truncated: req.digest != self.digest(),
+            };
+            self.outbox.push_back(Action::ReplySync { to: from, reply });
+            return;
+        }
         let mut deltas: Vec<Delta> = if req.digest == self.digest() && !req.full {
             Vec::new()
         } else {
@@ -1088,7 +1112,7 @@ impl Replica {
         if now >= self.next_anti_entropy {
             self.next_anti_entropy = now + self.cfg.anti_entropy_ms;
             if let Some(peer) = self.random_alive_peer(now) {
-                self.sync_request(now, peer);
+                self.send_sync_request(now, peer, true);
             }
         }
         let due: Vec<(NodeId, NodeId)> = self

@@ -80,6 +80,7 @@ fn an_idle_mesh_probes_but_publishes_no_records() {
     let mut m = joined(6);
     let start: Vec<_> = m.ids().iter().map(|id| m.replica(*id).stats()).collect();
     let secs = 30;
+    let periods = secs * 1000 / m.replica(node(1)).config().heartbeat_ms;
     m.run_until(secs * 1000, |_| false);
     for (id, s0) in m.ids().into_iter().zip(start) {
         let s = m.replica(id).stats();
@@ -87,8 +88,8 @@ fn an_idle_mesh_probes_but_publishes_no_records() {
         let probes = s.probes_sent - s0.probes_sent;
         assert_eq!(records, 0, "{id}: {records} records in {secs} s of idle");
         assert!(
-            probes >= secs - 2 && probes <= secs + 2,
-            "{id}: {probes} probes in {secs} s (one per period expected)"
+            probes >= periods - 2 && probes <= periods + 2,
+            "{id}: {probes} probes in {periods} periods (one per period expected)"
         );
         assert_eq!(s.suspicions, 0, "{id} suspected a live peer");
     }
@@ -113,4 +114,47 @@ fn a_healed_partition_finds_itself_again_by_probing() {
         .iter()
         .all(|b| m.replica(*a).health(m.now, b) == Health::Alive))
         && m.converged()));
+}
+
+#[test]
+fn periodic_anti_entropy_compares_digests_before_sending_a_vector() {
+    use omesh_protocol::{StateDigest, SyncRequest};
+    use omesh_state::{Action, Input, Replica};
+
+    let mut r = Replica::new(harness::config(1)).unwrap();
+    r.handle(0, Input::Tick).unwrap();
+    while r.poll_action().is_some() {}
+    let ask = |r: &mut Replica, digest| {
+        let request = SyncRequest {
+            vclock: Vec::new(),
+            digest,
+            full: false,
+            digest_only: true,
+        };
+        r.handle(
+            10,
+            Input::SyncRequest {
+                from: node(2),
+                request,
+            },
+        )
+        .unwrap();
+        let mut replies = Vec::new();
+        while let Some(a) = r.poll_action() {
+            if let Action::ReplySync { reply, .. } = a {
+                replies.push(reply);
+            }
+        }
+        assert_eq!(replies.len(), 1);
+        replies.remove(0)
+    };
+    let mine = r.digest();
+    let same = ask(&mut r, mine);
+    assert!(same.deltas.is_empty() && same.vclock.is_empty() && !same.truncated);
+    let other = ask(&mut r, StateDigest([1, 2, 3, 4]));
+    assert!(other.deltas.is_empty() && other.vclock.is_empty());
+    assert!(
+        other.truncated,
+        "a different digest must ask for the vector"
+    );
 }

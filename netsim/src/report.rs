@@ -44,6 +44,8 @@ pub struct Outcome {
     pub tasks: TaskOutcome,
     /// Traffic.
     pub traffic: Traffic,
+    /// Traffic over the scenario's idle window and its node-seconds, if it has one.
+    pub idle: Option<(Traffic, f64)>,
     /// Node-seconds of uptime.
     pub node_seconds: f64,
     /// Crashes applied.
@@ -97,6 +99,10 @@ impl Outcome {
             duplicate_ms,
             tasks,
             traffic: sim.traffic,
+            idle: sim
+                .idle
+                .filter(|_| sim.idle_done())
+                .map(|(t, us)| (t, us as f64 / 1e6)),
             node_seconds: sim.node_us as f64 / 1e6,
             crashes: sim.crashes,
             peak_rss_mib: peak_rss_mib(),
@@ -188,6 +194,20 @@ impl Outcome {
                 bytes_str(per(t.probe_bytes))
             ),
         );
+        if let Some((t, node_s)) = &self.idle {
+            let per = |x: u64| x as f64 / node_s.max(1e-9);
+            row(
+                "idle window / node / s",
+                format!(
+                    "{:.1} messages, {} (gossip {}, sync {}, probes {})",
+                    per(t.gossip_msgs + t.sync_requests + t.sync_replies + t.probe_msgs),
+                    bytes_str(per(t.gossip_bytes + t.sync_bytes + t.probe_bytes)),
+                    bytes_str(per(t.gossip_bytes)),
+                    bytes_str(per(t.sync_bytes)),
+                    bytes_str(per(t.probe_bytes))
+                ),
+            );
+        }
         row(
             "lost messages",
             format!("{} ({} crashes/restarts applied)", t.lost, self.crashes),

@@ -339,6 +339,9 @@ pub struct MeasureSpec {
     pub max_tracked: usize,
     /// Warm-up before anything is sampled, in seconds.
     pub warmup_s: f64,
+    /// A quiet stretch `[from, until]` in seconds whose traffic is reported on its own row
+    /// ("idle"): no arrivals, faults or load changes should fall in it.
+    pub idle_s: Option<[f64; 2]>,
 }
 
 impl Default for MeasureSpec {
@@ -347,6 +350,7 @@ impl Default for MeasureSpec {
             heartbeat_sample_permille: 20,
             max_tracked: 256,
             warmup_s: 10.0,
+            idle_s: None,
         }
     }
 }

@@ -135,6 +135,8 @@ pub enum Event {
     LoadRound,
     /// Catch-up check after the last heal.
     Probe,
+    /// The idle window opens or closes.
+    Idle,
 }
 
 /// What one executor slot is doing.
@@ -227,6 +229,10 @@ pub struct Sim {
     pub traffic: Traffic,
     /// Sum over time of nodes up, in node-µs.
     pub node_us: u128,
+    /// Traffic and node-µs at the start of the idle window, then their increase over it.
+    pub idle: Option<(Traffic, u128)>,
+    idle_open: bool,
+    idle_done: bool,
     up_count: u64,
     up_since: SimTime,
     /// Running hash of every processed event.
@@ -282,6 +288,9 @@ impl Sim {
             submitter,
             traffic: Traffic::default(),
             node_us: 0,
+            idle: None,
+            idle_open: false,
+            idle_done: false,
             up_count: 0,
             up_since: 0,
             trace: 0xcbf2_9ce4_8422_2325,
@@ -622,6 +631,7 @@ impl Sim {
             Event::Maintain => self.maintain(),
             Event::LoadRound => self.load_round(),
             Event::Probe => self.probe(),
+            Event::Idle => self.idle_mark(),
         }
     }
 
@@ -645,6 +655,47 @@ impl Sim {
         }
         let heal = secs(self.scenario.last_heal_s()).max(secs(self.scenario.measure.warmup_s));
         self.queue.push(heal, Event::Probe);
+        if let Some([from, until]) = self.scenario.measure.idle_s {
+            self.queue.push(secs(from), Event::Idle);
+            self.queue.push(secs(until.max(from)), Event::Idle);
+        }
+    }
+
+    /// Whether the idle window closed (`idle` then holds its increase).
+    pub fn idle_done(&self) -> bool {
+        self.idle_done
+    }
+
+    /// Opens the idle window (snapshot) or closes it (keeps the increase).
+    fn idle_mark(&mut self) {
+        let now = self.queue.now();
+        self.node_up_changed(now, 0);
+        let (t, us) = (self.traffic, self.node_us);
+        if self.idle_done {
+            return;
+        }
+        if !self.idle_open {
+            self.idle_open = true;
+            self.idle = Some((t, us));
+            return;
+        }
+        if let Some((t0, us0)) = self.idle {
+            let d = |a: u64, b: u64| a.saturating_sub(b);
+            let diff = Traffic {
+                gossip_msgs: d(t.gossip_msgs, t0.gossip_msgs),
+                gossip_bytes: d(t.gossip_bytes, t0.gossip_bytes),
+                gossip_dups: d(t.gossip_dups, t0.gossip_dups),
+                sync_requests: d(t.sync_requests, t0.sync_requests),
+                sync_replies: d(t.sync_replies, t0.sync_replies),
+                sync_bytes: d(t.sync_bytes, t0.sync_bytes),
+                probe_msgs: d(t.probe_msgs, t0.probe_msgs),
+                probe_bytes: d(t.probe_bytes, t0.probe_bytes),
+                lost: d(t.lost, t0.lost),
+                published: d(t.published, t0.published),
+            };
+            self.idle = Some((diff, us.saturating_sub(us0)));
+            self.idle_done = true;
+        }
     }
 }
 

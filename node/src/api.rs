@@ -69,8 +69,12 @@ pub struct PeerView {
     pub rtt_ms: Option<f64>,
     /// alive, suspect or gone.
     pub health: String,
-    /// Milliseconds since its record last advanced here.
+    /// Milliseconds since this peer last heard from it (a message, or a newer record).
     pub last_heard_ms_ago: Option<u64>,
+    /// Milliseconds since a suspicion of it (it stopped answering probes) reached this peer;
+    /// none while it is not suspected. Its leases are lost at ttl + grace past this.
+    #[serde(default)]
+    pub suspected_ms_ago: Option<u64>,
     /// Its incarnation.
     pub incarnation: u64,
 }

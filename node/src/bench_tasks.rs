@@ -80,8 +80,8 @@ impl Summary {
 pub struct Failover {
     /// `kill -9` of the owner until a surviving peer's API shows the task running at epoch + 1.
     pub total: f64,
-    /// Kill until the observer judged the lease lost: its last heartbeat of the owner plus the
-    /// lease ttl and grace, minus the kill time (negative: the heartbeat was older than the kill).
+    /// Kill until the observer judged the lease lost: when the suspicion of the owner (it
+    /// stopped answering probes) reached it, plus the lease ttl and grace.
     pub detect: f64,
     /// Lease lost (as judged by the observer) until the new owner reported Running: claim
     /// stagger, settle delay and process start.
@@ -264,18 +264,19 @@ impl Bench {
         self.mesh.peers[owner].kill9();
         let killed = Instant::now();
         let killed_wall = wall_ms();
-        // When the observer last heard the owner: its lease counts from there.
-        let heard_wall = match bounded(self.mesh.peers_seen_by(observer)).await {
-            Ok(peers) => peers
-                .iter()
-                .find(|p| p.id == owner_id)
-                .and_then(|p| p.last_heard_ms_ago)
-                .map(|ago| wall_ms() - ago as f64),
-            Err(_) => None,
-        };
         let (t, seen) = self
             .poll(observer, &id, |t| t.state == "running" && t.epoch > epoch)
             .await?;
+        // When the suspicion of the dead owner reached the observer: its leases count from
+        // there (it stays suspected, so asking after the failover finds it).
+        let suspected_wall = match bounded(self.mesh.peers_seen_by(observer)).await {
+            Ok(peers) => peers
+                .iter()
+                .find(|p| p.id == owner_id)
+                .and_then(|p| p.suspected_ms_ago)
+                .map(|ago| wall_ms() - ago as f64),
+            Err(_) => None,
+        };
         let total = ms(seen - killed);
         let seen_wall = killed_wall + total;
         let running_at = t
@@ -284,7 +285,7 @@ impl Bench {
             .find(|e| e.epoch == t.epoch && e.state == "running")
             .map_or(f64::NAN, |e| e.at_ms as f64);
         let (ttl, grace) = ttl_grace();
-        let expiry = heard_wall.map_or(f64::NAN, |h| h + ttl as f64 + grace as f64);
+        let expiry = suspected_wall.map_or(f64::NAN, |h| h + ttl as f64 + grace as f64);
         let failover = Failover {
             total,
             detect: expiry - killed_wall,
@@ -473,7 +474,7 @@ pub fn table(r: &Report) -> String {
     )];
     rows.push(row(
         format!(
-            "  detect: kill -> lease lost (last heartbeat + ttl {} + grace {})",
+            "  detect: kill -> lease lost (suspicion + ttl {} + grace {})",
             r.ttl_grace_ms.0, r.ttl_grace_ms.1
         ),
         pick(|f| f.detect),

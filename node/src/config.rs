@@ -66,9 +66,9 @@ pub struct NodeConfig {
     pub threshold_memory: u8,
     /// Peers with one of these tags receive offloaded work first.
     pub target_node_tags: BTreeSet<String>,
-    /// Heartbeat period (leases ride on it).
+    /// Probe period (SWIM: one ping per period); a changed record is published at most this often.
     pub heartbeat_ms: u64,
-    /// Lease time-to-live past the owner's last heartbeat.
+    /// How long a suspected owner's leases hold (its time to refute the suspicion).
     pub lease_ttl_ms: u64,
     /// Extra wait before a lease counts as lost.
     pub lease_grace_ms: u64,

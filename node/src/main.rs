@@ -291,11 +291,12 @@ struct UpArgs {
     )]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     target_node_tags: Vec<String>,
-    /// Heartbeat period, ms.
+    /// Probe period (each peer pings one other per period); a changed node record is
+    /// published at most this often, ms.
     #[arg(long, env = "OMESH_HEARTBEAT_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     heartbeat_ms: Option<u64>,
-    /// Lease TTL past the last heartbeat, ms.
+    /// How long a suspected owner's leases hold (its time to refute), ms.
     #[arg(long, env = "OMESH_LEASE_TTL_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     lease_ttl_ms: Option<u64>,
@@ -657,7 +658,7 @@ fn bench_mesh(sizes: &[usize], seconds: u64) -> anyhow::Result<()> {
             rows.push(r);
         }
         println!("{}", omesh::bench::table(&rows).trim_end());
-        println!("(a change = a heartbeat delta; time = until the last other peer merged it, same host clock)");
+        println!("(a change = a node record published: start, a load move of 5 points, an image change; a quiet host may publish none; time = until the last other peer merged it, same host clock)");
         Ok(())
     })
 }

@@ -34,7 +34,7 @@ pub struct Metrics {
     pub peers_alive: Gauge,
     /// Peers with an open connection.
     pub peers_connected: Gauge,
-    /// Time from a heartbeat's write to its merge here (includes clock offset between hosts).
+    /// Time from a node record's write to its merge here (includes clock offset between hosts).
     pub delta_propagation: Histogram,
     /// Sync exchanges completed.
     pub sync_success: Counter,
@@ -106,7 +106,7 @@ impl Metrics {
         );
         registry.register(
             "delta_propagation_seconds",
-            "Time from a heartbeat's write to its merge here (includes clock offset)",
+            "Time from a node record's write to its merge here (includes clock offset)",
             m.delta_propagation.clone(),
         );
         registry.register(

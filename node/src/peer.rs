@@ -885,6 +885,10 @@ impl Peer {
                             .replica
                             .last_heard(&n.id)
                             .map(|t| now.saturating_sub(t)),
+                        suspected_ms_ago: self
+                            .replica
+                            .suspected_since(&n.id)
+                            .map(|t| now.saturating_sub(t)),
                         incarnation: n.incarnation,
                     })
                     .collect();

@@ -76,6 +76,7 @@ async fn garbage_on_gossip_and_sync_is_counted_and_dropped() {
             vclock: vec![(NodeId([1; 32]), 5)],
             digest: Default::default(),
             full: false,
+            digest_only: false,
         }
         .to_wire()
         .unwrap();

@@ -5,7 +5,8 @@ use serde::Serialize;
 
 /// The version byte that opens every encoded message. A peer speaking another version is
 /// refused with [`DecodeError::UnsupportedVersion`], never misparsed.
-pub const WIRE_VERSION: u8 = 1;
+/// Version 2: liveness probes and suspicions (SWIM-style membership), digest-only syncs.
+pub const WIRE_VERSION: u8 = 2;
 
 /// A message type that travels on its own (a gossip message, a sync request, a blob frame).
 pub trait Wire: Serialize + DeserializeOwned {

@@ -30,7 +30,8 @@ pub struct Delta {
 /// What changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeltaBody {
-    /// The origin's own node record (a heartbeat, a load or tag change, leaving).
+    /// The origin's own node record (start, a load, image or address change, a refutation,
+    /// leaving).
     Node(NodeRecord),
     /// A submitted task.
     Spec(SignedTaskSpec),
@@ -157,6 +158,11 @@ pub struct SyncRequest {
     pub digest: StateDigest,
     /// Ask for the whole state, not just what the version vector lacks.
     pub full: bool,
+    /// Periodic anti-entropy: compare digests only (`vclock` is empty). Equal digests get an
+    /// empty reply; different ones a `truncated` empty reply, upon which the requester asks
+    /// again with its version vector. A vector is one entry per node (400 KB at 10,000
+    /// nodes), too much to send every period when states are nearly always equal.
+    pub digest_only: bool,
 }
 
 impl Wire for SyncRequest {

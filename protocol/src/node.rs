@@ -35,7 +35,8 @@ pub struct NodeRecord {
     pub id: NodeId,
     /// Restart counter, kept in the node's data directory.
     pub incarnation: u64,
-    /// Heartbeat counter within the incarnation.
+    /// Record counter within the incarnation: raised at each publication (a change, or a
+    /// refutation of a suspicion).
     pub seq: u64,
     /// Addresses the node listens on (multiaddrs as text).
     pub addrs: Vec<String>,
@@ -75,8 +76,8 @@ impl NodeRecord {
         }
     }
 
-    /// The durable part of the record: what the state digest covers. Heartbeat counters,
-    /// load, RTTs and write times change every heartbeat and refresh themselves, so two
+    /// The durable part of the record: what the state digest covers. Record counters,
+    /// load, RTTs and write times change with every publication, so two
     /// replicas that agree on everything else count as converged.
     pub fn durable(
         &self,

@@ -255,7 +255,8 @@ pub struct Lease {
     pub incarnation: u64,
     /// The owner's placement score for itself at claim time (higher is better).
     pub score: u32,
-    /// How long the lease lives past the owner's last heartbeat, in milliseconds.
+    /// How long the lease holds past a suspicion of the owner reaching a replica, in
+    /// milliseconds.
     pub ttl_ms: u32,
     /// Set by the owner when it hands the task back (offload, leaving) before it ran.
     pub released: bool,

@@ -334,6 +334,7 @@ fn malformed_body_gives_malformed() {
         vclock: Vec::new(),
         digest: StateDigest::default(),
         full: false,
+        digest_only: false,
     }
     .to_wire()
     .unwrap();

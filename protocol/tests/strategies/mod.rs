@@ -254,11 +254,14 @@ pub(crate) fn gossip_message() -> impl Strategy<Value = GossipMessage> {
 }
 
 pub(crate) fn sync_request() -> impl Strategy<Value = SyncRequest> {
-    (vclock(), state_digest(), any::<bool>()).prop_map(|(vclock, digest, full)| SyncRequest {
-        vclock,
-        digest,
-        full,
-    })
+    (vclock(), state_digest(), any::<bool>(), any::<bool>()).prop_map(
+        |(vclock, digest, full, digest_only)| SyncRequest {
+            digest_only,
+            vclock,
+            digest,
+            full,
+        },
+    )
 }
 
 pub(crate) fn sync_reply() -> impl Strategy<Value = SyncReply> {
