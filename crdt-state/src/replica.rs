@@ -104,6 +104,11 @@ pub enum Input {
         /// The probe.
         probe: Probe,
     },
+    /// A transport connection to a peer came up. A replica that is not synced, or does not
+    /// know the peer as alive, asks it for its state (and the peer, hearing from a node it
+    /// does not know, asks back): records are published only when they change, so a peer
+    /// that joined after a record's publication learns it this way or by anti-entropy.
+    Connected(NodeId),
     /// A sync request to `peer` failed (unreachable, timeout).
     SyncFailed {
         /// The peer.
@@ -447,6 +452,13 @@ impl Replica {
             }
             Input::Probe { from, probe } => {
                 self.on_probe(now, from, probe);
+                Ok(())
+            }
+            Input::Connected(peer) => {
+                if peer != self.me.id && (!self.synced || self.health(now, &peer) != Health::Alive)
+                {
+                    self.sync_request(now, peer);
+                }
                 Ok(())
             }
             Input::SyncReply { from, reply } => self.on_sync_reply(now, from, reply),

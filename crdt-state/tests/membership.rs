@@ -158,3 +158,26 @@ fn periodic_anti_entropy_compares_digests_before_sending_a_vector() {
         "a different digest must ask for the vector"
     );
 }
+
+#[test]
+fn a_new_connection_is_how_peers_that_missed_each_others_records_meet() {
+    use omesh_state::Input;
+    let mut m = Mesh::new(2, |_| {});
+    let (a, b) = (node(1), node(2));
+    m.cut.insert((a, b));
+    m.cut.insert((b, a));
+    // Both publish their records at start, into a cut: lost. Records are not republished
+    // while nothing changes, and neither knows the other to probe or sync with.
+    m.run_until(2_000, |_| false);
+    m.heal();
+    m.run_until(5_000, |_| false);
+    assert!(m.replica(a).state().node(&b).is_none());
+    assert!(m.replica(b).state().node(&a).is_none());
+    // The transport connects them (the node feeds this on a first connection).
+    m.input(a, Input::Connected(b)).unwrap();
+    assert!(
+        m.run_until(5_000, |m| m.replica(a).health(m.now, &b) == Health::Alive
+            && m.replica(b).health(m.now, &a) == Health::Alive
+            && m.converged())
+    );
+}

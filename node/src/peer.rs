@@ -561,6 +561,11 @@ impl Peer {
                     .kad
                     .add_address(&peer_id, strip_p2p(&remote));
                 debug!(%peer_id, %remote, "connected");
+                if num_established.get() == 1 {
+                    if let Some(node) = net::node_id_of(&peer_id) {
+                        self.feed(Input::Connected(node));
+                    }
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
