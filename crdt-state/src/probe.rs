@@ -245,14 +245,30 @@ impl Replica {
     }
 
     /// When the suspicion of `id` that still holds reached this replica (its local clock);
-    /// `None` while `id` is not suspected.
+    /// `None` while `id` is not suspected, or once `id` was heard from directly since: a
+    /// message from it is better evidence than another node's failed probe, and its own
+    /// refutation may still be on the way.
     pub fn suspected_since(&self, id: &NodeId) -> Option<Millis> {
         let v = self.state.suspicion(id)?;
-        match self.suspected_at.get(id) {
-            Some((sv, at)) if *sv == v => Some(*at),
+        let at = match self.suspected_at.get(id) {
+            Some((sv, at)) if *sv == v => *at,
             // Merged without passing through `note_suspicion` (cannot happen through the
             // replica's inputs): count it from the start, the cautious side.
-            _ => Some(Millis::MAX / 4),
+            _ => Millis::MAX / 4,
+        };
+        if self.heard.get(id).is_some_and(|h| h.at > at) {
+            return None;
+        }
+        Some(at)
+    }
+
+    /// Restarts every suspicion's countdown: called when this node hears the mesh again
+    /// after a spell of isolation. What it suspected while cut off says more about the cut
+    /// than about the peers, who get `ttl + grace` from now to refute it before their
+    /// leases count as lost here.
+    pub(crate) fn restart_suspicions(&mut self, now: Millis) {
+        for (_, at) in self.suspected_at.values_mut() {
+            *at = (*at).max(now);
         }
     }
 

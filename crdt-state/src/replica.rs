@@ -1158,6 +1158,9 @@ impl Replica {
             // Heard nobody for a while: whatever we believe may be stale until we sync again.
             self.synced = false;
         }
+        if !isolated && self.was_isolated {
+            self.restart_suspicions(now);
+        }
         self.was_isolated = isolated;
         self.next_eval = None;
         self.evaluate(now);

@@ -181,3 +181,33 @@ fn a_new_connection_is_how_peers_that_missed_each_others_records_meet() {
             && m.converged())
     );
 }
+
+#[test]
+fn an_owner_back_from_a_partition_does_not_take_over_what_failed_over_while_it_was_away() {
+    for seed in 0..8u64 {
+        let mut m = joined(3);
+        m.seed(seed);
+        m.jitter_ms = 20;
+        let task = m.submit(node(1), spec(50 + seed));
+        assert!(m.run_until(5_000, |m| owner_of(m, task).is_some()));
+        let (owner, _) = owner_of(&m, task).unwrap();
+        m.isolate(owner);
+        // The others fail over to epoch 2; the cut-off owner suspects both of them.
+        assert!(m.run_until(20_000, |m| m.runners(task).iter().any(|(_, e)| *e == 2)));
+        m.run_until(3_000, |_| false);
+        let claims_before = m.replica(owner).stats().claims;
+        m.heal();
+        // Its suspicions of the others are stale: it must stand down, not claim epoch 3.
+        m.run_until(15_000, |_| false);
+        let runners = m.runners(task);
+        assert_eq!(runners.len(), 1, "seed {seed}: {runners:?}");
+        assert_eq!(runners[0].1, 2, "seed {seed}: a third epoch was claimed");
+        assert_ne!(runners[0].0, owner, "seed {seed}");
+        assert_eq!(
+            m.replica(owner).stats().claims,
+            claims_before,
+            "seed {seed}: the returning owner claimed"
+        );
+        assert!(m.converged());
+    }
+}

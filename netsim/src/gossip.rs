@@ -65,9 +65,19 @@ impl Overlay {
 
     /// Grafts `node` to random eligible peers until it has D of them.
     pub fn graft(&mut self, rng: &mut ChaCha8Rng, node: u32, eligible: &dyn Fn(u32) -> bool) {
+        self.graft_to(rng, node, self.spec.mesh_degree, eligible);
+    }
+
+    fn graft_to(
+        &mut self,
+        rng: &mut ChaCha8Rng,
+        node: u32,
+        want: usize,
+        eligible: &dyn Fn(u32) -> bool,
+    ) {
         let total = u32::try_from(self.peers.len()).unwrap_or(u32::MAX);
         let mut tries = 0;
-        while self.peers[idx(node)].len() < self.spec.mesh_degree
+        while self.peers[idx(node)].len() < want.min(self.spec.mesh_degree)
             && tries < 20 * self.spec.mesh_degree
         {
             tries += 1;
@@ -113,6 +123,13 @@ impl Overlay {
             }
             if self.peers[n].len() < self.spec.mesh_low {
                 self.graft(rng, node, &|p| up(p) && linked(node, p));
+            } else if self.peers[n].len() < self.spec.mesh_degree {
+                // Between D_low and D, one more link per round. A group cut off together
+                // re-forms its mesh among itself, and at D_low it would stay an island after
+                // the heal, reached only by anti-entropy; real gossipsub bridges that with its
+                // lazy IHAVE gossip and outbound quota, which this model does not carry.
+                let want = self.peers[n].len() + 1;
+                self.graft_to(rng, node, want, &|p| up(p) && linked(node, p));
             }
             while self.peers[n].len() > self.spec.mesh_high {
                 let i = rng.gen_range(0..self.peers[n].len());
