@@ -154,7 +154,7 @@ impl Mesh {
         let rec = &mut self.records[i];
         rec.seq += 1;
         rec.load.cpu_permille = ((u64::from(rec.load.cpu_permille) + 7) % 900) as u16;
-        let body = DeltaBody::Node(rec.clone());
+        let body = DeltaBody::Node(std::sync::Arc::new(rec.clone()));
         self.delta(i, body)
     }
 

@@ -152,7 +152,7 @@ fn limit(field: &'static str, len: usize, limit: usize) -> Result<(), DeltaError
 /// The whole replicated state.
 #[derive(Debug, Clone, Default)]
 pub struct State {
-    nodes: BTreeMap<NodeId, Stamped<NodeRecord>>,
+    nodes: BTreeMap<NodeId, Stamped<Arc<NodeRecord>>>,
     tasks: BTreeMap<TaskId, TaskRecord>,
     tombstones: BTreeMap<TaskId, Stamped<TaskState>>,
     /// Per node, the highest version of its record some replica suspected, kept only while
@@ -171,41 +171,7 @@ fn stamped<T>(at: Stamp, value: T, hash: ComponentHash) -> Stamped<T> {
     Stamped { at, value, hash }
 }
 
-/// `cur = rec.clone()`, field by field so the held record's buffers are reused (a derived
-/// `clone_from` allocates a whole new record). The destructuring breaks the build if a field
-/// is added and forgotten here.
-fn overwrite_node(cur: &mut NodeRecord, rec: &NodeRecord) {
-    let NodeRecord {
-        id,
-        incarnation,
-        seq,
-        addrs,
-        tags,
-        capacity,
-        load,
-        images,
-        rtt_ms,
-        leaving,
-        written_at_ms,
-    } = rec;
-    cur.id = *id;
-    cur.incarnation = *incarnation;
-    cur.seq = *seq;
-    cur.addrs.clone_from(addrs);
-    if cur.tags != *tags {
-        cur.tags.clone_from(tags);
-    }
-    cur.capacity = *capacity;
-    cur.load = *load;
-    if cur.images != *images {
-        cur.images.clone_from(images);
-    }
-    cur.rtt_ms.clone_from(rtt_ms);
-    cur.leaving = *leaving;
-    cur.written_at_ms = *written_at_ms;
-}
-
-fn node_order(a: &NodeRecord, b: &NodeRecord) -> Ordering {
+fn node_order(a: &Arc<NodeRecord>, b: &Arc<NodeRecord>) -> Ordering {
     a.version()
         .cmp(&b.version())
         .then_with(|| canonical(a).cmp(&canonical(b)))
@@ -319,12 +285,12 @@ impl State {
 
     /// A node's record.
     pub fn node(&self, id: &NodeId) -> Option<&NodeRecord> {
-        self.nodes.get(id).map(|s| &s.value)
+        self.nodes.get(id).map(|s| &*s.value)
     }
 
     /// Every node record.
     pub fn nodes(&self) -> impl Iterator<Item = &NodeRecord> {
-        self.nodes.values().map(|s| &s.value)
+        self.nodes.values().map(|s| &*s.value)
     }
 
     /// Number of node records.
@@ -405,12 +371,11 @@ impl State {
                 if let Some(cur) = self.nodes.get_mut(&rec.id) {
                     match rec.version().cmp(&cur.value.version()) {
                         Ordering::Less => return Ok(Merged::Unchanged),
-                        Ordering::Equal if at >= cur.at && *rec == cur.value => {
+                        Ordering::Equal if at >= cur.at && **rec == *cur.value => {
                             return Ok(Merged::Unchanged)
                         }
                         Ordering::Greater => {
-                            // A newer record: overwrite in place, reusing the
-                            // held record's allocations, and rehash only if the durable part
+                            // A newer record: share it, and rehash only if the durable part
                             // (all the digest covers) changed, which a load move never does.
                             let hash = if rec.durable() == cur.value.durable() {
                                 cur.hash
@@ -418,7 +383,7 @@ impl State {
                                 ComponentHash::node(rec)
                             };
                             self.digest.replace(cur.hash, hash);
-                            overwrite_node(&mut cur.value, rec);
+                            cur.value = Arc::clone(rec);
                             cur.at = at;
                             cur.hash = hash;
                             self.refute(&rec.id, rec.version());
@@ -427,7 +392,7 @@ impl State {
                         Ordering::Equal => {}
                     }
                 }
-                self.merge_node(&stamped(at, rec.clone(), ComponentHash::node(rec)))
+                self.merge_node(&stamped(at, Arc::clone(rec), ComponentHash::node(rec)))
             }
             DeltaBody::Spec(spec) => {
                 let id = spec.id();
@@ -502,7 +467,7 @@ impl State {
         }
     }
 
-    fn merge_node(&mut self, incoming: &Stamped<NodeRecord>) -> Merged {
+    fn merge_node(&mut self, incoming: &Stamped<Arc<NodeRecord>>) -> Merged {
         let merged = self.merge_node_record(incoming);
         if merged == Merged::Changed {
             self.refute(&incoming.value.id, incoming.value.version());
@@ -510,7 +475,7 @@ impl State {
         merged
     }
 
-    fn merge_node_record(&mut self, incoming: &Stamped<NodeRecord>) -> Merged {
+    fn merge_node_record(&mut self, incoming: &Stamped<Arc<NodeRecord>>) -> Merged {
         match self.nodes.get_mut(&incoming.value.id) {
             Some(cur) => {
                 // The hash covers only the durable fields, so compare the values themselves.
@@ -615,7 +580,7 @@ impl State {
             .nodes
             .values()
             .filter(move |s| keep(s.at))
-            .map(move |s| delta(s.at, DeltaBody::Node(s.value.clone())));
+            .map(move |s| delta(s.at, DeltaBody::Node(Arc::clone(&s.value))));
         let tasks = self.tasks.iter().flat_map(move |(id, rec)| {
             let id = *id;
             let spec = rec

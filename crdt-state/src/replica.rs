@@ -447,7 +447,7 @@ impl Replica {
             Input::Gossip { from, msg } => self.on_gossip(now, from, &msg),
             Input::SyncRequest { from, request } => {
                 self.contact(now, from);
-                self.serve_sync(from, &request);
+                self.serve_sync(now, from, &request);
                 Ok(())
             }
             Input::Probe { from, probe } => {
@@ -703,7 +703,7 @@ impl Replica {
         nearest.truncate(omesh_protocol::node::MAX_RTT_ENTRIES);
         self.me.rtt_ms = nearest;
         let rec = self.me.clone();
-        self.write(now, DeltaBody::Node(rec));
+        self.write(now, DeltaBody::Node(Arc::new(rec)));
     }
 
     /// Makes a local change: stamps it, merges it, queues it for gossip.
@@ -918,6 +918,21 @@ impl Replica {
         }
     }
 
+    /// A requester that holds some of this node's own writes but not the latest missed them
+    /// on gossip (it was cut off, or the mesh lost them). Others may have too, and a
+    /// replica only asks for what it knows it lacks: republish the record (at most once a
+    /// period), so every node that missed a write sees a gap in this node's stamps and
+    /// closes it. An idle mesh publishes nothing else that would show them the gap.
+    fn note_lag(&mut self, now: Millis, req: &SyncRequest) {
+        let me = self.me.id;
+        let Some(theirs) = req.vclock.iter().find(|(o, _)| *o == me).map(|(_, c)| *c) else {
+            return;
+        };
+        if theirs > 0 && theirs < self.vclock.get(&me) {
+            self.publish_soon(now);
+        }
+    }
+
     /// Raises the version vector to a sync reply's (what it carried, we now hold) and closes
     /// the gaps that filled. Each origin is handled on its own, so the order is free: a
     /// sorted vector (as replicas send it) is merged in one ordered pass instead of one
@@ -1000,8 +1015,9 @@ impl Replica {
 
     /// Answers with every component the requester's vector lacks, cut at the size limit on
     /// an origin boundary so the requester can adopt what it fully got.
-    fn serve_sync(&mut self, from: NodeId, req: &SyncRequest) {
+    fn serve_sync(&mut self, now: Millis, from: NodeId, req: &SyncRequest) {
         self.stats.syncs_served += 1;
+        self.note_lag(now, req);
         if req.digest_only && !req.full {
             // Equal: nothing to do. Different: "truncated", so the requester asks again with
             // its vector (see `SyncRequest::digest_only`).

@@ -108,7 +108,7 @@ fn truncated_gossip_is_counted_and_dropped() {
         deltas: vec![Delta {
             origin: node(2),
             stamp: (1 << 32) | 1,
-            body: DeltaBody::Node(peer),
+            body: DeltaBody::Node(std::sync::Arc::new(peer)),
         }],
     };
     let bytes = msg.to_wire().unwrap();
@@ -153,7 +153,7 @@ fn a_peer_gossiping_an_unsigned_spec_or_anothers_record_is_refused() {
             Delta {
                 origin: node(2),
                 stamp: (1 << 32) | 2,
-                body: DeltaBody::Node(forged),
+                body: DeltaBody::Node(std::sync::Arc::new(forged)),
             },
         ],
     };
@@ -221,7 +221,7 @@ fn over_long_fields_inside_a_valid_message_are_refused() {
             Delta {
                 origin: node(2),
                 stamp: (1 << 32) | 2,
-                body: DeltaBody::Node(rec),
+                body: DeltaBody::Node(std::sync::Arc::new(rec)),
             },
         ],
     };

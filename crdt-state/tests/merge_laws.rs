@@ -52,7 +52,7 @@ fn delta_strategy() -> impl Strategy<Value = Delta> {
                 cpu_permille: cpu,
                 mem_permille: 0,
             };
-            (Some(i), DeltaBody::Node(r))
+            (Some(i), DeltaBody::Node(std::sync::Arc::new(r)))
         }),
         prop::sample::select(specs).prop_map(|s| (None, DeltaBody::Spec(s))),
         (

@@ -22,7 +22,7 @@ fn gossip_payloads() -> Vec<(&'static str, Vec<u8>)> {
         deltas: vec![Delta {
             origin: NodeId([3; 32]),
             stamp: 1,
-            body: DeltaBody::Node(rec),
+            body: DeltaBody::Node(std::sync::Arc::new(rec)),
         }],
     }
     .to_wire()

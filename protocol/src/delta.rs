@@ -1,5 +1,7 @@
 //! State deltas and the anti-entropy sync messages.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::codec::Wire;
@@ -31,8 +33,9 @@ pub struct Delta {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeltaBody {
     /// The origin's own node record (start, a load, image or address change, a refutation,
-    /// leaving).
-    Node(NodeRecord),
+    /// leaving). Shared: every replica that merges it (10,000 in one simulator) holds the
+    /// same allocation, not a copy.
+    Node(Arc<NodeRecord>),
     /// A submitted task.
     Spec(SignedTaskSpec),
     /// A claim, or a release, of a task's lease.

@@ -222,14 +222,14 @@ fn sample_gossip() -> GossipMessage {
             Delta {
                 origin,
                 stamp: 1,
-                body: DeltaBody::Node(omesh_protocol::NodeRecord::new(
+                body: DeltaBody::Node(std::sync::Arc::new(omesh_protocol::NodeRecord::new(
                     origin,
                     7,
                     omesh_protocol::Capacity {
                         cpu_millis: 2000,
                         memory_bytes: 1 << 30,
                     },
-                )),
+                ))),
             },
             Delta {
                 origin,

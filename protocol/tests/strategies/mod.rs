@@ -213,7 +213,7 @@ pub(crate) fn status_entry() -> impl Strategy<Value = StatusEntry> {
 
 pub(crate) fn delta_body() -> impl Strategy<Value = DeltaBody> {
     prop_oneof![
-        node_record().prop_map(DeltaBody::Node),
+        node_record().prop_map(|r| DeltaBody::Node(std::sync::Arc::new(r))),
         signed_task_spec().prop_map(DeltaBody::Spec),
         (task_id(), lease()).prop_map(|(task, lease)| DeltaBody::Lease { task, lease }),
         (task_id(), any::<u64>(), status_entry())
