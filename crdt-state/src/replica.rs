@@ -315,7 +315,9 @@ pub struct Replica {
     pub(crate) me: NodeRecord,
     vclock: VClock<NodeId>,
     ahead: BTreeMap<NodeId, BTreeSet<u64>>,
-    gaps: BTreeMap<NodeId, (Millis, NodeId)>,
+    /// Per origin with a gap: since when (due `gap_sync_ms` later), the peer to ask if the
+    /// origin is not alive, and how many quick retries were spent on it.
+    gaps: BTreeMap<NodeId, (Millis, NodeId, u8)>,
     inflight: BTreeMap<NodeId, Millis>,
     /// The peer of the gap-closing sync last sent (in flight while `inflight` says so).
     gap_sync: Option<NodeId>,
@@ -655,6 +657,32 @@ impl Replica {
         self.record_due = Some(self.record_due.map_or(at, |d| d.min(at)));
     }
 
+    /// A gap-closing sync came back from `from` and left gaps open: `from` lacked them too
+    /// (it was asked as the forwarder of a later write, its origin not being alive here).
+    /// Ask again soon, a few times, each time another peer, rather than after the 5 s sync
+    /// timeout; a gap no peer can fill (its write died with its origin) then falls back to
+    /// the slow pace.
+    fn retry_open_gaps(&mut self, now: Millis, from: NodeId) {
+        const QUICK_RETRIES: u8 = 3;
+        self.gap_sync = None;
+        let mut any = false;
+        let others = self.random_peers(now, 1, from);
+        for (since, via, tries) in self.gaps.values_mut() {
+            if *via == from && *tries < QUICK_RETRIES {
+                *tries += 1;
+                *since = now;
+                if let Some(p) = others.first() {
+                    *via = *p;
+                }
+                any = true;
+            }
+        }
+        if any {
+            let at = now + self.cfg.gap_sync_ms;
+            self.next_eval = Some(self.next_eval.map_or(at, |e| e.min(at)));
+        }
+    }
+
     /// A peer was heard from directly. A peer this node suspects (or does not know) is
     /// asked for its state: after a partition heals, that is how each side learns the other's
     /// suspicions of it and refutes them.
@@ -662,10 +690,18 @@ impl Replica {
         if from == self.me.id {
             return;
         }
-        self.last_contact = Some(now);
+        self.touch(now, from);
         if self.health(now, &from) != Health::Alive {
             self.sync_request(now, from);
         }
+    }
+
+    /// Notes that `from` was heard from directly (no sync asked).
+    fn touch(&mut self, now: Millis, from: NodeId) {
+        if from == self.me.id {
+            return;
+        }
+        self.last_contact = Some(now);
         match self.heard.get_mut(&from) {
             Some(h) => h.at = h.at.max(now),
             None => {
@@ -885,7 +921,7 @@ impl Replica {
             }
             if !self.gaps.contains_key(&origin) {
                 self.stats.gaps += 1;
-                self.gaps.insert(origin, (now, via));
+                self.gaps.insert(origin, (now, via, 0));
                 let at = now + self.cfg.gap_sync_ms;
                 self.next_eval = Some(self.next_eval.map_or(at, |e| e.min(at)));
             }
@@ -1105,7 +1141,7 @@ impl Replica {
         reply: SyncReply,
     ) -> Result<(), InputError> {
         self.inflight.remove(&from);
-        self.contact(now, from);
+        self.touch(now, from);
         let SyncReply {
             deltas,
             vclock,
@@ -1115,6 +1151,9 @@ impl Replica {
         let result = self.ingest(now, from, &deltas);
         self.adopt_vector(&vclock);
         self.stats.syncs_completed += 1;
+        if !truncated && self.gap_sync == Some(from) {
+            self.retry_open_gaps(now, from);
+        }
         if !truncated {
             self.synced = true;
         }
@@ -1146,8 +1185,8 @@ impl Replica {
         let due: Vec<(NodeId, NodeId)> = self
             .gaps
             .iter()
-            .filter(|(_, (since, _))| now >= since + self.cfg.gap_sync_ms)
-            .map(|(o, (_, via))| (*o, *via))
+            .filter(|(_, (since, _, _))| now >= since + self.cfg.gap_sync_ms)
+            .map(|(o, (_, via, _))| (*o, *via))
             .collect();
         // One gap sync in flight at a time: a reply carries all that this node's vector
         // lacks, so it closes every gap its sender can fill. A sync per gap instead (a booting
@@ -1167,7 +1206,9 @@ impl Replica {
             self.sync_request(now, to);
             self.gap_sync = Some(to);
             // Re-arm: ask again later if the gap is still open.
-            self.gaps.insert(origin, (now + SYNC_TIMEOUT_MS, via));
+            let tries = self.gaps.get(&origin).map_or(0, |g| g.2);
+            self.gaps
+                .insert(origin, (now + SYNC_TIMEOUT_MS, via, tries));
         }
         let isolated = self.is_isolated(now);
         if isolated && !self.was_isolated {
