@@ -342,6 +342,7 @@ pub struct Replica {
     last_publish: Millis,
     published_load: LoadSample,
     next_anti_entropy: Millis,
+    anti_entropy_rounds: u32,
     pub(crate) next_eval: Option<Millis>,
     pub(crate) rng: ChaCha8Rng,
     pub(crate) stats: Stats,
@@ -386,6 +387,7 @@ impl Replica {
             last_publish: 0,
             published_load: LoadSample::default(),
             next_anti_entropy: 0,
+            anti_entropy_rounds: 0,
             next_eval: None,
             rng,
             stats: Stats::default(),
@@ -1179,7 +1181,13 @@ impl Replica {
         if now >= self.next_anti_entropy {
             self.next_anti_entropy = now + self.cfg.anti_entropy_ms;
             if let Some(peer) = self.random_alive_peer(now) {
-                self.send_sync_request(now, peer, true);
+                // Every fourth round sends the vector even when digests agree: the digest
+                // covers values, and a vector can lag behind equal values (a write that was
+                // superseded everywhere before it arrived here); only a reply's vector
+                // closes that, and a lagging vector asks for what it already holds.
+                self.anti_entropy_rounds = self.anti_entropy_rounds.wrapping_add(1);
+                let digest_only = !self.anti_entropy_rounds.is_multiple_of(4);
+                self.send_sync_request(now, peer, digest_only);
             }
         }
         let due: Vec<(NodeId, NodeId)> = self
