@@ -342,7 +342,6 @@ pub struct Replica {
     last_publish: Millis,
     published_load: LoadSample,
     next_anti_entropy: Millis,
-    anti_entropy_rounds: u32,
     pub(crate) next_eval: Option<Millis>,
     pub(crate) rng: ChaCha8Rng,
     pub(crate) stats: Stats,
@@ -387,7 +386,6 @@ impl Replica {
             last_publish: 0,
             published_load: LoadSample::default(),
             next_anti_entropy: 0,
-            anti_entropy_rounds: 0,
             next_eval: None,
             rng,
             stats: Stats::default(),
@@ -428,6 +426,19 @@ impl Replica {
     /// node's clocks: the delta propagation latency (includes any clock offset).
     pub fn take_propagation_samples(&mut self) -> Vec<PropagationSample> {
         std::mem::take(&mut self.propagation)
+    }
+
+    /// An order-free hash of the version vector (zero entries left out), for a digest-only
+    /// sync to tell equal vectors apart from different ones without sending either.
+    pub fn vclock_hash(&self) -> u64 {
+        self.vclock
+            .dots
+            .iter()
+            .filter(|(_, c)| **c > 0)
+            .fold(0u64, |acc, (o, c)| {
+                let x = u64::from_le_bytes(first8(&o.0)) ^ c.rotate_left(29);
+                acc.wrapping_add(mix64(x))
+            })
     }
 
     /// The version vector: per origin, the stamp up to which everything is held.
@@ -1047,6 +1058,7 @@ impl Replica {
             digest: self.digest(),
             full: self.want_full.remove(&to),
             digest_only,
+            vclock_hash: if digest_only { self.vclock_hash() } else { 0 },
         };
         self.outbox.push_back(Action::SendSync { to, request });
     }
@@ -1057,13 +1069,20 @@ impl Replica {
         self.stats.syncs_served += 1;
         self.note_lag(now, req);
         if req.digest_only && !req.full {
-            // Equal: nothing to do. Different: "truncated", so the requester asks again with
-            // its vector (see `SyncRequest::digest_only`).
+            // Different digests: "truncated", so the requester asks again with its vector.
+            // Equal digests: nothing, or this vector alone if the vectors differ (see
+            // `SyncRequest::digest_only`).
+            let same = req.digest == self.digest();
+            let vclock = if same && req.vclock_hash != self.vclock_hash() {
+                self.version_vector()
+            } else {
+                Vec::new()
+            };
             let reply = SyncReply {
                 deltas: Vec::new(),
-                vclock: Vec::new(),
+                vclock,
                 digest: self.digest(),
-                truncated: req.digest != self.digest(),
+                truncated: !same,
             };
             self.outbox.push_back(Action::ReplySync { to: from, reply });
             return;
@@ -1181,13 +1200,7 @@ impl Replica {
         if now >= self.next_anti_entropy {
             self.next_anti_entropy = now + self.cfg.anti_entropy_ms;
             if let Some(peer) = self.random_alive_peer(now) {
-                // Every fourth round sends the vector even when digests agree: the digest
-                // covers values, and a vector can lag behind equal values (a write that was
-                // superseded everywhere before it arrived here); only a reply's vector
-                // closes that, and a lagging vector asks for what it already holds.
-                self.anti_entropy_rounds = self.anti_entropy_rounds.wrapping_add(1);
-                let digest_only = !self.anti_entropy_rounds.is_multiple_of(4);
-                self.send_sync_request(now, peer, digest_only);
+                self.send_sync_request(now, peer, true);
             }
         }
         let due: Vec<(NodeId, NodeId)> = self
@@ -1334,6 +1347,13 @@ impl Replica {
             }
         }
     }
+}
+
+/// splitmix64's finaliser: spreads one word over all bits.
+fn mix64(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 fn first8(b: &[u8; 32]) -> [u8; 8] {

@@ -124,12 +124,13 @@ fn periodic_anti_entropy_compares_digests_before_sending_a_vector() {
     let mut r = Replica::new(harness::config(1)).unwrap();
     r.handle(0, Input::Tick).unwrap();
     while r.poll_action().is_some() {}
-    let ask = |r: &mut Replica, digest| {
+    let ask = |r: &mut Replica, digest, vclock_hash| {
         let request = SyncRequest {
             vclock: Vec::new(),
             digest,
             full: false,
             digest_only: true,
+            vclock_hash,
         };
         r.handle(
             10,
@@ -148,10 +149,14 @@ fn periodic_anti_entropy_compares_digests_before_sending_a_vector() {
         assert_eq!(replies.len(), 1);
         replies.remove(0)
     };
-    let mine = r.digest();
-    let same = ask(&mut r, mine);
+    let (mine, hash) = (r.digest(), r.vclock_hash());
+    let same = ask(&mut r, mine, hash);
     assert!(same.deltas.is_empty() && same.vclock.is_empty() && !same.truncated);
-    let other = ask(&mut r, StateDigest([1, 2, 3, 4]));
+    // Equal values, different vectors (one lags): the vector alone, so it can be adopted.
+    let lagging = ask(&mut r, mine, hash ^ 1);
+    assert!(lagging.deltas.is_empty() && !lagging.truncated);
+    assert_eq!(lagging.vclock, r.version_vector());
+    let other = ask(&mut r, StateDigest([1, 2, 3, 4]), hash);
     assert!(other.deltas.is_empty() && other.vclock.is_empty());
     assert!(
         other.truncated,

@@ -77,6 +77,7 @@ async fn garbage_on_gossip_and_sync_is_counted_and_dropped() {
             digest: Default::default(),
             full: false,
             digest_only: false,
+            vclock_hash: 0,
         }
         .to_wire()
         .unwrap();

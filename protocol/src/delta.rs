@@ -161,11 +161,15 @@ pub struct SyncRequest {
     pub digest: StateDigest,
     /// Ask for the whole state, not just what the version vector lacks.
     pub full: bool,
-    /// Periodic anti-entropy: compare digests only (`vclock` is empty). Equal digests get an
-    /// empty reply; different ones a `truncated` empty reply, upon which the requester asks
-    /// again with its version vector. A vector is one entry per node (400 KB at 10,000
-    /// nodes), too much to send every period when states are nearly always equal.
+    /// Periodic anti-entropy: compare digests only (`vclock` is empty). Different digests
+    /// get a `truncated` empty reply, upon which the requester asks again with its version
+    /// vector. Equal digests and equal `vclock_hash` get an empty reply; equal digests and
+    /// different vector hashes get the responder's vector alone (a vector can lag behind
+    /// equal values). A vector is one entry per node (400 KB at 10,000 nodes), too much to
+    /// send every period when states are nearly always equal.
     pub digest_only: bool,
+    /// With `digest_only`: an order-free hash of the requester's version vector.
+    pub vclock_hash: u64,
 }
 
 impl Wire for SyncRequest {

@@ -335,10 +335,13 @@ fn malformed_body_gives_malformed() {
         digest: StateDigest::default(),
         full: false,
         digest_only: false,
+        vclock_hash: 0,
     }
     .to_wire()
     .unwrap();
-    *bytes.last_mut().unwrap() = 2;
+    // The last byte is `vclock_hash` (a varint 0); the one before it, `digest_only`.
+    let n = bytes.len();
+    bytes[n - 2] = 2;
     assert!(matches!(
         SyncRequest::from_wire(&bytes),
         Err(DecodeError::Malformed(_))

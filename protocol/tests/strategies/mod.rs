@@ -254,14 +254,22 @@ pub(crate) fn gossip_message() -> impl Strategy<Value = GossipMessage> {
 }
 
 pub(crate) fn sync_request() -> impl Strategy<Value = SyncRequest> {
-    (vclock(), state_digest(), any::<bool>(), any::<bool>()).prop_map(
-        |(vclock, digest, full, digest_only)| SyncRequest {
-            digest_only,
-            vclock,
-            digest,
-            full,
-        },
+    (
+        vclock(),
+        state_digest(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<u64>(),
     )
+        .prop_map(
+            |(vclock, digest, full, digest_only, vclock_hash)| SyncRequest {
+                digest_only,
+                vclock_hash,
+                vclock,
+                digest,
+                full,
+            },
+        )
 }
 
 pub(crate) fn sync_reply() -> impl Strategy<Value = SyncReply> {
