@@ -4,26 +4,12 @@
 
 mod harness;
 
-use harness::{node, spec, Mesh};
-use omesh_state::Health;
+use harness::{node, owner_of, spec, Mesh};
 
 fn joined(n: u8) -> Mesh {
-    let mut m = Mesh::new(n, |_| {});
-    let ok = m.run_until(10_000, |m| {
-        m.ids().iter().all(|a| {
-            let r = m.replica(*a);
-            r.may_claim(m.now) && m.ids().iter().all(|b| r.health(m.now, b) == Health::Alive)
-        })
-    });
-    assert!(ok, "mesh did not join");
-    m
+    harness::joined(n, |_| {})
 }
-
-fn owner_of(m: &Mesh, task: omesh_protocol::TaskId) -> Option<(omesh_protocol::NodeId, u64)> {
-    let runners = m.runners(task);
-    assert!(runners.len() <= 1, "more than one instance: {runners:?}");
-    runners.first().copied()
-}
+use omesh_state::Health;
 
 #[test]
 fn a_crashed_peer_is_suspected_by_probing_then_judged_gone_everywhere() {

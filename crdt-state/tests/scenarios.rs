@@ -3,28 +3,9 @@
 
 mod harness;
 
-use harness::{node, spec, spec_with, Mesh};
+use harness::{joined, node, owner_of, spec, spec_with};
 use omesh_protocol::TaskState;
-use omesh_state::{Health, StopReason};
-
-/// A mesh whose replicas all know each other.
-fn joined(n: u8, tweak: impl Fn(&mut omesh_state::ReplicaConfig)) -> Mesh {
-    let mut m = Mesh::new(n, tweak);
-    let ok = m.run_until(10_000, |m| {
-        m.ids().iter().all(|a| {
-            let r = m.replica(*a);
-            r.may_claim(m.now) && m.ids().iter().all(|b| r.health(m.now, b) == Health::Alive)
-        })
-    });
-    assert!(ok, "mesh did not join");
-    m
-}
-
-fn owner_of(m: &Mesh, task: omesh_protocol::TaskId) -> Option<(omesh_protocol::NodeId, u64)> {
-    let runners = m.runners(task);
-    assert!(runners.len() <= 1, "more than one instance: {runners:?}");
-    runners.first().copied()
-}
+use omesh_state::StopReason;
 
 #[test]
 fn owner_heartbeat_stops_then_another_claims_after_ttl_and_grace() {

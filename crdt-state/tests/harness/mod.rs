@@ -397,3 +397,26 @@ impl Mesh {
         digests.all(|d| d == first)
     }
 }
+
+/// A mesh whose replicas all know each other, as alive, and may claim.
+pub fn joined(n: u8, tweak: impl Fn(&mut ReplicaConfig)) -> Mesh {
+    let mut m = Mesh::new(n, tweak);
+    let ok = m.run_until(10_000, |m| {
+        m.ids().iter().all(|a| {
+            let r = m.replica(*a);
+            r.may_claim(m.now)
+                && m.ids()
+                    .iter()
+                    .all(|b| r.health(m.now, b) == omesh_state::Health::Alive)
+        })
+    });
+    assert!(ok, "mesh did not join");
+    m
+}
+
+/// The one node running `task`, with its epoch (panics if two run it).
+pub fn owner_of(m: &Mesh, task: TaskId) -> Option<(NodeId, Epoch)> {
+    let runners = m.runners(task);
+    assert!(runners.len() <= 1, "more than one instance: {runners:?}");
+    runners.first().copied()
+}
