@@ -122,7 +122,38 @@ impl Node {
     /// Starts it again with the same data dir and ports.
     pub fn restart(&mut self) {
         self.kill9();
+        self.reclaim_ports();
         self.spawn();
+    }
+
+    /// Ports picked by `free_port` come from the ephemeral range, so while a node is down
+    /// another socket (an outbound connection of any process) may take one of them, and the
+    /// restarted node would exit with "address already in use" (seen in CI). Takes fresh
+    /// ports for whichever is taken; the node's identity is in its data dir, and peers learn
+    /// a new address from its record.
+    fn reclaim_ports(&mut self) {
+        let api_taken = std::net::TcpListener::bind(("127.0.0.1", self.api_port)).is_err();
+        let quic_taken = std::net::UdpSocket::bind(("127.0.0.1", self.quic_port)).is_err();
+        if api_taken {
+            let old = format!("127.0.0.1:{}", self.api_port);
+            self.api_port = free_port();
+            let new = format!("127.0.0.1:{}", self.api_port);
+            for a in &mut self.args {
+                if *a == old {
+                    a.clone_from(&new);
+                }
+            }
+        }
+        if quic_taken {
+            let old = format!("/ip4/127.0.0.1/udp/{}/quic-v1", self.quic_port);
+            self.quic_port = free_port();
+            let new = format!("/ip4/127.0.0.1/udp/{}/quic-v1", self.quic_port);
+            for a in &mut self.args {
+                if *a == old {
+                    a.clone_from(&new);
+                }
+            }
+        }
     }
 
     /// The peer id of this node, as others list it.
