@@ -95,12 +95,7 @@ impl Replica {
         }
         // Leases ride on membership: they hold until a suspicion of the owner has been held
         // here for the lease's ttl + grace without the owner refuting it.
-        match self.suspected_since(&lease.owner) {
-            None => true,
-            Some(at) => {
-                now <= at.saturating_add(u64::from(lease.ttl_ms) + self.grace_ms(&lease.owner))
-            }
-        }
+        self.lease_expiry(lease).is_none_or(|expiry| now < expiry)
     }
 
     fn lease_expiry(&self, lease: &Lease) -> Option<Millis> {
@@ -446,7 +441,7 @@ impl Replica {
             self.apply_step(now, step);
         }
         if let Some(w) = wake {
-            self.next_eval = Some(self.next_eval.map_or(w, |e| e.min(w)));
+            self.wake_at(w);
         }
     }
 
@@ -520,7 +515,7 @@ impl Replica {
                         phase: Phase::Settling { until },
                     },
                 );
-                self.next_eval = Some(self.next_eval.map_or(until, |e| e.min(until)));
+                self.wake_at(until);
                 self.claimable_since.remove(&task);
                 self.stats.claims += 1;
                 if failover {

@@ -212,6 +212,22 @@ fn merge_slot<T: Clone>(
     }
 }
 
+/// `merge_slot` on the entry of `key` in `map`.
+fn merge_entry<K: Ord, T: Clone>(
+    digest: &mut Digest4,
+    map: &mut BTreeMap<K, Stamped<T>>,
+    key: K,
+    incoming: &Stamped<T>,
+    order: impl Fn(&T, &T) -> Ordering,
+) -> Merged {
+    let mut slot = map.remove(&key);
+    let merged = merge_slot(digest, &mut slot, incoming, order);
+    if let Some(s) = slot {
+        map.insert(key, s);
+    }
+    merged
+}
+
 /// `merge_slot` on a present value, in place.
 fn merge_into<T: Clone>(
     digest: &mut Digest4,
@@ -448,12 +464,13 @@ impl State {
         {
             return Merged::Unchanged;
         }
-        let mut slot = self.suspects.remove(&node);
-        let merged = merge_slot(&mut self.digest, &mut slot, incoming, Ord::cmp);
-        if let Some(s) = slot {
-            self.suspects.insert(node, s);
-        }
-        merged
+        merge_entry(
+            &mut self.digest,
+            &mut self.suspects,
+            node,
+            incoming,
+            Ord::cmp,
+        )
     }
 
     /// Drops a suspicion of `node` that its record at `version` answers.
@@ -548,14 +565,13 @@ impl State {
                 self.digest.remove(h);
             }
         }
-        let mut slot = self.tombstones.remove(&id);
-        let merged = merge_slot(&mut self.digest, &mut slot, incoming, |a, b| {
-            a.code().cmp(&b.code())
-        });
-        if let Some(s) = slot {
-            self.tombstones.insert(id, s);
-        }
-        merged
+        merge_entry(
+            &mut self.digest,
+            &mut self.tombstones,
+            id,
+            incoming,
+            |a, b| a.code().cmp(&b.code()),
+        )
     }
 
     /// Every component as the delta that would recreate it, for anti-entropy. A task's

@@ -82,7 +82,7 @@ impl Replica {
             }
             self.prober.next_probe = now + self.cfg.heartbeat_ms;
             self.prober.relays.retain(|_, r| now < r.until);
-            if let Some(target) = self.next_target(now) {
+            if let Some(target) = self.next_target() {
                 let nonce = self.next_nonce();
                 let wait = self
                     .rtt
@@ -276,8 +276,7 @@ impl Replica {
     /// each round. Peers judged Gone stay in it (without indirect probes): after a partition
     /// heals, an idle mesh publishes nothing, and a direct ping is how the two sides find
     /// each other again (see `Replica::contact`). Peers that left are skipped.
-    fn next_target(&mut self, now: Millis) -> Option<NodeId> {
-        let _ = now;
+    fn next_target(&mut self) -> Option<NodeId> {
         for _ in 0..2 {
             while self.prober.pos < self.prober.order.len() {
                 let id = self.prober.order[self.prober.pos];

@@ -691,8 +691,7 @@ impl Replica {
             }
         }
         if any {
-            let at = now + self.cfg.gap_sync_ms;
-            self.next_eval = Some(self.next_eval.map_or(at, |e| e.min(at)));
+            self.wake_at(now + self.cfg.gap_sync_ms);
         }
     }
 
@@ -700,9 +699,6 @@ impl Replica {
     /// asked for its state: after a partition heals, that is how each side learns the other's
     /// suspicions of it and refutes them.
     pub(crate) fn contact(&mut self, now: Millis, from: NodeId) {
-        if from == self.me.id {
-            return;
-        }
         self.touch(now, from);
         if self.health(now, &from) != Health::Alive {
             self.sync_request(now, from);
@@ -730,7 +726,12 @@ impl Replica {
     }
 
     pub(crate) fn mark_dirty(&mut self, now: Millis) {
-        self.next_eval = Some(self.next_eval.map_or(now, |e| e.min(now)));
+        self.wake_at(now);
+    }
+
+    /// Asks for an evaluation tick at `at` (or earlier, if one is already due sooner).
+    pub(crate) fn wake_at(&mut self, at: Millis) {
+        self.next_eval = Some(self.next_eval.map_or(at, |e| e.min(at)));
     }
 
     /// Publishes this node's record with a new version: at start, when it changed, to refute a
@@ -935,8 +936,7 @@ impl Replica {
             if !self.gaps.contains_key(&origin) {
                 self.stats.gaps += 1;
                 self.gaps.insert(origin, (now, via, 0));
-                let at = now + self.cfg.gap_sync_ms;
-                self.next_eval = Some(self.next_eval.map_or(at, |e| e.min(at)));
+                self.wake_at(now + self.cfg.gap_sync_ms);
             }
         }
     }
@@ -1227,9 +1227,9 @@ impl Replica {
             self.sync_request(now, to);
             self.gap_sync = Some(to);
             // Re-arm: ask again later if the gap is still open.
-            let tries = self.gaps.get(&origin).map_or(0, |g| g.2);
-            self.gaps
-                .insert(origin, (now + SYNC_TIMEOUT_MS, via, tries));
+            if let Some(gap) = self.gaps.get_mut(&origin) {
+                gap.0 = now + SYNC_TIMEOUT_MS;
+            }
         }
         let isolated = self.is_isolated(now);
         if isolated && !self.was_isolated {
