@@ -99,10 +99,7 @@ impl Outcome {
             duplicate_ms,
             tasks,
             traffic: sim.traffic,
-            idle: sim
-                .idle
-                .filter(|_| sim.idle_done())
-                .map(|(t, us)| (t, us as f64 / 1e6)),
+            idle: sim.idle.map(|(t, us)| (t, us as f64 / 1e6)),
             node_seconds: sim.node_us as f64 / 1e6,
             crashes: sim.crashes,
             peak_rss_mib: peak_rss_mib(),
@@ -172,12 +169,11 @@ impl Outcome {
         let o = &self.tasks;
         row("tasks", format!("{} submitted, {} accepted: {} succeeded, {} failed, {} cancelled, {} running, {} pending with a reason, {} in progress, {} lost",
             o.submitted, o.accepted, o.succeeded, o.failed, o.cancelled, o.running, o.pending_with_reason, o.pending_in_progress, o.lost));
-        let msgs = t.gossip_msgs + t.sync_requests + t.sync_replies + t.probe_msgs;
         row(
             "messages / node / s",
             format!(
                 "{:.1} (gossip {:.1}, of which duplicates {:.1}; sync {:.2}; probes {:.2})",
-                per(msgs),
+                per(t.messages()),
                 per(t.gossip_msgs),
                 per(t.gossip_dups),
                 per(t.sync_requests + t.sync_replies),
@@ -188,7 +184,7 @@ impl Outcome {
             "bytes / node / s",
             format!(
                 "{} (gossip {}, sync {}, probes {})",
-                bytes_str(per(t.gossip_bytes + t.sync_bytes + t.probe_bytes)),
+                bytes_str(per(t.bytes())),
                 bytes_str(per(t.gossip_bytes)),
                 bytes_str(per(t.sync_bytes)),
                 bytes_str(per(t.probe_bytes))
@@ -200,8 +196,8 @@ impl Outcome {
                 "idle window / node / s",
                 format!(
                     "{:.1} messages, {} (gossip {}, sync {}, probes {})",
-                    per(t.gossip_msgs + t.sync_requests + t.sync_replies + t.probe_msgs),
-                    bytes_str(per(t.gossip_bytes + t.sync_bytes + t.probe_bytes)),
+                    per(t.messages()),
+                    bytes_str(per(t.bytes())),
                     bytes_str(per(t.gossip_bytes)),
                     bytes_str(per(t.sync_bytes)),
                     bytes_str(per(t.probe_bytes))

@@ -201,6 +201,35 @@ pub struct Traffic {
     pub published: u64,
 }
 
+impl Traffic {
+    /// Every message: gossip copies, sync requests and replies, probes.
+    pub fn messages(&self) -> u64 {
+        self.gossip_msgs + self.sync_requests + self.sync_replies + self.probe_msgs
+    }
+
+    /// Every byte: gossip, sync and probes.
+    pub fn bytes(&self) -> u64 {
+        self.gossip_bytes + self.sync_bytes + self.probe_bytes
+    }
+
+    /// What was counted since `earlier` (a snapshot of the same counters).
+    pub fn since(&self, earlier: &Self) -> Self {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        Self {
+            gossip_msgs: d(self.gossip_msgs, earlier.gossip_msgs),
+            gossip_bytes: d(self.gossip_bytes, earlier.gossip_bytes),
+            gossip_dups: d(self.gossip_dups, earlier.gossip_dups),
+            sync_requests: d(self.sync_requests, earlier.sync_requests),
+            sync_replies: d(self.sync_replies, earlier.sync_replies),
+            sync_bytes: d(self.sync_bytes, earlier.sync_bytes),
+            probe_msgs: d(self.probe_msgs, earlier.probe_msgs),
+            probe_bytes: d(self.probe_bytes, earlier.probe_bytes),
+            lost: d(self.lost, earlier.lost),
+            published: d(self.published, earlier.published),
+        }
+    }
+}
+
 /// The simulation.
 pub struct Sim {
     /// The scenario.
@@ -229,10 +258,10 @@ pub struct Sim {
     pub traffic: Traffic,
     /// Sum over time of nodes up, in node-µs.
     pub node_us: u128,
-    /// Traffic and node-µs at the start of the idle window, then their increase over it.
+    /// Traffic and node-µs over the idle window, once it has closed.
     pub idle: Option<(Traffic, u128)>,
-    idle_open: bool,
-    idle_done: bool,
+    /// Traffic and node-µs when the idle window opened.
+    idle_start: Option<(Traffic, u128)>,
     up_count: u64,
     up_since: SimTime,
     /// Running hash of every processed event.
@@ -289,8 +318,7 @@ impl Sim {
             traffic: Traffic::default(),
             node_us: 0,
             idle: None,
-            idle_open: false,
-            idle_done: false,
+            idle_start: None,
             up_count: 0,
             up_since: 0,
             trace: 0xcbf2_9ce4_8422_2325,
@@ -661,40 +689,17 @@ impl Sim {
         }
     }
 
-    /// Whether the idle window closed (`idle` then holds its increase).
-    pub fn idle_done(&self) -> bool {
-        self.idle_done
-    }
-
     /// Opens the idle window (snapshot) or closes it (keeps the increase).
     fn idle_mark(&mut self) {
         let now = self.queue.now();
         self.node_up_changed(now, 0);
         let (t, us) = (self.traffic, self.node_us);
-        if self.idle_done {
-            return;
-        }
-        if !self.idle_open {
-            self.idle_open = true;
-            self.idle = Some((t, us));
-            return;
-        }
-        if let Some((t0, us0)) = self.idle {
-            let d = |a: u64, b: u64| a.saturating_sub(b);
-            let diff = Traffic {
-                gossip_msgs: d(t.gossip_msgs, t0.gossip_msgs),
-                gossip_bytes: d(t.gossip_bytes, t0.gossip_bytes),
-                gossip_dups: d(t.gossip_dups, t0.gossip_dups),
-                sync_requests: d(t.sync_requests, t0.sync_requests),
-                sync_replies: d(t.sync_replies, t0.sync_replies),
-                sync_bytes: d(t.sync_bytes, t0.sync_bytes),
-                probe_msgs: d(t.probe_msgs, t0.probe_msgs),
-                probe_bytes: d(t.probe_bytes, t0.probe_bytes),
-                lost: d(t.lost, t0.lost),
-                published: d(t.published, t0.published),
-            };
-            self.idle = Some((diff, us.saturating_sub(us0)));
-            self.idle_done = true;
+        match self.idle_start {
+            None => self.idle_start = Some((t, us)),
+            Some((t0, us0)) if self.idle.is_none() => {
+                self.idle = Some((t.since(&t0), us.saturating_sub(us0)));
+            }
+            Some(_) => {}
         }
     }
 }
