@@ -367,8 +367,18 @@ impl Peer {
         }
     }
 
+    /// The peer id of `node`, unless an operator blocked it.
+    fn unblocked_peer(&self, node: &NodeId) -> Option<PeerId> {
+        net::peer_id_of(node).filter(|p| !self.blocked.contains(p))
+    }
+
+    /// The node id of `peer`, unless an operator blocked it.
+    fn unblocked_node(&self, peer: &PeerId) -> Option<NodeId> {
+        net::node_id_of(peer).filter(|_| !self.blocked.contains(peer))
+    }
+
     fn send_probe(&mut self, to: NodeId, probe: Probe) {
-        let Some(peer) = net::peer_id_of(&to).filter(|p| !self.blocked.contains(p)) else {
+        let Some(peer) = self.unblocked_peer(&to) else {
             return;
         };
         match probe.to_wire() {
@@ -395,8 +405,7 @@ impl Peer {
                     .behaviour_mut()
                     .probe
                     .send_response(channel, Vec::new());
-                let Some(from) = net::node_id_of(&peer).filter(|_| !self.blocked.contains(&peer))
-                else {
+                let Some(from) = self.unblocked_node(&peer) else {
                     return;
                 };
                 match Probe::from_wire(&request) {
@@ -420,7 +429,7 @@ impl Peer {
     }
 
     fn send_sync(&mut self, to: NodeId, request: &SyncRequest) {
-        let Some(peer) = net::peer_id_of(&to).filter(|p| !self.blocked.contains(p)) else {
+        let Some(peer) = self.unblocked_peer(&to) else {
             self.feed_later_failure(to);
             return;
         };
@@ -662,9 +671,7 @@ impl Peer {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    let Some(from) =
-                        net::node_id_of(&peer).filter(|_| !self.blocked.contains(&peer))
-                    else {
+                    let Some(from) = self.unblocked_node(&peer) else {
                         return;
                     };
                     match SyncRequest::from_wire(&request) {

@@ -25,6 +25,14 @@ pub fn free_port() -> u16 {
 }
 
 /// One running (or stopped) peer.
+fn quic_addr(port: u16) -> String {
+    format!("/ip4/127.0.0.1/udp/{port}/quic-v1")
+}
+
+fn api_addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
 pub struct Node {
     pub name: String,
     pub dir: PathBuf,
@@ -46,9 +54,9 @@ impl Node {
             "--data-dir".into(),
             dir.join("data").display().to_string(),
             "--listen".into(),
-            format!("/ip4/127.0.0.1/udp/{quic_port}/quic-v1"),
+            quic_addr(quic_port),
             "--api-listen".into(),
-            format!("127.0.0.1:{api_port}"),
+            api_addr(api_port),
         ];
         for s in seeds {
             args.push("--seed".into());
@@ -86,7 +94,7 @@ impl Node {
 
     /// The multiaddr others use to reach it.
     pub fn addr(&self) -> String {
-        format!("/ip4/127.0.0.1/udp/{}/quic-v1", self.quic_port)
+        quic_addr(self.quic_port)
     }
 
     /// The API base URL.
@@ -135,24 +143,20 @@ impl Node {
         let api_taken = std::net::TcpListener::bind(("127.0.0.1", self.api_port)).is_err();
         let quic_taken = std::net::UdpSocket::bind(("127.0.0.1", self.quic_port)).is_err();
         if api_taken {
-            let old = format!("127.0.0.1:{}", self.api_port);
+            let old = api_addr(self.api_port);
             self.api_port = free_port();
-            let new = format!("127.0.0.1:{}", self.api_port);
-            for a in &mut self.args {
-                if *a == old {
-                    a.clone_from(&new);
-                }
-            }
+            self.replace_arg(&old, api_addr(self.api_port));
         }
         if quic_taken {
-            let old = format!("/ip4/127.0.0.1/udp/{}/quic-v1", self.quic_port);
+            let old = quic_addr(self.quic_port);
             self.quic_port = free_port();
-            let new = format!("/ip4/127.0.0.1/udp/{}/quic-v1", self.quic_port);
-            for a in &mut self.args {
-                if *a == old {
-                    a.clone_from(&new);
-                }
-            }
+            self.replace_arg(&old, quic_addr(self.quic_port));
+        }
+    }
+
+    fn replace_arg(&mut self, old: &str, new: String) {
+        for a in self.args.iter_mut().filter(|a| *a == old) {
+            a.clone_from(&new);
         }
     }
 
