@@ -367,6 +367,13 @@ impl Peer {
         }
     }
 
+    /// Counts a malformed message on `channel` (see `Metrics::malformed`).
+    pub(crate) fn count_malformed(&self, channel: &str) {
+        if let Ok(m) = self.metrics.lock() {
+            m.malformed(channel);
+        }
+    }
+
     /// The peer id of `node`, unless an operator blocked it.
     fn unblocked_peer(&self, node: &NodeId) -> Option<PeerId> {
         net::peer_id_of(node).filter(|p| !self.blocked.contains(p))
@@ -411,9 +418,7 @@ impl Peer {
                 match Probe::from_wire(&request) {
                     Ok(probe) => self.feed(Input::Probe { from, probe }),
                     Err(e) => {
-                        if let Ok(m) = self.metrics.lock() {
-                            m.malformed("probe");
-                        }
+                        self.count_malformed("probe");
                         debug!(%peer, error = %e, "malformed probe dropped");
                     }
                 }
@@ -619,9 +624,7 @@ impl Peer {
         }
         let acceptance = match GossipMessage::from_wire(&message.data) {
             Err(e) => {
-                if let Ok(m) = self.metrics.lock() {
-                    m.malformed("gossip");
-                }
+                self.count_malformed("gossip");
                 debug!(%source, error = %e, "malformed gossip dropped");
                 MessageAcceptance::Reject
             }
@@ -632,9 +635,7 @@ impl Peer {
                     return;
                 };
                 if msg.deltas.iter().any(|d| d.origin != from) {
-                    if let Ok(m) = self.metrics.lock() {
-                        m.malformed("gossip_forged_origin");
-                    }
+                    self.count_malformed("gossip_forged_origin");
                     warn!(%source, "gossip carrying another node's deltas dropped");
                     self.swarm
                         .behaviour_mut()
@@ -683,9 +684,7 @@ impl Peer {
                             self.feed(Input::SyncRequest { from, request });
                         }
                         Err(e) => {
-                            if let Ok(m) = self.metrics.lock() {
-                                m.malformed("sync_request");
-                            }
+                            self.count_malformed("sync_request");
                             debug!(%peer, error = %e, "malformed sync request dropped");
                         }
                     }
@@ -702,9 +701,7 @@ impl Peer {
                     match SyncReply::from_wire(&response) {
                         Ok(reply) => self.feed(Input::SyncReply { from, reply }),
                         Err(e) => {
-                            if let Ok(m) = self.metrics.lock() {
-                                m.malformed("sync_reply");
-                            }
+                            self.count_malformed("sync_reply");
                             debug!(%peer, error = %e, "malformed sync reply dropped");
                             self.feed(Input::SyncFailed { peer: from });
                         }
@@ -724,9 +721,7 @@ impl Peer {
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 if matches!(error, request_response::InboundFailure::Io(_)) {
-                    if let Ok(m) = self.metrics.lock() {
-                        m.malformed("sync_request");
-                    }
+                    self.count_malformed("sync_request");
                 }
                 debug!(%peer, %error, "inbound sync failed");
             }

@@ -168,9 +168,7 @@ impl Peer {
                             }
                         }
                         Err(e) => {
-                            if let Ok(m) = self.metrics.lock() {
-                                m.malformed("logs_request");
-                            }
+                            self.count_malformed("logs_request");
                             debug!(%peer, error = %e, "malformed log request dropped");
                             return;
                         }
@@ -210,9 +208,7 @@ impl Peer {
                             "the owner holds no log for this epoch yet",
                         )),
                         Err(e) => {
-                            if let Ok(m) = self.metrics.lock() {
-                                m.malformed("logs_response");
-                            }
+                            self.count_malformed("logs_response");
                             Err(ApiError::new(
                                 StatusCode::BAD_GATEWAY,
                                 format!("bad answer from owner: {e}"),
