@@ -62,6 +62,9 @@ pub struct ReplicaConfig {
     pub target_node_tags: BTreeSet<String>,
     /// Seed of the replica's random choices (anti-entropy peer, jitter).
     pub seed: u64,
+    /// The most propagation samples kept between two `take_propagation_samples` calls (the
+    /// node's metrics take them; 0 keeps none, for a driver that measures spread itself).
+    pub propagation_samples: usize,
 }
 
 impl Default for ReplicaConfig {
@@ -93,6 +96,7 @@ impl Default for ReplicaConfig {
             threshold_memory: 80,
             target_node_tags: BTreeSet::new(),
             seed: 0,
+            propagation_samples: 4096,
         }
     }
 }

@@ -27,15 +27,6 @@ impl Health {
     }
 }
 
-/// When a node's record last advanced, on the local clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Heard {
-    /// The record version seen.
-    pub version: (u64, u64),
-    /// Local time it was first seen.
-    pub at: Millis,
-}
-
 /// Smoothed RTT and its variation (RFC 6298), in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RttEstimate {

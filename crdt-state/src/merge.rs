@@ -149,10 +149,30 @@ fn limit(field: &'static str, len: usize, limit: usize) -> Result<(), DeltaError
     Ok(())
 }
 
+/// A node's record as held: the record and the stamp of the delta that wrote it.
+#[derive(Debug, Clone)]
+struct NodeSlot {
+    rec: Arc<NodeRecord>,
+    stamp: u64,
+}
+
+impl NodeSlot {
+    fn at(&self) -> Stamp {
+        Stamp {
+            origin: self.rec.id,
+            stamp: self.stamp,
+        }
+    }
+}
+
 /// The whole replicated state.
 #[derive(Debug, Clone, Default)]
 pub struct State {
-    nodes: BTreeMap<NodeId, Stamped<Arc<NodeRecord>>>,
+    /// Per node its record, shared with every replica that holds the same version. The slot
+    /// keeps neither the stamp's origin (always the node itself) nor the digest hash (it
+    /// covers only the durable fields, rehashed on the rare change of those): at 10,000
+    /// nodes every replica holds 10,000 of these.
+    nodes: BTreeMap<NodeId, NodeSlot>,
     tasks: BTreeMap<TaskId, TaskRecord>,
     tombstones: BTreeMap<TaskId, Stamped<TaskState>>,
     /// Per node, the highest version of its record some replica suspected, kept only while
@@ -301,12 +321,12 @@ impl State {
 
     /// A node's record.
     pub fn node(&self, id: &NodeId) -> Option<&NodeRecord> {
-        self.nodes.get(id).map(|s| &*s.value)
+        self.nodes.get(id).map(|s| &*s.rec)
     }
 
     /// Every node record.
     pub fn nodes(&self) -> impl Iterator<Item = &NodeRecord> {
-        self.nodes.values().map(|s| &*s.value)
+        self.nodes.values().map(|s| &*s.rec)
     }
 
     /// Number of node records.
@@ -381,35 +401,7 @@ impl State {
             stamp: delta.stamp,
         };
         Ok(match &delta.body {
-            DeltaBody::Node(rec) => {
-                // Old or duplicate records (gossip fan-out delivers each several times) are
-                // settled without hashing or cloning the record.
-                if let Some(cur) = self.nodes.get_mut(&rec.id) {
-                    match rec.version().cmp(&cur.value.version()) {
-                        Ordering::Less => return Ok(Merged::Unchanged),
-                        Ordering::Equal if at >= cur.at && **rec == *cur.value => {
-                            return Ok(Merged::Unchanged)
-                        }
-                        Ordering::Greater => {
-                            // A newer record: share it, and rehash only if the durable part
-                            // (all the digest covers) changed, which a load move never does.
-                            let hash = if rec.durable() == cur.value.durable() {
-                                cur.hash
-                            } else {
-                                ComponentHash::node(rec)
-                            };
-                            self.digest.replace(cur.hash, hash);
-                            cur.value = Arc::clone(rec);
-                            cur.at = at;
-                            cur.hash = hash;
-                            self.refute(&rec.id, rec.version());
-                            return Ok(Merged::Changed);
-                        }
-                        Ordering::Equal => {}
-                    }
-                }
-                self.merge_node(&stamped(at, Arc::clone(rec), ComponentHash::node(rec)))
-            }
+            DeltaBody::Node(rec) => self.merge_node(rec, delta.stamp),
             DeltaBody::Spec(spec) => {
                 let id = spec.id();
                 self.merge_spec(
@@ -460,7 +452,7 @@ impl State {
         if self
             .nodes
             .get(&node)
-            .is_some_and(|r| r.value.version() > incoming.value)
+            .is_some_and(|r| r.rec.version() > incoming.value)
         {
             return Merged::Unchanged;
         }
@@ -484,32 +476,45 @@ impl State {
         }
     }
 
-    fn merge_node(&mut self, incoming: &Stamped<Arc<NodeRecord>>) -> Merged {
-        let merged = self.merge_node_record(incoming);
-        if merged == Merged::Changed {
-            self.refute(&incoming.value.id, incoming.value.version());
-        }
-        merged
-    }
-
-    fn merge_node_record(&mut self, incoming: &Stamped<Arc<NodeRecord>>) -> Merged {
-        match self.nodes.get_mut(&incoming.value.id) {
-            Some(cur) => {
-                // The hash covers only the durable fields, so compare the values themselves.
-                if incoming.value.version() == cur.value.version() && incoming.value == cur.value {
-                    if incoming.at < cur.at {
-                        cur.at = incoming.at;
-                    }
-                    return Merged::Unchanged;
-                }
-                merge_into(&mut self.digest, cur, incoming, node_order)
-            }
+    /// Last-writer-wins by version (then by content, for two records of one version);
+    /// old or duplicate records (gossip fan-out delivers each several times) are settled
+    /// without hashing or cloning. A newer record is shared, and rehashed only if its durable
+    /// part (all the digest covers) changed, which a load move never does.
+    fn merge_node(&mut self, rec: &Arc<NodeRecord>, stamp: u64) -> Merged {
+        match self.nodes.get_mut(&rec.id) {
             None => {
-                self.digest.add(incoming.hash);
-                self.nodes.insert(incoming.value.id, incoming.clone());
-                Merged::Changed
+                self.digest.add(ComponentHash::node(rec));
+                self.nodes.insert(
+                    rec.id,
+                    NodeSlot {
+                        rec: Arc::clone(rec),
+                        stamp,
+                    },
+                );
+            }
+            Some(cur) => {
+                match rec.version().cmp(&cur.rec.version()) {
+                    Ordering::Less => return Merged::Unchanged,
+                    Ordering::Equal if Arc::ptr_eq(rec, &cur.rec) || **rec == *cur.rec => {
+                        // Equal values keep the lower stamp so the choice is deterministic.
+                        cur.stamp = cur.stamp.min(stamp);
+                        return Merged::Unchanged;
+                    }
+                    Ordering::Equal if node_order(rec, &cur.rec) != Ordering::Greater => {
+                        return Merged::Unchanged
+                    }
+                    _ => {}
+                }
+                if rec.durable() != cur.rec.durable() {
+                    self.digest
+                        .replace(ComponentHash::node(&cur.rec), ComponentHash::node(rec));
+                }
+                cur.rec = Arc::clone(rec);
+                cur.stamp = stamp;
             }
         }
+        self.refute(&rec.id, rec.version());
+        Merged::Changed
     }
 
     fn merge_spec(&mut self, id: TaskId, incoming: &Stamped<Arc<SignedTaskSpec>>) -> Merged {
@@ -595,8 +600,8 @@ impl State {
         let nodes = self
             .nodes
             .values()
-            .filter(move |s| keep(s.at))
-            .map(move |s| delta(s.at, DeltaBody::Node(Arc::clone(&s.value))));
+            .filter(move |s| keep(s.at()))
+            .map(move |s| delta(s.at(), DeltaBody::Node(Arc::clone(&s.rec))));
         let tasks = self.tasks.iter().flat_map(move |(id, rec)| {
             let id = *id;
             let spec = rec
@@ -665,7 +670,7 @@ impl State {
 
     /// Stamps of every component, without cloning values: what a version vector covers.
     pub fn stamps(&self) -> impl Iterator<Item = Stamp> + '_ {
-        let nodes = self.nodes.values().map(|s| s.at);
+        let nodes = self.nodes.values().map(NodeSlot::at);
         let tasks = self.tasks.values().flat_map(|rec| {
             rec.spec
                 .iter()
@@ -694,7 +699,7 @@ impl Crdt for State {
     /// in place, reusing cached hashes.
     fn merge(&mut self, other: &Self) {
         for s in other.nodes.values() {
-            self.merge_node(s);
+            self.merge_node(&s.rec, s.stamp);
         }
         for (id, s) in &other.tombstones {
             self.merge_tombstone(*id, s);

@@ -19,7 +19,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{ConfigError, ReplicaConfig};
-use crate::liveness::{Health, Heard, RttEstimate};
+use crate::liveness::{Health, RttEstimate};
 use crate::merge::{DeltaError, Merged, State};
 use crate::probe::Prober;
 
@@ -28,8 +28,9 @@ const MAX_DELTAS_PER_MESSAGE: usize = 64;
 /// How long an unanswered sync request blocks another to the same peer.
 const SYNC_TIMEOUT_MS: Millis = 5_000;
 /// Propagation samples kept until the driver takes them.
-const MAX_PROPAGATION_SAMPLES: usize = 4096;
 /// Stamps remembered beyond a gap, per origin, before we rely on sync alone.
+/// The stamp of a node's first write: incarnation 1, counter 1.
+const FIRST_STAMP: u64 = (1 << 32) | 1;
 const MAX_AHEAD: usize = 1024;
 
 /// One node record merged here: when its writer wrote it and when it arrived.
@@ -323,7 +324,9 @@ pub struct Replica {
     gap_sync: Option<NodeId>,
     want_full: BTreeSet<NodeId>,
     next_counter: u64,
-    pub(crate) heard: BTreeMap<NodeId, Heard>,
+    /// Per peer, when it was last heard from: its record advanced, or it answered us. Only
+    /// the time: the version heard is the record's in `state`.
+    pub(crate) heard: BTreeMap<NodeId, Millis>,
     /// Per suspected node, the version suspected and when that suspicion reached us.
     pub(crate) suspected_at: BTreeMap<NodeId, ((u64, u64), Millis)>,
     /// The last time any peer was heard from (a message from it, or news of the mesh).
@@ -453,6 +456,26 @@ impl Replica {
 
     /// Feeds one input. Everything it causes is queued for [`Replica::poll_action`].
     pub fn handle(&mut self, now: Millis, input: Input) -> Result<(), InputError> {
+        if !self.started {
+            // What the node learns of itself before it starts goes into its first record,
+            // rather than into a second one a period later (at boot every node would publish
+            // twice, and every record reaches every node).
+            match input {
+                Input::Addresses(addrs) => {
+                    self.me.addrs = addrs;
+                    return Ok(());
+                }
+                Input::Load(sample) => {
+                    self.me.load = sample;
+                    return Ok(());
+                }
+                Input::Images(images) => {
+                    self.me.images = images;
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
         self.start(now);
         let result = match input {
             Input::Tick => {
@@ -630,13 +653,7 @@ impl Replica {
             return;
         }
         self.started = true;
-        self.heard.insert(
-            self.me.id,
-            Heard {
-                version: self.me.version(),
-                at: now,
-            },
-        );
+        self.heard.insert(self.me.id, now);
         self.publish_record(now);
         self.next_anti_entropy = now + self.cfg.anti_entropy_ms / 2;
         // Spread the nodes' probe periods (a mesh booted at once would probe in lockstep).
@@ -711,18 +728,8 @@ impl Replica {
             return;
         }
         self.last_contact = Some(now);
-        match self.heard.get_mut(&from) {
-            Some(h) => h.at = h.at.max(now),
-            None => {
-                self.heard.insert(
-                    from,
-                    Heard {
-                        version: (0, 0),
-                        at: now,
-                    },
-                );
-            }
-        }
+        let at = self.heard.entry(from).or_insert(now);
+        *at = (*at).max(now);
     }
 
     pub(crate) fn mark_dirty(&mut self, now: Millis) {
@@ -772,13 +779,7 @@ impl Replica {
         }
         self.vclock.apply(Dot::new(self.me.id, stamp));
         if let DeltaBody::Node(rec) = &delta.body {
-            self.heard.insert(
-                rec.id,
-                Heard {
-                    version: rec.version(),
-                    at: now,
-                },
-            );
+            self.heard.insert(rec.id, now);
         }
         self.pending.push(delta);
     }
@@ -849,26 +850,20 @@ impl Replica {
                 spec.verify(&self.cfg.authorized_submitters)?;
             }
         }
+        let held = match &d.body {
+            DeltaBody::Node(rec) => self.state.node(&rec.id).map(NodeRecord::version),
+            _ => None,
+        };
         match self.state.apply(d)? {
             Merged::Changed => {
                 self.stats.deltas_applied += 1;
                 match &d.body {
                     DeltaBody::Node(rec) => {
-                        let heard = Heard {
-                            version: rec.version(),
-                            at: now,
-                        };
-                        let newer = match self.heard.get_mut(&rec.id) {
-                            Some(h) if rec.version() <= h.version => false,
-                            Some(h) => {
-                                *h = heard;
-                                true
-                            }
-                            None => {
-                                self.heard.insert(rec.id, heard);
-                                true
-                            }
-                        };
+                        let newer = held.is_none_or(|v| rec.version() > v);
+                        if newer {
+                            let at = self.heard.entry(rec.id).or_insert(now);
+                            *at = (*at).max(now);
+                        }
                         if newer {
                             self.last_contact = Some(now);
                             if self.suspected_at.contains_key(&rec.id) {
@@ -877,7 +872,7 @@ impl Replica {
                                 self.mark_dirty(now);
                             }
                         }
-                        if newer && self.propagation.len() < MAX_PROPAGATION_SAMPLES {
+                        if newer && self.propagation.len() < self.cfg.propagation_samples {
                             self.propagation.push(PropagationSample {
                                 origin: rec.id,
                                 seq: rec.seq,
@@ -920,7 +915,9 @@ impl Replica {
         if stamp <= have {
             return;
         }
-        if stamp == have + 1 {
+        // A node's very first write (incarnation 1, counter 1) follows nothing: no gap, though
+        // its stamp is not `0 + 1` (every new node's record would otherwise open one).
+        if stamp == have + 1 || (have == 0 && stamp == FIRST_STAMP) {
             match slot {
                 Some(c) => *c = stamp,
                 None => {
@@ -1171,6 +1168,20 @@ impl Replica {
         } = reply;
         let result = self.ingest(now, from, &deltas);
         self.adopt_vector(&vclock);
+        if !self.synced && !truncated && !vclock.is_empty() {
+            // The first sync since start (or since isolation) shows the responder lacks this
+            // node's latest write: what it published went nowhere (before any mesh link), so
+            // publish again now that there is a peer.
+            let me = self.me.id;
+            let theirs = vclock
+                .binary_search_by(|(o, _)| o.cmp(&me))
+                .ok()
+                .and_then(|i| vclock.get(i))
+                .map_or(0, |e| e.1);
+            if theirs < self.vclock.get(&me) {
+                self.publish_soon(now);
+            }
+        }
         self.stats.syncs_completed += 1;
         if !truncated && self.gap_sync == Some(from) {
             self.retry_open_gaps(now, from);
@@ -1315,7 +1326,7 @@ impl Replica {
 
     /// When this node last heard from `id`, on its own clock.
     pub fn last_heard(&self, id: &NodeId) -> Option<Millis> {
-        self.heard.get(id).map(|h| h.at)
+        self.heard.get(id).copied()
     }
 
     /// The RTT estimate to `id`, if measured.

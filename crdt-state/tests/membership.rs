@@ -202,3 +202,112 @@ fn an_owner_back_from_a_partition_does_not_take_over_what_failed_over_while_it_w
         assert!(m.converged());
     }
 }
+
+/// Publications of node records a replica queued, drained.
+fn records(r: &mut omesh_state::Replica) -> Vec<std::sync::Arc<omesh_protocol::NodeRecord>> {
+    let mut out = Vec::new();
+    while let Some(a) = r.poll_action() {
+        if let omesh_state::Action::Publish(msg) = a {
+            for d in msg.deltas {
+                if let omesh_protocol::DeltaBody::Node(rec) = d.body {
+                    out.push(rec);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn what_a_node_learns_before_it_starts_goes_into_its_one_first_record() {
+    use omesh_protocol::LoadSample;
+    use omesh_state::{Input, Replica};
+    let mut r = Replica::new(harness::config(1)).unwrap();
+    let addr = "/ip4/127.0.0.1/udp/4001/quic-v1".to_string();
+    let load = LoadSample {
+        cpu_permille: 300,
+        mem_permille: 100,
+    };
+    r.handle(0, Input::Addresses(vec![addr.clone()])).unwrap();
+    r.handle(0, Input::Load(load)).unwrap();
+    assert!(records(&mut r).is_empty(), "published before it started");
+    let mut published = Vec::new();
+    for now in (0..5_000).step_by(100) {
+        r.handle(now, Input::Tick).unwrap();
+        published.extend(records(&mut r));
+    }
+    assert_eq!(published.len(), 1, "{published:?}");
+    assert_eq!(published[0].addrs, vec![addr]);
+    assert_eq!(published[0].load, load);
+
+    // A peer that hears that first record by gossip holds it in order: no gap to close.
+    let mut peer = Replica::new(harness::config(2)).unwrap();
+    peer.handle(0, Input::Tick).unwrap();
+    let msg = omesh_protocol::GossipMessage {
+        deltas: vec![omesh_protocol::Delta {
+            origin: node(1),
+            stamp: r.version_of(&node(1)),
+            body: omesh_protocol::DeltaBody::Node(published[0].clone()),
+        }],
+    };
+    peer.handle_gossip(10, node(1), &msg).unwrap();
+    assert!(peer.state().node(&node(1)).is_some());
+    assert_eq!(peer.stats().gaps, 0, "a first record opened a gap");
+    assert_eq!(peer.version_of(&node(1)), r.version_of(&node(1)));
+}
+
+#[test]
+fn a_first_sync_that_lacks_the_nodes_record_publishes_it_again_and_only_then() {
+    use omesh_protocol::SyncReply;
+    use omesh_state::{Input, Replica};
+    let answer = |r: &Replica, with_mine: bool| SyncReply {
+        deltas: Vec::new(),
+        vclock: if with_mine {
+            vec![(node(1), r.version_of(&node(1)))]
+        } else {
+            vec![(node(2), 1 << 32 | 1)]
+        },
+        digest: r.digest(),
+        truncated: false,
+    };
+    for with_mine in [false, true] {
+        let mut r = Replica::new(harness::config(1)).unwrap();
+        r.handle(0, Input::Tick).unwrap();
+        assert_eq!(records(&mut r).len(), 1);
+        let reply = answer(&r, with_mine);
+        r.handle(
+            100,
+            Input::SyncReply {
+                from: node(2),
+                reply,
+            },
+        )
+        .unwrap();
+        let mut again = Vec::new();
+        for now in (100..600).step_by(50) {
+            r.handle(now, Input::Tick).unwrap();
+            again.extend(records(&mut r));
+        }
+        // A second reply lacking it (before the node falls silent long enough to count as
+        // isolated) changes nothing: only the first sync tells.
+        let reply = answer(&r, false);
+        r.handle(
+            600,
+            Input::SyncReply {
+                from: node(2),
+                reply,
+            },
+        )
+        .unwrap();
+        for now in (600..1_100).step_by(50) {
+            r.handle(now, Input::Tick).unwrap();
+            again.extend(records(&mut r));
+        }
+        let want = usize::from(!with_mine);
+        assert_eq!(
+            again.len(),
+            want,
+            "responder held it: {with_mine}: {again:?}"
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! Faults on the timeline: crashes and restarts (data directory kept or lost), partitions
 //! (one-way too), raised loss and rolling restarts.
 
+use omesh_state::Input;
 use rand::seq::SliceRandom;
 use serde::Deserialize;
 
@@ -346,5 +347,15 @@ impl Sim {
         self.overlay.graft(&mut self.rng, node, &|p| {
             nodes[ix(p)].up() && network.reachable(node, p) && network.reachable(p, node)
         });
+        if self.forming() {
+            return;
+        }
+        // The driver tells both ends of each new connection (see `Input::Connected`).
+        let id = self.nodes[ix(node)].id;
+        for p in self.overlay.peers(node).to_vec() {
+            let peer = self.nodes[ix(p)].id;
+            self.feed(node, Input::Connected(peer));
+            self.feed(p, Input::Connected(id));
+        }
     }
 }

@@ -45,6 +45,10 @@ struct Common {
     /// Override the scenario's simulated duration, in seconds.
     #[arg(long)]
     duration: Option<f64>,
+    /// Start from a formed mesh, every record already everywhere (as if `formed = true`):
+    /// the steady state of a large mesh without its N² cold start.
+    #[arg(long)]
+    formed: bool,
 }
 
 #[derive(Args)]
@@ -85,8 +89,25 @@ fn load(c: &Common) -> anyhow::Result<Scenario> {
     if let Some(n) = c.nodes {
         s = s.with_nodes(n)?;
     }
+    s.formed |= c.formed;
     s.validate()?;
     Ok(s)
+}
+
+/// The command line that reruns `s` (as loaded from `c`) with `seed`.
+fn reproduce(c: &Common, s: &Scenario, seed: u64) -> String {
+    let mut line = format!(
+        "cargo run --release -p omesh-netsim -- --scenario {} --nodes {} --seed {seed}",
+        c.scenario.display(),
+        s.nodes
+    );
+    if let Some(d) = c.duration {
+        line.push_str(&format!(" --duration {d}"));
+    }
+    if c.formed {
+        line.push_str(" --formed");
+    }
+    line
 }
 
 fn main() -> ExitCode {
@@ -121,7 +142,7 @@ fn run_one(a: &RunArgs) -> anyhow::Result<bool> {
         "running {name} with {nodes} nodes for {} s simulated, seed {}",
         s.duration_s, a.seed
     );
-    let o = run(s, a.seed);
+    let o = run(s.clone(), a.seed);
     println!("{}", o.table());
     if !a.no_plot {
         let path = a
@@ -132,11 +153,7 @@ fn run_one(a: &RunArgs) -> anyhow::Result<bool> {
         println!("plot: {}", path.display());
     }
     if !o.violations.is_empty() {
-        println!(
-            "reproduce: cargo run --release -p omesh-netsim -- --scenario {} --nodes {nodes} --seed {}",
-            common.scenario.display(),
-            a.seed
-        );
+        println!("reproduce: {}", reproduce(common, &s, a.seed));
     }
     Ok(o.violations.is_empty())
 }
@@ -178,9 +195,8 @@ fn run_sweep(a: &SweepArgs) -> anyhow::Result<bool> {
     );
     for (seed, vs) in &r.breaks {
         println!(
-            "seed {seed}: reproduce with `cargo run --release -p omesh-netsim -- --scenario {} --nodes {} --seed {seed}`",
-            a.common.scenario.display(),
-            s.nodes
+            "seed {seed}: reproduce with `{}`",
+            reproduce(&a.common, &s, *seed)
         );
         for v in vs {
             println!("  {v}");

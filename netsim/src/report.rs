@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::invariants::{TaskOutcome, Violation};
 use crate::propagation::Kind;
 use crate::sim::{Sim, Traffic};
+use omesh_state::Replica;
 
 /// Everything measured in one run.
 #[derive(Debug, Clone)]
@@ -50,6 +51,9 @@ pub struct Outcome {
     pub node_seconds: f64,
     /// Crashes applied.
     pub crashes: u64,
+    /// Summed over the replicas up at the end: node records published, suspicions raised,
+    /// suspicions refuted.
+    pub membership: (u64, u64, u64),
     /// Peak resident memory of the process, in MiB (Linux only).
     pub peak_rss_mib: Option<f64>,
     /// Broken invariants and expectations.
@@ -102,6 +106,18 @@ impl Outcome {
             idle: sim.idle.map(|(t, us)| (t, us as f64 / 1e6)),
             node_seconds: sim.node_us as f64 / 1e6,
             crashes: sim.crashes,
+            membership: sim
+                .nodes
+                .iter()
+                .filter_map(|n| n.replica.as_ref())
+                .map(Replica::stats)
+                .fold((0, 0, 0), |(p, s, r), st| {
+                    (
+                        p + st.records_published,
+                        s + st.suspicions,
+                        r + st.refutations,
+                    )
+                }),
             peak_rss_mib: peak_rss_mib(),
             violations,
         }
@@ -204,6 +220,13 @@ impl Outcome {
                 ),
             );
         }
+        let (published, suspected, refuted) = self.membership;
+        row(
+            "membership (live nodes)",
+            format!(
+                "{published} records published, {suspected} suspicions raised, {refuted} refuted"
+            ),
+        );
         row(
             "lost messages",
             format!("{} ({} crashes/restarts applied)", t.lost, self.crashes),

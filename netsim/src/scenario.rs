@@ -61,6 +61,11 @@ pub struct Scenario {
     /// the same instant makes each one fetch the full state from all its mesh peers at once).
     #[serde(default = "default_boot_spread")]
     pub boot_spread_s: f64,
+    /// Start from a formed mesh: every node boots at time 0 already holding every node's
+    /// record, as after a completed boot, so a large run measures the steady state rather
+    /// than every node cold-starting at once (an N² burst). `boot_spread_s` is then unused.
+    #[serde(default)]
+    pub formed: bool,
     /// Replica timing preset: `lan` (the documented defaults) or `wan` (scaled to the mesh).
     #[serde(default)]
     pub preset: Preset,
@@ -509,6 +514,9 @@ impl Scenario {
             Preset::Lan => ReplicaConfig::default(),
             Preset::Wan => ReplicaConfig::wan(usize::try_from(nodes).unwrap_or(usize::MAX)),
         };
+        // The simulator measures spread itself (see `propagation.rs`); each replica keeping
+        // a sample of every record it merges would hold N of them.
+        c.propagation_samples = 0;
         let o = &self.replica;
         let set = |slot: &mut u64, v: Option<u64>| {
             if let Some(v) = v {

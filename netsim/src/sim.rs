@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use ed25519_dalek::SigningKey;
 use omesh_protocol::{
-    Digest, Epoch, GossipMessage, LoadSample, NodeId, Probe, SyncReply, SyncRequest, TaskId, Wire,
+    Delta, Digest, Epoch, GossipMessage, LoadSample, NodeId, Probe, SyncReply, SyncRequest, TaskId,
+    Wire,
 };
 use omesh_state::{Action, Input, Replica, ReplicaConfig};
 use rand::{Rng, SeedableRng};
@@ -277,6 +278,8 @@ pub struct Sim {
     pub heal_converged_us: Option<SimTime>,
     /// Set at the end: network messages are delivered, nothing else runs.
     pub(crate) frozen: bool,
+    /// While a formed mesh is being set up: the deltas nodes published, kept from the wire.
+    forming: Option<Vec<Delta>>,
     ended_at: SimTime,
 }
 
@@ -328,6 +331,7 @@ impl Sim {
             heal_cut: None,
             heal_converged_us: None,
             frozen: false,
+            forming: None,
             ended_at: 0,
             scenario,
             seed,
@@ -336,6 +340,11 @@ impl Sim {
             let group = sim.group_of(i, n);
             let clock = sim.draw_clock();
             sim.add_node(group, clock);
+        }
+        if sim.scenario.formed {
+            sim.form_mesh();
+            sim.schedule_timeline();
+            return sim;
         }
         let spread = secs(sim.scenario.boot_spread_s);
         for node in 0..n {
@@ -354,6 +363,57 @@ impl Sim {
         }
         sim.schedule_timeline();
         sim
+    }
+
+    /// Boots every node at time 0 and hands each one the record of every other as one sync
+    /// reply from a mesh peer, so the run starts where a finished boot would have left it:
+    /// the records are the ones the nodes wrote (kept from the wire), shared, not copied.
+    fn form_mesh(&mut self) {
+        let n = u32::try_from(self.nodes.len()).unwrap_or(u32::MAX);
+        self.forming = Some(Vec::new());
+        for node in 0..n {
+            self.restart(node, DataDir::Kept);
+        }
+        let mut deltas = self.forming.take().unwrap_or_default();
+        deltas.sort_by_key(|d| (d.origin, d.stamp));
+        let mut state = omesh_state::State::default();
+        let mut vclock: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for d in &deltas {
+            // The nodes' own records: each applies.
+            let _ = state.apply(d);
+            let c = vclock.entry(d.origin).or_default();
+            *c = (*c).max(d.stamp);
+        }
+        let reply = SyncReply {
+            deltas,
+            vclock: vclock.into_iter().collect(),
+            digest: state.digest(),
+            truncated: false,
+        };
+        drop(state);
+        for node in 0..n {
+            let from = self
+                .overlay
+                .peers(node)
+                .first()
+                .copied()
+                .unwrap_or(if node == 0 { 1 } else { 0 });
+            let Some(from) = self.nodes.get(ix(from)).map(|f| f.id) else {
+                continue;
+            };
+            self.feed(
+                node,
+                Input::SyncReply {
+                    from,
+                    reply: reply.clone(),
+                },
+            );
+        }
+    }
+
+    /// Whether a formed mesh is being set up (see [`Sim::form_mesh`]).
+    pub(crate) fn forming(&self) -> bool {
+        self.forming.is_some()
     }
 
     fn group_of(&self, i: u32, n: u32) -> usize {
@@ -528,7 +588,10 @@ impl Sim {
     fn act(&mut self, i: u32, action: Action) {
         let now = self.queue.now();
         match action {
-            Action::Publish(msg) => self.publish(i, msg),
+            Action::Publish(msg) => match self.forming.as_mut() {
+                Some(kept) => kept.extend(msg.deltas),
+                None => self.publish(i, msg),
+            },
             Action::SendSync { to, request } => {
                 let bytes = request.wire_len().unwrap_or(SyncRequest::MAX_BYTES);
                 self.traffic.sync_requests += 1;

@@ -142,3 +142,25 @@ fn the_same_seed_gives_the_same_trace() {
     assert_eq!(a.traffic.gossip_bytes, b.traffic.gossip_bytes);
     assert_ne!(a.trace, c.trace, "another seed should give another trace");
 }
+
+#[test]
+fn a_formed_mesh_starts_with_every_record_everywhere_and_fails_over_the_same() {
+    let mut s = small("owner_crash", 100);
+    s.formed = true;
+    let sim = Sim::new(s.clone(), 4);
+    assert_eq!(sim.traffic.published, 0, "forming sent gossip");
+    for n in &sim.nodes {
+        let r = n.replica.as_ref().unwrap();
+        assert_eq!(
+            r.state().node_count(),
+            100,
+            "node {} is missing records",
+            n.id.short()
+        );
+        assert_eq!(r.digest(), sim.nodes[0].replica.as_ref().unwrap().digest());
+    }
+    let (sim, o) = run_sim(s, 4);
+    assert_holds(&o);
+    assert!(!o.failover_ms.is_empty(), "{}", o.table());
+    epochs_start_once(&sim);
+}
