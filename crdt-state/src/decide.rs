@@ -300,11 +300,24 @@ impl Replica {
         }
 
         let committed = self.committed(now);
-        let live: Vec<&NodeRecord> = self
-            .state
-            .nodes()
-            .filter(|n| !n.leaving && self.health(now, &n.id) == Health::Alive)
-            .collect();
+        // Built only if some task needs placing: most passes place nothing, and this is one
+        // health check per known node.
+        let live_nodes = std::cell::OnceCell::new();
+        let live = || -> &Vec<&NodeRecord> {
+            live_nodes.get_or_init(|| {
+                self.state
+                    .nodes()
+                    .filter(|n| {
+                        let alive = if n.id == self.me.id {
+                            !self.me.leaving
+                        } else {
+                            self.health_of(now, n) == Health::Alive
+                        };
+                        !n.leaving && alive
+                    })
+                    .collect()
+            })
+        };
         let policy = self.policy();
         let mut reasons = Vec::new();
         let mut seen_claimable = Vec::new();
@@ -379,8 +392,9 @@ impl Replica {
                 .spec
                 .as_ref()
                 .and_then(|s| self.state.node(&s.at.origin));
-            match placement::rank(
-                live.iter().copied(),
+            match placement::place(
+                &self.me.id,
+                live().iter().copied(),
                 &committed,
                 &spec.spec,
                 image.as_ref(),
@@ -388,10 +402,8 @@ impl Replica {
                 &policy,
             ) {
                 Err(why) => reasons.push((*id, why.to_string())),
-                Ok(cands) => {
-                    let Some(pos) = cands.iter().position(|c| c.node == self.me.id) else {
-                        continue;
-                    };
+                Ok(None) => {}
+                Ok(Some((pos, score))) => {
                     let since = self.claimable_since.get(id).copied().unwrap_or(now);
                     seen_claimable.push(*id);
                     let pos = u64::try_from(pos).unwrap_or(u64::MAX);
@@ -403,9 +415,7 @@ impl Replica {
                         steps.push(Step::Claim {
                             task: *id,
                             epoch: rec.max_epoch() + 1,
-                            score: cands
-                                .get(usize::try_from(pos).unwrap_or(0))
-                                .map_or(0, |c| c.score),
+                            score,
                             failover,
                         });
                     } else {

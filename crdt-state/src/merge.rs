@@ -314,6 +314,25 @@ fn live<'a>(
 }
 
 impl State {
+    /// Rebuilds the node table with full B-tree nodes. Entries inserted one by one in key
+    /// order (a sync reply is sorted) leave every node half full; a joining replica takes
+    /// thousands that way.
+    /// The held node whose id begins with the eight bytes of `prefix` (big-endian), the
+    /// first in id order if several do: lets a list of peers keep 8 bytes an entry, not 32.
+    pub fn node_by_prefix(&self, prefix: u64) -> Option<&NodeRecord> {
+        let mut low = [0u8; 32];
+        low[..8].copy_from_slice(&prefix.to_be_bytes());
+        self.nodes
+            .range(NodeId(low)..)
+            .next()
+            .filter(|(id, _)| id.0[..8] == low[..8])
+            .map(|(_, s)| &*s.rec)
+    }
+
+    pub(crate) fn compact(&mut self) {
+        self.nodes = std::mem::take(&mut self.nodes).into_iter().collect();
+    }
+
     /// The digest of everything held.
     pub fn digest(&self) -> StateDigest {
         self.digest.to_wire()

@@ -118,6 +118,20 @@ pub fn rank<'a>(
     via: Option<&NodeRecord>,
     policy: &PlacementPolicy,
 ) -> Result<Vec<Candidate>, Unplaceable> {
+    let mut out = candidates(live, committed, spec, image, via, policy)?;
+    out.sort_by(|a, b| b.score.cmp(&a.score).then(a.node.cmp(&b.node)));
+    Ok(out)
+}
+
+/// The nodes of `live` that may run the task, with their scores, in `live`'s order.
+fn candidates<'a>(
+    live: impl Iterator<Item = &'a NodeRecord>,
+    committed: &BTreeMap<NodeId, Committed>,
+    spec: &TaskSpec,
+    image: Option<&Digest>,
+    via: Option<&NodeRecord>,
+    policy: &PlacementPolicy,
+) -> Result<Vec<Candidate>, Unplaceable> {
     let mut tagged = 0usize;
     let mut fitting_but_loaded = 0usize;
     let mut out = Vec::new();
@@ -157,6 +171,26 @@ pub fn rank<'a>(
             }
         });
     }
-    out.sort_by(|a, b| b.score.cmp(&a.score).then(a.node.cmp(&b.node)));
     Ok(out)
+}
+
+/// Where `me` stands in [`rank`]'s order (0 = best) and its score, or `None` if it may not
+/// run the task. Counts the better candidates rather than sorting them all: every replica
+/// asks this of every unowned task at each evaluation, and a mesh may hold 10,000 nodes.
+pub fn place<'a>(
+    me: &NodeId,
+    live: impl Iterator<Item = &'a NodeRecord>,
+    committed: &BTreeMap<NodeId, Committed>,
+    spec: &TaskSpec,
+    image: Option<&Digest>,
+    via: Option<&NodeRecord>,
+    policy: &PlacementPolicy,
+) -> Result<Option<(usize, u32)>, Unplaceable> {
+    let cands = candidates(live, committed, spec, image, via, policy)?;
+    let Some(mine) = cands.iter().find(|c| c.node == *me) else {
+        return Ok(None);
+    };
+    let better =
+        |c: &&Candidate| c.score > mine.score || (c.score == mine.score && c.node < mine.node);
+    Ok(Some((cands.iter().filter(better).count(), mine.score)))
 }

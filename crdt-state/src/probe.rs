@@ -46,7 +46,9 @@ struct Relay {
 /// The probing state of one replica.
 #[derive(Debug, Default)]
 pub(crate) struct Prober {
-    order: Vec<NodeId>,
+    /// This round's peers to ping, shuffled, as id prefixes (see `State::node_by_prefix`):
+    /// every replica holds one entry per known node.
+    order: Vec<u64>,
     pos: usize,
     next_probe: Millis,
     nonce: u64,
@@ -279,17 +281,18 @@ impl Replica {
     fn next_target(&mut self) -> Option<NodeId> {
         for _ in 0..2 {
             while self.prober.pos < self.prober.order.len() {
-                let id = self.prober.order[self.prober.pos];
+                let p = self.prober.order[self.prober.pos];
                 self.prober.pos += 1;
-                if id != self.me.id && self.state.node(&id).is_some_and(|r| !r.leaving) {
-                    return Some(id);
+                match self.state.node_by_prefix(p) {
+                    Some(r) if r.id != self.me.id && !r.leaving => return Some(r.id),
+                    _ => {}
                 }
             }
-            let mut order: Vec<NodeId> = self
+            let mut order: Vec<u64> = self
                 .state
                 .nodes()
                 .filter(|n| n.id != self.me.id && !n.leaving)
-                .map(|n| n.id)
+                .map(|n| id_prefix(&n.id))
                 .collect();
             order.shuffle(&mut self.rng);
             self.prober.order = order;
@@ -308,7 +311,13 @@ impl Replica {
         // A few random draws from the round-robin list: O(k), not O(N).
         for _ in 0..(4 * k) {
             let i = self.rng.gen_range(0..n);
-            let id = self.prober.order[i];
+            let Some(id) = self
+                .state
+                .node_by_prefix(self.prober.order[i])
+                .map(|r| r.id)
+            else {
+                continue;
+            };
             if id != except
                 && id != self.me.id
                 && !out.contains(&id)
@@ -327,4 +336,11 @@ impl Replica {
         self.prober.nonce = self.prober.nonce.wrapping_add(1);
         self.prober.nonce
     }
+}
+
+/// The first eight bytes of an id, big-endian: its place in id order.
+fn id_prefix(id: &NodeId) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&id.0[..8]);
+    u64::from_be_bytes(b)
 }

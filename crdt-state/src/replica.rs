@@ -29,6 +29,8 @@ const MAX_DELTAS_PER_MESSAGE: usize = 64;
 const SYNC_TIMEOUT_MS: Millis = 5_000;
 /// Propagation samples kept until the driver takes them.
 /// Stamps remembered beyond a gap, per origin, before we rely on sync alone.
+/// A sync reply that applied at least this many deltas has the per-node maps rebuilt.
+const COMPACT_AFTER: u64 = 256;
 /// The stamp of a node's first write: incarnation 1, counter 1.
 const FIRST_STAMP: u64 = (1 << 32) | 1;
 const MAX_AHEAD: usize = 1024;
@@ -315,6 +317,10 @@ pub struct Replica {
     pub(crate) state: State,
     pub(crate) me: NodeRecord,
     vclock: VClock<NodeId>,
+    /// [`Replica::vclock_hash`], kept up to date at each change of the vector: a digest-only
+    /// sync sends it and its answer compares it, and summing 10,000 entries each time would
+    /// cost more than the sync saves.
+    vclock_sum: u64,
     ahead: BTreeMap<NodeId, BTreeSet<u64>>,
     /// Per origin with a gap: since when (due `gap_sync_ms` later), the peer to ask if the
     /// origin is not alive, and how many quick retries were spent on it.
@@ -367,6 +373,7 @@ impl Replica {
             me,
             state: State::default(),
             vclock: VClock::new(),
+            vclock_sum: 0,
             ahead: BTreeMap::new(),
             gaps: BTreeMap::new(),
             inflight: BTreeMap::new(),
@@ -434,14 +441,23 @@ impl Replica {
     /// An order-free hash of the version vector (zero entries left out), for a digest-only
     /// sync to tell equal vectors apart from different ones without sending either.
     pub fn vclock_hash(&self) -> u64 {
-        self.vclock
-            .dots
-            .iter()
-            .filter(|(_, c)| **c > 0)
-            .fold(0u64, |acc, (o, c)| {
-                let x = u64::from_le_bytes(first8(&o.0)) ^ c.rotate_left(29);
-                acc.wrapping_add(mix64(x))
-            })
+        debug_assert_eq!(
+            self.vclock_sum,
+            self.vclock
+                .dots
+                .iter()
+                .fold(0u64, |acc, (o, c)| acc.wrapping_add(dot_hash(o, *c))),
+            "the kept vector hash drifted"
+        );
+        self.vclock_sum
+    }
+
+    /// Moves the kept vector hash for `origin`'s entry going from `old` to `new`.
+    fn clock_moved(&mut self, origin: &NodeId, old: u64, new: u64) {
+        self.vclock_sum = self
+            .vclock_sum
+            .wrapping_sub(dot_hash(origin, old))
+            .wrapping_add(dot_hash(origin, new));
     }
 
     /// The version vector: per origin, the stamp up to which everything is held.
@@ -777,7 +793,10 @@ impl Replica {
             Ok(_) => {}
             Err(_) => self.stats.deltas_rejected += 1,
         }
+        let old = self.vclock.get(&self.me.id);
         self.vclock.apply(Dot::new(self.me.id, stamp));
+        let me = self.me.id;
+        self.clock_moved(&me, old, self.vclock.get(&me));
         if let DeltaBody::Node(rec) = &delta.body {
             self.heard.insert(rec.id, now);
         }
@@ -924,6 +943,7 @@ impl Replica {
                     self.vclock.dots.insert(origin, stamp);
                 }
             }
+            self.clock_moved(&origin, have, stamp);
             self.drain_ahead(origin);
         } else {
             let ahead = self.ahead.entry(origin).or_default();
@@ -956,8 +976,10 @@ impl Replica {
                 self.ahead.remove(&origin);
             }
         }
-        if have > self.vclock.get(&origin) {
+        let old = self.vclock.get(&origin);
+        if have > old {
             self.vclock.apply(Dot::new(origin, have));
+            self.clock_moved(&origin, old, have);
         }
         if !self.ahead.contains_key(&origin) {
             self.gaps.remove(&origin);
@@ -986,23 +1008,36 @@ impl Replica {
     fn adopt_vector(&mut self, vclock: &[(NodeId, u64)]) {
         if !vclock.is_sorted_by(|a, b| a.0 < b.0) {
             for (origin, c) in vclock {
-                if *c > self.vclock.get(origin) {
+                let old = self.vclock.get(origin);
+                if *c > old {
                     self.vclock.apply(Dot::new(*origin, *c));
+                    self.clock_moved(origin, old, *c);
                 }
                 self.drain_ahead(*origin);
             }
             return;
         }
         let mut missing = Vec::new();
+        let mut sum = self.vclock_sum;
         let mut mine = self.vclock.dots.iter_mut().peekable();
         for (origin, c) in vclock {
             while mine.next_if(|(k, _)| *k < origin).is_some() {}
             match mine.next_if(|(k, _)| *k == origin) {
-                Some((_, have)) => *have = (*have).max(*c),
-                None if *c > 0 => missing.push((*origin, *c)),
+                Some((_, have)) if *c > *have => {
+                    sum = sum
+                        .wrapping_sub(dot_hash(origin, *have))
+                        .wrapping_add(dot_hash(origin, *c));
+                    *have = *c;
+                }
+                Some(_) => {}
+                None if *c > 0 => {
+                    sum = sum.wrapping_add(dot_hash(origin, *c));
+                    missing.push((*origin, *c));
+                }
                 None => {}
             }
         }
+        self.vclock_sum = sum;
         self.vclock.dots.extend(missing);
         // Only origins with a gap or stamps held beyond one have anything to drain.
         let open: Vec<NodeId> = self
@@ -1166,8 +1201,15 @@ impl Replica {
             digest,
             truncated,
         } = reply;
+        let applied = self.stats.deltas_applied;
         let result = self.ingest(now, from, &deltas);
         self.adopt_vector(&vclock);
+        if self.stats.deltas_applied - applied >= COMPACT_AFTER {
+            // A bulk join (see `State::compact`): the per-node maps it grew, rebuilt full.
+            self.state.compact();
+            self.heard = std::mem::take(&mut self.heard).into_iter().collect();
+            self.vclock.dots = std::mem::take(&mut self.vclock.dots).into_iter().collect();
+        }
         if !self.synced && !truncated && !vclock.is_empty() {
             // The first sync since start (or since isolation) shows the responder lacks this
             // node's latest write: what it published went nowhere (before any mesh link), so
@@ -1304,9 +1346,16 @@ impl Replica {
             };
         }
         match self.state.node(id) {
-            None => return Health::Gone,
-            Some(r) if r.leaving => return Health::Gone,
-            Some(_) => {}
+            None => Health::Gone,
+            Some(r) => self.health_of(now, r),
+        }
+    }
+
+    /// [`Replica::health`] of a held record of another node, without looking it up.
+    pub(crate) fn health_of(&self, now: Millis, rec: &NodeRecord) -> Health {
+        let id = &rec.id;
+        if rec.leaving {
+            return Health::Gone;
         }
         match self.suspected_since(id) {
             None => Health::Alive,
@@ -1361,6 +1410,15 @@ impl Replica {
 }
 
 /// splitmix64's finaliser: spreads one word over all bits.
+/// One entry's share of [`Replica::vclock_hash`]; zero for a zero entry, which the vector
+/// leaves out.
+fn dot_hash(origin: &NodeId, c: u64) -> u64 {
+    if c == 0 {
+        return 0;
+    }
+    mix64(u64::from_le_bytes(first8(&origin.0)) ^ c.rotate_left(29))
+}
+
 fn mix64(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
