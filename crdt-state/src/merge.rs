@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use omesh_protocol::codec::canonical;
 use omesh_protocol::{
-    Delta, DeltaBody, Digest, Epoch, Lease, NodeId, NodeRecord, SignedTaskSpec, StateDigest,
-    StatusEntry, TaskId, TaskState,
+    Delta, DeltaBody, Digest, Epoch, Lease, Millis, NodeId, NodeRecord, SignedTaskSpec,
+    StateDigest, StatusEntry, TaskId, TaskState,
 };
 
 use crate::digest::{ComponentHash, Digest4};
@@ -149,11 +149,14 @@ fn limit(field: &'static str, len: usize, limit: usize) -> Result<(), DeltaError
     Ok(())
 }
 
-/// A node's record as held: the record and the stamp of the delta that wrote it.
+/// A node's record as held: the record and the stamp of the delta that wrote it, and when
+/// this replica last heard of the node. That time is local (never replicated, outside the
+/// digest); it lives here so a replica keeps one table per known node, not two.
 #[derive(Debug, Clone)]
 struct NodeSlot {
     rec: Arc<NodeRecord>,
     stamp: u64,
+    heard: Millis,
 }
 
 impl NodeSlot {
@@ -327,6 +330,20 @@ impl State {
             .next()
             .filter(|(id, _)| id.0[..8] == low[..8])
             .map(|(_, s)| &*s.rec)
+    }
+
+    /// When this replica last heard of `id` (its record advanced, or it answered), on the
+    /// local clock; `None` if no record of it is held.
+    pub fn heard(&self, id: &NodeId) -> Option<Millis> {
+        self.nodes.get(id).map(|s| s.heard)
+    }
+
+    /// Notes that `id` was heard of at `at`; nothing if no record of it is held (one will
+    /// come by sync, and it is heard of then).
+    pub(crate) fn hear(&mut self, id: &NodeId, at: Millis) {
+        if let Some(s) = self.nodes.get_mut(id) {
+            s.heard = s.heard.max(at);
+        }
     }
 
     pub(crate) fn compact(&mut self) {
@@ -508,6 +525,7 @@ impl State {
                     NodeSlot {
                         rec: Arc::clone(rec),
                         stamp,
+                        heard: 0,
                     },
                 );
             }

@@ -258,7 +258,7 @@ impl Replica {
             // replica's inputs): count it from the start, the cautious side.
             _ => Millis::MAX / 4,
         };
-        if self.heard.get(id).is_some_and(|h| *h > at) {
+        if self.state.heard(id).is_some_and(|h| h > at) {
             return None;
         }
         Some(at)

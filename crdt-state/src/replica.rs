@@ -330,9 +330,6 @@ pub struct Replica {
     gap_sync: Option<NodeId>,
     want_full: BTreeSet<NodeId>,
     next_counter: u64,
-    /// Per peer, when it was last heard from: its record advanced, or it answered us. Only
-    /// the time: the version heard is the record's in `state`.
-    pub(crate) heard: BTreeMap<NodeId, Millis>,
     /// Per suspected node, the version suspected and when that suspicion reached us.
     pub(crate) suspected_at: BTreeMap<NodeId, ((u64, u64), Millis)>,
     /// The last time any peer was heard from (a message from it, or news of the mesh).
@@ -380,7 +377,6 @@ impl Replica {
             gap_sync: None,
             want_full: BTreeSet::new(),
             next_counter: 0,
-            heard: BTreeMap::new(),
             suspected_at: BTreeMap::new(),
             last_contact: None,
             prober: Prober::default(),
@@ -669,7 +665,6 @@ impl Replica {
             return;
         }
         self.started = true;
-        self.heard.insert(self.me.id, now);
         self.publish_record(now);
         self.next_anti_entropy = now + self.cfg.anti_entropy_ms / 2;
         // Spread the nodes' probe periods (a mesh booted at once would probe in lockstep).
@@ -744,8 +739,7 @@ impl Replica {
             return;
         }
         self.last_contact = Some(now);
-        let at = self.heard.entry(from).or_insert(now);
-        *at = (*at).max(now);
+        self.state.hear(&from, now);
     }
 
     pub(crate) fn mark_dirty(&mut self, now: Millis) {
@@ -798,7 +792,7 @@ impl Replica {
         let me = self.me.id;
         self.clock_moved(&me, old, self.vclock.get(&me));
         if let DeltaBody::Node(rec) = &delta.body {
-            self.heard.insert(rec.id, now);
+            self.state.hear(&rec.id, now);
         }
         self.pending.push(delta);
     }
@@ -880,10 +874,7 @@ impl Replica {
                     DeltaBody::Node(rec) => {
                         let newer = held.is_none_or(|v| rec.version() > v);
                         if newer {
-                            let at = self.heard.entry(rec.id).or_insert(now);
-                            *at = (*at).max(now);
-                        }
-                        if newer {
+                            self.state.hear(&rec.id, now);
                             self.last_contact = Some(now);
                             if self.suspected_at.contains_key(&rec.id) {
                                 // Refuted (or restarted): its leases hold again.
@@ -1205,9 +1196,8 @@ impl Replica {
         let result = self.ingest(now, from, &deltas);
         self.adopt_vector(&vclock);
         if self.stats.deltas_applied - applied >= COMPACT_AFTER {
-            // A bulk join (see `State::compact`): the per-node maps it grew, rebuilt full.
+            // A bulk join (see `State::compact`): the two per-node maps it grew, rebuilt full.
             self.state.compact();
-            self.heard = std::mem::take(&mut self.heard).into_iter().collect();
             self.vclock.dots = std::mem::take(&mut self.vclock.dots).into_iter().collect();
         }
         if !self.synced && !truncated && !vclock.is_empty() {
@@ -1375,7 +1365,7 @@ impl Replica {
 
     /// When this node last heard from `id`, on its own clock.
     pub fn last_heard(&self, id: &NodeId) -> Option<Millis> {
-        self.heard.get(id).copied()
+        self.state.heard(id)
     }
 
     /// The RTT estimate to `id`, if measured.

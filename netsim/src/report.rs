@@ -23,6 +23,8 @@ pub struct Outcome {
     pub sim_s: f64,
     /// Wall-clock time of the run.
     pub wall: Duration,
+    /// Of which forming the mesh before time 0 (`formed = true`).
+    pub formed_in: Option<Duration>,
     /// Events processed.
     pub events: u64,
     /// Trace hash.
@@ -92,6 +94,7 @@ impl Outcome {
             nodes_up: sim.up_nodes().count(),
             sim_s: sim.scenario.duration_s,
             wall,
+            formed_in: sim.formed_in,
             events: sim.events,
             trace: sim.trace,
             spread_heartbeat_ms: spread(Kind::Heartbeat),
@@ -234,8 +237,12 @@ impl Outcome {
         row(
             "simulation",
             format!(
-                "{:.2} s wall, {:.2}x real time, {:.2} M events ({:.2} M/s){}",
+                "{:.2} s wall{}, {:.2}x real time, {:.2} M events ({:.2} M/s){}",
                 wall,
+                self.formed_in.map_or_else(String::new, |f| format!(
+                    " (of which {:.2} s forming the mesh)",
+                    f.as_secs_f64()
+                )),
                 self.sim_s / wall.max(1e-9),
                 self.events as f64 / 1e6,
                 self.events as f64 / 1e6 / wall.max(1e-9),

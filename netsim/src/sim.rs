@@ -280,6 +280,8 @@ pub struct Sim {
     pub(crate) frozen: bool,
     /// While a formed mesh is being set up: the deltas nodes published, kept from the wire.
     forming: Option<Vec<Delta>>,
+    /// Wall-clock time spent forming the mesh (`formed = true`), before time 0 ran.
+    pub formed_in: Option<std::time::Duration>,
     ended_at: SimTime,
 }
 
@@ -332,6 +334,7 @@ impl Sim {
             heal_converged_us: None,
             frozen: false,
             forming: None,
+            formed_in: None,
             ended_at: 0,
             scenario,
             seed,
@@ -369,6 +372,7 @@ impl Sim {
     /// reply from a mesh peer, so the run starts where a finished boot would have left it:
     /// the records are the ones the nodes wrote (kept from the wire), shared, not copied.
     fn form_mesh(&mut self) {
+        let started = std::time::Instant::now();
         let n = u32::try_from(self.nodes.len()).unwrap_or(u32::MAX);
         self.forming = Some(Vec::new());
         for node in 0..n {
@@ -409,6 +413,7 @@ impl Sim {
                 },
             );
         }
+        self.formed_in = Some(started.elapsed());
     }
 
     /// Whether a formed mesh is being set up (see [`Sim::form_mesh`]).
