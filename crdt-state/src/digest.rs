@@ -32,6 +32,21 @@ impl ComponentHash {
     pub fn node(rec: &NodeRecord) -> Self {
         Self::of(b'n', &[], &rec.durable())
     }
+    /// The version of a node record, which the digest covers too (beside
+    /// [`ComponentHash::node`]): two replicas holding different versions of a record with the
+    /// same durable part (a load move, a refutation) must not look equal, or a digest-only
+    /// sync would adopt the other's version vector and never fetch the newer record. Cheap
+    /// (no SHA-256), so a record that only moved is still never rehashed.
+    pub fn node_version(id: &NodeId, version: (u64, u64)) -> Self {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&id.0[..8]);
+        let x = u64::from_le_bytes(b) ^ version.0.rotate_left(32) ^ version.1;
+        let mut lanes = [0u64; 4];
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            *lane = splitmix(x ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+        Self(lanes)
+    }
     /// A task's spec: the id is its content hash, so the id stands for it.
     pub fn spec(task: &TaskId) -> Self {
         Self::of(b's', &task.0, &())
@@ -84,4 +99,11 @@ impl Digest4 {
     pub fn to_wire(self) -> StateDigest {
         StateDigest(self.0)
     }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }

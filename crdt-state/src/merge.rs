@@ -520,6 +520,8 @@ impl State {
         match self.nodes.get_mut(&rec.id) {
             None => {
                 self.digest.add(ComponentHash::node(rec));
+                self.digest
+                    .add(ComponentHash::node_version(&rec.id, rec.version()));
                 self.nodes.insert(
                     rec.id,
                     NodeSlot {
@@ -546,6 +548,10 @@ impl State {
                     self.digest
                         .replace(ComponentHash::node(&cur.rec), ComponentHash::node(rec));
                 }
+                self.digest.replace(
+                    ComponentHash::node_version(&rec.id, cur.rec.version()),
+                    ComponentHash::node_version(&rec.id, rec.version()),
+                );
                 cur.rec = Arc::clone(rec);
                 cur.stamp = stamp;
             }
