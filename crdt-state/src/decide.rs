@@ -14,7 +14,7 @@ use omesh_protocol::{
 use crate::liveness::Health;
 use crate::merge::TaskRecord;
 use crate::placement::{self, Committed, PlacementPolicy};
-use crate::replica::{Action, ExecEvent, LocalRun, Phase, Replica, StopReason};
+use crate::replica::{Action, Claimable, ExecEvent, LocalRun, Phase, Replica, StopReason};
 
 /// The longest settle delay, however slow the links look.
 const MAX_SETTLE_MS: Millis = 5_000;
@@ -387,6 +387,13 @@ impl Replica {
                 // view (a task compacted or finished elsewhere): it claims nothing until synced.
                 continue;
             }
+            if let Some(c) = self.claimable_since.get(id).filter(|c| now < c.recheck) {
+                // Placed in an earlier pass and not yet due: no need to rank every live
+                // node again on each delta that arrives meanwhile.
+                seen_claimable.push((*id, c.recheck));
+                at(c.recheck);
+                continue;
+            }
             let image = ImageRef::parse(&spec.spec.image).ok().map(|r| r.digest);
             let via = rec
                 .spec
@@ -404,10 +411,13 @@ impl Replica {
                 Err(why) => reasons.push((*id, why.to_string())),
                 Ok(None) => {}
                 Ok(Some((pos, score))) => {
-                    let since = self.claimable_since.get(id).copied().unwrap_or(now);
-                    seen_claimable.push(*id);
+                    let since = self.claimable_since.get(id).map_or(now, |c| c.since);
                     let pos = u64::try_from(pos).unwrap_or(u64::MAX);
                     let due = since.saturating_add(pos.saturating_mul(self.cfg.claim_stagger_ms));
+                    // Ranked again at its turn, or after a probe period if that is sooner
+                    // (the nodes ahead of it may have claimed, or died, by then).
+                    let recheck = due.min(now + self.cfg.heartbeat_ms);
+                    seen_claimable.push((*id, recheck));
                     if now >= due {
                         let failover = lease.is_some_and(|l| {
                             !l.released && l.owner != self.me.id && top_failed != Some(l.epoch)
@@ -419,7 +429,7 @@ impl Replica {
                             failover,
                         });
                     } else {
-                        at(due);
+                        at(recheck);
                     }
                 }
             }
@@ -430,8 +440,19 @@ impl Replica {
             self.claimable_since.remove(&id);
             self.reasons.remove(&id);
         }
-        for id in seen_claimable {
-            self.claimable_since.entry(id).or_insert(now);
+        // A task claimable since an earlier pass keeps its start (the stagger counts from
+        // it); one that was not claimable in this pass (owned, backing off) starts again the
+        // next time it is, or every node would claim at once when its owner fails.
+        let seen: BTreeMap<TaskId, Millis> = seen_claimable.into_iter().collect();
+        self.claimable_since.retain(|id, _| seen.contains_key(id));
+        for (id, recheck) in seen {
+            self.claimable_since
+                .entry(id)
+                .and_modify(|c| c.recheck = recheck)
+                .or_insert(Claimable {
+                    since: now,
+                    recheck,
+                });
             self.reasons.remove(&id);
         }
         for key in seen_failed {

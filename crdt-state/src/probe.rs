@@ -301,6 +301,21 @@ impl Replica {
         None
     }
 
+    /// A node just became known: put it at a random place among the peers still to ping
+    /// this round, as SWIM does, rather than wait for the next round. At boot a node's first
+    /// round holds only the few peers it knew then, and every node knew the same early
+    /// booters: a node that booted late went unprobed by everyone for a whole round.
+    pub(crate) fn prober_learned(&mut self, id: &NodeId) {
+        if self.prober.order.is_empty() {
+            // Not built yet: the first round is built from every node known then.
+            return;
+        }
+        self.prober.order.push(id_prefix(id));
+        let last = self.prober.order.len() - 1;
+        let at = self.rng.gen_range(self.prober.pos.min(last)..=last);
+        self.prober.order.swap(at, last);
+    }
+
     /// Up to `k` distinct peers not judged Gone, other than `except`, chosen at random.
     pub(crate) fn random_peers(&mut self, now: Millis, k: usize, except: NodeId) -> Vec<NodeId> {
         let n = self.prober.order.len();

@@ -310,6 +310,14 @@ pub(crate) struct LocalRun {
     pub(crate) phase: Phase,
 }
 
+/// A task this node may claim: since when (the claim stagger counts from it), and when to
+/// rank the nodes for it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Claimable {
+    pub(crate) since: Millis,
+    pub(crate) recheck: Millis,
+}
+
 /// The replica: the whole protocol of one omesh node, with no I/O.
 #[derive(Debug)]
 pub struct Replica {
@@ -337,7 +345,7 @@ pub struct Replica {
     pub(crate) prober: Prober,
     pub(crate) rtt: BTreeMap<NodeId, RttEstimate>,
     pub(crate) local: BTreeMap<TaskId, LocalRun>,
-    pub(crate) claimable_since: BTreeMap<TaskId, Millis>,
+    pub(crate) claimable_since: BTreeMap<TaskId, Claimable>,
     pub(crate) failed_seen: BTreeMap<(TaskId, Epoch), Millis>,
     pub(crate) terminal_seen: BTreeMap<TaskId, Millis>,
     pub(crate) reasons: BTreeMap<TaskId, String>,
@@ -872,6 +880,9 @@ impl Replica {
                 self.stats.deltas_applied += 1;
                 match &d.body {
                     DeltaBody::Node(rec) => {
+                        if held.is_none() && rec.id != self.me.id {
+                            self.prober_learned(&rec.id);
+                        }
                         let newer = held.is_none_or(|v| rec.version() > v);
                         if newer {
                             self.state.hear(&rec.id, now);

@@ -514,3 +514,92 @@ fn a_replica_behind_on_a_record_that_only_moved_does_not_look_in_sync() {
     assert_eq!(a.state().node(&x).unwrap().seq, 2);
     assert_eq!(a.digest(), b.digest());
 }
+
+#[test]
+fn when_a_long_running_owner_dies_the_next_in_rank_claims_not_every_node() {
+    let mut m = joined(12);
+    let task = m.submit(node(1), spec(77));
+    assert!(m.run_until(5_000, |m| owner_of(m, task).is_some()));
+    let (owner, epoch) = owner_of(&m, task).unwrap();
+    // Owned for long: a stagger counted from the task's first claimable moment would have
+    // run out on every node by now.
+    m.run_until(60_000, |_| false);
+    let claims = |m: &Mesh| -> u64 {
+        m.ids()
+            .into_iter()
+            .filter(|id| *id != owner)
+            .map(|id| m.replica(id).stats().claims)
+            .sum()
+    };
+    let before = claims(&m);
+    m.crash(owner);
+    assert!(m.run_until(30_000, |m| owner_of(m, task)
+        .is_some_and(|(o, e)| o != owner && e > epoch)));
+    m.run_until(5_000, |_| false);
+    let made = claims(&m) - before;
+    assert!(
+        (1..=2).contains(&made),
+        "{made} claims for one failover among 11 nodes"
+    );
+}
+
+#[test]
+fn a_node_learned_mid_round_is_probed_in_that_round() {
+    use std::sync::Arc;
+
+    use omesh_protocol::{Capacity, Delta, DeltaBody, GossipMessage, NodeRecord, Probe};
+    use omesh_state::{Action, Input, Replica};
+    let rec = |i: u8| {
+        Arc::new(NodeRecord::new(
+            node(i),
+            1,
+            Capacity {
+                cpu_millis: 1000,
+                memory_bytes: 1 << 30,
+            },
+        ))
+    };
+    let learn = |r: &mut Replica, now, ids: std::ops::Range<u8>| {
+        let deltas = ids
+            .map(|i| Delta {
+                origin: node(i),
+                stamp: 1 << 32 | 1,
+                body: DeltaBody::Node(rec(i)),
+            })
+            .collect();
+        r.handle_gossip(now, node(2), &GossipMessage { deltas })
+            .unwrap();
+    };
+    let mut r = Replica::new(harness::config(1)).unwrap();
+    learn(&mut r, 0, 2..40);
+    // The first probe builds this round from the 38 peers known now.
+    let mut now = 0;
+    let mut pinged = Vec::new();
+    let mut tick = |r: &mut Replica, now: u64, pinged: &mut Vec<omesh_protocol::NodeId>| {
+        r.handle(now, Input::Tick).unwrap();
+        while let Some(a) = r.poll_action() {
+            if let Action::SendProbe {
+                to,
+                probe: Probe::Ping { .. },
+            } = a
+            {
+                pinged.push(to);
+            }
+        }
+    };
+    while pinged.is_empty() {
+        tick(&mut r, now, &mut pinged);
+        now += 50;
+    }
+    // Forty more join; within the next ten periods some of them are pinged, though the
+    // round still has 37 of the first peers to go.
+    learn(&mut r, now, 40..80);
+    pinged.clear();
+    let until = now + 10 * r.config().heartbeat_ms;
+    while now < until {
+        tick(&mut r, now, &mut pinged);
+        now += 50;
+    }
+    let new = pinged.iter().filter(|id| id.0[0] >= 40).count();
+    assert!(new >= 1, "pinged only the first peers: {pinged:?}");
+}

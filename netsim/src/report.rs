@@ -54,8 +54,8 @@ pub struct Outcome {
     /// Crashes applied.
     pub crashes: u64,
     /// Summed over the replicas up at the end: node records published, suspicions raised,
-    /// suspicions refuted.
-    pub membership: (u64, u64, u64),
+    /// suspicions refuted, task claims made.
+    pub membership: (u64, u64, u64, u64),
     /// Peak resident memory of the process, in MiB (Linux only).
     pub peak_rss_mib: Option<f64>,
     /// Broken invariants and expectations.
@@ -114,11 +114,12 @@ impl Outcome {
                 .iter()
                 .filter_map(|n| n.replica.as_ref())
                 .map(Replica::stats)
-                .fold((0, 0, 0), |(p, s, r), st| {
+                .fold((0, 0, 0, 0), |(p, s, r, c), st| {
                     (
                         p + st.records_published,
                         s + st.suspicions,
                         r + st.refutations,
+                        c + st.claims,
                     )
                 }),
             peak_rss_mib: peak_rss_mib(),
@@ -223,11 +224,11 @@ impl Outcome {
                 ),
             );
         }
-        let (published, suspected, refuted) = self.membership;
+        let (published, suspected, refuted, claims) = self.membership;
         row(
             "membership (live nodes)",
             format!(
-                "{published} records published, {suspected} suspicions raised, {refuted} refuted"
+                "{published} records published, {suspected} suspicions raised, {refuted} refuted; {claims} task claims"
             ),
         );
         row(
