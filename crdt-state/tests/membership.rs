@@ -575,7 +575,7 @@ fn a_node_learned_mid_round_is_probed_in_that_round() {
     // The first probe builds this round from the 38 peers known now.
     let mut now = 0;
     let mut pinged = Vec::new();
-    let mut tick = |r: &mut Replica, now: u64, pinged: &mut Vec<omesh_protocol::NodeId>| {
+    let tick = |r: &mut Replica, now: u64, pinged: &mut Vec<omesh_protocol::NodeId>| {
         r.handle(now, Input::Tick).unwrap();
         while let Some(a) = r.poll_action() {
             if let Action::SendProbe {
