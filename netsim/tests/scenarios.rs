@@ -145,7 +145,7 @@ fn the_same_seed_gives_the_same_trace() {
 
 #[test]
 fn a_formed_mesh_starts_with_every_record_everywhere_and_fails_over_the_same() {
-    let mut s = small("owner_crash", 100);
+    let mut s = small("owner_crash", 40);
     s.formed = true;
     let sim = Sim::new(s.clone(), 4);
     assert_eq!(sim.traffic.published, 0, "forming sent gossip");
@@ -153,7 +153,7 @@ fn a_formed_mesh_starts_with_every_record_everywhere_and_fails_over_the_same() {
         let r = n.replica.as_ref().unwrap();
         assert_eq!(
             r.state().node_count(),
-            100,
+            40,
             "node {} is missing records",
             n.id.short()
         );
