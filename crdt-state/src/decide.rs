@@ -399,15 +399,14 @@ impl Replica {
                 .spec
                 .as_ref()
                 .and_then(|s| self.state.node(&s.at.origin));
-            match placement::place(
-                &self.me.id,
-                live().iter().copied(),
-                &committed,
-                &spec.spec,
-                image.as_ref(),
+            let placing = placement::Placing {
+                committed: &committed,
+                spec: &spec.spec,
+                image: image.as_ref(),
                 via,
-                &policy,
-            ) {
+                policy: &policy,
+            };
+            match placement::place(&self.me.id, live().iter().copied(), &placing) {
                 Err(why) => reasons.push((*id, why.to_string())),
                 Ok(None) => {}
                 Ok(Some((pos, score))) => {

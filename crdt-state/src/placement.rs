@@ -109,16 +109,27 @@ pub fn executor_tag(kind: ExecutorKind) -> Option<&'static str> {
     }
 }
 
+/// One task to place and what weighs on it: the same for every node ranked.
+#[derive(Debug, Clone, Copy)]
+pub struct Placing<'a> {
+    /// Resources each node's live leases already hold.
+    pub committed: &'a BTreeMap<NodeId, Committed>,
+    /// The task.
+    pub spec: &'a TaskSpec,
+    /// The image digest it pins, if any (holders rank higher).
+    pub image: Option<&'a Digest>,
+    /// The node it was submitted through (near ones rank higher).
+    pub via: Option<&'a NodeRecord>,
+    /// Thresholds and preferred tags.
+    pub policy: &'a PlacementPolicy,
+}
+
 /// Ranks the live nodes for a task, best first (score, then lower node id).
 pub fn rank<'a>(
     live: impl Iterator<Item = &'a NodeRecord>,
-    committed: &BTreeMap<NodeId, Committed>,
-    spec: &TaskSpec,
-    image: Option<&Digest>,
-    via: Option<&NodeRecord>,
-    policy: &PlacementPolicy,
+    task: &Placing<'_>,
 ) -> Result<Vec<Candidate>, Unplaceable> {
-    let mut out = candidates(live, committed, spec, image, via, policy)?;
+    let mut out = candidates(live, task)?;
     out.sort_by(|a, b| b.score.cmp(&a.score).then(a.node.cmp(&b.node)));
     Ok(out)
 }
@@ -126,12 +137,15 @@ pub fn rank<'a>(
 /// The nodes of `live` that may run the task, with their scores, in `live`'s order.
 fn candidates<'a>(
     live: impl Iterator<Item = &'a NodeRecord>,
-    committed: &BTreeMap<NodeId, Committed>,
-    spec: &TaskSpec,
-    image: Option<&Digest>,
-    via: Option<&NodeRecord>,
-    policy: &PlacementPolicy,
+    task: &Placing<'_>,
 ) -> Result<Vec<Candidate>, Unplaceable> {
+    let Placing {
+        committed,
+        spec,
+        image,
+        via,
+        policy,
+    } = *task;
     let mut tagged = 0usize;
     let mut fitting_but_loaded = 0usize;
     let mut out = Vec::new();
@@ -180,13 +194,9 @@ fn candidates<'a>(
 pub fn place<'a>(
     me: &NodeId,
     live: impl Iterator<Item = &'a NodeRecord>,
-    committed: &BTreeMap<NodeId, Committed>,
-    spec: &TaskSpec,
-    image: Option<&Digest>,
-    via: Option<&NodeRecord>,
-    policy: &PlacementPolicy,
+    task: &Placing<'_>,
 ) -> Result<Option<(usize, u32)>, Unplaceable> {
-    let cands = candidates(live, committed, spec, image, via, policy)?;
+    let cands = candidates(live, task)?;
     let Some(mine) = cands.iter().find(|c| c.node == *me) else {
         return Ok(None);
     };

@@ -314,9 +314,7 @@ fn a_first_sync_that_lacks_the_nodes_record_publishes_it_again_and_only_then() {
 
 #[test]
 fn a_bulk_join_holds_every_record_in_order_and_keeps_merging_after() {
-    use std::sync::Arc;
-
-    use omesh_protocol::{Capacity, Delta, DeltaBody, NodeRecord, SyncReply};
+    use omesh_protocol::{Delta, DeltaBody, SyncReply};
     use omesh_state::{Input, Replica};
     // More than the bulk-join threshold, so the replica rebuilds its per-node tables.
     let ids: Vec<_> = (0..300u32)
@@ -327,18 +325,7 @@ fn a_bulk_join_holds_every_record_in_order_and_keeps_merging_after() {
             omesh_protocol::NodeId(b)
         })
         .collect();
-    let record = |id, seq| {
-        let mut r = NodeRecord::new(
-            id,
-            1,
-            Capacity {
-                cpu_millis: 1000,
-                memory_bytes: 1 << 30,
-            },
-        );
-        r.seq = seq;
-        Arc::new(r)
-    };
+    let record = |id, seq| record(id, seq, 0);
     let first = 1u64 << 32 | 1;
     let deltas: Vec<Delta> = ids
         .iter()
@@ -401,28 +388,13 @@ fn a_bulk_join_holds_every_record_in_order_and_keeps_merging_after() {
 fn a_replica_behind_on_a_record_that_only_moved_does_not_look_in_sync() {
     use std::sync::Arc;
 
-    use omesh_protocol::{Capacity, Delta, DeltaBody, GossipMessage, LoadSample, NodeRecord};
+    use omesh_protocol::{Delta, DeltaBody, GossipMessage};
     use omesh_protocol::{SyncReply, SyncRequest};
     use omesh_state::{Action, Input, Replica};
     // Node 9 published seq 1, then seq 2 (a load move, or a refutation: the durable part is
     // unchanged). Replica a holds only seq 1, replica b both.
     let x = node(9);
-    let rec = |seq, cpu| {
-        let mut r = NodeRecord::new(
-            x,
-            1,
-            Capacity {
-                cpu_millis: 1000,
-                memory_bytes: 1 << 30,
-            },
-        );
-        r.seq = seq;
-        r.load = LoadSample {
-            cpu_permille: cpu,
-            mem_permille: 0,
-        };
-        Arc::new(r)
-    };
+    let rec = |seq, cpu| record(x, seq, cpu);
     let first = 1u64 << 32 | 1;
     let msg = |stamp, r| GossipMessage {
         deltas: vec![Delta {
@@ -545,20 +517,9 @@ fn when_a_long_running_owner_dies_the_next_in_rank_claims_not_every_node() {
 
 #[test]
 fn a_node_learned_mid_round_is_probed_in_that_round() {
-    use std::sync::Arc;
-
-    use omesh_protocol::{Capacity, Delta, DeltaBody, GossipMessage, NodeRecord, Probe};
+    use omesh_protocol::{Delta, DeltaBody, GossipMessage, Probe};
     use omesh_state::{Action, Input, Replica};
-    let rec = |i: u8| {
-        Arc::new(NodeRecord::new(
-            node(i),
-            1,
-            Capacity {
-                cpu_millis: 1000,
-                memory_bytes: 1 << 30,
-            },
-        ))
-    };
+    let rec = |i: u8| record(node(i), 0, 0);
     let learn = |r: &mut Replica, now, ids: std::ops::Range<u8>| {
         let deltas = ids
             .map(|i| Delta {
@@ -602,4 +563,16 @@ fn a_node_learned_mid_round_is_probed_in_that_round() {
     }
     let new = pinged.iter().filter(|id| id.0[0] >= 40).count();
     assert!(new >= 1, "pinged only the first peers: {pinged:?}");
+}
+
+/// A record of `id` (incarnation 1) at `seq` with `cpu_permille` load.
+fn record(
+    id: omesh_protocol::NodeId,
+    seq: u64,
+    cpu_permille: u16,
+) -> std::sync::Arc<omesh_protocol::NodeRecord> {
+    let mut r = omesh_protocol::NodeRecord::new(id, 1, omesh_protocol::Capacity::default());
+    r.seq = seq;
+    r.load.cpu_permille = cpu_permille;
+    std::sync::Arc::new(r)
 }

@@ -6,7 +6,7 @@ mod harness;
 use std::collections::BTreeMap;
 
 use omesh_protocol::{Capacity, LoadSample, NodeRecord};
-use omesh_state::placement::{place, rank, PlacementPolicy};
+use omesh_state::placement::{place, rank, PlacementPolicy, Placing};
 use proptest::prelude::*;
 
 proptest! {
@@ -40,8 +40,9 @@ proptest! {
         };
         let me = nodes[me % nodes.len()].id;
         let committed = BTreeMap::new();
-        let ranked = rank(nodes.iter(), &committed, &spec, None, None, &policy);
-        let placed = place(&me, nodes.iter(), &committed, &spec, None, None, &policy);
+        let task = Placing { committed: &committed, spec: &spec, image: None, via: None, policy: &policy };
+        let ranked = rank(nodes.iter(), &task);
+        let placed = place(&me, nodes.iter(), &task);
         match (ranked, placed) {
             (Ok(r), Ok(p)) => {
                 let want = r.iter().position(|c| c.node == me).map(|i| (i, r[i].score));
