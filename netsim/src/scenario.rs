@@ -374,7 +374,8 @@ pub struct Expect {
     pub heal_converge_ms: Option<f64>,
     /// At least this many failovers must be measured.
     pub min_failovers: Option<usize>,
-    /// At least this share of accepted tasks must succeed, in thousandths.
+    /// At least this share of the accepted tasks must succeed, in thousandths; tasks still
+    /// running at the end count neither way.
     pub min_succeeded_permille: Option<u32>,
 }
 
