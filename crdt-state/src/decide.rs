@@ -307,14 +307,7 @@ impl Replica {
             live_nodes.get_or_init(|| {
                 self.state
                     .nodes()
-                    .filter(|n| {
-                        let alive = if n.id == self.me.id {
-                            !self.me.leaving
-                        } else {
-                            self.health_of(now, n) == Health::Alive
-                        };
-                        !n.leaving && alive
-                    })
+                    .filter(|n| !n.leaving && self.health_of(now, n) == Health::Alive)
                     .collect()
             })
         };

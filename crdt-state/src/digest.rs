@@ -38,12 +38,11 @@ impl ComponentHash {
     /// sync would adopt the other's version vector and never fetch the newer record. Cheap
     /// (no SHA-256), so a record that only moved is still never rehashed.
     pub fn node_version(id: &NodeId, version: (u64, u64)) -> Self {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&id.0[..8]);
-        let x = u64::from_le_bytes(b) ^ version.0.rotate_left(32) ^ version.1;
+        let x = u64::from_le_bytes(first8(&id.0)) ^ version.0.rotate_left(32) ^ version.1;
         let mut lanes = [0u64; 4];
         for (i, lane) in lanes.iter_mut().enumerate() {
-            *lane = splitmix(x ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let seed = x ^ (i as u64).wrapping_mul(GOLDEN);
+            *lane = mix64(seed.wrapping_add(GOLDEN));
         }
         Self(lanes)
     }
@@ -101,9 +100,19 @@ impl Digest4 {
     }
 }
 
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+/// splitmix64's increment (2^64 / φ).
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// splitmix64's finaliser: spreads one word over all bits.
+pub(crate) fn mix64(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// The first eight bytes of a 32-byte id or digest.
+pub(crate) fn first8(b: &[u8; 32]) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&b[..8]);
+    out
 }

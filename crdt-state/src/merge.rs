@@ -317,9 +317,6 @@ fn live<'a>(
 }
 
 impl State {
-    /// Rebuilds the node table with full B-tree nodes. Entries inserted one by one in key
-    /// order (a sync reply is sorted) leave every node half full; a joining replica takes
-    /// thousands that way.
     /// The held node whose id begins with the eight bytes of `prefix` (big-endian), the
     /// first in id order if several do: lets a list of peers keep 8 bytes an entry, not 32.
     pub fn node_by_prefix(&self, prefix: u64) -> Option<&NodeRecord> {
@@ -346,6 +343,9 @@ impl State {
         }
     }
 
+    /// Rebuilds the node table with full B-tree nodes. Entries inserted one by one in key
+    /// order (a sync reply is sorted) leave every node half full; a joining replica takes
+    /// thousands that way.
     pub(crate) fn compact(&mut self) {
         self.nodes = std::mem::take(&mut self.nodes).into_iter().collect();
     }

@@ -355,7 +355,5 @@ impl Replica {
 
 /// The first eight bytes of an id, big-endian: its place in id order.
 fn id_prefix(id: &NodeId) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&id.0[..8]);
-    u64::from_be_bytes(b)
+    u64::from_be_bytes(crate::digest::first8(&id.0))
 }

@@ -19,6 +19,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{ConfigError, ReplicaConfig};
+use crate::digest::{first8, mix64};
 use crate::liveness::{Health, RttEstimate};
 use crate::merge::{DeltaError, Merged, State};
 use crate::probe::Prober;
@@ -27,12 +28,11 @@ use crate::probe::Prober;
 const MAX_DELTAS_PER_MESSAGE: usize = 64;
 /// How long an unanswered sync request blocks another to the same peer.
 const SYNC_TIMEOUT_MS: Millis = 5_000;
-/// Propagation samples kept until the driver takes them.
-/// Stamps remembered beyond a gap, per origin, before we rely on sync alone.
 /// A sync reply that applied at least this many deltas has the per-node maps rebuilt.
 const COMPACT_AFTER: u64 = 256;
 /// The stamp of a node's first write: incarnation 1, counter 1.
 const FIRST_STAMP: u64 = (1 << 32) | 1;
+/// Stamps remembered beyond a gap, per origin, before we rely on sync alone.
 const MAX_AHEAD: usize = 1024;
 
 /// One node record merged here: when its writer wrote it and when it arrived.
@@ -993,9 +993,9 @@ impl Replica {
     /// replica only asks for what it knows it lacks: republish the record (at most once a
     /// period), so every node that missed a write sees a gap in this node's stamps and
     /// closes it. An idle mesh publishes nothing else that would show them the gap.
-    fn note_lag(&mut self, now: Millis, req: &SyncRequest) {
+    fn note_lag(&mut self, now: Millis, req: &SyncRequest, sorted: bool) {
         let me = self.me.id;
-        let Some(theirs) = req.vclock.iter().find(|(o, _)| *o == me).map(|(_, c)| *c) else {
+        let Some(theirs) = vector_entry(&req.vclock, sorted, &me) else {
             return;
         };
         if theirs > 0 && theirs < self.vclock.get(&me) {
@@ -1101,7 +1101,10 @@ impl Replica {
     /// an origin boundary so the requester can adopt what it fully got.
     fn serve_sync(&mut self, now: Millis, from: NodeId, req: &SyncRequest) {
         self.stats.syncs_served += 1;
-        self.note_lag(now, req);
+        // A sorted vector (as replicas send it) is searched in place; anything else is read
+        // into a map first, a repeated origin counting with its last entry.
+        let sorted = req.vclock.is_sorted_by(|a, b| a.0 < b.0);
+        self.note_lag(now, req, sorted);
         if req.digest_only && !req.full {
             // Different digests: "truncated", so the requester asks again with its vector.
             // Equal digests: nothing, or this vector alone if the vectors differ (see
@@ -1124,9 +1127,6 @@ impl Replica {
         let mut deltas: Vec<Delta> = if req.digest == self.digest() && !req.full {
             Vec::new()
         } else {
-            // A sorted vector (as replicas send it) is searched in place; anything else is
-            // read into a map first, a repeated origin counting with its last entry.
-            let sorted = req.vclock.is_sorted_by(|a, b| a.0 < b.0);
             let map: BTreeMap<NodeId, u64> = if sorted {
                 BTreeMap::new()
             } else {
@@ -1135,11 +1135,7 @@ impl Replica {
             let (vclock, map, full) = (&req.vclock, &map, req.full);
             let theirs = move |origin: &NodeId| {
                 if sorted {
-                    vclock
-                        .binary_search_by(|(k, _)| k.cmp(origin))
-                        .ok()
-                        .and_then(|i| vclock.get(i))
-                        .map_or(0, |e| e.1)
+                    vector_entry(vclock, true, origin).unwrap_or(0)
                 } else {
                     map.get(origin).copied().unwrap_or(0)
                 }
@@ -1216,11 +1212,7 @@ impl Replica {
             // node's latest write: what it published went nowhere (before any mesh link), so
             // publish again now that there is a peer.
             let me = self.me.id;
-            let theirs = vclock
-                .binary_search_by(|(o, _)| o.cmp(&me))
-                .ok()
-                .and_then(|i| vclock.get(i))
-                .map_or(0, |e| e.1);
+            let theirs = vector_entry(&vclock, true, &me).unwrap_or(0);
             if theirs < self.vclock.get(&me) {
                 self.publish_soon(now);
             }
@@ -1340,11 +1332,7 @@ impl Replica {
     /// How a node looks from here, now.
     pub fn health(&self, now: Millis, id: &NodeId) -> Health {
         if *id == self.me.id {
-            return if self.me.leaving {
-                Health::Gone
-            } else {
-                Health::Alive
-            };
+            return self.own_health();
         }
         match self.state.node(id) {
             None => Health::Gone,
@@ -1352,9 +1340,21 @@ impl Replica {
         }
     }
 
-    /// [`Replica::health`] of a held record of another node, without looking it up.
+    /// This node's own health: alive until it leaves.
+    fn own_health(&self) -> Health {
+        if self.me.leaving {
+            Health::Gone
+        } else {
+            Health::Alive
+        }
+    }
+
+    /// [`Replica::health`] of a held record, without looking it up.
     pub(crate) fn health_of(&self, now: Millis, rec: &NodeRecord) -> Health {
         let id = &rec.id;
+        if *id == self.me.id {
+            return self.own_health();
+        }
         if rec.leaving {
             return Health::Gone;
         }
@@ -1410,7 +1410,20 @@ impl Replica {
     }
 }
 
-/// splitmix64's finaliser: spreads one word over all bits.
+/// `id`'s entry in a version vector: found by binary search if the vector is sorted (as
+/// replicas send it), else the first one.
+fn vector_entry(vclock: &[(NodeId, u64)], sorted: bool, id: &NodeId) -> Option<u64> {
+    if sorted {
+        vclock
+            .binary_search_by(|(k, _)| k.cmp(id))
+            .ok()
+            .and_then(|i| vclock.get(i))
+            .map(|e| e.1)
+    } else {
+        vclock.iter().find(|(k, _)| k == id).map(|e| e.1)
+    }
+}
+
 /// One entry's share of [`Replica::vclock_hash`]; zero for a zero entry, which the vector
 /// leaves out.
 fn dot_hash(origin: &NodeId, c: u64) -> u64 {
@@ -1418,16 +1431,4 @@ fn dot_hash(origin: &NodeId, c: u64) -> u64 {
         return 0;
     }
     mix64(u64::from_le_bytes(first8(&origin.0)) ^ c.rotate_left(29))
-}
-
-fn mix64(mut x: u64) -> u64 {
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-fn first8(b: &[u8; 32]) -> [u8; 8] {
-    let mut out = [0u8; 8];
-    out.copy_from_slice(&b[..8]);
-    out
 }

@@ -142,7 +142,8 @@ fn run_one(a: &RunArgs) -> anyhow::Result<bool> {
         "running {name} with {nodes} nodes for {} s simulated, seed {}",
         s.duration_s, a.seed
     );
-    let o = run(s.clone(), a.seed);
+    let again = reproduce(common, &s, a.seed);
+    let o = run(s, a.seed);
     println!("{}", o.table());
     if !a.no_plot {
         let path = a
@@ -153,7 +154,7 @@ fn run_one(a: &RunArgs) -> anyhow::Result<bool> {
         println!("plot: {}", path.display());
     }
     if !o.violations.is_empty() {
-        println!("reproduce: {}", reproduce(common, &s, a.seed));
+        println!("reproduce: {again}");
     }
     Ok(o.violations.is_empty())
 }

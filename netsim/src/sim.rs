@@ -346,17 +346,24 @@ impl Sim {
         }
         if sim.scenario.formed {
             sim.form_mesh();
-            sim.schedule_timeline();
-            return sim;
+        } else {
+            sim.schedule_boots();
         }
-        let spread = secs(sim.scenario.boot_spread_s);
+        sim.schedule_timeline();
+        sim
+    }
+
+    /// Boots every node at a random time within `boot_spread_s`.
+    fn schedule_boots(&mut self) {
+        let n = u32::try_from(self.nodes.len()).unwrap_or(u32::MAX);
+        let spread = secs(self.scenario.boot_spread_s);
         for node in 0..n {
             let at = if spread > 0 {
-                sim.rng.gen_range(0..spread)
+                self.rng.gen_range(0..spread)
             } else {
                 0
             };
-            sim.queue.push(
+            self.queue.push(
                 at,
                 Event::Restart {
                     node,
@@ -364,8 +371,6 @@ impl Sim {
                 },
             );
         }
-        sim.schedule_timeline();
-        sim
     }
 
     /// Boots every node at time 0 and hands each one the record of every other as one sync
