@@ -444,13 +444,17 @@ fn bench_apply(c: &mut Criterion) {
                     let from = mesh.ids[n % NODES];
                     if kind.duplicate() {
                         for msg in messages(deltas.clone()) {
-                            replica.handle(now, Input::Gossip { from, msg }).unwrap();
+                            replica
+                                .handle(now, Input::Gossip { via: from, msg })
+                                .unwrap();
                         }
                     }
                     let msgs = messages(deltas);
                     let t = Instant::now();
                     for msg in msgs {
-                        replica.handle(now, Input::Gossip { from, msg }).unwrap();
+                        replica
+                            .handle(now, Input::Gossip { via: from, msg })
+                            .unwrap();
                         while replica.poll_action().is_some() {}
                     }
                     spent += t.elapsed();

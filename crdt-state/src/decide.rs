@@ -11,7 +11,6 @@ use omesh_protocol::{
     TaskId, TaskState,
 };
 
-use crate::liveness::Health;
 use crate::merge::TaskRecord;
 use crate::placement::{self, Committed, PlacementPolicy};
 use crate::replica::{Action, Claimable, ExecEvent, LocalRun, Phase, Replica, StopReason};
@@ -303,14 +302,8 @@ impl Replica {
         // Built only if some task needs placing: most passes place nothing, and this is one
         // health check per known node.
         let live_nodes = std::cell::OnceCell::new();
-        let live = || -> &Vec<&NodeRecord> {
-            live_nodes.get_or_init(|| {
-                self.state
-                    .nodes()
-                    .filter(|n| !n.leaving && self.health_of(now, n) == Health::Alive)
-                    .collect()
-            })
-        };
+        let live =
+            || -> &Vec<&NodeRecord> { live_nodes.get_or_init(|| self.alive_nodes(now).collect()) };
         let policy = self.policy();
         let mut reasons = Vec::new();
         let mut seen_claimable = Vec::new();

@@ -103,11 +103,17 @@ impl Digest4 {
 /// splitmix64's increment (2^64 / φ).
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
-/// splitmix64's finaliser: spreads one word over all bits.
-pub(crate) fn mix64(mut x: u64) -> u64 {
+/// splitmix64's finaliser: spreads one word over all bits. The one mixer of the workspace
+/// (netsim hashes its keys with [`splitmix64`]).
+pub fn mix64(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// One step of splitmix64: the golden increment, then [`mix64`].
+pub fn splitmix64(x: u64) -> u64 {
+    mix64(x.wrapping_add(GOLDEN))
 }
 
 /// The first eight bytes of a 32-byte id or digest.

@@ -19,7 +19,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{ConfigError, ReplicaConfig};
-use crate::digest::{first8, mix64};
+use crate::digest::{first8, mix64, splitmix64};
 use crate::liveness::{Health, RttEstimate};
 use crate::merge::{DeltaError, Merged, State};
 use crate::probe::Prober;
@@ -79,10 +79,14 @@ pub enum ExecEvent {
 pub enum Input {
     /// Time passed; do what is due.
     Tick,
-    /// A gossip message from a peer.
+    /// A gossip message, as delivered by a peer.
     Gossip {
-        /// The peer that delivered it.
-        from: NodeId,
+        /// The peer that delivered it to this node: the relay (gossipsub's
+        /// `propagation_source`), which is not always the publisher. A gap that a delivery
+        /// shows is closed by syncing with this peer when the origin is not alive, so it must
+        /// be a peer this node can reach now, never the publisher read off the message. Each
+        /// delta names its own origin.
+        via: NodeId,
         /// The message.
         msg: GossipMessage,
     },
@@ -373,7 +377,14 @@ impl Replica {
         cfg.validate()?;
         let mut me = NodeRecord::new(cfg.node_id, cfg.incarnation, cfg.capacity);
         me.tags = cfg.tags.clone();
-        let rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ u64::from_le_bytes(first8(&cfg.node_id.0)));
+        // The configured seed, the id and the incarnation each mixed on their own: the id alone
+        // would cancel a seed derived from it, and a restart must not replay the random
+        // stream (probe order, claim staggers) of the incarnation before.
+        let rng = ChaCha8Rng::seed_from_u64(
+            splitmix64(cfg.seed)
+                ^ mix64(u64::from_le_bytes(first8(&cfg.node_id.0)))
+                ^ splitmix64(cfg.incarnation.rotate_left(32)),
+        );
         Ok(Self {
             me,
             state: State::default(),
@@ -502,7 +513,7 @@ impl Replica {
                 self.on_tick(now);
                 Ok(())
             }
-            Input::Gossip { from, msg } => self.on_gossip(now, from, &msg),
+            Input::Gossip { via, msg } => self.on_gossip(now, via, &msg),
             Input::SyncRequest { from, request } => {
                 self.contact(now, from);
                 self.serve_sync(now, from, &request);
@@ -575,25 +586,27 @@ impl Replica {
     pub fn handle_gossip(
         &mut self,
         now: Millis,
-        from: NodeId,
+        via: NodeId,
         msg: &GossipMessage,
     ) -> Result<(), InputError> {
         self.start(now);
-        let result = self.on_gossip(now, from, msg);
+        let result = self.on_gossip(now, via, msg);
         self.flush();
         result
     }
 
+    /// A gossip delivery: `via` was heard from directly, and is the peer to ask for what
+    /// the delivery shows missing.
     fn on_gossip(
         &mut self,
         now: Millis,
-        from: NodeId,
+        via: NodeId,
         msg: &GossipMessage,
     ) -> Result<(), InputError> {
-        self.contact(now, from);
-        let r = self.ingest(now, from, &msg.deltas);
+        self.contact(now, via);
+        let r = self.ingest(now, via, &msg.deltas);
         if !self.synced {
-            self.sync_request(now, from);
+            self.sync_request(now, via);
         }
         r
     }
@@ -603,11 +616,11 @@ impl Replica {
     pub fn handle_gossip_bytes(
         &mut self,
         now: Millis,
-        from: NodeId,
+        via: NodeId,
         bytes: &[u8],
     ) -> Result<(), InputError> {
         match GossipMessage::from_wire(bytes) {
-            Ok(msg) => self.handle(now, Input::Gossip { from, msg }),
+            Ok(msg) => self.handle(now, Input::Gossip { via, msg }),
             Err(e) => {
                 self.stats.malformed += 1;
                 Err(InputError::Malformed(e))
@@ -831,13 +844,13 @@ impl Replica {
     }
 
     /// Merges deltas from a peer, one by one; a bad delta is counted and dropped.
-    fn ingest(&mut self, now: Millis, from: NodeId, deltas: &[Delta]) -> Result<(), InputError> {
+    fn ingest(&mut self, now: Millis, via: NodeId, deltas: &[Delta]) -> Result<(), InputError> {
         let total = deltas.len();
         let mut rejected = 0usize;
         let mut first = None;
         for d in deltas {
             match self.ingest_one(now, d) {
-                Ok(()) => self.track_stamp(now, from, d.origin, d.stamp),
+                Ok(()) => self.track_stamp(now, via, d.origin, d.stamp),
                 Err(e) => {
                     rejected += 1;
                     self.stats.deltas_rejected += 1;
@@ -1365,6 +1378,53 @@ impl Replica {
             }
             Some(_) => Health::Gone,
         }
+    }
+
+    /// Other nodes that are not gone (alive or suspected, and not leaving): the peers worth
+    /// keeping a connection to, fetching blobs from and dialing.
+    pub fn live_peers(&self, now: Millis) -> impl Iterator<Item = &NodeRecord> + '_ {
+        let me = self.me.id;
+        self.state
+            .nodes()
+            .filter(move |n| n.id != me && self.health_of(now, n) != Health::Gone)
+    }
+
+    /// Nodes alive now, this one included (unless it is leaving): the candidates placement
+    /// ranks.
+    pub fn alive_nodes(&self, now: Millis) -> impl Iterator<Item = &NodeRecord> + '_ {
+        self.state
+            .nodes()
+            .filter(move |n| self.health_of(now, n) == Health::Alive)
+    }
+
+    /// How many nodes this replica knows (itself included) and how many of them are alive.
+    pub fn node_counts(&self, now: Millis) -> (usize, usize) {
+        let (mut known, mut alive) = (0, 0);
+        for n in self.state.nodes() {
+            known += 1;
+            if self.health_of(now, n) == Health::Alive {
+                alive += 1;
+            }
+        }
+        (known, alive)
+    }
+
+    /// The image digests named by tasks that have not ended: a blob store must keep them.
+    pub fn images_in_use(&self, now: Millis) -> BTreeSet<Digest> {
+        self.task_views(now)
+            .iter()
+            .filter(|v| !v.state.is_terminal())
+            .filter_map(|v| v.spec.as_ref())
+            .filter_map(|s| omesh_protocol::ImageRef::parse(&s.spec.image).ok())
+            .map(|r| r.digest)
+            .collect()
+    }
+
+    /// Whether the node may tell a load balancer it is ready: it expects no peers (a lone
+    /// node, or one with no seeds), or a sync with a peer has completed since start, so its
+    /// view of the mesh is not the empty one it booted with.
+    pub fn is_ready(&self, expects_peers: bool) -> bool {
+        !expects_peers || self.synced
     }
 
     /// The grace past a lease's ttl before it counts as lost: the configured floor or the

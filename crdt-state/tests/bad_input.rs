@@ -158,7 +158,7 @@ fn a_peer_gossiping_an_unsigned_spec_or_anothers_record_is_refused() {
         ],
     };
     let err = r
-        .handle(7, Input::Gossip { from: node(2), msg })
+        .handle(7, Input::Gossip { via: node(2), msg })
         .unwrap_err();
     match err {
         InputError::Rejected {
@@ -226,7 +226,7 @@ fn over_long_fields_inside_a_valid_message_are_refused() {
         ],
     };
     match r
-        .handle(3, Input::Gossip { from: node(2), msg })
+        .handle(3, Input::Gossip { via: node(2), msg })
         .unwrap_err()
     {
         InputError::Rejected {

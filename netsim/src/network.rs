@@ -193,12 +193,9 @@ fn to_us(ms: f64) -> SimTime {
     (ms.max(0.0) * US_PER_MS as f64).round() as SimTime
 }
 
-/// A 64-bit mixer (splitmix64's finaliser): stable hashing of small keys.
-pub fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
+/// A 64-bit mixer for stable hashing of small keys: the workspace's one splitmix64.
+pub fn mix(x: u64) -> u64 {
+    omesh_state::digest::splitmix64(x)
 }
 
 #[cfg(test)]

@@ -555,14 +555,14 @@ impl Sim {
     }
 
     /// [`Sim::feed`] for a gossip message, which the replica reads without taking a copy.
-    pub(crate) fn feed_gossip(&mut self, i: u32, from: NodeId, msg: &GossipMessage) -> bool {
+    pub(crate) fn feed_gossip(&mut self, i: u32, via: NodeId, msg: &GossipMessage) -> bool {
         let now = self.queue.now();
         let node = &mut self.nodes[ix(i)];
         let local = node.clock.local_ms(now);
         let Some(r) = node.replica.as_mut() else {
             return false;
         };
-        let ok = r.handle_gossip(local, from, msg).is_ok();
+        let ok = r.handle_gossip(local, via, msg).is_ok();
         self.drain(i);
         ok
     }

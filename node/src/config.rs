@@ -328,16 +328,9 @@ impl NodeConfig {
         r.probe_timeout_ms = r.probe_timeout_ms.min(self.heartbeat_ms / 2).max(1);
         r.anti_entropy_ms = self.anti_entropy_ms;
         r.retention_ms = self.retention_ms;
-        r.seed = u64::from_le_bytes([
-            node_id.0[0],
-            node_id.0[1],
-            node_id.0[2],
-            node_id.0[3],
-            0,
-            0,
-            0,
-            0,
-        ]);
+        // Fresh at every start: the replica's claim staggers and probe order are its only
+        // randomness, and two peers (or two incarnations of one) must not draw alike.
+        r.seed = rand::random();
         r
     }
 }

@@ -17,7 +17,7 @@ use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use omesh_protocol::{Digest, ImageRef, TaskId};
-use omesh_state::{Health, Replica};
+use omesh_state::Replica;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tracing::{info, warn};
@@ -239,43 +239,36 @@ impl ImageService {
         allowed_peers: &BTreeSet<PeerId>,
     ) -> Option<BTreeSet<Digest>> {
         let me = replica.id();
-        let mut allowed = HashSet::new();
-        let mut dir = Vec::new();
-        for n in replica.state().nodes().filter(|n| n.id != me) {
-            let Some(peer) = net::peer_id_of(&n.id) else {
-                continue;
-            };
-            if blocked.contains(&peer)
-                || (!allowed_peers.is_empty() && !allowed_peers.contains(&peer))
-            {
-                continue;
-            }
-            allowed.insert(peer);
-            if n.leaving || replica.health(now, &n.id) == Health::Gone {
-                continue;
-            }
-            if let Some(addr) = n.addrs.iter().find_map(|a| dataplane::parse_blob_addr(a)) {
-                dir.push(DirNode {
+        let permitted = |peer: &PeerId| {
+            !blocked.contains(peer) && (allowed_peers.is_empty() || allowed_peers.contains(peer))
+        };
+        // Every known node may fetch from us; only live ones are asked.
+        let allowed: HashSet<PeerId> = replica
+            .state()
+            .nodes()
+            .filter(|n| n.id != me)
+            .filter_map(|n| net::peer_id_of(&n.id))
+            .filter(|p| permitted(p))
+            .collect();
+        let dir: Vec<DirNode> = replica
+            .live_peers(now)
+            .filter_map(|n| {
+                let peer = net::peer_id_of(&n.id).filter(|p| permitted(p))?;
+                let addr = n.addrs.iter().find_map(|a| dataplane::parse_blob_addr(a))?;
+                Some(DirNode {
                     peer,
                     addr,
                     images: n.images.clone(),
-                });
-            }
-        }
+                })
+            })
+            .collect();
         self.allowed.set(allowed);
         *self
             .directory
             .0
             .write()
             .unwrap_or_else(PoisonError::into_inner) = dir;
-        let pinned: BTreeSet<Digest> = replica
-            .task_views(now)
-            .iter()
-            .filter(|v| !v.state.is_terminal())
-            .filter_map(|v| v.spec.as_ref())
-            .filter_map(|s| ImageRef::parse(&s.spec.image).ok())
-            .map(|r| r.digest)
-            .collect();
+        let pinned = replica.images_in_use(now);
         let store = self.store.clone();
         // A small file write, and only on change.
         if let Err(e) = store.set_pinned(&pinned) {

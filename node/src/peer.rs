@@ -15,7 +15,7 @@ use libp2p::{gossipsub, identify, kad, ping, Multiaddr, PeerId, Swarm};
 use omesh_protocol::{
     GossipMessage, Millis, NodeId, Probe, SyncReply, SyncRequest, TaskState, Wire,
 };
-use omesh_state::{Action, Health, Input, InputError, Replica};
+use omesh_state::{Action, Input, InputError, Replica};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -634,6 +634,11 @@ impl Peer {
                 let Some(from) = message.source.as_ref().and_then(net::node_id_of) else {
                     return;
                 };
+                // The relay, not the publisher: a gap this delivery shows is closed by
+                // syncing with a peer that is connected now (the publisher may be gone).
+                let Some(via) = net::node_id_of(&source) else {
+                    return;
+                };
                 if msg.deltas.iter().any(|d| d.origin != from) {
                     self.count_malformed("gossip_forged_origin");
                     warn!(%source, "gossip carrying another node's deltas dropped");
@@ -644,7 +649,7 @@ impl Peer {
                     return;
                 }
                 let now = self.clock.now();
-                let result = self.replica.handle(now, Input::Gossip { from, msg });
+                let result = self.replica.handle(now, Input::Gossip { via, msg });
                 self.drain();
                 match result {
                     Ok(()) => MessageAcceptance::Accept,
@@ -765,12 +770,12 @@ impl Peer {
         self.refresh_images();
         let connected = self.swarm.connected_peers().count();
         let alone = self.cfg.alone || self.seeds.is_empty();
-        if !self.ready && (alone || (connected > 0 && self.replica.is_synced())) {
+        if !self.ready && (alone || connected > 0) && self.replica.is_ready(!alone) {
             info!(connected, "ready");
             self.ready = true;
         }
         let now_ms = self.clock.now();
-        let (known, alive) = self.peer_counts(now_ms);
+        let (known, alive) = self.replica.node_counts(now_ms);
         let mut by_state: BTreeMap<&'static str, i64> = BTreeMap::new();
         for v in self.replica.task_views(now_ms) {
             *by_state.entry(v.state.name()).or_default() += 1;
@@ -805,12 +810,9 @@ impl Peer {
         }
         let now = self.clock.now();
         let mut want = self.cfg.target_peers - connected;
-        let me = self.replica.id();
         let candidates: Vec<(PeerId, Vec<Multiaddr>)> = self
             .replica
-            .state()
-            .nodes()
-            .filter(|n| n.id != me && !n.leaving && self.replica.health(now, &n.id) != Health::Gone)
+            .live_peers(now)
             .filter_map(|n| {
                 let peer = net::peer_id_of(&n.id)?;
                 let addrs = n
@@ -837,23 +839,11 @@ impl Peer {
         }
     }
 
-    fn peer_counts(&self, now: Millis) -> (usize, usize) {
-        let mut known = 0;
-        let mut alive = 0;
-        for n in self.replica.state().nodes() {
-            known += 1;
-            if self.replica.health(now, &n.id) == Health::Alive {
-                alive += 1;
-            }
-        }
-        (known, alive)
-    }
-
     fn on_call(&mut self, call: ApiCall) {
         let now = self.clock.now();
         match call {
             ApiCall::Status(tx) => {
-                let (peers_known, peers_alive) = self.peer_counts(now);
+                let (peers_known, peers_alive) = self.replica.node_counts(now);
                 let _ = tx.send(StatusView {
                     node_id: self.replica.id().to_hex(),
                     peer_id: self.local_peer.to_string(),

@@ -198,7 +198,7 @@ impl Mesh {
                             id,
                             to,
                             Input::Gossip {
-                                from: id,
+                                via: id,
                                 msg: msg.clone(),
                             },
                         );
