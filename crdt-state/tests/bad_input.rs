@@ -1,7 +1,7 @@
 //! Bad input is refused with a distinct error and leaves the replica unchanged.
 #![allow(clippy::unwrap_used)]
 
-mod harness;
+use omesh_harness as harness;
 
 use ed25519_dalek::SigningKey;
 use harness::{config, node, spec, spec_with};

@@ -2,7 +2,7 @@
 //! keeps its leases, an idle mesh sends no node records, and a partition heals by probing.
 #![allow(clippy::unwrap_used)]
 
-mod harness;
+use omesh_harness as harness;
 
 use harness::{node, owner_of, spec, Mesh};
 
@@ -200,6 +200,7 @@ fn an_owner_back_from_a_partition_does_not_take_over_what_failed_over_while_it_w
             "seed {seed}: the returning owner claimed"
         );
         assert!(m.converged());
+        assert!(m.net.reordered > 0, "seed {seed}: jitter reordered nothing");
     }
 }
 

@@ -1,7 +1,7 @@
 //! `place` (what every replica asks of every unowned task) agrees with the full ranking.
 #![allow(clippy::unwrap_used)]
 
-mod harness;
+use omesh_harness as harness;
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,7 @@
 //! Lease, fencing, cancel, retry and compaction stories with explicit time.
 #![allow(clippy::unwrap_used)]
 
-mod harness;
+use omesh_harness as harness;
 
 use harness::{joined, node, owner_of, spec, spec_with};
 use omesh_protocol::TaskState;

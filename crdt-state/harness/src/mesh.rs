@@ -1,63 +1,16 @@
 //! A small deterministic mesh of replicas for scenario and property tests, in the style of
-//! raft-rs's harness: explicit time, manual faults (`cut`, `isolate`, `crash`), and a fake
-//! executor that records which epochs run where.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+//! raft-rs's harness: explicit time, a network that really drops, duplicates and reorders
+//! (`drop_permille`, `dup_permille`, `jitter_ms`), manual faults (`cut`, `isolate`,
+//! `crash`), and a fake executor that records which epochs run where.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
-use ed25519_dalek::SigningKey;
-use omesh_protocol::{
-    Epoch, ExecutorKind, LoadSample, Millis, NodeId, SignedTaskSpec, TaskId, TaskSpec,
-};
+use omesh_protocol::{Epoch, LoadSample, Millis, NodeId, SignedTaskSpec, TaskId};
 use omesh_state::{Action, ExecEvent, Input, Replica, ReplicaConfig, StopReason};
+use rand::Rng;
 
-/// The submitter key every test mesh authorizes.
-pub fn submitter() -> SigningKey {
-    SigningKey::from_bytes(&[7u8; 32])
-}
-
-/// A node id from a small number.
-pub fn node(i: u8) -> NodeId {
-    let mut b = [0u8; 32];
-    b[0] = i;
-    b[31] = 0xAA;
-    NodeId(b)
-}
-
-/// A signed spec with sane defaults.
-pub fn spec(nonce: u64) -> SignedTaskSpec {
-    spec_with(nonce, |_| {})
-}
-
-/// A signed spec, adjusted by `f` before signing.
-pub fn spec_with(nonce: u64, f: impl FnOnce(&mut TaskSpec)) -> SignedTaskSpec {
-    let mut s = TaskSpec {
-        image: format!("busybox@sha256:{}", "ab".repeat(32)),
-        command: vec!["sh".into(), "-c".into(), "true".into()],
-        env: BTreeMap::new(),
-        cpu_millis: 100,
-        memory_bytes: 64 << 20,
-        required_tags: BTreeSet::new(),
-        priority: 0,
-        max_attempts: 3,
-        timeout_ms: 60_000,
-        executor: ExecutorKind::Process,
-        nonce,
-        submitter: [0; 32],
-    };
-    f(&mut s);
-    s.sign(&submitter())
-}
-
-/// The config of test node `i`.
-pub fn config(i: u8) -> ReplicaConfig {
-    let mut cfg = ReplicaConfig::for_node(node(i));
-    cfg.authorized_submitters
-        .insert(submitter().verifying_key().to_bytes());
-    cfg.tags.insert("executor:process".into());
-    cfg.seed = u64::from(i);
-    cfg
-}
+use crate::conformance::{Driver, Journal};
+use crate::fixtures::config;
 
 /// One started instance, as the fake executor saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +22,27 @@ pub struct Instance {
     pub stopped_at: Option<Millis>,
 }
 
-enum Msg {
-    Input(Input),
+/// What the network did to the messages sent so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Messages handed to the network (cut links excluded).
+    pub sent: u64,
+    /// Dropped at random.
+    pub dropped: u64,
+    /// Delivered twice.
+    pub duplicated: u64,
+    /// Delivered after a message that the same sender sent to the same receiver later.
+    pub reordered: u64,
+    /// Deliveries made.
+    pub delivered: u64,
+}
+
+/// A message on its way: to whom, and its place in its sender's stream to that receiver.
+struct Delivery {
+    from: NodeId,
+    to: NodeId,
+    sent_seq: u64,
+    input: Input,
 }
 
 /// A mesh of replicas on simulated time.
@@ -83,16 +55,24 @@ pub struct Mesh {
     pub down: BTreeSet<NodeId>,
     /// One-way delivery delay.
     pub latency: Millis,
-    queue: VecDeque<(Millis, NodeId, Msg)>,
+    /// In flight, in delivery order: (due time, order of sending).
+    queue: BTreeMap<(Millis, u64), Delivery>,
+    next_seq: u64,
+    /// Per directed link, the highest sending order delivered (to see reordering).
+    delivered_seq: BTreeMap<(NodeId, NodeId), u64>,
+    /// What the network did.
+    pub net: NetStats,
+    /// Everything fed and polled, checked against the replica's contract.
+    pub journal: Journal,
     pub instances: Vec<Instance>,
     pub stops: Vec<(NodeId, TaskId, Epoch, StopReason)>,
     /// Report `Started` as soon as a StartTask is seen.
     pub auto_start: bool,
-    /// Chance, in thousandths, that a message is dropped.
+    /// Chance, in thousandths, that a message (gossip, sync, probe) is dropped.
     pub drop_permille: u32,
     /// Chance, in thousandths, that a message is delivered twice.
     pub dup_permille: u32,
-    /// Extra random delay per message (reorders deliveries).
+    /// Extra random delay per message, uniform in `0..=jitter_ms` (reorders deliveries).
     pub jitter_ms: Millis,
     /// Nodes whose incoming liveness probes are dropped (everything else reaches them).
     pub deaf_to_probes: BTreeSet<NodeId>,
@@ -102,19 +82,36 @@ pub struct Mesh {
 impl Mesh {
     /// `n` replicas numbered 1..=n, with `tweak` applied to each config.
     pub fn new(n: u8, tweak: impl Fn(&mut ReplicaConfig)) -> Self {
+        let configs = (1..=n)
+            .map(|i| {
+                let mut cfg = config(i);
+                tweak(&mut cfg);
+                cfg
+            })
+            .collect();
+        Self::from_configs(configs, u64::from(n))
+    }
+
+    /// A mesh of one replica per config.
+    pub fn from_configs(configs: Vec<ReplicaConfig>, seed: u64) -> Self {
         let mut replicas = BTreeMap::new();
-        for i in 1..=n {
-            let mut cfg = config(i);
-            tweak(&mut cfg);
-            replicas.insert(node(i), Replica::new(cfg).unwrap());
+        for cfg in configs {
+            let id = cfg.node_id;
+            replicas.insert(id, Replica::new(cfg).expect("valid test config"));
         }
+        // Time moves in 1 ms steps: a tick asked for `now` comes at the next one.
+        let journal = Journal::new(replicas.keys().copied(), 1);
         Self {
             now: 0,
             replicas,
             cut: BTreeSet::new(),
             down: BTreeSet::new(),
             latency: 5,
-            queue: VecDeque::new(),
+            queue: BTreeMap::new(),
+            next_seq: 0,
+            delivered_seq: BTreeMap::new(),
+            net: NetStats::default(),
+            journal,
             instances: Vec::new(),
             stops: Vec::new(),
             auto_start: true,
@@ -122,7 +119,7 @@ impl Mesh {
             dup_permille: 0,
             jitter_ms: 0,
             deaf_to_probes: BTreeSet::new(),
-            rng: rand::SeedableRng::seed_from_u64(u64::from(n)),
+            rng: rand::SeedableRng::seed_from_u64(seed),
         }
     }
 
@@ -155,42 +152,90 @@ impl Mesh {
 
     /// Feeds an input to one replica now and routes what it emits.
     pub fn input(&mut self, to: NodeId, input: Input) -> Result<(), omesh_state::InputError> {
-        let now = self.now;
-        let r = self.replicas.get_mut(&to).unwrap().handle(now, input);
+        let r = self.feed(to, input);
         self.drain(to);
         r
     }
 
+    /// The one place a replica is handed an input, recorded in the journal.
+    fn feed(&mut self, to: NodeId, input: Input) -> Result<(), omesh_state::InputError> {
+        let now = self.now;
+        self.journal.fed(to, now, &input);
+        self.replicas
+            .get_mut(&to)
+            .expect("a node of this mesh")
+            .handle(now, input)
+    }
+
     pub fn submit(&mut self, to: NodeId, s: SignedTaskSpec) -> TaskId {
         let id = s.id();
-        self.input(to, Input::Submit(s)).unwrap();
+        self.input(to, Input::Submit(s))
+            .expect("the harness submitter is authorized");
         id
     }
 
     pub fn load(&mut self, to: NodeId, cpu_permille: u16) {
-        self.input(
-            to,
-            Input::Load(LoadSample {
-                cpu_permille,
-                mem_permille: 100,
-            }),
-        )
-        .unwrap();
+        let sample = LoadSample {
+            cpu_permille,
+            mem_permille: 100,
+        };
+        self.input(to, Input::Load(sample))
+            .expect("a load sample is always taken");
     }
 
+    /// Hands a message to the network: a cut link drops it; otherwise it is dropped with
+    /// `drop_permille`, delayed by `latency` plus up to `jitter_ms` (so later messages can
+    /// overtake it), and delivered a second time with `dup_permille`.
     fn send(&mut self, from: NodeId, to: NodeId, input: Input) {
         if from == to || self.cut.contains(&(from, to)) {
             return;
         }
-        self.queue
-            .push_back((self.now + self.latency, to, Msg::Input(input)));
+        self.net.sent += 1;
+        if self.drop_permille > 0 && self.rng.gen_range(0..1000) < self.drop_permille {
+            self.net.dropped += 1;
+            return;
+        }
+        let copies = if self.dup_permille > 0 && self.rng.gen_range(0..1000) < self.dup_permille {
+            self.net.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        self.next_seq += 1;
+        let sent_seq = self.next_seq;
+        for _ in 0..copies {
+            let jitter = if self.jitter_ms > 0 {
+                self.rng.gen_range(0..=self.jitter_ms)
+            } else {
+                0
+            };
+            let delivery = Delivery {
+                from,
+                to,
+                sent_seq,
+                input: input.clone(),
+            };
+            // The key's second part keeps equal due times in sending order.
+            self.next_seq += 1;
+            self.queue
+                .insert((self.now + self.latency + jitter, self.next_seq), delivery);
+        }
     }
 
     fn drain(&mut self, id: NodeId) {
         loop {
-            let Some(action) = self.replicas.get_mut(&id).unwrap().poll_action() else {
+            let Some(action) = self
+                .replicas
+                .get_mut(&id)
+                .expect("a node of this mesh")
+                .poll_action()
+            else {
+                self.journal.drained(id);
+                let due = self.replicas[&id].poll_timeout();
+                self.journal.timeout(id, due);
                 return;
             };
+            self.journal.polled(id, &action);
             match action {
                 Action::Publish(msg) => {
                     for to in self.ids() {
@@ -224,19 +269,13 @@ impl Mesh {
                         stopped_at: None,
                     });
                     if self.auto_start {
-                        let now = self.now;
-                        self.replicas
-                            .get_mut(&id)
-                            .unwrap()
-                            .handle(
-                                now,
-                                Input::Executor {
-                                    task,
-                                    epoch,
-                                    event: ExecEvent::Started,
-                                },
-                            )
-                            .unwrap();
+                        let started = Input::Executor {
+                            task,
+                            epoch,
+                            event: ExecEvent::Started,
+                        };
+                        self.feed(id, started)
+                            .expect("a report of an epoch just started");
                     }
                 }
                 Action::StopTask {
@@ -251,18 +290,13 @@ impl Mesh {
                             inst.stopped_at.get_or_insert(now);
                         }
                     }
-                    self.replicas
-                        .get_mut(&id)
-                        .unwrap()
-                        .handle(
-                            now,
-                            Input::Executor {
-                                task,
-                                epoch,
-                                event: ExecEvent::Stopped,
-                            },
-                        )
-                        .unwrap();
+                    let stopped = Input::Executor {
+                        task,
+                        epoch,
+                        event: ExecEvent::Stopped,
+                    };
+                    self.feed(id, stopped)
+                        .expect("a report of an epoch told to stop");
                 }
             }
         }
@@ -279,15 +313,13 @@ impl Mesh {
                 inst.stopped_at.get_or_insert(now);
             }
         }
-        self.input(
-            id,
-            Input::Executor {
-                task,
-                epoch,
-                event: ExecEvent::Exited { code },
-            },
-        )
-        .unwrap();
+        let exited = Input::Executor {
+            task,
+            epoch,
+            event: ExecEvent::Exited { code },
+        };
+        // A stale report is counted, not refused; the result is not the harness's concern.
+        let _ = self.input(id, exited);
     }
 
     /// The epoch of the instance of `task` still running on `id`.
@@ -311,6 +343,7 @@ impl Mesh {
     /// Crashes a node: it stops ticking and receiving; running instances die with it.
     pub fn crash(&mut self, id: NodeId) {
         self.down.insert(id);
+        self.journal.crashed(id);
         let now = self.now;
         for inst in &mut self.instances {
             if inst.node == id {
@@ -321,11 +354,11 @@ impl Mesh {
 
     /// Restarts a crashed node with a fresh replica at `incarnation`.
     pub fn restart(&mut self, id: NodeId, incarnation: u64, tweak: impl Fn(&mut ReplicaConfig)) {
-        let old = self.replicas[&id].config().clone();
-        let mut cfg = old;
+        let mut cfg = self.replicas[&id].config().clone();
         cfg.incarnation = incarnation;
         tweak(&mut cfg);
-        self.replicas.insert(id, Replica::new(cfg).unwrap());
+        let replica = Replica::new(cfg).expect("a valid config, restarted");
+        self.replicas.insert(id, replica);
         self.down.remove(&id);
     }
 
@@ -351,34 +384,35 @@ impl Mesh {
         cond(self)
     }
 
+    /// One millisecond: every delivery due, in due order, then every tick due.
     fn step(&mut self) {
         let now = self.now;
-        let mut later = VecDeque::new();
-        while let Some((at, to, msg)) = self.queue.pop_front() {
-            if at > now {
-                later.push_back((at, to, msg));
+        while let Some(entry) = self.queue.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let d = entry.remove();
+            if self.down.contains(&d.to) {
                 continue;
             }
-            if self.down.contains(&to) {
-                continue;
+            let link = (d.from, d.to);
+            let last = self.delivered_seq.entry(link).or_insert(0);
+            if d.sent_seq < *last {
+                self.net.reordered += 1;
             }
-            let Msg::Input(input) = msg;
+            *last = (*last).max(d.sent_seq);
+            self.net.delivered += 1;
             // Peers may send what a replica rejects; tests look at the counters.
-            let _ = self.replicas.get_mut(&to).unwrap().handle(now, input);
-            self.drain(to);
+            let _ = self.feed(d.to, d.input);
+            self.drain(d.to);
         }
-        self.queue = later;
         for id in self.ids() {
             if self.down.contains(&id) {
                 continue;
             }
             let due = self.replicas[&id].poll_timeout().is_some_and(|t| t <= now);
             if due {
-                self.replicas
-                    .get_mut(&id)
-                    .unwrap()
-                    .handle(now, Input::Tick)
-                    .unwrap();
+                self.feed(id, Input::Tick).expect("a tick is never refused");
                 self.drain(id);
             }
         }
@@ -419,4 +453,53 @@ pub fn owner_of(m: &Mesh, task: TaskId) -> Option<(NodeId, Epoch)> {
     let runners = m.runners(task);
     assert!(runners.len() <= 1, "more than one instance: {runners:?}");
     runners.first().copied()
+}
+
+/// The harness as a conformance driver: simulated time, the lossless network of
+/// [`Mesh::from_configs`] (faults can still be set on `self`), and the fake executor.
+impl Driver for Mesh {
+    fn nodes(&self) -> Vec<NodeId> {
+        self.ids()
+    }
+
+    fn advance(&mut self, ms: Millis) {
+        self.run_for(ms);
+    }
+
+    fn inspect(&self, id: NodeId, f: &mut dyn FnMut(&Replica, Millis)) {
+        f(&self.replicas[&id], self.now);
+    }
+
+    fn submit(&mut self, at: NodeId, spec: SignedTaskSpec) {
+        Self::submit(self, at, spec);
+    }
+
+    fn cancel(&mut self, at: NodeId, task: TaskId) {
+        // Already ended or unknown: the replica says so, and nothing changes.
+        let _ = self.input(at, Input::Cancel(task));
+    }
+
+    fn exit(&mut self, at: NodeId, task: TaskId, code: i32) -> bool {
+        if self.running_on(at, task).is_none() {
+            return false;
+        }
+        Self::exit(self, at, task, code);
+        true
+    }
+
+    fn running(&self) -> Vec<(NodeId, TaskId, Epoch)> {
+        self.instances
+            .iter()
+            .filter(|i| i.stopped_at.is_none())
+            .map(|i| (i.node, i.task, i.epoch))
+            .collect()
+    }
+
+    fn crash(&mut self, id: NodeId) {
+        Self::crash(self, id);
+    }
+
+    fn journal(&self) -> &Journal {
+        &self.journal
+    }
 }
