@@ -305,6 +305,9 @@ impl Sim {
         }
         self.trace = fold(self.trace, 12 << 32 | u64::from(i));
         let node = &mut self.nodes[ix(i)];
+        if let Some(j) = self.journal.as_mut() {
+            j.crashed(node.id);
+        }
         node.replica = None;
         node.gen += 1;
         let running: Vec<usize> = node

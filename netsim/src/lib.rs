@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod clock;
+pub mod conformance;
 pub mod executor;
 pub mod faults;
 pub mod gossip;

@@ -143,6 +143,12 @@ impl<E> EventQueue<E> {
         }
     }
 
+    /// Moves the clock to `t` when nothing is due before it (after [`Self::pop_until`] of
+    /// `t` returned `None`), so a driver stepping through quiet time sees it pass.
+    pub fn advance_to(&mut self, t: SimTime) {
+        self.now = self.now.max(t);
+    }
+
     /// The earliest event if it is due at or before `limit`.
     pub fn pop_until(&mut self, limit: SimTime) -> Option<Scheduled<E>> {
         let before = self.now;

@@ -283,6 +283,9 @@ pub struct Sim {
     /// Wall-clock time spent forming the mesh (`formed = true`), before time 0 ran.
     pub formed_in: Option<std::time::Duration>,
     ended_at: SimTime,
+    /// When set (by the conformance driver), every input fed and action polled is recorded
+    /// and checked against the replica's contract.
+    pub(crate) journal: Option<omesh_harness::conformance::Journal>,
 }
 
 /// The id of node index `i`: stable across seeds.
@@ -336,6 +339,7 @@ impl Sim {
             forming: None,
             formed_in: None,
             ended_at: 0,
+            journal: None,
             scenario,
             seed,
         };
@@ -549,6 +553,9 @@ impl Sim {
         let Some(r) = node.replica.as_mut() else {
             return false;
         };
+        if let Some(j) = self.journal.as_mut() {
+            j.fed(node.id, local, &input);
+        }
         let ok = r.handle(local, input).is_ok();
         self.drain(i);
         ok
@@ -562,6 +569,13 @@ impl Sim {
         let Some(r) = node.replica.as_mut() else {
             return false;
         };
+        if let Some(j) = self.journal.as_mut() {
+            let input = Input::Gossip {
+                via,
+                msg: msg.clone(),
+            };
+            j.fed(node.id, local, &input);
+        }
         let ok = r.handle_gossip(local, via, msg).is_ok();
         self.drain(i);
         ok
@@ -574,7 +588,18 @@ impl Sim {
             .as_mut()
             .and_then(Replica::poll_action)
         {
+            if let Some(j) = self.journal.as_mut() {
+                j.polled(self.nodes[ix(i)].id, &action);
+            }
             self.act(i, action);
+        }
+        if let Some(j) = self.journal.as_mut() {
+            let node = &self.nodes[ix(i)];
+            j.drained(node.id);
+            j.timeout(
+                node.id,
+                node.replica.as_ref().and_then(Replica::poll_timeout),
+            );
         }
         self.arm_tick(i);
     }
@@ -662,6 +687,12 @@ impl Sim {
             self.trace = fold(self.trace, s.at);
             self.dispatch(s.ev);
         }
+    }
+
+    /// Runs until `until` and leaves the clock there, even where no event fell on it.
+    pub fn run_to(&mut self, until: SimTime) {
+        self.run_until(until);
+        self.queue.advance_to(until);
     }
 
     /// Ends the run: network messages still on the wire are delivered without loss, nothing

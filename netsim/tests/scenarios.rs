@@ -164,3 +164,10 @@ fn a_formed_mesh_starts_with_every_record_everywhere_and_fails_over_the_same() {
     assert!(!o.failover_ms.is_empty(), "{}", o.table());
     epochs_start_once(&sim);
 }
+
+#[test]
+fn the_simulator_keeps_the_replica_contract() {
+    omesh_harness::conformance::run_all(|configs| {
+        omesh_netsim::conformance::SimDriver::new(&configs, 7)
+    });
+}

@@ -359,7 +359,9 @@ impl Journal {
     pub fn timeout(&mut self, node: NodeId, at: Option<Millis>) {
         match at {
             Some(at) => {
-                self.due.insert(node, at);
+                // A time already past (a replica not started asks for 0) means at once.
+                let fed = self.last_now.get(&node).copied().unwrap_or(0);
+                self.due.insert(node, at.max(fed));
             }
             None => {
                 self.due.remove(&node);
