@@ -5,7 +5,8 @@
 //! which checks the duties written on `omesh_state::Replica` as they happen:
 //! - `now` never goes back for one replica;
 //! - after every input the driver polls actions until `None` before it feeds the next one
-//!   (executor reports may be fed in between: they only append);
+//!   (its own answers, executor reports and `SyncFailed`, may be fed in between: they only
+//!   append);
 //! - a gossip delivery names the relay it came through (`Input::Gossip::via`): never the
 //!   receiver itself, always a node of the mesh;
 //! - every `StartTask` is answered by an executor report for the same epoch (`Started`,
@@ -289,7 +290,7 @@ impl Journal {
                 self.problem(format!("{node}: time went back from {last} to {now}"));
             }
         }
-        let report = matches!(input, Input::Executor { .. });
+        let report = matches!(input, Input::Executor { .. } | Input::SyncFailed { .. });
         if !report && self.undrained.contains(&node) {
             self.problem(format!(
                 "{node}: fed {} before polling every action of the input before",
