@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use crdts::{CmRDT, Dot, VClock};
 use omesh_protocol::codec::canonical_len;
 use omesh_protocol::delta::MAX_SYNC_REPLY_BYTES;
 use omesh_protocol::{
@@ -22,6 +21,7 @@ use crate::digest::{first8, mix64, splitmix64};
 use crate::liveness::{Health, RttEstimate};
 use crate::merge::{DeltaError, Merged, State};
 use crate::probe::Prober;
+use crate::vector::{entry_of, VersionVector};
 
 pub use crate::io::{Action, ExecEvent, Input, InputError, PropagationSample, Stats, StopReason};
 
@@ -31,10 +31,6 @@ const MAX_DELTAS_PER_MESSAGE: usize = 64;
 const SYNC_TIMEOUT_MS: Millis = 5_000;
 /// A sync reply that applied at least this many deltas has the per-node maps rebuilt.
 const COMPACT_AFTER: u64 = 256;
-/// The stamp of a node's first write: incarnation 1, counter 1.
-const FIRST_STAMP: u64 = (1 << 32) | 1;
-/// Stamps remembered beyond a gap, per origin, before we rely on sync alone.
-const MAX_AHEAD: usize = 1024;
 
 /// What this node does about a task it owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,15 +63,8 @@ pub struct Replica {
     pub(crate) cfg: ReplicaConfig,
     pub(crate) state: State,
     pub(crate) me: NodeRecord,
-    vclock: VClock<NodeId>,
-    /// [`Replica::vclock_hash`], kept up to date at each change of the vector: a digest-only
-    /// sync sends it and its answer compares it, and summing 10,000 entries each time would
-    /// cost more than the sync saves.
-    vclock_sum: u64,
-    ahead: BTreeMap<NodeId, BTreeSet<u64>>,
-    /// Per origin with a gap: since when (due `gap_sync_ms` later), the peer to ask if the
-    /// origin is not alive, and how many quick retries were spent on it.
-    gaps: BTreeMap<NodeId, (Millis, NodeId, u8)>,
+    /// The version vector, its hash and its gaps.
+    vector: VersionVector,
     inflight: BTreeMap<NodeId, Millis>,
     /// The peer of the gap-closing sync last sent (in flight while `inflight` says so).
     gap_sync: Option<NodeId>,
@@ -127,10 +116,7 @@ impl Replica {
         Ok(Self {
             me,
             state: State::default(),
-            vclock: VClock::new(),
-            vclock_sum: 0,
-            ahead: BTreeMap::new(),
-            gaps: BTreeMap::new(),
+            vector: VersionVector::default(),
             inflight: BTreeMap::new(),
             gap_sync: None,
             want_full: BTreeSet::new(),
@@ -195,33 +181,17 @@ impl Replica {
     /// An order-free hash of the version vector (zero entries left out), for a digest-only
     /// sync to tell equal vectors apart from different ones without sending either.
     pub fn vclock_hash(&self) -> u64 {
-        debug_assert_eq!(
-            self.vclock_sum,
-            self.vclock
-                .dots
-                .iter()
-                .fold(0u64, |acc, (o, c)| acc.wrapping_add(dot_hash(o, *c))),
-            "the kept vector hash drifted"
-        );
-        self.vclock_sum
-    }
-
-    /// Moves the kept vector hash for `origin`'s entry going from `old` to `new`.
-    fn clock_moved(&mut self, origin: &NodeId, old: u64, new: u64) {
-        self.vclock_sum = self
-            .vclock_sum
-            .wrapping_sub(dot_hash(origin, old))
-            .wrapping_add(dot_hash(origin, new));
+        self.vector.hash()
     }
 
     /// The version vector: per origin, the stamp up to which everything is held.
     pub fn version_vector(&self) -> Vec<(NodeId, u64)> {
-        self.vclock.dots.iter().map(|(a, c)| (*a, *c)).collect()
+        self.vector.entries()
     }
 
     /// The stamp of `origin` up to which this replica holds everything (0: nothing).
     pub fn version_of(&self, origin: &NodeId) -> u64 {
-        self.vclock.get(origin)
+        self.vector.get(origin)
     }
 
     /// Feeds one input. Everything it causes is queued for [`Replica::poll_action`].
@@ -466,19 +436,9 @@ impl Replica {
     fn retry_open_gaps(&mut self, now: Millis, from: NodeId) {
         const QUICK_RETRIES: u8 = 3;
         self.gap_sync = None;
-        let mut any = false;
         let others = self.random_peers(now, 1, from);
-        for (since, via, tries) in self.gaps.values_mut() {
-            if *via == from && *tries < QUICK_RETRIES {
-                *tries += 1;
-                *since = now;
-                if let Some(p) = others.first() {
-                    *via = *p;
-                }
-                any = true;
-            }
-        }
-        if any {
+        let other = others.first().copied();
+        if self.vector.retry_gaps(now, from, other, QUICK_RETRIES) {
             self.wake_at(now + self.cfg.gap_sync_ms);
         }
     }
@@ -547,10 +507,7 @@ impl Replica {
             Ok(_) => {}
             Err(_) => self.stats.deltas_rejected += 1,
         }
-        let old = self.vclock.get(&self.me.id);
-        self.vclock.apply(Dot::new(self.me.id, stamp));
-        let me = self.me.id;
-        self.clock_moved(&me, old, self.vclock.get(&me));
+        self.vector.raise(self.me.id, stamp);
         if let DeltaBody::Node(rec) = &delta.body {
             self.state.hear(&rec.id, now);
         }
@@ -682,61 +639,9 @@ impl Replica {
 
     /// Advances the version vector, or notes a gap to close by sync.
     fn track_stamp(&mut self, now: Millis, via: NodeId, origin: NodeId, stamp: u64) {
-        // One lookup for the in-order case, which every gossip delivery takes.
-        let slot = self.vclock.dots.get_mut(&origin);
-        let have = slot.as_deref().copied().unwrap_or(0);
-        if stamp <= have {
-            return;
-        }
-        // A node's very first write (incarnation 1, counter 1) follows nothing: no gap, though
-        // its stamp is not `0 + 1` (every new node's record would otherwise open one).
-        if stamp == have + 1 || (have == 0 && stamp == FIRST_STAMP) {
-            match slot {
-                Some(c) => *c = stamp,
-                None => {
-                    self.vclock.dots.insert(origin, stamp);
-                }
-            }
-            self.clock_moved(&origin, have, stamp);
-            self.drain_ahead(origin);
-        } else {
-            let ahead = self.ahead.entry(origin).or_default();
-            if ahead.len() < MAX_AHEAD {
-                ahead.insert(stamp);
-            }
-            if !self.gaps.contains_key(&origin) {
-                self.stats.gaps += 1;
-                self.gaps.insert(origin, (now, via, 0));
-                self.wake_at(now + self.cfg.gap_sync_ms);
-            }
-        }
-    }
-
-    fn drain_ahead(&mut self, origin: NodeId) {
-        if !self.ahead.contains_key(&origin) {
-            // Nothing held beyond a gap (the usual case: a sync reply calls this per origin).
-            if !self.gaps.is_empty() {
-                self.gaps.remove(&origin);
-            }
-            return;
-        }
-        let mut have = self.vclock.get(&origin);
-        if let Some(ahead) = self.ahead.get_mut(&origin) {
-            while ahead.remove(&(have + 1)) {
-                have += 1;
-            }
-            ahead.retain(|s| *s > have);
-            if ahead.is_empty() {
-                self.ahead.remove(&origin);
-            }
-        }
-        let old = self.vclock.get(&origin);
-        if have > old {
-            self.vclock.apply(Dot::new(origin, have));
-            self.clock_moved(&origin, old, have);
-        }
-        if !self.ahead.contains_key(&origin) {
-            self.gaps.remove(&origin);
+        if self.vector.track(now, via, origin, stamp) {
+            self.stats.gaps += 1;
+            self.wake_at(now + self.cfg.gap_sync_ms);
         }
     }
 
@@ -747,62 +652,11 @@ impl Replica {
     /// closes it. An idle mesh publishes nothing else that would show them the gap.
     fn note_lag(&mut self, now: Millis, req: &SyncRequest, sorted: bool) {
         let me = self.me.id;
-        let Some(theirs) = vector_entry(&req.vclock, sorted, &me) else {
+        let Some(theirs) = entry_of(&req.vclock, sorted, &me) else {
             return;
         };
-        if theirs > 0 && theirs < self.vclock.get(&me) {
+        if theirs > 0 && theirs < self.vector.get(&me) {
             self.publish_soon(now);
-        }
-    }
-
-    /// Raises the version vector to a sync reply's (what it carried, we now hold) and closes
-    /// the gaps that filled. Each origin is handled on its own, so the order is free: a
-    /// sorted vector (as replicas send it) is merged in one ordered pass instead of one
-    /// B-tree search per origin, which a mesh's boot, N² syncs of N entries, would pay.
-    fn adopt_vector(&mut self, vclock: &[(NodeId, u64)]) {
-        if !vclock.is_sorted_by(|a, b| a.0 < b.0) {
-            for (origin, c) in vclock {
-                let old = self.vclock.get(origin);
-                if *c > old {
-                    self.vclock.apply(Dot::new(*origin, *c));
-                    self.clock_moved(origin, old, *c);
-                }
-                self.drain_ahead(*origin);
-            }
-            return;
-        }
-        let mut missing = Vec::new();
-        let mut sum = self.vclock_sum;
-        let mut mine = self.vclock.dots.iter_mut().peekable();
-        for (origin, c) in vclock {
-            while mine.next_if(|(k, _)| *k < origin).is_some() {}
-            match mine.next_if(|(k, _)| *k == origin) {
-                Some((_, have)) if *c > *have => {
-                    sum = sum
-                        .wrapping_sub(dot_hash(origin, *have))
-                        .wrapping_add(dot_hash(origin, *c));
-                    *have = *c;
-                }
-                Some(_) => {}
-                None if *c > 0 => {
-                    sum = sum.wrapping_add(dot_hash(origin, *c));
-                    missing.push((*origin, *c));
-                }
-                None => {}
-            }
-        }
-        self.vclock_sum = sum;
-        self.vclock.dots.extend(missing);
-        // Only origins with a gap or stamps held beyond one have anything to drain.
-        let open: Vec<NodeId> = self
-            .ahead
-            .keys()
-            .chain(self.gaps.keys())
-            .filter(|o| vclock.binary_search_by(|(k, _)| k.cmp(o)).is_ok())
-            .copied()
-            .collect();
-        for origin in open {
-            self.drain_ahead(origin);
         }
     }
 
@@ -887,7 +741,7 @@ impl Replica {
             let (vclock, map, full) = (&req.vclock, &map, req.full);
             let theirs = move |origin: &NodeId| {
                 if sorted {
-                    vector_entry(vclock, true, origin).unwrap_or(0)
+                    entry_of(vclock, true, origin).unwrap_or(0)
                 } else {
                     map.get(origin).copied().unwrap_or(0)
                 }
@@ -897,7 +751,7 @@ impl Replica {
                 .collect()
         };
         deltas.sort_by_key(|d| (d.origin, d.stamp));
-        let budget = MAX_SYNC_REPLY_BYTES - 64 * 1024 - 48 * (self.vclock.dots.len() + 1);
+        let budget = MAX_SYNC_REPLY_BYTES - 64 * 1024 - 48 * (self.vector.len() + 1);
         let mut used = 0usize;
         let mut cut: Option<(usize, NodeId)> = None;
         for (i, d) in deltas.iter().enumerate() {
@@ -953,19 +807,19 @@ impl Replica {
         } = reply;
         let applied = self.stats.deltas_applied;
         let result = self.ingest(now, from, &deltas);
-        self.adopt_vector(&vclock);
+        self.vector.adopt(&vclock);
         if self.stats.deltas_applied - applied >= COMPACT_AFTER {
             // A bulk join (see `State::compact`): the two per-node maps it grew, rebuilt full.
             self.state.compact();
-            self.vclock.dots = std::mem::take(&mut self.vclock.dots).into_iter().collect();
+            self.vector.compact();
         }
         if !self.synced && !truncated && !vclock.is_empty() {
             // The first sync since start (or since isolation) shows the responder lacks this
             // node's latest write: what it published went nowhere (before any mesh link), so
             // publish again now that there is a peer.
             let me = self.me.id;
-            let theirs = vector_entry(&vclock, true, &me).unwrap_or(0);
-            if theirs < self.vclock.get(&me) {
+            let theirs = entry_of(&vclock, true, &me).unwrap_or(0);
+            if theirs < self.vector.get(&me) {
                 self.publish_soon(now);
             }
         }
@@ -1001,12 +855,7 @@ impl Replica {
                 self.send_sync_request(now, peer, true);
             }
         }
-        let due: Vec<(NodeId, NodeId)> = self
-            .gaps
-            .iter()
-            .filter(|(_, (since, _, _))| now >= since + self.cfg.gap_sync_ms)
-            .map(|(o, (_, via, _))| (*o, *via))
-            .collect();
+        let due = self.vector.due_gap(now, self.cfg.gap_sync_ms);
         // One gap sync in flight at a time: a reply carries all that this node's vector
         // lacks, so it closes every gap its sender can fill. A sync per gap instead (a booting
         // node has a gap for every origin) brings N replies of up to N records each, N³ across
@@ -1016,7 +865,7 @@ impl Replica {
                 .get(&p)
                 .is_some_and(|t| now < t + SYNC_TIMEOUT_MS)
         });
-        if let Some((origin, via)) = due.first().copied().filter(|_| !busy) {
+        if let Some((origin, via)) = due.filter(|_| !busy) {
             let to = if self.health(now, &origin) == Health::Alive {
                 origin
             } else {
@@ -1025,9 +874,7 @@ impl Replica {
             self.sync_request(now, to);
             self.gap_sync = Some(to);
             // Re-arm: ask again later if the gap is still open.
-            if let Some(gap) = self.gaps.get_mut(&origin) {
-                gap.0 = now + SYNC_TIMEOUT_MS;
-            }
+            self.vector.rearm_gap(&origin, now + SYNC_TIMEOUT_MS);
         }
         let isolated = self.is_isolated(now);
         if isolated && !self.was_isolated {
@@ -1207,27 +1054,4 @@ impl Replica {
             }
         }
     }
-}
-
-/// `id`'s entry in a version vector: found by binary search if the vector is sorted (as
-/// replicas send it), else the first one.
-fn vector_entry(vclock: &[(NodeId, u64)], sorted: bool, id: &NodeId) -> Option<u64> {
-    if sorted {
-        vclock
-            .binary_search_by(|(k, _)| k.cmp(id))
-            .ok()
-            .and_then(|i| vclock.get(i))
-            .map(|e| e.1)
-    } else {
-        vclock.iter().find(|(k, _)| k == id).map(|e| e.1)
-    }
-}
-
-/// One entry's share of [`Replica::vclock_hash`]; zero for a zero entry, which the vector
-/// leaves out.
-fn dot_hash(origin: &NodeId, c: u64) -> u64 {
-    if c == 0 {
-        return 0;
-    }
-    mix64(u64::from_le_bytes(first8(&origin.0)) ^ c.rotate_left(29))
 }
