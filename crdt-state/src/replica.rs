@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use omesh_protocol::codec::canonical_len;
-use omesh_protocol::delta::MAX_SYNC_REPLY_BYTES;
 use omesh_protocol::{
     Delta, DeltaBody, Digest, Epoch, GossipMessage, LoadSample, Millis, NodeId, NodeRecord,
     SignedTaskSpec, StateDigest, SyncReply, SyncRequest, TaskId, Wire,
@@ -21,14 +20,13 @@ use crate::digest::{first8, mix64, splitmix64};
 use crate::liveness::{Health, RttEstimate};
 use crate::merge::{DeltaError, Merged, State};
 use crate::probe::Prober;
+use crate::sync::{self, SyncState, SYNC_TIMEOUT_MS};
 use crate::vector::{entry_of, VersionVector};
 
 pub use crate::io::{Action, ExecEvent, Input, InputError, PropagationSample, Stats, StopReason};
 
 /// Deltas per gossip message; a larger batch is split.
 const MAX_DELTAS_PER_MESSAGE: usize = 64;
-/// How long an unanswered sync request blocks another to the same peer.
-const SYNC_TIMEOUT_MS: Millis = 5_000;
 /// A sync reply that applied at least this many deltas has the per-node maps rebuilt.
 const COMPACT_AFTER: u64 = 256;
 
@@ -65,15 +63,11 @@ pub struct Replica {
     pub(crate) me: NodeRecord,
     /// The version vector, its hash and its gaps.
     vector: VersionVector,
-    inflight: BTreeMap<NodeId, Millis>,
-    /// The peer of the gap-closing sync last sent (in flight while `inflight` says so).
-    gap_sync: Option<NodeId>,
-    want_full: BTreeSet<NodeId>,
+    /// Sync requests in flight, anti-entropy, and whether the view is synced.
+    sync: SyncState,
     next_counter: u64,
     /// Per suspected node, the version suspected and when that suspicion reached us.
     pub(crate) suspected_at: BTreeMap<NodeId, ((u64, u64), Millis)>,
-    /// The last time any peer was heard from (a message from it, or news of the mesh).
-    last_contact: Option<Millis>,
     pub(crate) prober: Prober,
     pub(crate) rtt: BTreeMap<NodeId, RttEstimate>,
     pub(crate) local: BTreeMap<TaskId, LocalRun>,
@@ -87,15 +81,10 @@ pub struct Replica {
     record_due: Option<Millis>,
     last_publish: Millis,
     published_load: LoadSample,
-    next_anti_entropy: Millis,
     pub(crate) next_eval: Option<Millis>,
     pub(crate) rng: ChaCha8Rng,
     pub(crate) stats: Stats,
     started: bool,
-    /// Whether a sync completed since start or since this node last heard nobody. Until then
-    /// it knows it may hold a stale view, and claims nothing (see `decide.rs`).
-    pub(crate) synced: bool,
-    was_isolated: bool,
     propagation: Vec<PropagationSample>,
 }
 
@@ -117,12 +106,9 @@ impl Replica {
             me,
             state: State::default(),
             vector: VersionVector::default(),
-            inflight: BTreeMap::new(),
-            gap_sync: None,
-            want_full: BTreeSet::new(),
+            sync: SyncState::default(),
             next_counter: 0,
             suspected_at: BTreeMap::new(),
-            last_contact: None,
             prober: Prober::default(),
             rtt: BTreeMap::new(),
             local: BTreeMap::new(),
@@ -135,13 +121,10 @@ impl Replica {
             record_due: None,
             last_publish: 0,
             published_load: LoadSample::default(),
-            next_anti_entropy: 0,
             next_eval: None,
             rng,
             stats: Stats::default(),
             started: false,
-            synced: false,
-            was_isolated: false,
             propagation: Vec::new(),
             cfg,
         })
@@ -233,7 +216,8 @@ impl Replica {
                 Ok(())
             }
             Input::Connected(peer) => {
-                if peer != self.me.id && (!self.synced || self.health(now, &peer) != Health::Alive)
+                if peer != self.me.id
+                    && (!self.sync.is_synced() || self.health(now, &peer) != Health::Alive)
                 {
                     self.sync_request(now, peer);
                 }
@@ -241,7 +225,7 @@ impl Replica {
             }
             Input::SyncReply { from, reply } => self.on_sync_reply(now, from, reply),
             Input::SyncFailed { peer } => {
-                self.inflight.remove(&peer);
+                self.sync.ended(&peer);
                 self.stats.syncs_failed += 1;
                 Ok(())
             }
@@ -314,7 +298,7 @@ impl Replica {
     ) -> Result<(), InputError> {
         self.contact(now, via);
         let r = self.ingest(now, via, &msg.deltas);
-        if !self.synced {
+        if !self.sync.is_synced() {
             self.sync_request(now, via);
         }
         r
@@ -347,7 +331,10 @@ impl Replica {
         if !self.started {
             return Some(0);
         }
-        let mut t = self.prober.next_timeout().min(self.next_anti_entropy);
+        let mut t = self
+            .prober
+            .next_timeout()
+            .min(self.sync.next_anti_entropy());
         for due in [self.next_eval, self.record_due].into_iter().flatten() {
             t = t.min(due);
         }
@@ -396,7 +383,7 @@ impl Replica {
         }
         self.started = true;
         self.publish_record(now);
-        self.next_anti_entropy = now + self.cfg.anti_entropy_ms / 2;
+        self.sync.start(now + self.cfg.anti_entropy_ms / 2);
         // Spread the nodes' probe periods (a mesh booted at once would probe in lockstep).
         let offset = {
             use rand::Rng;
@@ -435,7 +422,6 @@ impl Replica {
     /// the slow pace.
     fn retry_open_gaps(&mut self, now: Millis, from: NodeId) {
         const QUICK_RETRIES: u8 = 3;
-        self.gap_sync = None;
         let others = self.random_peers(now, 1, from);
         let other = others.first().copied();
         if self.vector.retry_gaps(now, from, other, QUICK_RETRIES) {
@@ -458,7 +444,7 @@ impl Replica {
         if from == self.me.id {
             return;
         }
-        self.last_contact = Some(now);
+        self.sync.heard(now);
         self.state.hear(&from, now);
     }
 
@@ -595,7 +581,7 @@ impl Replica {
                         let newer = held.is_none_or(|v| rec.version() > v);
                         if newer {
                             self.state.hear(&rec.id, now);
-                            self.last_contact = Some(now);
+                            self.sync.heard(now);
                             if self.suspected_at.contains_key(&rec.id) {
                                 // Refuted (or restarted): its leases hold again.
                                 self.note_suspicion(now, rec.id);
@@ -667,23 +653,17 @@ impl Replica {
     /// A sync request; `digest_only` compares digests first (periodic anti-entropy of a
     /// synced replica), sending the version vector only if they differ.
     fn send_sync_request(&mut self, now: Millis, to: NodeId, digest_only: bool) {
-        if to == self.me.id
-            || self
-                .inflight
-                .get(&to)
-                .is_some_and(|t| now < t + SYNC_TIMEOUT_MS)
-        {
+        if to == self.me.id || !self.sync.try_send(now, to) {
             return;
         }
-        self.inflight.insert(to, now);
         self.stats.syncs_sent += 1;
-        let digest_only = digest_only && self.synced && !self.want_full.contains(&to);
+        let digest_only = self.sync.digest_only(&to, digest_only);
         let mut vclock = if digest_only {
             Vec::new()
         } else {
             self.version_vector()
         };
-        if !self.synced && self.cfg.incarnation > 1 {
+        if !self.sync.is_synced() && self.cfg.incarnation > 1 {
             // A restarted node starts empty, yet its own new stamps (`incarnation << 32 | n`)
             // claim to cover everything it wrote in earlier incarnations: until a sync
             // completes, ask for its own history too, or it never gets it back.
@@ -696,98 +676,19 @@ impl Replica {
         let request = SyncRequest {
             vclock,
             digest: self.digest(),
-            full: self.want_full.remove(&to),
+            full: self.sync.take_want_full(&to),
             digest_only,
             vclock_hash: if digest_only { self.vclock_hash() } else { 0 },
         };
         self.outbox.push_back(Action::SendSync { to, request });
     }
 
-    /// Answers with every component the requester's vector lacks, cut at the size limit on
-    /// an origin boundary so the requester can adopt what it fully got.
+    /// Answers a peer's sync request (see [`sync::reply`]).
     fn serve_sync(&mut self, now: Millis, from: NodeId, req: &SyncRequest) {
         self.stats.syncs_served += 1;
-        // A sorted vector (as replicas send it) is searched in place; anything else is read
-        // into a map first, a repeated origin counting with its last entry.
         let sorted = req.vclock.is_sorted_by(|a, b| a.0 < b.0);
         self.note_lag(now, req, sorted);
-        if req.digest_only && !req.full {
-            // Different digests: "truncated", so the requester asks again with its vector.
-            // Equal digests: nothing, or this vector alone if the vectors differ (see
-            // `SyncRequest::digest_only`).
-            let same = req.digest == self.digest();
-            let vclock = if same && req.vclock_hash != self.vclock_hash() {
-                self.version_vector()
-            } else {
-                Vec::new()
-            };
-            let reply = SyncReply {
-                deltas: Vec::new(),
-                vclock,
-                digest: self.digest(),
-                truncated: !same,
-            };
-            self.outbox.push_back(Action::ReplySync { to: from, reply });
-            return;
-        }
-        let mut deltas: Vec<Delta> = if req.digest == self.digest() && !req.full {
-            Vec::new()
-        } else {
-            let map: BTreeMap<NodeId, u64> = if sorted {
-                BTreeMap::new()
-            } else {
-                req.vclock.iter().copied().collect()
-            };
-            let (vclock, map, full) = (&req.vclock, &map, req.full);
-            let theirs = move |origin: &NodeId| {
-                if sorted {
-                    entry_of(vclock, true, origin).unwrap_or(0)
-                } else {
-                    map.get(origin).copied().unwrap_or(0)
-                }
-            };
-            self.state
-                .components_where(move |at| full || at.stamp > theirs(&at.origin))
-                .collect()
-        };
-        deltas.sort_by_key(|d| (d.origin, d.stamp));
-        let budget = MAX_SYNC_REPLY_BYTES - 64 * 1024 - 48 * (self.vector.len() + 1);
-        let mut used = 0usize;
-        let mut cut: Option<(usize, NodeId)> = None;
-        for (i, d) in deltas.iter().enumerate() {
-            used += canonical_len(d) + 8;
-            if used > budget && i > 0 {
-                cut = Some((i, d.origin));
-                break;
-            }
-        }
-        let mine = self.version_vector();
-        let (deltas, vclock, truncated) = match cut {
-            None => (deltas, mine, false),
-            Some((i, partial)) => {
-                deltas.truncate(i);
-                let last_partial = deltas
-                    .iter()
-                    .rev()
-                    .find(|d| d.origin == partial)
-                    .map(|d| d.stamp);
-                let vclock = mine
-                    .into_iter()
-                    .filter_map(|(o, c)| match o.cmp(&partial) {
-                        std::cmp::Ordering::Less => Some((o, c)),
-                        std::cmp::Ordering::Equal => last_partial.map(|s| (o, s.min(c))),
-                        std::cmp::Ordering::Greater => None,
-                    })
-                    .collect();
-                (deltas, vclock, true)
-            }
-        };
-        let reply = SyncReply {
-            deltas,
-            vclock,
-            digest: self.digest(),
-            truncated,
-        };
+        let reply = sync::reply(&self.state, &self.vector, req, sorted);
         self.outbox.push_back(Action::ReplySync { to: from, reply });
     }
 
@@ -797,7 +698,7 @@ impl Replica {
         from: NodeId,
         reply: SyncReply,
     ) -> Result<(), InputError> {
-        self.inflight.remove(&from);
+        self.sync.ended(&from);
         self.touch(now, from);
         let SyncReply {
             deltas,
@@ -813,7 +714,7 @@ impl Replica {
             self.state.compact();
             self.vector.compact();
         }
-        if !self.synced && !truncated && !vclock.is_empty() {
+        if !self.sync.is_synced() && !truncated && !vclock.is_empty() {
             // The first sync since start (or since isolation) shows the responder lacks this
             // node's latest write: what it published went nowhere (before any mesh link), so
             // publish again now that there is a peer.
@@ -824,11 +725,11 @@ impl Replica {
             }
         }
         self.stats.syncs_completed += 1;
-        if !truncated && self.gap_sync == Some(from) {
+        if !truncated && self.sync.gap_sync_answered(from) {
             self.retry_open_gaps(now, from);
         }
         if !truncated {
-            self.synced = true;
+            self.sync.completed();
         }
         if truncated {
             self.sync_request(now, from);
@@ -838,7 +739,7 @@ impl Replica {
             if theirs == mine {
                 // Same versions, different states: something was lost outside the vectors.
                 self.stats.digest_mismatches += 1;
-                self.want_full.insert(from);
+                self.sync.want_full(from);
             }
         }
         result
@@ -849,8 +750,7 @@ impl Replica {
             self.publish_record(now);
         }
         self.probe_tick(now);
-        if now >= self.next_anti_entropy {
-            self.next_anti_entropy = now + self.cfg.anti_entropy_ms;
+        if self.sync.anti_entropy_due(now, self.cfg.anti_entropy_ms) {
             if let Some(peer) = self.random_alive_peer(now) {
                 self.send_sync_request(now, peer, true);
             }
@@ -860,11 +760,7 @@ impl Replica {
         // lacks, so it closes every gap its sender can fill. A sync per gap instead (a booting
         // node has a gap for every origin) brings N replies of up to N records each, N³ across
         // a mesh. Gaps the reply leaves open get the next sync, to another peer.
-        let busy = self.gap_sync.is_some_and(|p| {
-            self.inflight
-                .get(&p)
-                .is_some_and(|t| now < t + SYNC_TIMEOUT_MS)
-        });
+        let busy = self.sync.gap_sync_busy(now);
         if let Some((origin, via)) = due.filter(|_| !busy) {
             let to = if self.health(now, &origin) == Health::Alive {
                 origin
@@ -872,26 +768,21 @@ impl Replica {
                 via
             };
             self.sync_request(now, to);
-            self.gap_sync = Some(to);
+            self.sync.gap_sync_sent(to);
             // Re-arm: ask again later if the gap is still open.
             self.vector.rearm_gap(&origin, now + SYNC_TIMEOUT_MS);
         }
         let isolated = self.is_isolated(now);
-        if isolated && !self.was_isolated {
-            // Heard nobody for a while: whatever we believe may be stale until we sync again.
-            self.synced = false;
-        }
-        if !isolated && self.was_isolated {
+        if self.sync.note_isolation(isolated) {
             self.restart_suspicions(now);
         }
-        self.was_isolated = isolated;
         self.next_eval = None;
         self.evaluate(now);
     }
 
     /// Whether a sync completed since start (or since this node last heard nobody).
     pub fn is_synced(&self) -> bool {
-        self.synced
+        self.sync.is_synced()
     }
 
     /// Whether this node knows peers but hears none of them.
@@ -903,10 +794,7 @@ impl Replica {
         // takes over eventually instead of waiting forever.
         let quiet_after = 2 * self.cfg.heartbeat_ms;
         let forget_after = 10 * (self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms);
-        self.last_contact.is_some_and(|t| {
-            let silent = now.saturating_sub(t);
-            silent >= quiet_after && silent <= forget_after
-        })
+        self.sync.is_isolated(now, quiet_after, forget_after)
     }
 
     /// Whether this node may claim tasks: alone in the mesh (or the only one left for long),
@@ -917,10 +805,7 @@ impl Replica {
 
     fn synced_or_alone(&self, now: Millis) -> bool {
         let forget_after = 10 * (self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms);
-        let alone = self
-            .last_contact
-            .is_none_or(|t| now.saturating_sub(t) > forget_after);
-        alone || self.synced
+        self.sync.alone(now, forget_after) || self.sync.is_synced()
     }
 
     fn random_alive_peer(&mut self, now: Millis) -> Option<NodeId> {
@@ -1010,7 +895,7 @@ impl Replica {
     /// node, or one with no seeds), or a sync with a peer has completed since start, so its
     /// view of the mesh is not the empty one it booted with.
     pub fn is_ready(&self, expects_peers: bool) -> bool {
-        !expects_peers || self.synced
+        !expects_peers || self.sync.is_synced()
     }
 
     /// The grace past a lease's ttl before it counts as lost: the configured floor or the
