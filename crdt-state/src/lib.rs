@@ -17,6 +17,7 @@ pub mod merge;
 pub mod placement;
 mod probe;
 pub mod replica;
+mod suspicion;
 mod sync;
 mod vector;
 

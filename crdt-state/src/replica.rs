@@ -20,8 +20,11 @@ use crate::digest::{first8, mix64, splitmix64};
 use crate::liveness::{Health, RttEstimate};
 use crate::merge::{DeltaError, Merged, State};
 use crate::probe::Prober;
+use crate::suspicion::Suspicions;
 use crate::sync::{self, SyncState, SYNC_TIMEOUT_MS};
 use crate::vector::{entry_of, VersionVector};
+
+mod membership;
 
 pub use crate::io::{Action, ExecEvent, Input, InputError, PropagationSample, Stats, StopReason};
 
@@ -66,8 +69,8 @@ pub struct Replica {
     /// Sync requests in flight, anti-entropy, and whether the view is synced.
     sync: SyncState,
     next_counter: u64,
-    /// Per suspected node, the version suspected and when that suspicion reached us.
-    pub(crate) suspected_at: BTreeMap<NodeId, ((u64, u64), Millis)>,
+    /// When each suspicion held reached this node.
+    suspicions: Suspicions,
     pub(crate) prober: Prober,
     pub(crate) rtt: BTreeMap<NodeId, RttEstimate>,
     pub(crate) local: BTreeMap<TaskId, LocalRun>,
@@ -108,7 +111,7 @@ impl Replica {
             vector: VersionVector::default(),
             sync: SyncState::default(),
             next_counter: 0,
-            suspected_at: BTreeMap::new(),
+            suspicions: Suspicions::default(),
             prober: Prober::default(),
             rtt: BTreeMap::new(),
             local: BTreeMap::new(),
@@ -389,7 +392,7 @@ impl Replica {
             use rand::Rng;
             self.rng.gen_range(0..self.cfg.heartbeat_ms)
         };
-        self.prober_start(now + offset);
+        self.prober.start(now + offset);
     }
 
     /// Whether a load sample moved far enough from the one last published to publish again:
@@ -427,25 +430,6 @@ impl Replica {
         if self.vector.retry_gaps(now, from, other, QUICK_RETRIES) {
             self.wake_at(now + self.cfg.gap_sync_ms);
         }
-    }
-
-    /// A peer was heard from directly. A peer this node suspects (or does not know) is
-    /// asked for its state: after a partition heals, that is how each side learns the other's
-    /// suspicions of it and refutes them.
-    pub(crate) fn contact(&mut self, now: Millis, from: NodeId) {
-        self.touch(now, from);
-        if self.health(now, &from) != Health::Alive {
-            self.sync_request(now, from);
-        }
-    }
-
-    /// Notes that `from` was heard from directly (no sync asked).
-    fn touch(&mut self, now: Millis, from: NodeId) {
-        if from == self.me.id {
-            return;
-        }
-        self.sync.heard(now);
-        self.state.hear(&from, now);
     }
 
     pub(crate) fn mark_dirty(&mut self, now: Millis) {
@@ -576,13 +560,13 @@ impl Replica {
                 match &d.body {
                     DeltaBody::Node(rec) => {
                         if held.is_none() && rec.id != self.me.id {
-                            self.prober_learned(&rec.id);
+                            self.prober.learned(&rec.id, &mut self.rng);
                         }
                         let newer = held.is_none_or(|v| rec.version() > v);
                         if newer {
                             self.state.hear(&rec.id, now);
                             self.sync.heard(now);
-                            if self.suspected_at.contains_key(&rec.id) {
+                            if self.suspicions.holds(&rec.id) {
                                 // Refuted (or restarted): its leases hold again.
                                 self.note_suspicion(now, rec.id);
                                 self.mark_dirty(now);
@@ -774,7 +758,7 @@ impl Replica {
         }
         let isolated = self.is_isolated(now);
         if self.sync.note_isolation(isolated) {
-            self.restart_suspicions(now);
+            self.suspicions.restart(now);
         }
         self.next_eval = None;
         self.evaluate(now);
@@ -785,99 +769,9 @@ impl Replica {
         self.sync.is_synced()
     }
 
-    /// Whether this node knows peers but hears none of them.
-    pub fn is_isolated(&self, now: Millis) -> bool {
-        // Isolation must be noticed before any lease it could take over expires: two probe
-        // periods of silence from everyone (a node pings one peer and is pinged by about one
-        // per period), while a lease needs a suspicion plus ttl + grace. Silence much longer
-        // than a lease means the rest of the mesh is gone, so a lone survivor of a dead mesh
-        // takes over eventually instead of waiting forever.
-        let quiet_after = 2 * self.cfg.heartbeat_ms;
-        let forget_after = 10 * (self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms);
-        self.sync.is_isolated(now, quiet_after, forget_after)
-    }
-
-    /// Whether this node may claim tasks: alone in the mesh (or the only one left for long),
-    /// or hearing peers and synced.
-    pub fn may_claim(&self, now: Millis) -> bool {
-        self.synced_or_alone(now) && !self.is_isolated(now)
-    }
-
-    fn synced_or_alone(&self, now: Millis) -> bool {
-        let forget_after = 10 * (self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms);
-        self.sync.alone(now, forget_after) || self.sync.is_synced()
-    }
-
     fn random_alive_peer(&mut self, now: Millis) -> Option<NodeId> {
         let me = self.me.id;
         self.random_peers(now, 1, me).first().copied()
-    }
-
-    /// How a node looks from here, now.
-    pub fn health(&self, now: Millis, id: &NodeId) -> Health {
-        if *id == self.me.id {
-            return self.own_health();
-        }
-        match self.state.node(id) {
-            None => Health::Gone,
-            Some(r) => self.health_of(now, r),
-        }
-    }
-
-    /// This node's own health: alive until it leaves.
-    fn own_health(&self) -> Health {
-        if self.me.leaving {
-            Health::Gone
-        } else {
-            Health::Alive
-        }
-    }
-
-    /// [`Replica::health`] of a held record, without looking it up.
-    pub(crate) fn health_of(&self, now: Millis, rec: &NodeRecord) -> Health {
-        let id = &rec.id;
-        if *id == self.me.id {
-            return self.own_health();
-        }
-        if rec.leaving {
-            return Health::Gone;
-        }
-        match self.suspected_since(id) {
-            None => Health::Alive,
-            Some(at) if now <= at.saturating_add(self.cfg.lease_ttl_ms + self.grace_ms(id)) => {
-                Health::Suspect
-            }
-            Some(_) => Health::Gone,
-        }
-    }
-
-    /// Other nodes that are not gone (alive or suspected, and not leaving): the peers worth
-    /// keeping a connection to, fetching blobs from and dialing.
-    pub fn live_peers(&self, now: Millis) -> impl Iterator<Item = &NodeRecord> + '_ {
-        let me = self.me.id;
-        self.state
-            .nodes()
-            .filter(move |n| n.id != me && self.health_of(now, n) != Health::Gone)
-    }
-
-    /// Nodes alive now, this one included (unless it is leaving): the candidates placement
-    /// ranks.
-    pub fn alive_nodes(&self, now: Millis) -> impl Iterator<Item = &NodeRecord> + '_ {
-        self.state
-            .nodes()
-            .filter(move |n| self.health_of(now, n) == Health::Alive)
-    }
-
-    /// How many nodes this replica knows (itself included) and how many of them are alive.
-    pub fn node_counts(&self, now: Millis) -> (usize, usize) {
-        let (mut known, mut alive) = (0, 0);
-        for n in self.state.nodes() {
-            known += 1;
-            if self.health_of(now, n) == Health::Alive {
-                alive += 1;
-            }
-        }
-        (known, alive)
     }
 
     /// The image digests named by tasks that have not ended: a blob store must keep them.
@@ -896,23 +790,6 @@ impl Replica {
     /// view of the mesh is not the empty one it booted with.
     pub fn is_ready(&self, expects_peers: bool) -> bool {
         !expects_peers || self.sync.is_synced()
-    }
-
-    /// The grace past a lease's ttl before it counts as lost: the configured floor or the
-    /// RTT-adaptive SRTT + 4·RTTVAR, whichever is longer.
-    pub fn grace_ms(&self, id: &NodeId) -> Millis {
-        let adaptive = self.rtt.get(id).map_or(0, RttEstimate::timeout_ms);
-        self.cfg.lease_grace_ms.max(adaptive)
-    }
-
-    /// When this node last heard from `id`, on its own clock.
-    pub fn last_heard(&self, id: &NodeId) -> Option<Millis> {
-        self.state.heard(id)
-    }
-
-    /// The RTT estimate to `id`, if measured.
-    pub fn rtt(&self, id: &NodeId) -> Option<RttEstimate> {
-        self.rtt.get(id).copied()
     }
 
     fn leave(&mut self, now: Millis) {
