@@ -71,7 +71,7 @@ pub struct Replica {
     next_counter: u64,
     /// When each suspicion held reached this node.
     suspicions: Suspicions,
-    pub(crate) prober: Prober,
+    prober: Prober,
     pub(crate) rtt: BTreeMap<NodeId, RttEstimate>,
     pub(crate) local: BTreeMap<TaskId, LocalRun>,
     pub(crate) claimable_since: BTreeMap<TaskId, Claimable>,
