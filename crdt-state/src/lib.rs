@@ -11,16 +11,19 @@
 pub mod config;
 pub mod decide;
 pub mod digest;
+mod io;
 pub mod liveness;
 pub mod merge;
 pub mod placement;
 mod probe;
 pub mod replica;
+mod suspicion;
+mod sync;
+mod vector;
 
 pub use config::{ConfigError, ReplicaConfig};
 pub use decide::TaskView;
+pub use io::{Action, ExecEvent, Input, InputError, PropagationSample, Stats, StopReason};
 pub use liveness::{Health, RttEstimate};
 pub use merge::{Crdt, DeltaError, Merged, Stamp, State, TaskRecord};
-pub use replica::{
-    Action, ExecEvent, Input, InputError, PropagationSample, Replica, Stats, StopReason,
-};
+pub use replica::Replica;

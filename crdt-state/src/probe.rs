@@ -8,17 +8,23 @@
 //! they change. A replica judges a peer Gone when a suspicion of it has been held for
 //! `lease_ttl + grace` on its own clock, which is also when the peer's leases are lost.
 
+//!
+//! [`Prober`] is the probing state machine alone: it is handed `now`, the probes that arrive
+//! and what it needs to read (the state, a [`Judge`], a random source), and returns what to
+//! send or whom to suspect; the replica does the sending, suspecting and counting.
+
 use std::collections::BTreeMap;
 
-use omesh_protocol::{DeltaBody, Millis, NodeId, Probe};
+use omesh_protocol::{Millis, NodeId, Probe};
 use rand::seq::SliceRandom;
 use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 
-use crate::liveness::Health;
-use crate::replica::{Action, Replica};
+use crate::liveness::{Health, Judge};
+use crate::merge::State;
 
 /// How long a relayed ping is remembered, in probe periods.
-const RELAY_PERIODS: u64 = 2;
+pub(crate) const RELAY_PERIODS: u64 = 2;
 /// The most relayed pings remembered at once; more requests are dropped (and counted).
 const MAX_RELAYS: usize = 256;
 
@@ -43,6 +49,29 @@ struct Relay {
     until: Millis,
 }
 
+/// What a probe from a peer calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// Send this probe (an ack, a forwarded ack, or a ping on another's behalf).
+    Send {
+        /// The peer.
+        to: NodeId,
+        /// The probe.
+        probe: Probe,
+    },
+    /// This period's target answered; `rtt_us` is a round trip measured by it, if direct.
+    Acked {
+        /// The target.
+        peer: NodeId,
+        /// The round trip, for a direct answer to the first ping.
+        rtt_us: Option<u64>,
+    },
+    /// A ping request dropped: too many relays at once.
+    Dropped,
+    /// A late or unknown ack: nothing to do.
+    Nothing,
+}
+
 /// The probing state of one replica.
 #[derive(Debug, Default)]
 pub(crate) struct Prober {
@@ -57,6 +86,11 @@ pub(crate) struct Prober {
 }
 
 impl Prober {
+    /// Sets the first probe time.
+    pub(crate) fn start(&mut self, at: Millis) {
+        self.next_probe = at;
+    }
+
     /// When the prober next wants a tick.
     pub(crate) fn next_timeout(&self) -> Millis {
         match self.current {
@@ -64,213 +98,115 @@ impl Prober {
             _ => self.next_probe,
         }
     }
-}
 
-impl Replica {
-    /// Sets the first probe time.
-    pub(crate) fn prober_start(&mut self, at: Millis) {
-        self.prober.next_probe = at;
+    /// Closes the probe period if it is over at `now`, starting the next `period_ms` long.
+    /// `None`: the period is still running. `Some(target)`: it closed; `target` is the peer
+    /// that answered no ping in it (to suspect), if any. Ping the next target after this.
+    pub(crate) fn end_period(&mut self, now: Millis, period_ms: Millis) -> Option<Option<NodeId>> {
+        if now < self.next_probe {
+            return None;
+        }
+        let unanswered = self.current.take().filter(|o| !o.acked).map(|o| o.target);
+        self.next_probe = now + period_ms;
+        self.relays.retain(|_, r| now < r.until);
+        Some(unanswered)
     }
 
-    /// Probing work due at `now`: close the period (suspect an unanswered target), ping the
-    /// next one, or ask others to.
-    pub(crate) fn probe_tick(&mut self, now: Millis) {
-        if self.me.leaving {
-            return;
-        }
-        if now >= self.prober.next_probe {
-            if let Some(o) = self.prober.current.take().filter(|o| !o.acked) {
-                self.suspect(now, o.target);
-            }
-            self.prober.next_probe = now + self.cfg.heartbeat_ms;
-            self.prober.relays.retain(|_, r| now < r.until);
-            if let Some(target) = self.next_target() {
-                let nonce = self.next_nonce();
-                let wait = self
-                    .rtt
-                    .get(&target)
-                    .map_or(0, |r| r.timeout_ms())
-                    .max(self.cfg.probe_timeout_ms)
-                    .min(self.cfg.heartbeat_ms / 2);
-                self.prober.current = Some(Outstanding {
-                    target,
-                    nonce,
-                    sent_at: now,
-                    indirect_at: now + wait,
-                    indirect_sent: false,
-                    acked: false,
-                });
-                self.stats.probes_sent += 1;
-                self.outbox.push_back(Action::SendProbe {
-                    to: target,
-                    probe: Probe::Ping { nonce },
-                });
-            }
-        }
-        let due = self
-            .prober
+    /// Pings `target` now: it is this period's target, and others are asked to ping it after
+    /// `wait_ms` without an answer. Returns the ping to send it.
+    pub(crate) fn ping(&mut self, now: Millis, target: NodeId, wait_ms: Millis) -> Probe {
+        let nonce = self.next_nonce();
+        self.current = Some(Outstanding {
+            target,
+            nonce,
+            sent_at: now,
+            indirect_at: now + wait_ms,
+            indirect_sent: false,
+            acked: false,
+        });
+        Probe::Ping { nonce }
+    }
+
+    /// This period's target and ping nonce, if it is time to ask others to ping it (once per
+    /// period).
+    pub(crate) fn indirect_due(&mut self, now: Millis) -> Option<(NodeId, u64)> {
+        let cur = self
             .current
-            .filter(|o| !o.acked && !o.indirect_sent && now >= o.indirect_at);
-        if let Some(o) = due {
-            if let Some(cur) = self.prober.current.as_mut() {
-                cur.indirect_sent = true;
-            }
-            if self.health(now, &o.target) == Health::Gone {
-                // Already judged gone: the direct ping is only to notice it coming back.
-                return;
-            }
-            let helpers = self.random_peers(now, usize::from(self.cfg.indirect_probes), o.target);
-            for h in helpers {
-                self.stats.probes_sent += 1;
-                self.outbox.push_back(Action::SendProbe {
-                    to: h,
-                    probe: Probe::PingReq {
-                        nonce: o.nonce,
-                        target: o.target,
-                    },
-                });
-            }
-        }
+            .as_mut()
+            .filter(|o| !o.acked && !o.indirect_sent && now >= o.indirect_at)?;
+        cur.indirect_sent = true;
+        Some((cur.target, cur.nonce))
     }
 
-    /// A probe from a peer.
-    pub(crate) fn on_probe(&mut self, now: Millis, from: NodeId, probe: Probe) {
-        if from == self.me.id {
-            return;
-        }
-        self.contact(now, from);
+    /// A probe from `from` (not this node, `me`): what to do about it. A relayed ping is
+    /// remembered for `relay_ms`.
+    pub(crate) fn handle(
+        &mut self,
+        now: Millis,
+        me: NodeId,
+        from: NodeId,
+        probe: Probe,
+        relay_ms: Millis,
+    ) -> Answer {
         match probe {
-            Probe::Ping { nonce } => {
-                self.outbox.push_back(Action::SendProbe {
-                    to: from,
-                    probe: Probe::Ack {
-                        nonce,
-                        about: self.me.id,
-                    },
-                });
-            }
+            Probe::Ping { nonce } => Answer::Send {
+                to: from,
+                probe: Probe::Ack { nonce, about: me },
+            },
             Probe::Ack { nonce, about } => {
                 if let Some(cur) = self
-                    .prober
                     .current
                     .as_mut()
                     .filter(|o| o.nonce == nonce && o.target == about)
                 {
-                    if !cur.acked && from == about && !cur.indirect_sent {
-                        let rtt_us = now.saturating_sub(cur.sent_at).saturating_mul(1000);
-                        self.rtt.entry(about).or_default().observe(rtt_us);
-                    }
+                    let rtt_us = (!cur.acked && from == about && !cur.indirect_sent)
+                        .then(|| now.saturating_sub(cur.sent_at).saturating_mul(1000));
                     cur.acked = true;
-                    self.stats.probes_acked += 1;
+                    Answer::Acked {
+                        peer: about,
+                        rtt_us,
+                    }
                 } else if let Some(r) = self
-                    .prober
                     .relays
                     .remove(&nonce)
                     .filter(|r| r.target == about && from == about)
                 {
-                    self.outbox.push_back(Action::SendProbe {
+                    Answer::Send {
                         to: r.requester,
                         probe: Probe::Ack {
                             nonce: r.their_nonce,
                             about,
                         },
-                    });
+                    }
+                } else {
+                    Answer::Nothing
                 }
-                // Anything else is a late or unknown ack: nothing to do.
             }
             Probe::PingReq { nonce, target } => {
-                if target == self.me.id {
-                    self.outbox.push_back(Action::SendProbe {
+                if target == me {
+                    return Answer::Send {
                         to: from,
-                        probe: Probe::Ack {
-                            nonce,
-                            about: self.me.id,
-                        },
-                    });
-                    return;
+                        probe: Probe::Ack { nonce, about: me },
+                    };
                 }
-                if self.prober.relays.len() >= MAX_RELAYS {
-                    self.stats.probes_dropped += 1;
-                    return;
+                if self.relays.len() >= MAX_RELAYS {
+                    return Answer::Dropped;
                 }
                 let mine = self.next_nonce();
-                self.prober.relays.insert(
+                self.relays.insert(
                     mine,
                     Relay {
                         requester: from,
                         their_nonce: nonce,
                         target,
-                        until: now + RELAY_PERIODS * self.cfg.heartbeat_ms,
+                        until: now + relay_ms,
                     },
                 );
-                self.outbox.push_back(Action::SendProbe {
+                Answer::Send {
                     to: target,
                     probe: Probe::Ping { nonce: mine },
-                });
-            }
-        }
-    }
-
-    /// Suspects `target` at the version of its record held here.
-    fn suspect(&mut self, now: Millis, target: NodeId) {
-        let Some(version) = self.state.node(&target).map(|r| r.version()) else {
-            return;
-        };
-        if self.state.suspicion(&target).is_some_and(|v| v >= version) {
-            return;
-        }
-        self.stats.suspicions += 1;
-        self.write(
-            now,
-            DeltaBody::Suspect {
-                node: target,
-                version,
-            },
-        );
-        self.note_suspicion(now, target);
-        self.mark_dirty(now);
-    }
-
-    /// Records when a suspicion of `node` reached this replica (kept per suspected version).
-    pub(crate) fn note_suspicion(&mut self, now: Millis, node: NodeId) {
-        match self.state.suspicion(&node) {
-            Some(v) => {
-                let e = self.suspected_at.entry(node).or_insert((v, now));
-                if e.0 != v {
-                    *e = (v, now);
                 }
             }
-            None => {
-                self.suspected_at.remove(&node);
-            }
-        }
-    }
-
-    /// When the suspicion of `id` that still holds reached this replica (its local clock);
-    /// `None` while `id` is not suspected, or once `id` was heard from directly since: a
-    /// message from it is better evidence than another node's failed probe, and its own
-    /// refutation may still be on the way.
-    pub fn suspected_since(&self, id: &NodeId) -> Option<Millis> {
-        let v = self.state.suspicion(id)?;
-        let at = match self.suspected_at.get(id) {
-            Some((sv, at)) if *sv == v => *at,
-            // Merged without passing through `note_suspicion` (cannot happen through the
-            // replica's inputs): count it from the start, the cautious side.
-            _ => Millis::MAX / 4,
-        };
-        if self.state.heard(id).is_some_and(|h| h > at) {
-            return None;
-        }
-        Some(at)
-    }
-
-    /// Restarts every suspicion's countdown: called when this node hears the mesh again
-    /// after a spell of isolation. What it suspected while cut off says more about the cut
-    /// than about the peers, who get `ttl + grace` from now to refute it before their
-    /// leases count as lost here.
-    pub(crate) fn restart_suspicions(&mut self, now: Millis) {
-        for (_, at) in self.suspected_at.values_mut() {
-            *at = (*at).max(now);
         }
     }
 
@@ -278,25 +214,29 @@ impl Replica {
     /// each round. Peers judged Gone stay in it (without indirect probes): after a partition
     /// heals, an idle mesh publishes nothing, and a direct ping is how the two sides find
     /// each other again (see `Replica::contact`). Peers that left are skipped.
-    fn next_target(&mut self) -> Option<NodeId> {
+    pub(crate) fn next_target(
+        &mut self,
+        state: &State,
+        me: &NodeId,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<NodeId> {
         for _ in 0..2 {
-            while self.prober.pos < self.prober.order.len() {
-                let p = self.prober.order[self.prober.pos];
-                self.prober.pos += 1;
-                match self.state.node_by_prefix(p) {
-                    Some(r) if r.id != self.me.id && !r.leaving => return Some(r.id),
+            while self.pos < self.order.len() {
+                let p = self.order[self.pos];
+                self.pos += 1;
+                match state.node_by_prefix(p) {
+                    Some(r) if r.id != *me && !r.leaving => return Some(r.id),
                     _ => {}
                 }
             }
-            let mut order: Vec<u64> = self
-                .state
+            let mut order: Vec<u64> = state
                 .nodes()
-                .filter(|n| n.id != self.me.id && !n.leaving)
+                .filter(|n| n.id != *me && !n.leaving)
                 .map(|n| id_prefix(&n.id))
                 .collect();
-            order.shuffle(&mut self.rng);
-            self.prober.order = order;
-            self.prober.pos = 0;
+            order.shuffle(rng);
+            self.order = order;
+            self.pos = 0;
         }
         None
     }
@@ -305,38 +245,41 @@ impl Replica {
     /// this round, as SWIM does, rather than wait for the next round. At boot a node's first
     /// round holds only the few peers it knew then, and every node knew the same early
     /// booters: a node that booted late went unprobed by everyone for a whole round.
-    pub(crate) fn prober_learned(&mut self, id: &NodeId) {
-        if self.prober.order.is_empty() {
+    pub(crate) fn learned(&mut self, id: &NodeId, rng: &mut ChaCha8Rng) {
+        if self.order.is_empty() {
             // Not built yet: the first round is built from every node known then.
             return;
         }
-        self.prober.order.push(id_prefix(id));
-        let last = self.prober.order.len() - 1;
-        let at = self.rng.gen_range(self.prober.pos.min(last)..=last);
-        self.prober.order.swap(at, last);
+        self.order.push(id_prefix(id));
+        let last = self.order.len() - 1;
+        let at = rng.gen_range(self.pos.min(last)..=last);
+        self.order.swap(at, last);
     }
 
     /// Up to `k` distinct peers not judged Gone, other than `except`, chosen at random.
-    pub(crate) fn random_peers(&mut self, now: Millis, k: usize, except: NodeId) -> Vec<NodeId> {
-        let n = self.prober.order.len();
+    pub(crate) fn random_peers(
+        &self,
+        now: Millis,
+        k: usize,
+        except: NodeId,
+        judge: &Judge<'_>,
+        rng: &mut ChaCha8Rng,
+    ) -> Vec<NodeId> {
+        let n = self.order.len();
         let mut out = Vec::with_capacity(k);
         if n == 0 || k == 0 {
             return out;
         }
         // A few random draws from the round-robin list: O(k), not O(N).
         for _ in 0..(4 * k) {
-            let i = self.rng.gen_range(0..n);
-            let Some(id) = self
-                .state
-                .node_by_prefix(self.prober.order[i])
-                .map(|r| r.id)
-            else {
+            let i = rng.gen_range(0..n);
+            let Some(id) = judge.state.node_by_prefix(self.order[i]).map(|r| r.id) else {
                 continue;
             };
             if id != except
-                && id != self.me.id
+                && id != judge.me.id
                 && !out.contains(&id)
-                && self.health(now, &id) != Health::Gone
+                && judge.health(now, &id) != Health::Gone
             {
                 out.push(id);
                 if out.len() == k {
@@ -348,8 +291,8 @@ impl Replica {
     }
 
     fn next_nonce(&mut self) -> u64 {
-        self.prober.nonce = self.prober.nonce.wrapping_add(1);
-        self.prober.nonce
+        self.nonce = self.nonce.wrapping_add(1);
+        self.nonce
     }
 }
 

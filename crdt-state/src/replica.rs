@@ -7,13 +7,10 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use crdts::{CmRDT, Dot, VClock};
 use omesh_protocol::codec::canonical_len;
-use omesh_protocol::delta::MAX_SYNC_REPLY_BYTES;
 use omesh_protocol::{
-    DecodeError, Delta, DeltaBody, Digest, Epoch, GossipMessage, LoadSample, Millis, NodeId,
-    NodeRecord, Probe, SignedTaskSpec, SpecError, StateDigest, SyncReply, SyncRequest, TaskId,
-    Wire,
+    Delta, DeltaBody, Digest, Epoch, GossipMessage, LoadSample, Millis, NodeId, NodeRecord,
+    SignedTaskSpec, StateDigest, SyncReply, SyncRequest, TaskId, Wire,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -23,279 +20,18 @@ use crate::digest::{first8, mix64, splitmix64};
 use crate::liveness::{Health, RttEstimate};
 use crate::merge::{DeltaError, Merged, State};
 use crate::probe::Prober;
+use crate::suspicion::Suspicions;
+use crate::sync::{self, SyncState, SYNC_TIMEOUT_MS};
+use crate::vector::{entry_of, VersionVector};
+
+mod membership;
+
+pub use crate::io::{Action, ExecEvent, Input, InputError, PropagationSample, Stats, StopReason};
 
 /// Deltas per gossip message; a larger batch is split.
 const MAX_DELTAS_PER_MESSAGE: usize = 64;
-/// How long an unanswered sync request blocks another to the same peer.
-const SYNC_TIMEOUT_MS: Millis = 5_000;
 /// A sync reply that applied at least this many deltas has the per-node maps rebuilt.
 const COMPACT_AFTER: u64 = 256;
-/// The stamp of a node's first write: incarnation 1, counter 1.
-const FIRST_STAMP: u64 = (1 << 32) | 1;
-/// Stamps remembered beyond a gap, per origin, before we rely on sync alone.
-const MAX_AHEAD: usize = 1024;
-
-/// One node record merged here: when its writer wrote it and when it arrived.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PropagationSample {
-    /// The writer.
-    pub origin: NodeId,
-    /// Its record counter.
-    pub seq: u64,
-    /// The writer's clock when written.
-    pub written_at_ms: Millis,
-    /// This node's clock when merged.
-    pub merged_at_ms: Millis,
-}
-
-impl PropagationSample {
-    /// Merge time minus write time (0 if the clocks disagree the other way).
-    pub fn delay_ms(&self) -> Millis {
-        self.merged_at_ms.saturating_sub(self.written_at_ms)
-    }
-}
-
-/// What the local executor reports about one epoch of a task.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExecEvent {
-    /// The instance is running.
-    Started,
-    /// The instance exited with this code.
-    Exited {
-        /// Exit code (0 is success).
-        code: i32,
-    },
-    /// The instance could not run (image missing, executor error, timeout).
-    Failed {
-        /// Why.
-        error: String,
-    },
-    /// The instance was stopped after a StopTask.
-    Stopped,
-}
-
-/// Everything that can happen to a replica.
-#[derive(Debug, Clone)]
-pub enum Input {
-    /// Time passed; do what is due.
-    Tick,
-    /// A gossip message, as delivered by a peer.
-    Gossip {
-        /// The peer that delivered it to this node: the relay (gossipsub's
-        /// `propagation_source`), which is not always the publisher. A gap that a delivery
-        /// shows is closed by syncing with this peer when the origin is not alive, so it must
-        /// be a peer this node can reach now, never the publisher read off the message. Each
-        /// delta names its own origin.
-        via: NodeId,
-        /// The message.
-        msg: GossipMessage,
-    },
-    /// A peer asks for what it lacks.
-    SyncRequest {
-        /// The asking peer.
-        from: NodeId,
-        /// Its request.
-        request: SyncRequest,
-    },
-    /// A peer answered our sync request.
-    SyncReply {
-        /// The answering peer.
-        from: NodeId,
-        /// Its reply.
-        reply: SyncReply,
-    },
-    /// A liveness probe from a peer.
-    Probe {
-        /// The peer that sent it.
-        from: NodeId,
-        /// The probe.
-        probe: Probe,
-    },
-    /// A transport connection to a peer came up. A replica that is not synced, or does not
-    /// know the peer as alive, asks it for its state (and the peer, hearing from a node it
-    /// does not know, asks back): records are published only when they change, so a peer
-    /// that joined after a record's publication learns it this way or by anti-entropy.
-    Connected(NodeId),
-    /// A sync request to `peer` failed (unreachable, timeout).
-    SyncFailed {
-        /// The peer.
-        peer: NodeId,
-    },
-    /// A fresh smoothed load sample of this host.
-    Load(LoadSample),
-    /// A measured round trip to a peer.
-    Rtt {
-        /// The peer.
-        peer: NodeId,
-        /// Round-trip time in microseconds.
-        rtt_us: u64,
-    },
-    /// The addresses this node listens on changed.
-    Addresses(Vec<String>),
-    /// The image blobs this node holds changed.
-    Images(BTreeSet<Digest>),
-    /// A task submitted through this node.
-    Submit(SignedTaskSpec),
-    /// Cancel a task everywhere.
-    Cancel(TaskId),
-    /// The local executor reports on an epoch it was told to run.
-    Executor {
-        /// The task.
-        task: TaskId,
-        /// The epoch the instance was started for.
-        epoch: Epoch,
-        /// What happened.
-        event: ExecEvent,
-    },
-    /// This node is shutting down gracefully.
-    Leave,
-}
-
-/// Why a StopTask was emitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    /// A higher epoch (or a better claim of the same epoch) owns the task now.
-    Fenced {
-        /// The epoch that won.
-        by: Epoch,
-    },
-    /// The task was cancelled.
-    Cancelled,
-    /// This node is leaving the mesh.
-    Leaving,
-    /// The task was compacted away while this instance still ran.
-    Compacted,
-}
-
-/// Something the driver must do.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Action {
-    /// Publish on the gossip topic.
-    Publish(GossipMessage),
-    /// Send a sync request to a peer.
-    SendSync {
-        /// The peer.
-        to: NodeId,
-        /// The request.
-        request: SyncRequest,
-    },
-    /// Answer a peer's sync request.
-    ReplySync {
-        /// The peer.
-        to: NodeId,
-        /// The reply.
-        reply: SyncReply,
-    },
-    /// Send a liveness probe to a peer (point to point, best effort: a lost probe is a
-    /// missed answer, which is what probing measures).
-    SendProbe {
-        /// The peer.
-        to: NodeId,
-        /// The probe.
-        probe: Probe,
-    },
-    /// Run an epoch of a task; every report about it must carry the same epoch.
-    StartTask {
-        /// The task.
-        task: TaskId,
-        /// The fencing token.
-        epoch: Epoch,
-        /// What to run.
-        spec: Arc<SignedTaskSpec>,
-    },
-    /// Stop the instance of this epoch at once.
-    StopTask {
-        /// The task.
-        task: TaskId,
-        /// The epoch of the instance to stop.
-        epoch: Epoch,
-        /// Why.
-        reason: StopReason,
-    },
-}
-
-/// Why an input was refused, and whether anything changed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InputError {
-    /// Some deltas of a message broke a rule and were dropped; the others were merged.
-    #[error("{rejected} of {total} deltas rejected ({applied} merged); first: {first}")]
-    Rejected {
-        /// Dropped.
-        rejected: usize,
-        /// Merged.
-        applied: usize,
-        /// In the message.
-        total: usize,
-        /// The first reason.
-        first: DeltaError,
-    },
-    /// A submitted spec failed verification; nothing changed.
-    #[error(transparent)]
-    Spec(#[from] SpecError),
-    /// Bytes from a peer did not decode; nothing changed.
-    #[error("malformed message: {0}")]
-    Malformed(#[from] DecodeError),
-    /// The task is not known here; nothing changed.
-    #[error("unknown task {0}")]
-    UnknownTask(TaskId),
-    /// The task already ended; nothing changed.
-    #[error("task {task} already ended as {state}")]
-    AlreadyEnded {
-        /// The task.
-        task: TaskId,
-        /// How it ended.
-        state: omesh_protocol::TaskState,
-    },
-}
-
-/// Counters a driver exports as metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Deltas that changed the state.
-    pub deltas_applied: u64,
-    /// Deltas already known.
-    pub deltas_unchanged: u64,
-    /// Deltas dropped for breaking a rule.
-    pub deltas_rejected: u64,
-    /// Deltas about compacted tasks, ignored.
-    pub deltas_tombstoned: u64,
-    /// Messages that did not decode.
-    pub malformed: u64,
-    /// Gaps seen in a peer's stamps.
-    pub gaps: u64,
-    /// Sync requests sent.
-    pub syncs_sent: u64,
-    /// Sync requests answered.
-    pub syncs_served: u64,
-    /// Sync replies merged.
-    pub syncs_completed: u64,
-    /// Sync requests that failed.
-    pub syncs_failed: u64,
-    /// Sync replies after which the digests still differed with equal version vectors.
-    pub digest_mismatches: u64,
-    /// Executor reports for an epoch this node no longer owns, ignored.
-    pub stale_reports: u64,
-    /// Claims made by this node.
-    pub claims: u64,
-    /// Claims that took over from a lost owner.
-    pub failovers: u64,
-    /// Instances stopped because a higher epoch won.
-    pub fenced: u64,
-    /// Leases that changed by merge.
-    pub lease_changes: u64,
-    /// Probes sent (pings and ping requests).
-    pub probes_sent: u64,
-    /// Pings answered (directly or through others).
-    pub probes_acked: u64,
-    /// Ping requests dropped because too many were being relayed.
-    pub probes_dropped: u64,
-    /// Peers this node suspected.
-    pub suspicions: u64,
-    /// Suspicions of this node it refuted with a newer record.
-    pub refutations: u64,
-    /// Node records this node published.
-    pub records_published: u64,
-}
 
 /// What this node does about a task it owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,25 +64,14 @@ pub struct Replica {
     pub(crate) cfg: ReplicaConfig,
     pub(crate) state: State,
     pub(crate) me: NodeRecord,
-    vclock: VClock<NodeId>,
-    /// [`Replica::vclock_hash`], kept up to date at each change of the vector: a digest-only
-    /// sync sends it and its answer compares it, and summing 10,000 entries each time would
-    /// cost more than the sync saves.
-    vclock_sum: u64,
-    ahead: BTreeMap<NodeId, BTreeSet<u64>>,
-    /// Per origin with a gap: since when (due `gap_sync_ms` later), the peer to ask if the
-    /// origin is not alive, and how many quick retries were spent on it.
-    gaps: BTreeMap<NodeId, (Millis, NodeId, u8)>,
-    inflight: BTreeMap<NodeId, Millis>,
-    /// The peer of the gap-closing sync last sent (in flight while `inflight` says so).
-    gap_sync: Option<NodeId>,
-    want_full: BTreeSet<NodeId>,
+    /// The version vector, its hash and its gaps.
+    vector: VersionVector,
+    /// Sync requests in flight, anti-entropy, and whether the view is synced.
+    sync: SyncState,
     next_counter: u64,
-    /// Per suspected node, the version suspected and when that suspicion reached us.
-    pub(crate) suspected_at: BTreeMap<NodeId, ((u64, u64), Millis)>,
-    /// The last time any peer was heard from (a message from it, or news of the mesh).
-    last_contact: Option<Millis>,
-    pub(crate) prober: Prober,
+    /// When each suspicion held reached this node.
+    suspicions: Suspicions,
+    prober: Prober,
     pub(crate) rtt: BTreeMap<NodeId, RttEstimate>,
     pub(crate) local: BTreeMap<TaskId, LocalRun>,
     pub(crate) claimable_since: BTreeMap<TaskId, Claimable>,
@@ -359,15 +84,10 @@ pub struct Replica {
     record_due: Option<Millis>,
     last_publish: Millis,
     published_load: LoadSample,
-    next_anti_entropy: Millis,
     pub(crate) next_eval: Option<Millis>,
     pub(crate) rng: ChaCha8Rng,
     pub(crate) stats: Stats,
     started: bool,
-    /// Whether a sync completed since start or since this node last heard nobody. Until then
-    /// it knows it may hold a stale view, and claims nothing (see `decide.rs`).
-    pub(crate) synced: bool,
-    was_isolated: bool,
     propagation: Vec<PropagationSample>,
 }
 
@@ -388,16 +108,10 @@ impl Replica {
         Ok(Self {
             me,
             state: State::default(),
-            vclock: VClock::new(),
-            vclock_sum: 0,
-            ahead: BTreeMap::new(),
-            gaps: BTreeMap::new(),
-            inflight: BTreeMap::new(),
-            gap_sync: None,
-            want_full: BTreeSet::new(),
+            vector: VersionVector::default(),
+            sync: SyncState::default(),
             next_counter: 0,
-            suspected_at: BTreeMap::new(),
-            last_contact: None,
+            suspicions: Suspicions::default(),
             prober: Prober::default(),
             rtt: BTreeMap::new(),
             local: BTreeMap::new(),
@@ -410,13 +124,10 @@ impl Replica {
             record_due: None,
             last_publish: 0,
             published_load: LoadSample::default(),
-            next_anti_entropy: 0,
             next_eval: None,
             rng,
             stats: Stats::default(),
             started: false,
-            synced: false,
-            was_isolated: false,
             propagation: Vec::new(),
             cfg,
         })
@@ -456,33 +167,17 @@ impl Replica {
     /// An order-free hash of the version vector (zero entries left out), for a digest-only
     /// sync to tell equal vectors apart from different ones without sending either.
     pub fn vclock_hash(&self) -> u64 {
-        debug_assert_eq!(
-            self.vclock_sum,
-            self.vclock
-                .dots
-                .iter()
-                .fold(0u64, |acc, (o, c)| acc.wrapping_add(dot_hash(o, *c))),
-            "the kept vector hash drifted"
-        );
-        self.vclock_sum
-    }
-
-    /// Moves the kept vector hash for `origin`'s entry going from `old` to `new`.
-    fn clock_moved(&mut self, origin: &NodeId, old: u64, new: u64) {
-        self.vclock_sum = self
-            .vclock_sum
-            .wrapping_sub(dot_hash(origin, old))
-            .wrapping_add(dot_hash(origin, new));
+        self.vector.hash()
     }
 
     /// The version vector: per origin, the stamp up to which everything is held.
     pub fn version_vector(&self) -> Vec<(NodeId, u64)> {
-        self.vclock.dots.iter().map(|(a, c)| (*a, *c)).collect()
+        self.vector.entries()
     }
 
     /// The stamp of `origin` up to which this replica holds everything (0: nothing).
     pub fn version_of(&self, origin: &NodeId) -> u64 {
-        self.vclock.get(origin)
+        self.vector.get(origin)
     }
 
     /// Feeds one input. Everything it causes is queued for [`Replica::poll_action`].
@@ -524,7 +219,8 @@ impl Replica {
                 Ok(())
             }
             Input::Connected(peer) => {
-                if peer != self.me.id && (!self.synced || self.health(now, &peer) != Health::Alive)
+                if peer != self.me.id
+                    && (!self.sync.is_synced() || self.health(now, &peer) != Health::Alive)
                 {
                     self.sync_request(now, peer);
                 }
@@ -532,7 +228,7 @@ impl Replica {
             }
             Input::SyncReply { from, reply } => self.on_sync_reply(now, from, reply),
             Input::SyncFailed { peer } => {
-                self.inflight.remove(&peer);
+                self.sync.ended(&peer);
                 self.stats.syncs_failed += 1;
                 Ok(())
             }
@@ -605,7 +301,7 @@ impl Replica {
     ) -> Result<(), InputError> {
         self.contact(now, via);
         let r = self.ingest(now, via, &msg.deltas);
-        if !self.synced {
+        if !self.sync.is_synced() {
             self.sync_request(now, via);
         }
         r
@@ -638,7 +334,10 @@ impl Replica {
         if !self.started {
             return Some(0);
         }
-        let mut t = self.prober.next_timeout().min(self.next_anti_entropy);
+        let mut t = self
+            .prober
+            .next_timeout()
+            .min(self.sync.next_anti_entropy());
         for due in [self.next_eval, self.record_due].into_iter().flatten() {
             t = t.min(due);
         }
@@ -687,13 +386,13 @@ impl Replica {
         }
         self.started = true;
         self.publish_record(now);
-        self.next_anti_entropy = now + self.cfg.anti_entropy_ms / 2;
+        self.sync.start(now + self.cfg.anti_entropy_ms / 2);
         // Spread the nodes' probe periods (a mesh booted at once would probe in lockstep).
         let offset = {
             use rand::Rng;
             self.rng.gen_range(0..self.cfg.heartbeat_ms)
         };
-        self.prober_start(now + offset);
+        self.prober.start(now + offset);
     }
 
     /// Whether a load sample moved far enough from the one last published to publish again:
@@ -726,41 +425,11 @@ impl Replica {
     /// the slow pace.
     fn retry_open_gaps(&mut self, now: Millis, from: NodeId) {
         const QUICK_RETRIES: u8 = 3;
-        self.gap_sync = None;
-        let mut any = false;
         let others = self.random_peers(now, 1, from);
-        for (since, via, tries) in self.gaps.values_mut() {
-            if *via == from && *tries < QUICK_RETRIES {
-                *tries += 1;
-                *since = now;
-                if let Some(p) = others.first() {
-                    *via = *p;
-                }
-                any = true;
-            }
-        }
-        if any {
+        let other = others.first().copied();
+        if self.vector.retry_gaps(now, from, other, QUICK_RETRIES) {
             self.wake_at(now + self.cfg.gap_sync_ms);
         }
-    }
-
-    /// A peer was heard from directly. A peer this node suspects (or does not know) is
-    /// asked for its state: after a partition heals, that is how each side learns the other's
-    /// suspicions of it and refutes them.
-    pub(crate) fn contact(&mut self, now: Millis, from: NodeId) {
-        self.touch(now, from);
-        if self.health(now, &from) != Health::Alive {
-            self.sync_request(now, from);
-        }
-    }
-
-    /// Notes that `from` was heard from directly (no sync asked).
-    fn touch(&mut self, now: Millis, from: NodeId) {
-        if from == self.me.id {
-            return;
-        }
-        self.last_contact = Some(now);
-        self.state.hear(&from, now);
     }
 
     pub(crate) fn mark_dirty(&mut self, now: Millis) {
@@ -808,10 +477,7 @@ impl Replica {
             Ok(_) => {}
             Err(_) => self.stats.deltas_rejected += 1,
         }
-        let old = self.vclock.get(&self.me.id);
-        self.vclock.apply(Dot::new(self.me.id, stamp));
-        let me = self.me.id;
-        self.clock_moved(&me, old, self.vclock.get(&me));
+        self.vector.raise(self.me.id, stamp);
         if let DeltaBody::Node(rec) = &delta.body {
             self.state.hear(&rec.id, now);
         }
@@ -894,13 +560,13 @@ impl Replica {
                 match &d.body {
                     DeltaBody::Node(rec) => {
                         if held.is_none() && rec.id != self.me.id {
-                            self.prober_learned(&rec.id);
+                            self.prober.learned(&rec.id, &mut self.rng);
                         }
                         let newer = held.is_none_or(|v| rec.version() > v);
                         if newer {
                             self.state.hear(&rec.id, now);
-                            self.last_contact = Some(now);
-                            if self.suspected_at.contains_key(&rec.id) {
+                            self.sync.heard(now);
+                            if self.suspicions.holds(&rec.id) {
                                 // Refuted (or restarted): its leases hold again.
                                 self.note_suspicion(now, rec.id);
                                 self.mark_dirty(now);
@@ -943,61 +609,9 @@ impl Replica {
 
     /// Advances the version vector, or notes a gap to close by sync.
     fn track_stamp(&mut self, now: Millis, via: NodeId, origin: NodeId, stamp: u64) {
-        // One lookup for the in-order case, which every gossip delivery takes.
-        let slot = self.vclock.dots.get_mut(&origin);
-        let have = slot.as_deref().copied().unwrap_or(0);
-        if stamp <= have {
-            return;
-        }
-        // A node's very first write (incarnation 1, counter 1) follows nothing: no gap, though
-        // its stamp is not `0 + 1` (every new node's record would otherwise open one).
-        if stamp == have + 1 || (have == 0 && stamp == FIRST_STAMP) {
-            match slot {
-                Some(c) => *c = stamp,
-                None => {
-                    self.vclock.dots.insert(origin, stamp);
-                }
-            }
-            self.clock_moved(&origin, have, stamp);
-            self.drain_ahead(origin);
-        } else {
-            let ahead = self.ahead.entry(origin).or_default();
-            if ahead.len() < MAX_AHEAD {
-                ahead.insert(stamp);
-            }
-            if !self.gaps.contains_key(&origin) {
-                self.stats.gaps += 1;
-                self.gaps.insert(origin, (now, via, 0));
-                self.wake_at(now + self.cfg.gap_sync_ms);
-            }
-        }
-    }
-
-    fn drain_ahead(&mut self, origin: NodeId) {
-        if !self.ahead.contains_key(&origin) {
-            // Nothing held beyond a gap (the usual case: a sync reply calls this per origin).
-            if !self.gaps.is_empty() {
-                self.gaps.remove(&origin);
-            }
-            return;
-        }
-        let mut have = self.vclock.get(&origin);
-        if let Some(ahead) = self.ahead.get_mut(&origin) {
-            while ahead.remove(&(have + 1)) {
-                have += 1;
-            }
-            ahead.retain(|s| *s > have);
-            if ahead.is_empty() {
-                self.ahead.remove(&origin);
-            }
-        }
-        let old = self.vclock.get(&origin);
-        if have > old {
-            self.vclock.apply(Dot::new(origin, have));
-            self.clock_moved(&origin, old, have);
-        }
-        if !self.ahead.contains_key(&origin) {
-            self.gaps.remove(&origin);
+        if self.vector.track(now, via, origin, stamp) {
+            self.stats.gaps += 1;
+            self.wake_at(now + self.cfg.gap_sync_ms);
         }
     }
 
@@ -1008,62 +622,11 @@ impl Replica {
     /// closes it. An idle mesh publishes nothing else that would show them the gap.
     fn note_lag(&mut self, now: Millis, req: &SyncRequest, sorted: bool) {
         let me = self.me.id;
-        let Some(theirs) = vector_entry(&req.vclock, sorted, &me) else {
+        let Some(theirs) = entry_of(&req.vclock, sorted, &me) else {
             return;
         };
-        if theirs > 0 && theirs < self.vclock.get(&me) {
+        if theirs > 0 && theirs < self.vector.get(&me) {
             self.publish_soon(now);
-        }
-    }
-
-    /// Raises the version vector to a sync reply's (what it carried, we now hold) and closes
-    /// the gaps that filled. Each origin is handled on its own, so the order is free: a
-    /// sorted vector (as replicas send it) is merged in one ordered pass instead of one
-    /// B-tree search per origin, which a mesh's boot, N² syncs of N entries, would pay.
-    fn adopt_vector(&mut self, vclock: &[(NodeId, u64)]) {
-        if !vclock.is_sorted_by(|a, b| a.0 < b.0) {
-            for (origin, c) in vclock {
-                let old = self.vclock.get(origin);
-                if *c > old {
-                    self.vclock.apply(Dot::new(*origin, *c));
-                    self.clock_moved(origin, old, *c);
-                }
-                self.drain_ahead(*origin);
-            }
-            return;
-        }
-        let mut missing = Vec::new();
-        let mut sum = self.vclock_sum;
-        let mut mine = self.vclock.dots.iter_mut().peekable();
-        for (origin, c) in vclock {
-            while mine.next_if(|(k, _)| *k < origin).is_some() {}
-            match mine.next_if(|(k, _)| *k == origin) {
-                Some((_, have)) if *c > *have => {
-                    sum = sum
-                        .wrapping_sub(dot_hash(origin, *have))
-                        .wrapping_add(dot_hash(origin, *c));
-                    *have = *c;
-                }
-                Some(_) => {}
-                None if *c > 0 => {
-                    sum = sum.wrapping_add(dot_hash(origin, *c));
-                    missing.push((*origin, *c));
-                }
-                None => {}
-            }
-        }
-        self.vclock_sum = sum;
-        self.vclock.dots.extend(missing);
-        // Only origins with a gap or stamps held beyond one have anything to drain.
-        let open: Vec<NodeId> = self
-            .ahead
-            .keys()
-            .chain(self.gaps.keys())
-            .filter(|o| vclock.binary_search_by(|(k, _)| k.cmp(o)).is_ok())
-            .copied()
-            .collect();
-        for origin in open {
-            self.drain_ahead(origin);
         }
     }
 
@@ -1074,23 +637,17 @@ impl Replica {
     /// A sync request; `digest_only` compares digests first (periodic anti-entropy of a
     /// synced replica), sending the version vector only if they differ.
     fn send_sync_request(&mut self, now: Millis, to: NodeId, digest_only: bool) {
-        if to == self.me.id
-            || self
-                .inflight
-                .get(&to)
-                .is_some_and(|t| now < t + SYNC_TIMEOUT_MS)
-        {
+        if to == self.me.id || !self.sync.try_send(now, to) {
             return;
         }
-        self.inflight.insert(to, now);
         self.stats.syncs_sent += 1;
-        let digest_only = digest_only && self.synced && !self.want_full.contains(&to);
+        let digest_only = self.sync.digest_only(&to, digest_only);
         let mut vclock = if digest_only {
             Vec::new()
         } else {
             self.version_vector()
         };
-        if !self.synced && self.cfg.incarnation > 1 {
+        if !self.sync.is_synced() && self.cfg.incarnation > 1 {
             // A restarted node starts empty, yet its own new stamps (`incarnation << 32 | n`)
             // claim to cover everything it wrote in earlier incarnations: until a sync
             // completes, ask for its own history too, or it never gets it back.
@@ -1103,98 +660,19 @@ impl Replica {
         let request = SyncRequest {
             vclock,
             digest: self.digest(),
-            full: self.want_full.remove(&to),
+            full: self.sync.take_want_full(&to),
             digest_only,
             vclock_hash: if digest_only { self.vclock_hash() } else { 0 },
         };
         self.outbox.push_back(Action::SendSync { to, request });
     }
 
-    /// Answers with every component the requester's vector lacks, cut at the size limit on
-    /// an origin boundary so the requester can adopt what it fully got.
+    /// Answers a peer's sync request (see [`sync::reply`]).
     fn serve_sync(&mut self, now: Millis, from: NodeId, req: &SyncRequest) {
         self.stats.syncs_served += 1;
-        // A sorted vector (as replicas send it) is searched in place; anything else is read
-        // into a map first, a repeated origin counting with its last entry.
         let sorted = req.vclock.is_sorted_by(|a, b| a.0 < b.0);
         self.note_lag(now, req, sorted);
-        if req.digest_only && !req.full {
-            // Different digests: "truncated", so the requester asks again with its vector.
-            // Equal digests: nothing, or this vector alone if the vectors differ (see
-            // `SyncRequest::digest_only`).
-            let same = req.digest == self.digest();
-            let vclock = if same && req.vclock_hash != self.vclock_hash() {
-                self.version_vector()
-            } else {
-                Vec::new()
-            };
-            let reply = SyncReply {
-                deltas: Vec::new(),
-                vclock,
-                digest: self.digest(),
-                truncated: !same,
-            };
-            self.outbox.push_back(Action::ReplySync { to: from, reply });
-            return;
-        }
-        let mut deltas: Vec<Delta> = if req.digest == self.digest() && !req.full {
-            Vec::new()
-        } else {
-            let map: BTreeMap<NodeId, u64> = if sorted {
-                BTreeMap::new()
-            } else {
-                req.vclock.iter().copied().collect()
-            };
-            let (vclock, map, full) = (&req.vclock, &map, req.full);
-            let theirs = move |origin: &NodeId| {
-                if sorted {
-                    vector_entry(vclock, true, origin).unwrap_or(0)
-                } else {
-                    map.get(origin).copied().unwrap_or(0)
-                }
-            };
-            self.state
-                .components_where(move |at| full || at.stamp > theirs(&at.origin))
-                .collect()
-        };
-        deltas.sort_by_key(|d| (d.origin, d.stamp));
-        let budget = MAX_SYNC_REPLY_BYTES - 64 * 1024 - 48 * (self.vclock.dots.len() + 1);
-        let mut used = 0usize;
-        let mut cut: Option<(usize, NodeId)> = None;
-        for (i, d) in deltas.iter().enumerate() {
-            used += canonical_len(d) + 8;
-            if used > budget && i > 0 {
-                cut = Some((i, d.origin));
-                break;
-            }
-        }
-        let mine = self.version_vector();
-        let (deltas, vclock, truncated) = match cut {
-            None => (deltas, mine, false),
-            Some((i, partial)) => {
-                deltas.truncate(i);
-                let last_partial = deltas
-                    .iter()
-                    .rev()
-                    .find(|d| d.origin == partial)
-                    .map(|d| d.stamp);
-                let vclock = mine
-                    .into_iter()
-                    .filter_map(|(o, c)| match o.cmp(&partial) {
-                        std::cmp::Ordering::Less => Some((o, c)),
-                        std::cmp::Ordering::Equal => last_partial.map(|s| (o, s.min(c))),
-                        std::cmp::Ordering::Greater => None,
-                    })
-                    .collect();
-                (deltas, vclock, true)
-            }
-        };
-        let reply = SyncReply {
-            deltas,
-            vclock,
-            digest: self.digest(),
-            truncated,
-        };
+        let reply = sync::reply(&self.state, &self.vector, req, sorted);
         self.outbox.push_back(Action::ReplySync { to: from, reply });
     }
 
@@ -1204,7 +682,7 @@ impl Replica {
         from: NodeId,
         reply: SyncReply,
     ) -> Result<(), InputError> {
-        self.inflight.remove(&from);
+        self.sync.ended(&from);
         self.touch(now, from);
         let SyncReply {
             deltas,
@@ -1214,28 +692,28 @@ impl Replica {
         } = reply;
         let applied = self.stats.deltas_applied;
         let result = self.ingest(now, from, &deltas);
-        self.adopt_vector(&vclock);
+        self.vector.adopt(&vclock);
         if self.stats.deltas_applied - applied >= COMPACT_AFTER {
             // A bulk join (see `State::compact`): the two per-node maps it grew, rebuilt full.
             self.state.compact();
-            self.vclock.dots = std::mem::take(&mut self.vclock.dots).into_iter().collect();
+            self.vector.compact();
         }
-        if !self.synced && !truncated && !vclock.is_empty() {
+        if !self.sync.is_synced() && !truncated && !vclock.is_empty() {
             // The first sync since start (or since isolation) shows the responder lacks this
             // node's latest write: what it published went nowhere (before any mesh link), so
             // publish again now that there is a peer.
             let me = self.me.id;
-            let theirs = vector_entry(&vclock, true, &me).unwrap_or(0);
-            if theirs < self.vclock.get(&me) {
+            let theirs = entry_of(&vclock, true, &me).unwrap_or(0);
+            if theirs < self.vector.get(&me) {
                 self.publish_soon(now);
             }
         }
         self.stats.syncs_completed += 1;
-        if !truncated && self.gap_sync == Some(from) {
+        if !truncated && self.sync.gap_sync_answered(from) {
             self.retry_open_gaps(now, from);
         }
         if !truncated {
-            self.synced = true;
+            self.sync.completed();
         }
         if truncated {
             self.sync_request(now, from);
@@ -1245,7 +723,7 @@ impl Replica {
             if theirs == mine {
                 // Same versions, different states: something was lost outside the vectors.
                 self.stats.digest_mismatches += 1;
-                self.want_full.insert(from);
+                self.sync.want_full(from);
             }
         }
         result
@@ -1256,157 +734,44 @@ impl Replica {
             self.publish_record(now);
         }
         self.probe_tick(now);
-        if now >= self.next_anti_entropy {
-            self.next_anti_entropy = now + self.cfg.anti_entropy_ms;
+        if self.sync.anti_entropy_due(now, self.cfg.anti_entropy_ms) {
             if let Some(peer) = self.random_alive_peer(now) {
                 self.send_sync_request(now, peer, true);
             }
         }
-        let due: Vec<(NodeId, NodeId)> = self
-            .gaps
-            .iter()
-            .filter(|(_, (since, _, _))| now >= since + self.cfg.gap_sync_ms)
-            .map(|(o, (_, via, _))| (*o, *via))
-            .collect();
+        let due = self.vector.due_gap(now, self.cfg.gap_sync_ms);
         // One gap sync in flight at a time: a reply carries all that this node's vector
         // lacks, so it closes every gap its sender can fill. A sync per gap instead (a booting
         // node has a gap for every origin) brings N replies of up to N records each, N³ across
         // a mesh. Gaps the reply leaves open get the next sync, to another peer.
-        let busy = self.gap_sync.is_some_and(|p| {
-            self.inflight
-                .get(&p)
-                .is_some_and(|t| now < t + SYNC_TIMEOUT_MS)
-        });
-        if let Some((origin, via)) = due.first().copied().filter(|_| !busy) {
+        let busy = self.sync.gap_sync_busy(now);
+        if let Some((origin, via)) = due.filter(|_| !busy) {
             let to = if self.health(now, &origin) == Health::Alive {
                 origin
             } else {
                 via
             };
             self.sync_request(now, to);
-            self.gap_sync = Some(to);
+            self.sync.gap_sync_sent(to);
             // Re-arm: ask again later if the gap is still open.
-            if let Some(gap) = self.gaps.get_mut(&origin) {
-                gap.0 = now + SYNC_TIMEOUT_MS;
-            }
+            self.vector.rearm_gap(&origin, now + SYNC_TIMEOUT_MS);
         }
         let isolated = self.is_isolated(now);
-        if isolated && !self.was_isolated {
-            // Heard nobody for a while: whatever we believe may be stale until we sync again.
-            self.synced = false;
+        if self.sync.note_isolation(isolated) {
+            self.suspicions.restart(now);
         }
-        if !isolated && self.was_isolated {
-            self.restart_suspicions(now);
-        }
-        self.was_isolated = isolated;
         self.next_eval = None;
         self.evaluate(now);
     }
 
     /// Whether a sync completed since start (or since this node last heard nobody).
     pub fn is_synced(&self) -> bool {
-        self.synced
-    }
-
-    /// Whether this node knows peers but hears none of them.
-    pub fn is_isolated(&self, now: Millis) -> bool {
-        // Isolation must be noticed before any lease it could take over expires: two probe
-        // periods of silence from everyone (a node pings one peer and is pinged by about one
-        // per period), while a lease needs a suspicion plus ttl + grace. Silence much longer
-        // than a lease means the rest of the mesh is gone, so a lone survivor of a dead mesh
-        // takes over eventually instead of waiting forever.
-        let quiet_after = 2 * self.cfg.heartbeat_ms;
-        let forget_after = 10 * (self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms);
-        self.last_contact.is_some_and(|t| {
-            let silent = now.saturating_sub(t);
-            silent >= quiet_after && silent <= forget_after
-        })
-    }
-
-    /// Whether this node may claim tasks: alone in the mesh (or the only one left for long),
-    /// or hearing peers and synced.
-    pub fn may_claim(&self, now: Millis) -> bool {
-        self.synced_or_alone(now) && !self.is_isolated(now)
-    }
-
-    fn synced_or_alone(&self, now: Millis) -> bool {
-        let forget_after = 10 * (self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms);
-        let alone = self
-            .last_contact
-            .is_none_or(|t| now.saturating_sub(t) > forget_after);
-        alone || self.synced
+        self.sync.is_synced()
     }
 
     fn random_alive_peer(&mut self, now: Millis) -> Option<NodeId> {
         let me = self.me.id;
         self.random_peers(now, 1, me).first().copied()
-    }
-
-    /// How a node looks from here, now.
-    pub fn health(&self, now: Millis, id: &NodeId) -> Health {
-        if *id == self.me.id {
-            return self.own_health();
-        }
-        match self.state.node(id) {
-            None => Health::Gone,
-            Some(r) => self.health_of(now, r),
-        }
-    }
-
-    /// This node's own health: alive until it leaves.
-    fn own_health(&self) -> Health {
-        if self.me.leaving {
-            Health::Gone
-        } else {
-            Health::Alive
-        }
-    }
-
-    /// [`Replica::health`] of a held record, without looking it up.
-    pub(crate) fn health_of(&self, now: Millis, rec: &NodeRecord) -> Health {
-        let id = &rec.id;
-        if *id == self.me.id {
-            return self.own_health();
-        }
-        if rec.leaving {
-            return Health::Gone;
-        }
-        match self.suspected_since(id) {
-            None => Health::Alive,
-            Some(at) if now <= at.saturating_add(self.cfg.lease_ttl_ms + self.grace_ms(id)) => {
-                Health::Suspect
-            }
-            Some(_) => Health::Gone,
-        }
-    }
-
-    /// Other nodes that are not gone (alive or suspected, and not leaving): the peers worth
-    /// keeping a connection to, fetching blobs from and dialing.
-    pub fn live_peers(&self, now: Millis) -> impl Iterator<Item = &NodeRecord> + '_ {
-        let me = self.me.id;
-        self.state
-            .nodes()
-            .filter(move |n| n.id != me && self.health_of(now, n) != Health::Gone)
-    }
-
-    /// Nodes alive now, this one included (unless it is leaving): the candidates placement
-    /// ranks.
-    pub fn alive_nodes(&self, now: Millis) -> impl Iterator<Item = &NodeRecord> + '_ {
-        self.state
-            .nodes()
-            .filter(move |n| self.health_of(now, n) == Health::Alive)
-    }
-
-    /// How many nodes this replica knows (itself included) and how many of them are alive.
-    pub fn node_counts(&self, now: Millis) -> (usize, usize) {
-        let (mut known, mut alive) = (0, 0);
-        for n in self.state.nodes() {
-            known += 1;
-            if self.health_of(now, n) == Health::Alive {
-                alive += 1;
-            }
-        }
-        (known, alive)
     }
 
     /// The image digests named by tasks that have not ended: a blob store must keep them.
@@ -1424,24 +789,7 @@ impl Replica {
     /// node, or one with no seeds), or a sync with a peer has completed since start, so its
     /// view of the mesh is not the empty one it booted with.
     pub fn is_ready(&self, expects_peers: bool) -> bool {
-        !expects_peers || self.synced
-    }
-
-    /// The grace past a lease's ttl before it counts as lost: the configured floor or the
-    /// RTT-adaptive SRTT + 4·RTTVAR, whichever is longer.
-    pub fn grace_ms(&self, id: &NodeId) -> Millis {
-        let adaptive = self.rtt.get(id).map_or(0, RttEstimate::timeout_ms);
-        self.cfg.lease_grace_ms.max(adaptive)
-    }
-
-    /// When this node last heard from `id`, on its own clock.
-    pub fn last_heard(&self, id: &NodeId) -> Option<Millis> {
-        self.state.heard(id)
-    }
-
-    /// The RTT estimate to `id`, if measured.
-    pub fn rtt(&self, id: &NodeId) -> Option<RttEstimate> {
-        self.rtt.get(id).copied()
+        !expects_peers || self.sync.is_synced()
     }
 
     fn leave(&mut self, now: Millis) {
@@ -1468,27 +816,4 @@ impl Replica {
             }
         }
     }
-}
-
-/// `id`'s entry in a version vector: found by binary search if the vector is sorted (as
-/// replicas send it), else the first one.
-fn vector_entry(vclock: &[(NodeId, u64)], sorted: bool, id: &NodeId) -> Option<u64> {
-    if sorted {
-        vclock
-            .binary_search_by(|(k, _)| k.cmp(id))
-            .ok()
-            .and_then(|i| vclock.get(i))
-            .map(|e| e.1)
-    } else {
-        vclock.iter().find(|(k, _)| k == id).map(|e| e.1)
-    }
-}
-
-/// One entry's share of [`Replica::vclock_hash`]; zero for a zero entry, which the vector
-/// leaves out.
-fn dot_hash(origin: &NodeId, c: u64) -> u64 {
-    if c == 0 {
-        return 0;
-    }
-    mix64(u64::from_le_bytes(first8(&origin.0)) ^ c.rotate_left(29))
 }
