@@ -59,6 +59,50 @@ pub(crate) struct Claimable {
 }
 
 /// The replica: the whole protocol of one omesh node, with no I/O.
+///
+/// Its methods come in four kinds, as quinn-proto's `Connection`:
+/// - **queries** (`&self`): [`Replica::id`], [`Replica::health`], [`Replica::task_views`],
+///   [`Replica::live_peers`], [`Replica::alive_nodes`], [`Replica::images_in_use`],
+///   [`Replica::is_ready`], [`Replica::digest`], [`Replica::stats`], ... They never change
+///   anything and may be called at any time.
+/// - **`handle*`**: [`Replica::handle`] takes one [`Input`] with the driver's `now`;
+///   [`Replica::handle_gossip`] and [`Replica::handle_gossip_bytes`] are the same for a
+///   gossip message by reference or as raw bytes; [`Replica::submit`] is `Input::Submit`
+///   that returns the task id.
+/// - **`poll_*`**: [`Replica::poll_action`] hands back, in order, what the inputs caused;
+///   [`Replica::poll_timeout`] says when the replica next wants an [`Input::Tick`].
+/// - **draining helpers** such as [`Replica::take_propagation_samples`].
+///
+/// # The order a driver follows
+/// 1. Feed one input with `handle*(now, …)`. `now` is the driver's monotonic clock in
+///    milliseconds; it never goes back for one replica.
+/// 2. Call `poll_action` until it returns `None`, carrying out each action. Executor
+///    reports (`Input::Executor`) and `Input::SyncFailed` may be fed while draining (they only append); any other
+///    input waits until the queue is empty.
+/// 3. Read `poll_timeout` and feed `Input::Tick` no later than the time it names (a time
+///    already past means at once). Ticking early is harmless.
+///
+/// # The duties of a driver
+/// - Every `Action::StartTask` is answered by `Input::Executor` reports for the same task
+///   and epoch: `Started` when the instance runs, then `Exited` or `Failed`; or `Failed`
+///   at once when it cannot start.
+/// - Every `Action::StopTask` is answered with `ExecEvent::Stopped` (or the `Exited`/`Failed`
+///   of an instance that ended meanwhile), also when nothing runs for that epoch: until
+///   then the run stays Stopping, the node keeps the task, and the task is never compacted.
+/// - `Input::Gossip::via` names the peer the message was delivered by (gossipsub's
+///   `propagation_source`), not its publisher: a gap the delivery shows is closed by
+///   syncing with that relay when the origin is not alive.
+/// - `Action::SendSync` gets either the peer's `Input::SyncReply` or `Input::SyncFailed`;
+///   `Action::ReplySync` is sent back on the request's channel; `Action::SendProbe` is best
+///   effort (a lost probe is a missed answer, which is what probing measures).
+/// - `Input::Connected` when a transport connection to a peer comes up; `Input::Load`,
+///   `Input::Rtt`, `Input::Addresses` and `Input::Images` when those facts change;
+///   `Input::Leave` before a graceful shutdown.
+/// - The replica's random stream comes from `ReplicaConfig::seed`: a driver gives each node
+///   (and each incarnation) a fresh one.
+///
+/// The conformance suite in `omesh-harness` (`conformance::run_all`) checks these duties;
+/// the harness, netsim and the peer's in-process driver each run it.
 #[derive(Debug)]
 pub struct Replica {
     pub(crate) cfg: ReplicaConfig,
