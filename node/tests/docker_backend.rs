@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::docker::{containers_with_label, docker_or_skip, skip, test_image, RemoveOnDrop};
 use common::wait_until;
-use omesh::executor::docker::DockerBackend;
-use omesh::executor::{Backend, Instance};
+use omesh::exec::docker::DockerBackend;
+use omesh::exec::{Backend, Instance};
 use omesh_protocol::{ExecutorKind, NodeId, SignedTaskSpec, TaskSpec};
 use omesh_state::ExecEvent;
 use tokio::sync::watch;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::api::PropagationJson;
-use crate::localmesh::LocalMesh;
+use crate::devtools::localmesh::LocalMesh;
 
 /// Figures for one mesh size.
 #[derive(Debug, Clone)]
@@ -148,7 +148,7 @@ pub fn table(rows: &[MeshFigures]) -> String {
             ]
         })
         .collect();
-    crate::client::table(
+    crate::cli::client::table(
         &[
             "PEERS",
             "CONVERGE",

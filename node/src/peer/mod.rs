@@ -1,6 +1,9 @@
 //! The peer's driver: one tokio task that feeds the sans-IO replica from the network, timers,
 //! load samples and API calls, and carries out the actions it returns.
 
+mod logs;
+pub mod net;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -19,15 +22,15 @@ use omesh_state::{Action, Input, InputError, Replica};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use self::net::{Behaviour, BehaviourEvent};
 use crate::api::{ApiCall, EpochJson, PeerView, StatusView, TaskJson};
 use crate::config::ExecutorChoice;
 use crate::config::{NetPlan, NodeConfig};
 use crate::datadir::DataDir;
-use crate::executor::process::ProcessBackend;
-use crate::executor::{Backend, Executor, Report};
+use crate::exec::process::ProcessBackend;
+use crate::exec::{Backend, Executor, Report};
 use crate::load::LoadSampler;
 use crate::metrics::Metrics;
-use crate::net::{self, Behaviour, BehaviourEvent};
 
 /// Milliseconds on a monotonic clock that starts at the wall-clock time of start-up, so
 /// timelines read like wall time but never jump.
@@ -107,7 +110,7 @@ pub struct Peer {
     pub(crate) executor: Executor,
     pub(crate) reports: mpsc::Receiver<Report>,
     pub(crate) blocked: BTreeSet<PeerId>,
-    pub(crate) pending_logs: HashMap<OutboundRequestId, crate::tasks::PendingLog>,
+    pub(crate) pending_logs: HashMap<OutboundRequestId, logs::PendingLog>,
     pub(crate) images: Arc<crate::images::ImageService>,
 }
 

@@ -12,8 +12,8 @@ use tokio::sync::oneshot;
 use tracing::{debug, info};
 
 use crate::api::{ApiError, LogChunk};
-use crate::executor::Report;
-use crate::net;
+use crate::exec::Report;
+use crate::peer::net;
 use crate::peer::Peer;
 
 /// A log fetch waiting for the owner's answer.

@@ -21,11 +21,11 @@ use omesh_protocol::{Digest, ImageRef};
 use quinn::{Connection, Endpoint};
 use tracing::{debug, info, warn};
 
-use crate::blobs::{
+use crate::images::blobs::{
     chunk_count, chunk_range, read_limited, BlobStore, ImageRecord, Partial, StoreError,
     CHUNK_BYTES, MAX_JSON_BYTES,
 };
-use crate::dataplane::{self, DataPlaneError};
+use crate::images::dataplane::{self, DataPlaneError};
 use crate::metrics::BlobMetrics;
 
 mod workers;

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::api::{PeerView, StatusView};
-use crate::client::{Client, ClientError};
+use crate::cli::client::{Client, ClientError};
 
 /// One local peer process.
 #[derive(Debug)]
