@@ -336,7 +336,7 @@ pub async fn run(bin: &Path, cfg: &TaskBench, progress: impl Fn(&str)) -> Result
     let docker_image = if cfg.docker {
         match crate::exec::docker::DockerBackend::connect().await {
             Ok(_) => ensure_test_image().map_err(|e| format!("test image: {e}")),
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_string()),
         }
     } else {
         Err("--no-docker".into())

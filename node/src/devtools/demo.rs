@@ -178,7 +178,7 @@ async fn choose(executor: DemoExecutor) -> Result<Option<DemoImage>, String> {
             Ok(image) => return Ok(Some(image)),
             Err(e) => format!("cannot build the demo image: {e}"),
         },
-        Err(e) => e,
+        Err(e) => e.to_string(),
     };
     if executor == DemoExecutor::Docker {
         return Err(why);

@@ -28,7 +28,7 @@ use tokio::io::AsyncReadExt;
 use tracing::{info, warn};
 
 use crate::config::{NetPlan, NodeConfig};
-use crate::exec::{ImageProvider, Instance};
+use crate::exec::{ExecError, ImageProvider, Instance};
 use crate::metrics::{BlobMetrics, Metrics};
 use crate::peer::net;
 use blobs::{BlobStore, ImageRecord, StoreError};
@@ -388,7 +388,17 @@ impl ImageService {
 
 #[async_trait::async_trait]
 impl ImageProvider for ImageService {
-    async fn prepare(&self, inst: &Instance) -> Result<(), String> {
+    async fn prepare(&self, inst: &Instance) -> Result<(), ExecError> {
+        self.ensure_in_engine(inst)
+            .await
+            .map_err(ExecError::ImageUnavailable)
+    }
+}
+
+impl ImageService {
+    /// Gets `inst`'s image into the engine: at once if it is there, else fetched from the
+    /// peers that hold it, verified and loaded.
+    async fn ensure_in_engine(&self, inst: &Instance) -> Result<(), String> {
         let image = ImageRef::parse(&inst.spec.spec.image).map_err(|e| e.to_string())?;
         let Some(docker) = self.docker().await else {
             return Ok(()); // The backend reports the missing engine itself.

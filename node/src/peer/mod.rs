@@ -36,7 +36,7 @@ use crate::api::ApiCall;
 use crate::config::{ExecutorChoice, NetPlan, NodeConfig};
 use crate::datadir::DataDir;
 use crate::exec::process::ProcessBackend;
-use crate::exec::{Backend, Executor, Report};
+use crate::exec::{self, Backend, Executor, Report};
 use crate::load::LoadSampler;
 use crate::metrics::Metrics;
 
@@ -283,10 +283,12 @@ impl Peer {
 
     fn on_report(&mut self, report: Report) {
         let Report { task, epoch, event } = report;
-        if !matches!(event, ExecEvent::Started) {
+        if !matches!(event, exec::Event::Started) {
             self.executor.finished(task, epoch);
         }
         info!(task = %task.short(), epoch, ?event, "executor report");
+        // The edge where an executor error becomes the replica's text.
+        let event = ExecEvent::from(event);
         self.feed(Input::Executor { task, epoch, event });
     }
 
