@@ -568,7 +568,8 @@ fn containers(label: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn remove_containers(label: &str) {
+/// Force-removes every container (running or not) carrying `label` (`key=value`).
+pub fn remove_containers(label: &str) {
     let ids = containers(label);
     if !ids.is_empty() {
         let _ = Command::new("docker")
