@@ -4,25 +4,27 @@
 //! sampling, the status API and the CLI. Every protocol decision lives in `omesh-state`;
 //! this crate only drives it and carries out what it asks.
 //!
-//! Modules follow the planes of a peer. `peer`, `exec` and `images` never import `devtools`.
+//! Modules follow the planes of a peer:
+//! - [`peer`]: the event loop: libp2p swarm, dialing, API calls, task logs, and the replica
+//!   driver (`peer::driver`) that dispatches the replica's actions.
+//! - [`exec`]: executors (Docker, process) that run one epoch of a task, with typed errors.
+//! - [`images`]: blob store, QUIC data plane, fetches from peers, `docker save` import.
+//! - [`api`]: the status API (axum): routes, JSON views, calls into the peer loop.
+//! - [`cli`]: clap arguments, the API client and its tables, `omesh image`, submitter keys.
+//! - [`config`]: the config file, flags and env, checked once at start-up.
+//! - [`datadir`]: the data directory: identity key, incarnation counter, logs.
+//! - [`load`]: CPU and memory sampling, smoothed, for the replica.
+//! - [`metrics`]: the peer's Prometheus metrics.
+//! - [`devtools`]: demo, local mesh, benches. Only `main.rs` and the tests use it; `peer`,
+//!   `exec` and `images` never import it.
 
-/// The status API (axum): routes, JSON views, and the calls it sends to the peer loop.
 pub mod api;
-/// The command line: API client and tables, `omesh image …`, submitter key files.
 pub mod cli;
-/// The node's config file, flags and env, checked once at start-up.
 pub mod config;
-/// The data directory: identity key, incarnation counter, logs.
 pub mod datadir;
-/// Developer tools (demo, local mesh, benches); only `main.rs` and tests use them.
 pub mod devtools;
-/// Executors: run one epoch of a task as a container or a process, with typed errors.
 pub mod exec;
-/// Images: blob store, QUIC data plane, fetches from peers, `docker save` import.
 pub mod images;
-/// Load sampling (CPU and memory, smoothed) for the replica.
 pub mod load;
-/// Prometheus metrics of the peer.
 pub mod metrics;
-/// The peer's event loop: the libp2p swarm, the replica driver, API calls and task logs.
 pub mod peer;

@@ -228,7 +228,7 @@ async fn single(
     let mut mesh =
         LocalMesh::start(bin, &root.join("single"), 2, |_| flags()).map_err(|e| e.to_string())?;
     mesh.wait_converged(Duration::from_secs(60)).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await; // A's next heartbeats carry the image
+    tokio::time::sleep(Duration::from_secs(3)).await; // A's record, republished, carries the image
     let b = mesh.peers.get(1).map(|p| p.client()).ok_or("no peer B")?;
     let b_store =
         BlobStore::open(&root.join("single/peer1/data"), u64::MAX).map_err(|e| e.to_string())?;
