@@ -254,7 +254,7 @@ pub struct BlockBody {
 pub struct PropagationJson {
     /// Writer (hex node id).
     pub origin: String,
-    /// Its heartbeat counter.
+    /// The delta's sequence number at its writer.
     pub seq: u64,
     /// Writer's clock when written, ms.
     pub written_at_ms: u64,

@@ -127,7 +127,7 @@ impl Default for NodeConfig {
             target_peers: 6,
             executor: ExecutorChoice::Auto,
             blob_listen: None,
-            blob_cap_bytes: crate::blobs::DEFAULT_CAP_BYTES,
+            blob_cap_bytes: crate::images::blobs::DEFAULT_CAP_BYTES,
             blob_serve_bytes_per_sec: 0,
             debug_corrupt_blobs: false,
             debug_drop_after_bytes: None,

@@ -3,26 +3,28 @@
 //! This crate owns all I/O of a peer: files, the network (libp2p, quinn), Docker, load
 //! sampling, the status API and the CLI. Every protocol decision lives in `omesh-state`;
 //! this crate only drives it and carries out what it asks.
+//!
+//! Modules follow the planes of a peer:
+//! - [`peer`]: the event loop: libp2p swarm, dialing, API calls, task logs, and the replica
+//!   driver (`peer::driver`) that dispatches the replica's actions.
+//! - [`exec`]: executors (Docker, process) that run one epoch of a task, with typed errors.
+//! - [`images`]: blob store, QUIC data plane, fetches from peers, `docker save` import.
+//! - [`api`]: the status API (axum): routes, JSON views, calls into the peer loop.
+//! - [`cli`]: clap arguments, the API client and its tables, `omesh image`, submitter keys.
+//! - [`config`]: the config file, flags and env, checked once at start-up.
+//! - [`datadir`]: the data directory: identity key, incarnation counter, logs.
+//! - [`load`]: CPU and memory sampling, smoothed, for the replica.
+//! - [`metrics`]: the peer's Prometheus metrics.
+//! - [`devtools`]: demo, local mesh, benches. Only `main.rs` and the tests use it; `peer`,
+//!   `exec` and `images` never import it.
 
 pub mod api;
-pub mod bench;
-pub mod bench_blobs;
-pub mod bench_tasks;
-pub mod blobs;
-pub mod client;
+pub mod cli;
 pub mod config;
 pub mod datadir;
-pub mod dataplane;
-pub mod demo;
-pub mod executor;
-pub mod fetch;
-pub mod image_cli;
-pub mod image_import;
+pub mod devtools;
+pub mod exec;
 pub mod images;
-pub mod keys;
 pub mod load;
-pub mod localmesh;
 pub mod metrics;
-pub mod net;
 pub mod peer;
-pub mod tasks;

@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 
 use common::docker::{containers_with_label, docker_or_skip, skip, test_image, RemoveOnDrop};
 use common::wait_until;
-use omesh::executor::docker::DockerBackend;
-use omesh::executor::{Backend, Instance};
+use omesh::exec::docker::DockerBackend;
+use omesh::exec::{Backend, Ended, ExecError, Instance};
 use omesh_protocol::{ExecutorKind, NodeId, SignedTaskSpec, TaskSpec};
-use omesh_state::ExecEvent;
 use tokio::sync::watch;
 
 /// A generous bound on anything the engine does.
@@ -124,7 +123,7 @@ async fn exit_code_and_both_streams_are_reported() {
     )
     .await
     .unwrap();
-    assert_eq!(end, ExecEvent::Exited { code: 3 });
+    assert_eq!(end.unwrap(), Ended::Exited { code: 3 });
     assert!(started.load(Ordering::SeqCst), "started() was not called");
     let log = std::fs::read_to_string(&inst.log_path).unwrap();
     assert!(
@@ -161,7 +160,7 @@ async fn env_reaches_the_container_and_a_zero_exit_is_exited() {
     let end = tokio::time::timeout(LONG, backend.run(&inst, &|| {}, cancel_rx))
         .await
         .unwrap();
-    assert_eq!(end, ExecEvent::Exited { code: 0 });
+    assert_eq!(end.unwrap(), Ended::Exited { code: 0 });
     let log = std::fs::read_to_string(&inst.log_path).unwrap();
     assert!(log.contains("greeting=hello epoch=7\n"), "{log:?}");
     assert!(containers_with_label(&task_label(&inst)).is_empty());
@@ -206,7 +205,7 @@ async fn limits_and_labels_are_set_and_cancel_stops() {
     let asked = Instant::now();
     cancel.send(true).unwrap();
     let end = tokio::time::timeout(LONG, run).await.unwrap().unwrap();
-    assert_eq!(end, ExecEvent::Stopped);
+    assert_eq!(end.unwrap(), Ended::Stopped);
     // `sleep 30` was killed, not waited for.
     assert!(
         asked.elapsed() < Duration::from_secs(25),
@@ -239,7 +238,9 @@ async fn a_timeout_kills_the_container_and_fails() {
     .await
     .unwrap();
     match &end {
-        ExecEvent::Failed { error } => assert!(error.contains("timed out"), "{error}"),
+        Err(error @ ExecError::Timeout { .. }) => {
+            assert!(error.to_string().contains("timed out"), "{error}");
+        }
         other => panic!("expected Failed(timed out), got {other:?}"),
     }
     assert!(started.load(Ordering::SeqCst));
@@ -270,9 +271,9 @@ async fn a_missing_image_fails_naming_it() {
     .await
     .unwrap();
     match &end {
-        ExecEvent::Failed { error } => {
-            assert!(error.contains(&format!("sha256:{missing}")), "{error}");
-            assert!(error.contains("not present"), "{error}");
+        Err(error @ ExecError::ImageMissing { id }) => {
+            assert_eq!(id, &format!("sha256:{missing}"));
+            assert!(error.to_string().contains("not present"), "{error}");
         }
         other => panic!("expected Failed, got {other:?}"),
     }

@@ -10,7 +10,7 @@ use common::{metric, wait_until, Node};
 use futures::StreamExt;
 use libp2p::gossipsub::IdentTopic;
 use libp2p::identity::Keypair;
-use omesh::net;
+use omesh::peer::net;
 use omesh_protocol::delta::MAX_GOSSIP_BYTES;
 use omesh_protocol::{
     Capacity, Delta, DeltaBody, GossipMessage, NodeId, NodeRecord, SyncRequest, Wire,

@@ -414,7 +414,7 @@ async fn a_peer_with_a_foreign_identity_cannot_fetch() {
     let addr: SocketAddr = a
         .addresses
         .iter()
-        .find_map(|s| omesh::dataplane::parse_blob_addr(s))
+        .find_map(|s| omesh::images::dataplane::parse_blob_addr(s))
         .unwrap();
     let a_peer: libp2p::PeerId = a.peer_id.parse().unwrap();
     let digest = image.id.strip_prefix("sha256:").unwrap().parse().unwrap();
@@ -426,10 +426,10 @@ async fn a_peer_with_a_foreign_identity_cannot_fetch() {
     let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
 
     let stranger = libp2p::identity::Keypair::generate_ed25519();
-    let conn = omesh::dataplane::connect(&client, &stranger, a_peer, addr)
+    let conn = omesh::images::dataplane::connect(&client, &stranger, a_peer, addr)
         .await
         .unwrap();
-    let answer = omesh::dataplane::request(&conn, &req).await;
+    let answer = omesh::images::dataplane::request(&conn, &req).await;
     assert!(answer.is_err(), "a stranger fetched: {answer:?}");
     assert!(
         wait_until(Duration::from_secs(5), || async {
@@ -441,10 +441,13 @@ async fn a_peer_with_a_foreign_identity_cannot_fetch() {
     // The same request with B's identity (a node of the mesh) is served.
     let b_key = std::fs::read(nodes[1].dir.join("data").join("identity.key")).unwrap();
     let b_key = libp2p::identity::Keypair::from_protobuf_encoding(&b_key).unwrap();
-    let conn = omesh::dataplane::connect(&client, &b_key, a_peer, addr)
+    let conn = omesh::images::dataplane::connect(&client, &b_key, a_peer, addr)
         .await
         .unwrap();
-    match omesh::dataplane::request(&conn, &req).await.unwrap() {
+    match omesh::images::dataplane::request(&conn, &req)
+        .await
+        .unwrap()
+    {
         BlobResponse::Chunk {
             offset: 0, data, ..
         } => assert!(!data.is_empty()),

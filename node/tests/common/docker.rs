@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 // The image itself is built by the same code `omesh bench tasks` uses.
-pub use omesh::bench_tasks::{image_id, TEST_IMAGE_TAG};
+pub use omesh::devtools::bench_tasks::{image_id, TEST_IMAGE_TAG};
 
 /// Whether tests must not skip for want of Docker (CI sets it).
 pub fn docker_required() -> bool {
@@ -66,7 +66,7 @@ fn build_test_image() -> Result<String, String> {
     if image_id(TEST_IMAGE_TAG).is_none() {
         static_busybox()?;
     }
-    omesh::bench_tasks::ensure_test_image()
+    omesh::devtools::bench_tasks::ensure_test_image()
 }
 
 /// A busybox on this host, installing Debian's `busybox-static` if there is
@@ -160,20 +160,6 @@ pub struct RemoveOnDrop(pub String);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let ids = Command::new("docker")
-            .args(["ps", "-aq", "--filter"])
-            .arg(format!("label={}", self.0))
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        let ids: Vec<&str> = ids.split_whitespace().collect();
-        if !ids.is_empty() {
-            let _ = Command::new("docker")
-                .args(["rm", "-f"])
-                .args(&ids)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
+        omesh::devtools::bench_tasks::remove_containers(&self.0);
     }
 }

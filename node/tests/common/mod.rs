@@ -2,11 +2,12 @@
 //! operator would.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::ops::{Deref, DerefMut};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use omesh::api::{PeerView, StatusView};
+use omesh::devtools::localmesh::{self, LocalPeer};
 
 /// The binary under test.
 pub fn bin() -> &'static str {
@@ -15,154 +16,45 @@ pub fn bin() -> &'static str {
 
 /// A port nobody listens on right now (UDP and TCP), on 127.0.0.1.
 pub fn free_port() -> u16 {
-    loop {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
+    localmesh::free_port().unwrap()
+}
+
+/// One running (or stopped) peer: a [`LocalPeer`] the tests talk to over its API.
+pub struct Node(LocalPeer);
+
+impl Deref for Node {
+    type Target = LocalPeer;
+    fn deref(&self) -> &LocalPeer {
+        &self.0
     }
 }
 
-/// One running (or stopped) peer.
-fn quic_addr(port: u16) -> String {
-    format!("/ip4/127.0.0.1/udp/{port}/quic-v1")
-}
-
-fn api_addr(port: u16) -> String {
-    format!("127.0.0.1:{port}")
-}
-
-pub struct Node {
-    pub name: String,
-    pub dir: PathBuf,
-    pub quic_port: u16,
-    pub api_port: u16,
-    pub args: Vec<String>,
-    child: Option<Child>,
+impl DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut LocalPeer {
+        &mut self.0
+    }
 }
 
 impl Node {
     /// Starts a peer with its own data dir under `root`.
     pub fn start(root: &Path, name: &str, seeds: &[String], extra: &[&str]) -> Self {
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let quic_port = free_port();
-        let api_port = free_port();
-        let mut args: Vec<String> = vec![
-            "up".into(),
-            "--data-dir".into(),
-            dir.join("data").display().to_string(),
-            "--listen".into(),
-            quic_addr(quic_port),
-            "--api-listen".into(),
-            api_addr(api_port),
-        ];
-        for s in seeds {
-            args.push("--seed".into());
-            args.push(s.clone());
-        }
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let mut n = Self {
-            name: name.into(),
-            dir,
-            quic_port,
-            api_port,
-            args,
-            child: None,
-        };
-        n.spawn();
-        n
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("log.txt"))
-            .unwrap();
-        let child = Command::new(bin())
-            .args(&self.args)
-            .env_remove("OMESH_API")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    /// The multiaddr others use to reach it.
-    pub fn addr(&self) -> String {
-        quic_addr(self.quic_port)
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        Self(LocalPeer::start(Path::new(bin()), root, name, seeds, &extra).unwrap())
     }
 
     /// The API base URL.
     pub fn api(&self) -> String {
-        format!("http://127.0.0.1:{}", self.api_port)
-    }
-
-    /// `kill -9`.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.0.api_url()
     }
 
     /// SIGTERM, then the exit status (waits up to 20 s).
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let mut c = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let end = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < end {
-            if let Ok(Some(st)) = c.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = c.kill();
-        None
+        self.0.terminate(Duration::from_secs(20))
     }
 
-    /// Starts it again with the same data dir and ports.
+    /// Starts it again with the same data dir (and fresh ports where the old ones were taken).
     pub fn restart(&mut self) {
-        self.kill9();
-        self.reclaim_ports();
-        self.spawn();
-    }
-
-    /// Ports picked by `free_port` come from the ephemeral range, so while a node is down
-    /// another socket (an outbound connection of any process) may take one of them, and the
-    /// restarted node would exit with "address already in use" (seen in CI). Takes fresh
-    /// ports for whichever is taken; the node's identity is in its data dir, and peers learn
-    /// a new address from its record.
-    fn reclaim_ports(&mut self) {
-        let api_taken = std::net::TcpListener::bind(("127.0.0.1", self.api_port)).is_err();
-        let quic_taken = std::net::UdpSocket::bind(("127.0.0.1", self.quic_port)).is_err();
-        if api_taken {
-            let old = api_addr(self.api_port);
-            self.api_port = free_port();
-            self.replace_arg(&old, api_addr(self.api_port));
-        }
-        if quic_taken {
-            let old = quic_addr(self.quic_port);
-            self.quic_port = free_port();
-            self.replace_arg(&old, quic_addr(self.quic_port));
-        }
-    }
-
-    fn replace_arg(&mut self, old: &str, new: String) {
-        for a in self.args.iter_mut().filter(|a| *a == old) {
-            a.clone_from(&new);
-        }
-    }
-
-    /// The peer id of this node, as others list it.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("log.txt")).unwrap_or_default()
+        self.0.restart().unwrap();
     }
 
     pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Option<T> {
@@ -192,12 +84,6 @@ impl Node {
 
     pub async fn peers(&self) -> Option<Vec<PeerView>> {
         self.get("/api/v1/peers").await
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 

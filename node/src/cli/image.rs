@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 
-use crate::blobs::BlobStore;
-use crate::client::{self, Client};
+use crate::cli::client::{self, Client};
 use crate::config::NodeConfig;
-use crate::image_import::{self, Imported};
+use crate::images::blobs::BlobStore;
+use crate::images::import::{self, Imported};
 use crate::images::PullJson;
 
 /// The image commands.
@@ -131,13 +131,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn import(a: &ImportArgs) -> anyhow::Result<()> {
     let store = a.store.open()?;
     let imported: Vec<Imported> = match (&a.file, &a.from_docker) {
-        (Some(file), _) => image_import::import_archive(&store, file)?,
+        (Some(file), _) => import::import_archive(&store, file)?,
         (None, Some(name)) => runtime()?.block_on(async {
-            let docker = crate::executor::docker::DockerBackend::connect()
+            let docker = crate::exec::docker::DockerBackend::connect()
                 .await
                 .map_err(anyhow::Error::msg)?
                 .engine();
-            Ok::<_, anyhow::Error>(image_import::import_from_docker(&store, &docker, name).await?)
+            Ok::<_, anyhow::Error>(import::import_from_docker(&store, &docker, name).await?)
         })?,
         (None, None) => anyhow::bail!("give an archive file or --from-docker NAME"),
     };

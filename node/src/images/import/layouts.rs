@@ -7,7 +7,7 @@ use omesh_protocol::Digest;
 use serde::Deserialize;
 
 use super::ImportError;
-use crate::blobs::Staged;
+use crate::images::blobs::Staged;
 
 /// The files of an archive, staged and hashed.
 pub(super) struct Files {

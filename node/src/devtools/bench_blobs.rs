@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use omesh_protocol::Digest;
 
-use crate::blobs::{BlobStore, ImageRecord};
-use crate::client::Client;
+use crate::cli::client::Client;
+use crate::devtools::localmesh::LocalMesh;
+use crate::images::blobs::{BlobStore, ImageRecord};
 use crate::images::PullJson;
-use crate::localmesh::LocalMesh;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -228,7 +228,7 @@ async fn single(
     let mut mesh =
         LocalMesh::start(bin, &root.join("single"), 2, |_| flags()).map_err(|e| e.to_string())?;
     mesh.wait_converged(Duration::from_secs(60)).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await; // A's next heartbeats carry the image
+    tokio::time::sleep(Duration::from_secs(3)).await; // A's record, republished, carries the image
     let b = mesh.peers.get(1).map(|p| p.client()).ok_or("no peer B")?;
     let b_store =
         BlobStore::open(&root.join("single/peer1/data"), u64::MAX).map_err(|e| e.to_string())?;
@@ -357,7 +357,7 @@ fn plain_quinn(src: &Path, out: &Path) -> Result<Duration, String> {
     };
     let server_rt = rt()?;
     let endpoint = server_rt.block_on(async {
-        crate::dataplane::endpoint(&server_key, "127.0.0.1:0".parse().map_err(|_| "addr")?)
+        crate::images::dataplane::endpoint(&server_key, "127.0.0.1:0".parse().map_err(|_| "addr")?)
             .map_err(|e| e.to_string())
     })?;
     let addr = endpoint.local_addr().map_err(|e| e.to_string())?;
@@ -395,7 +395,7 @@ fn plain_quinn(src: &Path, out: &Path) -> Result<Duration, String> {
         let client = quinn::Endpoint::client("127.0.0.1:0".parse().map_err(|_| "addr")?)
             .map_err(|e| e.to_string())?;
         let start = Instant::now();
-        let conn = crate::dataplane::connect(&client, &client_key, server_peer, addr)
+        let conn = crate::images::dataplane::connect(&client, &client_key, server_peer, addr)
             .await
             .map_err(|e| e.to_string())?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;

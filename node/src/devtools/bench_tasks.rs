@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use omesh_protocol::{ExecutorKind, TaskSpec};
 
 use crate::api::{SubmitBody, TaskJson};
-use crate::client::Client;
-use crate::localmesh::LocalMesh;
+use crate::cli::client::Client;
+use crate::devtools::localmesh::LocalMesh;
 
 /// The API token of the bench mesh.
 const TOKEN: &str = "bench-token";
@@ -139,7 +139,7 @@ fn ms(d: Duration) -> f64 {
 
 /// A client call with a bound, so a hung peer cannot stall the bench.
 async fn bounded<T>(
-    f: impl std::future::Future<Output = Result<T, crate::client::ClientError>>,
+    f: impl std::future::Future<Output = Result<T, crate::cli::client::ClientError>>,
 ) -> Result<T, String> {
     match tokio::time::timeout(Duration::from_secs(10), f).await {
         Ok(r) => r.map_err(|e| e.to_string()),
@@ -334,18 +334,18 @@ pub async fn run(bin: &Path, cfg: &TaskBench, progress: impl Fn(&str)) -> Result
         ));
     }
     let docker_image = if cfg.docker {
-        match crate::executor::docker::DockerBackend::connect().await {
+        match crate::exec::docker::DockerBackend::connect().await {
             Ok(_) => ensure_test_image().map_err(|e| format!("test image: {e}")),
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_string()),
         }
     } else {
         Err("--no-docker".into())
     };
-    let key = crate::keys::generate();
+    let key = crate::cli::keys::generate();
     let root = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
     let flags = vec![
         "--authorized-submitter".to_owned(),
-        crate::keys::public_hex(&key),
+        crate::cli::keys::public_hex(&key),
         "--api-token".into(),
         TOKEN.into(),
         "--threshold-memory".into(),
@@ -498,7 +498,7 @@ pub fn table(r: &Report) -> String {
             Summary::of(&l.samples),
         ));
     }
-    let mut out = crate::client::table(&["MEASURE", "N", "P50 MS", "P99 MS", "MAX MS"], &rows);
+    let mut out = crate::cli::client::table(&["MEASURE", "N", "P50 MS", "P99 MS", "MAX MS"], &rows);
     let skipped = r.failovers.iter().filter(|f| f.skipped_epochs).count();
     let orphans: usize = r.failovers.iter().map(|f| f.orphans).sum();
     out.push_str(&format!(
@@ -568,7 +568,8 @@ fn containers(label: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn remove_containers(label: &str) {
+/// Force-removes every container (running or not) carrying `label` (`key=value`).
+pub fn remove_containers(label: &str) {
     let ids = containers(label);
     if !ids.is_empty() {
         let _ = Command::new("docker")

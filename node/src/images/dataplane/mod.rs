@@ -21,7 +21,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint};
 use tracing::{debug, info, warn};
 
-use crate::blobs::BlobStore;
+use crate::images::blobs::BlobStore;
 
 mod frame;
 mod pace;

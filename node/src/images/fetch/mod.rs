@@ -21,11 +21,11 @@ use omesh_protocol::{Digest, ImageRef};
 use quinn::{Connection, Endpoint};
 use tracing::{debug, info, warn};
 
-use crate::blobs::{
+use crate::images::blobs::{
     chunk_count, chunk_range, read_limited, BlobStore, ImageRecord, Partial, StoreError,
     CHUNK_BYTES, MAX_JSON_BYTES,
 };
-use crate::dataplane::{self, DataPlaneError};
+use crate::images::dataplane::{self, DataPlaneError};
 use crate::metrics::BlobMetrics;
 
 mod workers;
@@ -33,7 +33,7 @@ mod workers;
 /// Layers fetched at once.
 const LAYERS_AT_ONCE: usize = 3;
 /// How long to wait for a first holder to appear (an image imported elsewhere a moment ago
-/// reaches this node's view with the holder's next heartbeat).
+/// reaches this node's view with the holder's record, republished when its images change).
 const HOLDER_WAIT: Duration = Duration::from_secs(15);
 /// A holder that served bad bytes is left out of fetches for this long.
 const BAD_FOR: Duration = Duration::from_secs(600);

@@ -5,6 +5,11 @@
 //! The driver owns an `Arc<ImageService>` and calls [`ImageService::refresh`] once a second
 //! with its replica; everything slow (scans, fetches, loads) runs on tasks of its own.
 
+pub mod blobs;
+pub mod dataplane;
+pub mod fetch;
+pub mod import;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,13 +27,13 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tracing::{info, warn};
 
-use crate::blobs::{BlobStore, ImageRecord, StoreError};
 use crate::config::{NetPlan, NodeConfig};
-use crate::dataplane::{self, Allowed, DataPlaneError, Faults};
-use crate::executor::{ImageProvider, Instance};
-use crate::fetch::{Fetcher, Holder, Holders, Progress};
+use crate::exec::{ExecError, ImageProvider, Instance};
 use crate::metrics::{BlobMetrics, Metrics};
-use crate::net;
+use crate::peer::net;
+use blobs::{BlobStore, ImageRecord, StoreError};
+use dataplane::{Allowed, DataPlaneError, Faults};
+use fetch::{Fetcher, Holder, Holders, Progress};
 
 /// How often the store is rescanned (imports and removals by the CLI show up this fast).
 const RESCAN: Duration = Duration::from_secs(1);
@@ -342,7 +347,7 @@ impl ImageService {
         }
         self.docker
             .get_or_init(|| async {
-                match crate::executor::docker::DockerBackend::connect().await {
+                match crate::exec::docker::DockerBackend::connect().await {
                     Ok(b) => Some(b.engine()),
                     Err(e) => {
                         warn!(error = %e, "no Docker engine to load images into");
@@ -383,7 +388,17 @@ impl ImageService {
 
 #[async_trait::async_trait]
 impl ImageProvider for ImageService {
-    async fn prepare(&self, inst: &Instance) -> Result<(), String> {
+    async fn prepare(&self, inst: &Instance) -> Result<(), ExecError> {
+        self.ensure_in_engine(inst)
+            .await
+            .map_err(ExecError::ImageUnavailable)
+    }
+}
+
+impl ImageService {
+    /// Gets `inst`'s image into the engine: at once if it is there, else fetched from the
+    /// peers that hold it, verified and loaded.
+    async fn ensure_in_engine(&self, inst: &Instance) -> Result<(), String> {
         let image = ImageRef::parse(&inst.spec.spec.image).map_err(|e| e.to_string())?;
         let Some(docker) = self.docker().await else {
             return Ok(()); // The backend reports the missing engine itself.
@@ -531,7 +546,7 @@ fn docker_archive(store: &BlobStore, rec: &ImageRecord) -> Result<Vec<Part>, Sto
     let file = |name: &str, d: &Digest, parts: &mut Vec<Part>| -> Result<(), StoreError> {
         let path = store.blob_path(d);
         let size = std::fs::metadata(&path)
-            .map_err(crate::blobs::io_err("cannot stat", &path))?
+            .map_err(blobs::io_err("cannot stat", &path))?
             .len();
         parts.push(Part::Bytes(tar_header(name, size)?));
         parts.push(Part::File(path, size));

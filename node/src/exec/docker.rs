@@ -16,13 +16,12 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures::StreamExt;
-use omesh_protocol::{ImageRef, NodeId};
-use omesh_state::ExecEvent;
+use omesh_protocol::{ExecutorKind, ImageRef, NodeId};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::{timeout_error, Backend, Instance};
+use super::{Backend, Ended, ExecError, Instance};
 
 /// Label carrying the full task id (hex).
 pub const LABEL_TASK: &str = "omesh.task";
@@ -47,17 +46,22 @@ pub struct DockerBackend {
 impl DockerBackend {
     /// Connects to the local engine (`DOCKER_HOST` if set, else the default unix socket) and
     /// checks that it answers.
-    pub async fn connect() -> Result<Self, String> {
-        let docker = Docker::connect_with_defaults()
-            .map_err(|e| format!("cannot connect to the Docker engine: {e}"))?;
+    pub async fn connect() -> Result<Self, ExecError> {
+        let docker = Docker::connect_with_defaults().map_err(|e| {
+            ExecError::EngineUnreachable(format!("cannot connect to the Docker engine: {e}"))
+        })?;
         match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(format!("Docker engine ping failed: {e}")),
+            Ok(Err(e)) => {
+                return Err(ExecError::EngineUnreachable(format!(
+                    "Docker engine ping failed: {e}"
+                )))
+            }
             Err(_) => {
-                return Err(format!(
+                return Err(ExecError::EngineUnreachable(format!(
                     "Docker engine did not answer within {}s",
                     PING_TIMEOUT.as_secs()
-                ))
+                )))
             }
         }
         // Talk to older engines in their own API version. If the engine does not say, keep
@@ -91,12 +95,17 @@ impl DockerBackend {
 
     /// The local image ID to run for `image`: the image whose ID is the digest, or one whose
     /// repo digests name it.
-    async fn resolve_image(&self, image: &ImageRef) -> Result<String, String> {
+    async fn resolve_image(&self, image: &ImageRef) -> Result<String, ExecError> {
         let id = format!("sha256:{}", image.digest);
         match self.docker.inspect_image(&id).await {
             Ok(found) => return Ok(found.id.unwrap_or(id)),
             Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(format!("inspect image {id}: {e}")),
+            Err(source) => {
+                return Err(ExecError::Engine {
+                    what: format!("inspect image {id}"),
+                    source,
+                })
+            }
         }
         let reference = image.to_string();
         let suffix = format!("@{id}");
@@ -109,9 +118,12 @@ impl DockerBackend {
             {
                 Ok(found.id.unwrap_or(reference))
             }
-            Ok(_) => Err(format!("image {id} not present on this node")),
-            Err(e) if is_not_found(&e) => Err(format!("image {id} not present on this node")),
-            Err(e) => Err(format!("inspect image {reference}: {e}")),
+            Ok(_) => Err(ExecError::ImageMissing { id }),
+            Err(e) if is_not_found(&e) => Err(ExecError::ImageMissing { id }),
+            Err(source) => Err(ExecError::Engine {
+                what: format!("inspect image {reference}"),
+                source,
+            }),
         }
     }
 
@@ -122,7 +134,7 @@ impl DockerBackend {
         name: &str,
         body: ContainerCreateBody,
         node: &NodeId,
-    ) -> Result<(), String> {
+    ) -> Result<(), ExecError> {
         let options = CreateContainerOptionsBuilder::new().name(name).build();
         match self
             .docker
@@ -137,15 +149,26 @@ impl DockerBackend {
                 );
                 remove(&self.docker, name)
                     .await
-                    .map_err(|e| format!("create container {name}: remove stale one: {e}"))?;
+                    .map_err(|source| ExecError::Engine {
+                        what: format!("create container {name}: remove stale one"),
+                        source,
+                    })?;
             }
-            Err(e) => return Err(format!("create container {name}: {e}")),
+            Err(source) => {
+                return Err(ExecError::Engine {
+                    what: format!("create container {name}"),
+                    source,
+                })
+            }
         }
         self.docker
             .create_container(Some(options), body)
             .await
             .map(|_| ())
-            .map_err(|e| format!("create container {name}: {e}"))
+            .map_err(|source| ExecError::Engine {
+                what: format!("create container {name}"),
+                source,
+            })
     }
 
     /// Whether container `name` carries this node's label.
@@ -168,7 +191,7 @@ impl DockerBackend {
         log: tokio::fs::File,
         started: &(dyn Fn() + Send + Sync),
         mut cancel: watch::Receiver<bool>,
-    ) -> ExecEvent {
+    ) -> Result<Ended, ExecError> {
         let spec = &inst.spec.spec;
         let name = Self::container_name(inst);
         let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -197,17 +220,16 @@ impl DockerBackend {
             host_config: Some(host_config),
             ..Default::default()
         };
-        if let Err(error) = self.create(&name, body, &inst.node).await {
-            return ExecEvent::Failed { error };
-        }
+        self.create(&name, body, &inst.node).await?;
         // From here on the container exists: remove it whatever happens, also if this future
         // is dropped half-way.
         let mut guard = Removal::new(self.docker.clone(), name.clone());
-        if let Err(e) = self.docker.start_container(&name, None).await {
+        if let Err(source) = self.docker.start_container(&name, None).await {
             guard.remove().await;
-            return ExecEvent::Failed {
-                error: format!("start container {name}: {e}"),
-            };
+            return Err(ExecError::Engine {
+                what: format!("start container {name}"),
+                source,
+            });
         }
         started();
         let logs = tokio::spawn(pump_logs(self.docker.clone(), name.clone(), log));
@@ -222,12 +244,9 @@ impl DockerBackend {
         let deadline = tokio::time::sleep(timeout.min(Duration::from_secs(10 * 365 * 24 * 3600)));
         tokio::pin!(deadline);
         let (outcome, killed) = tokio::select! {
-            exit = &mut wait => (match exit {
-                Ok(code) => ExecEvent::Exited { code: i32::try_from(code).unwrap_or(-1) },
-                Err(error) => ExecEvent::Failed { error },
-            }, false),
-            () = &mut deadline => (ExecEvent::Failed { error: timeout_error(spec.timeout_ms) }, true),
-            () = super::cancelled(&mut cancel) => (ExecEvent::Stopped, true),
+            exit = &mut wait => (exit.map(|code| Ended::Exited { code: i32::try_from(code).unwrap_or(-1) }), false),
+            () = &mut deadline => (Err(ExecError::Timeout { ms: spec.timeout_ms }), true),
+            () = super::cancelled(&mut cancel) => (Ok(Ended::Stopped), true),
         };
         if killed {
             let kill = KillContainerOptionsBuilder::new().signal("SIGKILL").build();
@@ -257,7 +276,7 @@ impl DockerBackend {
                 .await;
             }
         }
-        if matches!(outcome, ExecEvent::Exited { .. }) && self.oom_killed(&name).await {
+        if matches!(outcome, Ok(Ended::Exited { .. })) && self.oom_killed(&name).await {
             append_note(&inst.log_path, "the container was killed: out of memory").await;
         }
         guard.remove().await;
@@ -278,8 +297,8 @@ impl DockerBackend {
 
 #[async_trait::async_trait]
 impl Backend for DockerBackend {
-    fn name(&self) -> &'static str {
-        "docker"
+    fn kind(&self) -> ExecutorKind {
+        ExecutorKind::Docker
     }
 
     async fn run(
@@ -287,25 +306,13 @@ impl Backend for DockerBackend {
         inst: &Instance,
         started: &(dyn Fn() + Send + Sync),
         cancel: watch::Receiver<bool>,
-    ) -> ExecEvent {
+    ) -> Result<Ended, ExecError> {
         let spec = &inst.spec.spec;
         if spec.command.is_empty() {
-            return ExecEvent::Failed {
-                error: "empty command".into(),
-            };
+            return Err(ExecError::EmptyCommand);
         }
-        let image = match ImageRef::parse(&spec.image) {
-            Ok(i) => i,
-            Err(e) => {
-                return ExecEvent::Failed {
-                    error: e.to_string(),
-                }
-            }
-        };
-        let image_id = match self.resolve_image(&image).await {
-            Ok(id) => id,
-            Err(error) => return ExecEvent::Failed { error },
-        };
+        let image = ImageRef::parse(&spec.image).map_err(|e| ExecError::BadImage(e.to_string()))?;
+        let image_id = self.resolve_image(&image).await?;
         let log = match tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -313,17 +320,18 @@ impl Backend for DockerBackend {
             .await
         {
             Ok(f) => f,
-            Err(e) => {
-                return ExecEvent::Failed {
-                    error: format!("cannot open log {}: {e}", inst.log_path.display()),
-                }
+            Err(source) => {
+                return Err(ExecError::Log {
+                    path: inst.log_path.clone(),
+                    source,
+                })
             }
         };
         self.run_container(inst, image_id, log, started, cancel)
             .await
     }
 
-    async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, String> {
+    async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, ExecError> {
         let filters = HashMap::from([("label", vec![format!("{LABEL_NODE}={}", node.to_hex())])]);
         let options = ListContainersOptionsBuilder::new()
             .all(true)
@@ -333,7 +341,10 @@ impl Backend for DockerBackend {
             .docker
             .list_containers(Some(options))
             .await
-            .map_err(|e| format!("list containers: {e}"))?;
+            .map_err(|source| ExecError::Engine {
+                what: "list containers".into(),
+                source,
+            })?;
         let mut removed = 0;
         let mut failed = Vec::new();
         for c in found {
@@ -347,11 +358,11 @@ impl Backend for DockerBackend {
         if failed.is_empty() {
             Ok(removed)
         } else {
-            Err(format!(
+            Err(ExecError::Cleanup(format!(
                 "removed {removed} orphan container(s), {} failed: {}",
                 failed.len(),
                 failed.join("; ")
-            ))
+            )))
         }
     }
 }
@@ -407,10 +418,14 @@ async fn remove(docker: &Docker, name: &str) -> Result<bool, EngineError> {
 }
 
 /// Waits until the container stops; its exit code.
-async fn wait_exit(docker: &Docker, name: &str) -> Result<i64, String> {
+async fn wait_exit(docker: &Docker, name: &str) -> Result<i64, ExecError> {
+    let what = || format!("wait for container {name}");
     match docker.wait_container(name, None).next().await {
         Some(Ok(status)) => match status.error.and_then(|e| e.message) {
-            Some(msg) if !msg.is_empty() => Err(format!("wait for container {name}: {msg}")),
+            Some(message) if !message.is_empty() => Err(ExecError::EngineReport {
+                what: what(),
+                message,
+            }),
             _ => Ok(status.status_code),
         },
         // bollard reports a non-zero exit status as an error.
@@ -418,15 +433,20 @@ async fn wait_exit(docker: &Docker, name: &str) -> Result<i64, String> {
             if error.is_empty() {
                 Ok(code)
             } else {
-                Err(format!(
-                    "wait for container {name}: {error} (exit code {code})"
-                ))
+                Err(ExecError::EngineReport {
+                    what: what(),
+                    message: format!("{error} (exit code {code})"),
+                })
             }
         }
-        Some(Err(e)) => Err(format!("wait for container {name}: {e}")),
-        None => Err(format!(
-            "wait for container {name}: the engine closed the stream without a status"
-        )),
+        Some(Err(source)) => Err(ExecError::Engine {
+            what: what(),
+            source,
+        }),
+        None => Err(ExecError::EngineReport {
+            what: what(),
+            message: "the engine closed the stream without a status".into(),
+        }),
     }
 }
 

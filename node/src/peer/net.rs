@@ -1,6 +1,8 @@
-//! The control plane: one libp2p `NetworkBehaviour` composed of gossipsub (deltas and
-//! heartbeats), kademlia + identify (discovery from seeds), ping (RTT) and request-response
-//! (anti-entropy sync), over QUIC.
+//! The control plane: one libp2p `NetworkBehaviour` composed of gossipsub (state deltas),
+//! kademlia + identify (discovery from seeds), ping (RTT) and three
+//! request-response protocols: anti-entropy sync, task logs, and the SWIM-style liveness
+//! probes (direct and indirect pings and their acks; see omesh-state's `probe` module), over
+//! QUIC. Liveness does not ride on gossip; a node record is gossiped only when it changes.
 
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use libp2p::{gossipsub, identify, kad, ping, request_response, PeerId, StreamPro
 use omesh_protocol::delta::{MAX_GOSSIP_BYTES, MAX_SYNC_REPLY_BYTES, MAX_SYNC_REQUEST_BYTES};
 use omesh_protocol::NodeId;
 
-/// The gossip topic for state deltas and heartbeats.
+/// The gossip topic for state deltas (node records when they change, leases, statuses).
 pub const STATE_TOPIC: &str = "omesh/state/1";
 /// The anti-entropy protocol.
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/sync/1");
@@ -32,7 +34,7 @@ pub const GOSSIP_TRANSMIT_LIMIT: usize = 2 * MAX_GOSSIP_BYTES;
 /// The composed behaviour.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
-    /// Deltas and heartbeats.
+    /// State deltas.
     pub gossipsub: gossipsub::Behaviour,
     /// Peer discovery.
     pub kad: kad::Behaviour<kad::store::MemoryStore>,

@@ -1,20 +1,18 @@
-//! The peer's task plumbing: executor reports into the replica, submissions and cancels from
-//! the API, and task logs served to (and fetched from) the owner over `/omesh/logs/1`.
+//! Task logs: served from this node's files to the API and to other peers, and fetched from
+//! a task's owner over `/omesh/logs/1`.
 
 use std::io::{Read, Seek, SeekFrom};
 
 use axum::http::StatusCode;
 use libp2p::request_response;
 use omesh_protocol::blob::MAX_LOG_CHUNK;
-use omesh_protocol::{Epoch, LogRequest, LogResponse, SignedTaskSpec, TaskId, Wire};
-use omesh_state::{ExecEvent, Input, InputError};
+use omesh_protocol::{Epoch, LogRequest, LogResponse, TaskId, Wire};
 use tokio::sync::oneshot;
-use tracing::{debug, info};
+use tracing::debug;
 
+use super::net;
+use super::Peer;
 use crate::api::{ApiError, LogChunk};
-use crate::executor::Report;
-use crate::net;
-use crate::peer::Peer;
 
 /// A log fetch waiting for the owner's answer.
 pub(crate) struct PendingLog {
@@ -25,36 +23,6 @@ pub(crate) struct PendingLog {
 }
 
 impl Peer {
-    pub(crate) fn on_report(&mut self, report: Report) {
-        let Report { task, epoch, event } = report;
-        if !matches!(event, ExecEvent::Started) {
-            self.executor.finished(task, epoch);
-        }
-        info!(task = %task.short(), epoch, ?event, "executor report");
-        self.feed(Input::Executor { task, epoch, event });
-    }
-
-    pub(crate) fn submit(&mut self, spec: SignedTaskSpec) -> Result<TaskId, ApiError> {
-        let now = self.clock.now();
-        let result = self.replica.submit(now, spec);
-        self.drain();
-        result.map_err(|e| match e {
-            InputError::Spec(e) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
-            other => ApiError::new(StatusCode::BAD_REQUEST, other.to_string()),
-        })
-    }
-
-    pub(crate) fn cancel(&mut self, task: TaskId) -> Result<(), ApiError> {
-        let now = self.clock.now();
-        let result = self.replica.handle(now, Input::Cancel(task));
-        self.drain();
-        result.map_err(|e| match e {
-            InputError::UnknownTask(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
-            InputError::AlreadyEnded { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
-            other => ApiError::new(StatusCode::BAD_REQUEST, other.to_string()),
-        })
-    }
-
     /// Reads a chunk of the local log of `(task, epoch)`.
     fn local_log(
         &self,
@@ -76,14 +44,14 @@ impl Peer {
 
     /// Answers a logs call: from the local file when this node owns the task's current epoch,
     /// else from the owner over the logs protocol.
-    pub(crate) fn logs(
+    pub(super) fn logs(
         &mut self,
         task: TaskId,
         offset: u64,
         tx: oneshot::Sender<Result<LogChunk, ApiError>>,
     ) {
-        let now = self.clock.now();
-        let Some(view) = self.replica.task_view(now, &task) else {
+        let now = self.driver.now();
+        let Some(view) = self.driver.replica().task_view(now, &task) else {
             let _ = tx.send(Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("no task {task}"),
@@ -147,7 +115,7 @@ impl Peer {
         }
     }
 
-    pub(crate) fn on_logs_event(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+    pub(super) fn on_logs_event(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {

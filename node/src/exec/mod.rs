@@ -3,13 +3,16 @@
 //! every report carries the epoch it was started with.
 
 pub mod docker;
+mod error;
 pub mod process;
+
+pub use error::ExecError;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use omesh_protocol::{Epoch, NodeId, SignedTaskSpec, TaskId};
+use omesh_protocol::{Epoch, ExecutorKind, NodeId, SignedTaskSpec, TaskId};
 use omesh_state::ExecEvent;
 use tokio::sync::{mpsc, watch};
 
@@ -31,23 +34,36 @@ pub struct Instance {
 /// A way of running instances.
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + 'static {
+    /// Which executor this is: `Docker` or `Process` (never `Any`).
+    fn kind(&self) -> ExecutorKind;
+
     /// A short name: `docker` or `process`.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &'static str {
+        match self.kind() {
+            ExecutorKind::Docker => "docker",
+            ExecutorKind::Process | ExecutorKind::Any => "process",
+        }
+    }
+
+    /// Whether an instance needs its image in the engine before it starts.
+    fn needs_image(&self) -> bool {
+        self.kind() == ExecutorKind::Docker
+    }
 
     /// Runs `inst` to its end. Calls `started` once it runs. Returns how it ended:
-    /// `Exited { code }`, `Failed { error }` (could not start, or timed out after
-    /// `spec.timeout_ms`), or `Stopped` once `cancel` turned true and the instance is gone.
+    /// `Exited { code }` or `Stopped` (once `cancel` turned true and the instance is gone), or
+    /// why it failed (could not start, or timed out after `spec.timeout_ms`).
     /// Leaves nothing behind (containers removed, processes reaped).
     async fn run(
         &self,
         inst: &Instance,
         started: &(dyn Fn() + Send + Sync),
         cancel: watch::Receiver<bool>,
-    ) -> ExecEvent;
+    ) -> Result<Ended, ExecError>;
 
     /// Removes what earlier runs of this node left (containers of epochs it no longer owns).
     /// Returns how many were removed.
-    async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, String>;
+    async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, ExecError>;
 }
 
 /// Makes a task's image available to the Docker engine before its container starts (the
@@ -55,19 +71,65 @@ pub trait Backend: Send + Sync + 'static {
 /// long fetch holds up nothing else; a stop while it runs ends the instance as stopped.
 #[async_trait::async_trait]
 pub trait ImageProvider: Send + Sync + 'static {
-    /// Ensures the engine holds `inst`'s image; the error text ends up in the task's status.
-    async fn prepare(&self, inst: &Instance) -> Result<(), String>;
+    /// Ensures the engine holds `inst`'s image; the error ends up in the task's status.
+    async fn prepare(&self, inst: &Instance) -> Result<(), ExecError>;
+}
+
+/// How an instance that ran ended by itself or by a stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The instance exited with this code (0 is success).
+    Exited {
+        /// The exit code.
+        code: i32,
+    },
+    /// The instance was stopped after `cancel` turned true.
+    Stopped,
+}
+
+/// What happened to an instance, typed.
+#[derive(Debug)]
+pub enum Event {
+    /// It runs.
+    Started,
+    /// It ended.
+    Ended(Ended),
+    /// It could not run, or did not end by itself.
+    Failed(ExecError),
+}
+
+impl From<Result<Ended, ExecError>> for Event {
+    fn from(end: Result<Ended, ExecError>) -> Self {
+        match end {
+            Ok(ended) => Self::Ended(ended),
+            Err(e) => Self::Failed(e),
+        }
+    }
+}
+
+impl From<Event> for ExecEvent {
+    /// The replica's view: the one place an executor error becomes text.
+    fn from(event: Event) -> Self {
+        match event {
+            Event::Started => Self::Started,
+            Event::Ended(Ended::Exited { code }) => Self::Exited { code },
+            Event::Ended(Ended::Stopped) => Self::Stopped,
+            Event::Failed(e) => Self::Failed {
+                error: e.to_string(),
+            },
+        }
+    }
 }
 
 /// A report for the driver.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Report {
     /// The task.
     pub task: TaskId,
     /// The epoch the instance was started with.
     pub epoch: Epoch,
     /// What happened.
-    pub event: ExecEvent,
+    pub event: Event,
 }
 
 /// Runs instances on the backends of this node and routes their reports.
@@ -131,8 +193,7 @@ impl Executor {
         self.running.contains_key(&(*task, epoch))
     }
 
-    fn backend_for(&self, kind: omesh_protocol::ExecutorKind) -> Option<Arc<dyn Backend>> {
-        use omesh_protocol::ExecutorKind;
+    fn backend_for(&self, kind: ExecutorKind) -> Option<Arc<dyn Backend>> {
         match kind {
             ExecutorKind::Process => Some(Arc::clone(&self.process)),
             ExecutorKind::Docker => self.docker.clone(),
@@ -166,18 +227,16 @@ impl Executor {
                     .send(Report {
                         task,
                         epoch,
-                        event: ExecEvent::Failed {
-                            error: "no Docker engine on this node".into(),
-                        },
+                        event: Event::Failed(ExecError::NoEngine),
                     })
                     .await;
                 return;
             };
-            if let Some(images) = images.filter(|_| backend.name() == "docker") {
+            if let Some(images) = images.filter(|_| backend.needs_image()) {
                 let mut cancel = cancel_rx.clone();
                 let end = tokio::select! {
-                    ready = images.prepare(&inst) => ready.err().map(|error| ExecEvent::Failed { error }),
-                    () = cancelled(&mut cancel) => Some(ExecEvent::Stopped),
+                    ready = images.prepare(&inst) => ready.err().map(Event::Failed),
+                    () = cancelled(&mut cancel) => Some(Event::Ended(Ended::Stopped)),
                 };
                 if let Some(event) = end {
                     let _ = reports.send(Report { task, epoch, event }).await;
@@ -191,7 +250,7 @@ impl Executor {
                 let _ = started_tx.try_send(Report {
                     task,
                     epoch,
-                    event: ExecEvent::Started,
+                    event: Event::Started,
                 });
             };
             let end = backend.run(&inst, &started, cancel_rx).await;
@@ -199,7 +258,7 @@ impl Executor {
                 .send(Report {
                     task,
                     epoch,
-                    event: end,
+                    event: end.into(),
                 })
                 .await;
         });
@@ -230,7 +289,7 @@ impl Executor {
     }
 
     /// Removes leftovers of earlier runs.
-    pub async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, String> {
+    pub async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, ExecError> {
         let mut n = process::kill_leftover_groups(&self.log_dir);
         n += self.process.cleanup_orphans(node).await?;
         if let Some(d) = &self.docker {
@@ -273,9 +332,4 @@ pub async fn cancelled(cancel: &mut watch::Receiver<bool>) {
             std::future::pending::<()>().await;
         }
     }
-}
-
-/// A short text for a timeout.
-pub fn timeout_error(ms: u64) -> String {
-    format!("timed out after {:.1}s", ms as f64 / 1000.0)
 }

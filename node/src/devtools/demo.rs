@@ -20,10 +20,10 @@ use ed25519_dalek::SigningKey;
 use omesh_protocol::{ExecutorKind, TaskSpec};
 
 use crate::api::{SubmitBody, TaskJson};
-use crate::bench_blobs::blob_bytes;
-use crate::bench_tasks::run_cmd;
-use crate::client::table;
-use crate::localmesh::LocalMesh;
+use crate::cli::client::table;
+use crate::devtools::bench_blobs::blob_bytes;
+use crate::devtools::bench_tasks::run_cmd;
+use crate::devtools::localmesh::LocalMesh;
 
 const TOKEN: &str = "omesh-demo";
 /// The repository of the demo image (its tag is unique to each run).
@@ -103,8 +103,8 @@ impl DemoImage {
     /// Builds the image in the engine (a static busybox, `docker import`ed).
     fn build() -> Result<Self, String> {
         let tag = format!("{IMAGE_REPO}:{:08x}", rand::random::<u32>());
-        crate::bench_tasks::import_busybox_image(&tag)?;
-        let id = crate::bench_tasks::image_id(&tag)
+        crate::devtools::bench_tasks::import_busybox_image(&tag)?;
+        let id = crate::devtools::bench_tasks::image_id(&tag)
             .ok_or_else(|| format!("{tag} not in the engine after docker import"))?;
         Ok(Self { tag, id })
     }
@@ -118,7 +118,7 @@ impl DemoImage {
                 .arg(data),
         )?;
         docker(&["rmi", &self.tag])?;
-        if crate::bench_tasks::image_id(&self.id).is_some() {
+        if crate::devtools::bench_tasks::image_id(&self.id).is_some() {
             return Err(format!(
                 "{} is still in the engine after docker rmi",
                 self.id
@@ -134,7 +134,7 @@ impl DemoImage {
                 "ps",
                 "-aq",
                 "--filter",
-                &format!("label={}={node}", crate::executor::docker::LABEL_NODE),
+                &format!("label={}={node}", crate::exec::docker::LABEL_NODE),
             ]) {
                 for id in ids.split_whitespace() {
                     let _ = docker(&["rm", "-f", id]);
@@ -153,7 +153,7 @@ fn docker(args: &[&str]) -> Result<String, String> {
 
 /// Containers of `task` at `epoch` (their states), as the engine lists them.
 fn containers_of(task: &str, epoch: u64) -> Vec<String> {
-    use crate::executor::docker::{LABEL_EPOCH, LABEL_TASK};
+    use crate::exec::docker::{LABEL_EPOCH, LABEL_TASK};
     docker(&[
         "ps",
         "-a",
@@ -173,12 +173,12 @@ async fn choose(executor: DemoExecutor) -> Result<Option<DemoImage>, String> {
     if executor == DemoExecutor::Process {
         return Ok(None);
     }
-    let why = match crate::executor::docker::DockerBackend::connect().await {
+    let why = match crate::exec::docker::DockerBackend::connect().await {
         Ok(_) => match DemoImage::build() {
             Ok(image) => return Ok(Some(image)),
             Err(e) => format!("cannot build the demo image: {e}"),
         },
-        Err(e) => e,
+        Err(e) => e.to_string(),
     };
     if executor == DemoExecutor::Docker {
         return Err(why);

@@ -15,7 +15,7 @@ use std::sync::{Mutex, PoisonError};
 use omesh_protocol::Digest;
 use sha2::Digest as _;
 
-use crate::blobs::{io_err, read_at, StoreError, CHUNK_BYTES};
+use crate::images::blobs::{io_err, read_at, StoreError, CHUNK_BYTES};
 
 /// A partially fetched blob.
 #[derive(Debug)]

@@ -13,8 +13,8 @@ use omesh_protocol::Digest;
 use tracing::{debug, warn};
 
 use super::{write_chunk, FetchError, Fetcher, Holder, Progress};
-use crate::blobs::{chunk_count, chunk_range, Partial, StoreError};
-use crate::dataplane::DataPlaneError;
+use crate::images::blobs::{chunk_count, chunk_range, Partial, StoreError};
+use crate::images::dataplane::DataPlaneError;
 
 /// Requests in flight per holder.
 const PER_HOLDER: usize = 8;

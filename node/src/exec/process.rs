@@ -4,12 +4,11 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use omesh_protocol::NodeId;
-use omesh_state::ExecEvent;
+use omesh_protocol::{ExecutorKind, NodeId};
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use super::{timeout_error, Backend, Instance};
+use super::{Backend, Ended, ExecError, Instance};
 
 /// Runs tasks as child processes.
 #[derive(Debug, Default, Clone, Copy)]
@@ -17,8 +16,8 @@ pub struct ProcessBackend;
 
 #[async_trait::async_trait]
 impl Backend for ProcessBackend {
-    fn name(&self) -> &'static str {
-        "process"
+    fn kind(&self) -> ExecutorKind {
+        ExecutorKind::Process
     }
 
     async fn run(
@@ -26,12 +25,10 @@ impl Backend for ProcessBackend {
         inst: &Instance,
         started: &(dyn Fn() + Send + Sync),
         mut cancel: watch::Receiver<bool>,
-    ) -> ExecEvent {
+    ) -> Result<Ended, ExecError> {
         let spec = &inst.spec.spec;
         let Some((program, args)) = spec.command.split_first() else {
-            return ExecEvent::Failed {
-                error: "empty command".into(),
-            };
+            return Err(ExecError::EmptyCommand);
         };
         let log = match std::fs::OpenOptions::new()
             .create(true)
@@ -39,18 +36,20 @@ impl Backend for ProcessBackend {
             .open(&inst.log_path)
         {
             Ok(f) => f,
-            Err(e) => {
-                return ExecEvent::Failed {
-                    error: format!("cannot open log {}: {e}", inst.log_path.display()),
-                }
+            Err(source) => {
+                return Err(ExecError::Log {
+                    path: inst.log_path.clone(),
+                    source,
+                })
             }
         };
         let stderr = match log.try_clone() {
             Ok(f) => f,
-            Err(e) => {
-                return ExecEvent::Failed {
-                    error: format!("cannot open log: {e}"),
-                }
+            Err(source) => {
+                return Err(ExecError::Log {
+                    path: inst.log_path.clone(),
+                    source,
+                })
             }
         };
         // With util-linux's setpriv the child gets SIGKILL when this peer dies (even by
@@ -80,10 +79,11 @@ impl Backend for ProcessBackend {
         cmd.process_group(0);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
-            Err(e) => {
-                return ExecEvent::Failed {
-                    error: format!("cannot start {program:?}: {e}"),
-                }
+            Err(source) => {
+                return Err(ExecError::Spawn {
+                    program: program.clone(),
+                    source,
+                })
             }
         };
         // Remember the process group, so a restarted peer can kill what a crash left behind.
@@ -102,18 +102,18 @@ impl Backend for ProcessBackend {
         let outcome = tokio::select! {
             status = child.wait() => match status {
                 Ok(st) => match st.code() {
-                    Some(code) => ExecEvent::Exited { code },
-                    None => ExecEvent::Failed { error: format!("killed by signal ({st})") },
+                    Some(code) => Ok(Ended::Exited { code }),
+                    None => Err(ExecError::Killed(st)),
                 },
-                Err(e) => ExecEvent::Failed { error: format!("wait failed: {e}") },
+                Err(e) => Err(ExecError::Wait(e)),
             },
             () = &mut deadline => {
                 kill_group(&mut child).await;
-                ExecEvent::Failed { error: timeout_error(spec.timeout_ms) }
+                Err(ExecError::Timeout { ms: spec.timeout_ms })
             }
             () = super::cancelled(&mut cancel) => {
                 kill_group(&mut child).await;
-                ExecEvent::Stopped
+                Ok(Ended::Stopped)
             }
         };
         // The group leader is gone; kill whatever it left in its group too.
@@ -122,7 +122,7 @@ impl Backend for ProcessBackend {
         outcome
     }
 
-    async fn cleanup_orphans(&self, _node: &NodeId) -> Result<usize, String> {
+    async fn cleanup_orphans(&self, _node: &NodeId) -> Result<usize, ExecError> {
         Ok(0)
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::api::PropagationJson;
-use crate::localmesh::LocalMesh;
+use crate::devtools::localmesh::LocalMesh;
 
 /// Figures for one mesh size.
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ pub async fn measure(bin: &Path, n: usize, window: Duration) -> Result<MeshFigur
             rss.push(k as f64 / 1024.0);
         }
     }
-    // Every peer's merges of every other peer's heartbeats in the window.
+    // Every peer's merges of every other peer's node records in the window.
     let mut merges: BTreeMap<(String, u64), (u64, Vec<u64>)> = BTreeMap::new();
     for p in &mesh.peers {
         let samples: Vec<PropagationJson> = p
@@ -148,7 +148,7 @@ pub fn table(rows: &[MeshFigures]) -> String {
             ]
         })
         .collect();
-    crate::client::table(
+    crate::cli::client::table(
         &[
             "PEERS",
             "CONVERGE",

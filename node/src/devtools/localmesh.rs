@@ -1,12 +1,13 @@
-//! A mesh of local `omesh up` child processes on 127.0.0.1, for `omesh demo` and the bench
-//! commands. Each peer gets its own data directory, QUIC port and API port.
+//! A mesh of local `omesh up` child processes on 127.0.0.1, for `omesh demo`, the bench
+//! commands and the black-box tests in node/tests. Each peer gets its own data directory,
+//! QUIC port and API port.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::api::{PeerView, StatusView};
-use crate::client::{Client, ClientError};
+use crate::cli::client::{Client, ClientError};
 
 /// One local peer process.
 #[derive(Debug)]
@@ -19,19 +20,80 @@ pub struct LocalPeer {
     pub quic_port: u16,
     /// API port.
     pub api_port: u16,
+    bin: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
 }
 
+/// The address of a QUIC port on 127.0.0.1.
+fn quic_addr(port: u16) -> String {
+    format!("/ip4/127.0.0.1/udp/{port}/quic-v1")
+}
+
+/// The `host:port` of an API port on 127.0.0.1.
+fn api_addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
 impl LocalPeer {
+    /// Starts `bin up` with its own data directory `root/name`, fresh ports, `--seed` for
+    /// each of `seeds`, and `extra` flags. Its log goes to `root/name/omesh.log`.
+    pub fn start(
+        bin: &Path,
+        root: &Path,
+        name: &str,
+        seeds: &[String],
+        extra: &[String],
+    ) -> std::io::Result<Self> {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let quic_port = free_port()?;
+        let api_port = free_port()?;
+        let mut args: Vec<String> = vec![
+            "up".into(),
+            "--data-dir".into(),
+            dir.join("data").display().to_string(),
+            "--listen".into(),
+            quic_addr(quic_port),
+            "--api-listen".into(),
+            api_addr(api_port),
+        ];
+        for s in seeds {
+            args.push("--seed".into());
+            args.push(s.clone());
+        }
+        args.extend(extra.iter().cloned());
+        let mut peer = Self {
+            name: name.into(),
+            dir,
+            quic_port,
+            api_port,
+            bin: bin.to_owned(),
+            args,
+            child: None,
+        };
+        peer.spawn()?;
+        Ok(peer)
+    }
+
     /// The multiaddr peers dial.
     pub fn addr(&self) -> String {
-        format!("/ip4/127.0.0.1/udp/{}/quic-v1", self.quic_port)
+        quic_addr(self.quic_port)
     }
 
     /// `host:port` of its API.
     pub fn api(&self) -> String {
-        format!("127.0.0.1:{}", self.api_port)
+        api_addr(self.api_port)
+    }
+
+    /// The base URL of its API.
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api())
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("omesh.log")).unwrap_or_default()
     }
 
     /// A client of its API.
@@ -54,7 +116,7 @@ impl LocalPeer {
         let c = self.child.as_mut()?;
         let status = c.try_wait().ok()??;
         self.child = None;
-        let log = std::fs::read_to_string(self.dir.join("omesh.log")).unwrap_or_default();
+        let log = self.log();
         let tail: Vec<&str> = log.lines().rev().take(5).collect();
         Some(format!(
             "{} exited ({status}): {}",
@@ -63,14 +125,15 @@ impl LocalPeer {
         ))
     }
 
-    fn spawn(&mut self, bin: &Path) -> std::io::Result<()> {
+    fn spawn(&mut self) -> std::io::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("omesh.log"))?;
-        let child = Command::new(bin)
+        let child = Command::new(&self.bin)
             .args(&self.args)
             .env_remove("OMESH_CONFIG")
+            .env_remove("OMESH_API")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -89,21 +152,57 @@ impl LocalPeer {
 
     /// SIGTERM and wait up to 10 s, then SIGKILL.
     pub fn stop(&mut self) {
-        let Some(mut c) = self.child.take() else {
-            return;
-        };
+        let _ = self.terminate(Duration::from_secs(10));
+    }
+
+    /// SIGTERM and wait up to `limit` for its exit status; past that SIGKILL, and `None`.
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
         let _ = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
             .status();
-        let end = Instant::now() + Duration::from_secs(10);
+        let end = Instant::now() + limit;
         while Instant::now() < end {
-            if matches!(c.try_wait(), Ok(Some(_))) {
-                return;
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = c.kill();
         let _ = c.wait();
+        None
+    }
+
+    /// `kill -9`, then starts it again from its data directory.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.kill9();
+        self.reclaim_ports()?;
+        self.spawn()
+    }
+
+    /// Ports picked by `free_port` come from the ephemeral range, so while a peer is down
+    /// another socket (an outbound connection of any process) may take one of them, and the
+    /// restarted peer would exit with "address already in use" (seen in CI). Takes fresh
+    /// ports for whichever is taken; the peer's identity is in its data dir, and others learn
+    /// a new address from its record.
+    fn reclaim_ports(&mut self) -> std::io::Result<()> {
+        if std::net::TcpListener::bind(("127.0.0.1", self.api_port)).is_err() {
+            let old = api_addr(self.api_port);
+            self.api_port = free_port()?;
+            self.replace_arg(&old, &api_addr(self.api_port));
+        }
+        if std::net::UdpSocket::bind(("127.0.0.1", self.quic_port)).is_err() {
+            let old = quic_addr(self.quic_port);
+            self.quic_port = free_port()?;
+            self.replace_arg(&old, &quic_addr(self.quic_port));
+        }
+        Ok(())
+    }
+
+    fn replace_arg(&mut self, old: &str, new: &str) {
+        for a in self.args.iter_mut().filter(|a| *a == old) {
+            new.clone_into(a);
+        }
     }
 }
 
@@ -127,7 +226,6 @@ pub fn free_port() -> std::io::Result<u16> {
 /// Local peers started from one binary.
 #[derive(Debug)]
 pub struct LocalMesh {
-    bin: PathBuf,
     /// The peers; the first is the seed of the others.
     pub peers: Vec<LocalPeer>,
 }
@@ -140,45 +238,16 @@ impl LocalMesh {
         n: usize,
         extra: impl Fn(usize) -> Vec<String>,
     ) -> std::io::Result<Self> {
-        let mut mesh = Self {
-            bin: bin.to_owned(),
-            peers: Vec::new(),
-        };
+        let mut mesh = Self { peers: Vec::new() };
         let mut seed: Option<String> = None;
         for i in 0..n {
-            let dir = root.join(format!("peer{i}"));
-            std::fs::create_dir_all(&dir)?;
-            let quic_port = free_port()?;
-            let api_port = free_port()?;
-            let mut args: Vec<String> = vec![
-                "up".into(),
-                "--data-dir".into(),
-                dir.join("data").display().to_string(),
-                "--listen".into(),
-                format!("/ip4/127.0.0.1/udp/{quic_port}/quic-v1"),
-                "--api-listen".into(),
-                format!("127.0.0.1:{api_port}"),
-            ];
-            match &seed {
-                Some(s) => {
-                    args.push("--seed".into());
-                    args.push(s.clone());
-                }
-                None => {
-                    args.push("--alone".into());
-                    args.push("true".into());
-                }
+            let mut flags = Vec::new();
+            if seed.is_none() {
+                flags.extend(["--alone".to_owned(), "true".to_owned()]);
             }
-            args.extend(extra(i));
-            let mut peer = LocalPeer {
-                name: format!("peer{i}"),
-                dir,
-                quic_port,
-                api_port,
-                args,
-                child: None,
-            };
-            peer.spawn(bin)?;
+            flags.extend(extra(i));
+            let seeds: Vec<String> = seed.iter().cloned().collect();
+            let peer = LocalPeer::start(bin, root, &format!("peer{i}"), &seeds, &flags)?;
             seed.get_or_insert_with(|| peer.addr());
             mesh.peers.push(peer);
         }
@@ -187,12 +256,10 @@ impl LocalMesh {
 
     /// Starts peer `i` again from its data directory.
     pub fn restart(&mut self, i: usize) -> std::io::Result<()> {
-        let bin = self.bin.clone();
-        if let Some(p) = self.peers.get_mut(i) {
-            p.kill9();
-            p.spawn(&bin)?;
+        match self.peers.get_mut(i) {
+            Some(p) => p.restart(),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Statuses of running peers (None where the API did not answer).

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use omesh_protocol::Digest;
 
-use crate::blobs::{BlobStore, ImageRecord, Staged, StoreError};
+use crate::images::blobs::{BlobStore, ImageRecord, Staged, StoreError};
 
 mod layouts;
 

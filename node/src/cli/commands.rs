@@ -1,0 +1,210 @@
+//! The client subcommands: `submit`, `task`, `cancel`, `logs`, `status`, `peers`, `tasks`
+//! and `keygen`. They talk to a local peer's API; errors are `anyhow` at this edge.
+
+use crate::cli::args::{ApiArgs, CancelArgs, KeygenArgs, LogsArgs, SubmitArgs, TaskArgs};
+use crate::cli::client::{self, Client};
+use crate::cli::keys::{self, KeyFileError, Overwrite};
+
+/// A tokio runtime for one command (two workers).
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// `omesh submit`.
+pub fn submit(args: &SubmitArgs) -> anyhow::Result<()> {
+    let executor: omesh_protocol::ExecutorKind = args.executor.parse()?;
+    omesh_protocol::ImageRef::parse(&args.image)?;
+    let key = keys::read_key_file(&args.key)?;
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let spec = omesh_protocol::TaskSpec {
+        image: args.image.clone(),
+        command: args.command.clone(),
+        env: args.env.iter().cloned().collect(),
+        cpu_millis: args.cpu,
+        memory_bytes: args.memory,
+        required_tags: args.tags.iter().cloned().collect(),
+        priority: args.priority,
+        max_attempts: args.attempts,
+        timeout_ms: args.timeout,
+        executor,
+        nonce,
+        submitter: [0; 32],
+    };
+    spec.check_shape()?;
+    let signed = spec.sign(&key);
+    let body = serde_json::to_value(crate::api::SubmitBody::from_signed(&signed))?;
+    let client = Client::new(&args.api);
+    let rt = runtime()?;
+    let resp: serde_json::Value = rt.block_on(client.send(
+        reqwest::Method::POST,
+        "/api/v1/tasks",
+        args.token.as_deref(),
+        Some(&body),
+    ))?;
+    let id = resp.get("id").and_then(|v| v.as_str()).unwrap_or_default();
+    if args.json {
+        println!("{resp}");
+    } else {
+        println!("{id}");
+    }
+    Ok(())
+}
+
+/// `omesh task`.
+pub fn show_task(args: &TaskArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.api.api);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let id = client
+            .resolve_task(&args.id)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let t: crate::api::TaskJson = client.get(&format!("/api/v1/tasks/{id}")).await?;
+        if args.api.json {
+            println!("{}", serde_json::to_string_pretty(&t)?);
+        } else {
+            print!("{}", client::task_text(&t));
+        }
+        Ok(())
+    })
+}
+
+/// `omesh cancel`.
+pub fn cancel(args: &CancelArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.api);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let id = client
+            .resolve_task(&args.id)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let _: serde_json::Value = client
+            .send(
+                reqwest::Method::DELETE,
+                &format!("/api/v1/tasks/{id}"),
+                args.token.as_deref(),
+                None,
+            )
+            .await?;
+        println!("cancelled {id}");
+        Ok(())
+    })
+}
+
+/// `omesh logs`.
+pub fn logs(args: &LogsArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let client = Client::new(&args.api);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let id = client
+            .resolve_task(&args.id)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let mut offset = 0u64;
+        let mut epoch = None;
+        loop {
+            let chunk: crate::api::LogChunk = client
+                .get(&format!("/api/v1/tasks/{id}/logs?offset={offset}"))
+                .await?;
+            if epoch.is_some_and(|e| e != chunk.epoch) {
+                // The task moved to a new epoch (failover or retry): start its log from the top.
+                eprintln!(
+                    "--- epoch {} on {} ---",
+                    chunk.epoch,
+                    &chunk.owner[..12.min(chunk.owner.len())]
+                );
+                offset = 0;
+                epoch = Some(chunk.epoch);
+                continue;
+            }
+            epoch = Some(chunk.epoch);
+            let mut out = std::io::stdout().lock();
+            out.write_all(chunk.data.as_bytes())?;
+            out.flush()?;
+            offset = chunk.next_offset;
+            let more_now = chunk.next_offset > chunk.offset;
+            let ended = !chunk.running
+                && matches!(chunk.state.as_str(), "succeeded" | "failed" | "cancelled");
+            if !args.follow || (ended && !more_now) {
+                return Ok(());
+            }
+            if !more_now {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    })
+}
+
+/// What `status`, `peers` and `tasks` print.
+pub enum Show {
+    /// `omesh status`.
+    Status,
+    /// `omesh peers`.
+    Peers,
+    /// `omesh tasks`.
+    Tasks,
+}
+
+/// `omesh status|peers|tasks`.
+pub fn api_command(args: &ApiArgs, what: Show) -> anyhow::Result<()> {
+    let client = Client::new(&args.api);
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let text = match what {
+            Show::Status => {
+                let s = client.status().await?;
+                if args.json {
+                    serde_json::to_string_pretty(&s)?
+                } else {
+                    client::status_text(&s)
+                }
+            }
+            Show::Peers => {
+                let p = client.peers().await?;
+                if args.json {
+                    serde_json::to_string_pretty(&p)?
+                } else {
+                    client::peers_text(&p)
+                }
+            }
+            Show::Tasks => {
+                let t = client.tasks().await?;
+                if args.json {
+                    serde_json::to_string_pretty(&t)?
+                } else {
+                    client::tasks_text(&t)
+                }
+            }
+        };
+        println!("{}", text.trim_end());
+        Ok(())
+    })
+}
+
+/// `omesh keygen`.
+pub fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.show {
+        let key = keys::read_key_file(path)?;
+        println!("{}", keys::public_hex(&key));
+        return Ok(());
+    }
+    let overwrite = if args.force {
+        Overwrite::Replace
+    } else {
+        Overwrite::Refuse
+    };
+    let key = keys::generate();
+    keys::write_key_file(&args.out, &key, overwrite).map_err(|e| match e {
+        KeyFileError::Exists { .. } => anyhow::anyhow!("{e}; pass --force to replace it"),
+        other => other.into(),
+    })?;
+    eprintln!("wrote secret key to {} (mode 0600)", args.out.display());
+    println!("{}", keys::public_hex(&key));
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! Dialing: seeds with backoff, connections to live peers the replica knows, and the
+//! listen addresses this node advertises.
+
+use std::time::{Duration, Instant};
+
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use omesh_state::Input;
+use tracing::{debug, warn};
+
+use super::net;
+use super::Peer;
+
+/// A seed address, dialed with backoff until connected.
+#[derive(Debug)]
+pub(crate) struct Seed {
+    pub(super) addr: Multiaddr,
+    pub(super) peer: Option<PeerId>,
+    pub(super) connected: bool,
+    pub(super) next_try: Instant,
+    pub(super) backoff: Duration,
+}
+
+impl Peer {
+    /// Tells the replica the addresses others can dial: libp2p and the data plane.
+    pub(super) fn advertise_addrs(&mut self) {
+        let dialable = advertisable(&self.listen_addrs);
+        let mut addrs: Vec<String> = dialable
+            .iter()
+            .map(|a| a.clone().with(Protocol::P2p(self.local_peer)).to_string())
+            .collect();
+        addrs.extend(self.images.advertised_addrs(&dialable));
+        self.feed(Input::Addresses(addrs));
+    }
+
+    /// Dials every seed not connected whose backoff has passed.
+    pub(super) fn dial_seeds(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.seeds.len() {
+            let Some(seed) = self.seeds.get_mut(i) else {
+                continue;
+            };
+            if seed.connected
+                || now < seed.next_try
+                || seed.peer.is_some_and(|p| self.blocked.contains(&p))
+            {
+                continue;
+            }
+            seed.next_try = now + seed.backoff;
+            seed.backoff = (seed.backoff * 2).min(Duration::from_secs(30));
+            let addr = seed.addr.clone();
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                warn!(seed = %addr, error = %e, "cannot dial seed; will retry");
+            } else {
+                debug!(seed = %addr, "dialing seed");
+            }
+        }
+    }
+
+    /// Keeps connections to up to `target_peers` live peers whose records give addresses,
+    /// so that gossip does not hinge on the seed.
+    pub(super) fn connect_known_peers(&mut self) {
+        let connected = self.swarm.connected_peers().count();
+        if connected >= self.cfg.target_peers {
+            return;
+        }
+        let now = self.driver.now();
+        let mut want = self.cfg.target_peers - connected;
+        let candidates: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .driver
+            .replica()
+            .live_peers(now)
+            .filter_map(|n| {
+                let peer = net::peer_id_of(&n.id)?;
+                let addrs = n
+                    .addrs
+                    .iter()
+                    .filter_map(|a| a.parse::<Multiaddr>().ok())
+                    .collect();
+                Some((peer, addrs))
+            })
+            .collect();
+        for (peer, addrs) in candidates {
+            if want == 0 {
+                break;
+            }
+            if self.swarm.is_connected(&peer) || addrs.is_empty() || self.blocked.contains(&peer) {
+                continue;
+            }
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .build();
+            if self.swarm.dial(opts).is_ok() {
+                want -= 1;
+            }
+        }
+    }
+}
+
+/// The address without its `/p2p/…` part.
+pub(super) fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect()
+}
+
+/// The listen addresses worth giving to others: dialable, each once, and loopback ones only
+/// when there is nothing else (a mesh on one host); another host cannot reach 127.0.0.1.
+fn advertisable(listen: &[Multiaddr]) -> Vec<Multiaddr> {
+    let mut out: Vec<Multiaddr> = Vec::new();
+    for a in listen.iter().filter(|a| is_dialable(a)) {
+        if !out.contains(a) {
+            out.push(a.clone());
+        }
+    }
+    if out.iter().any(|a| !is_loopback(a)) {
+        out.retain(|a| !is_loopback(a));
+    }
+    out
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    ips(addr).any(|ip| ip.is_loopback())
+}
+
+/// Whether an address is worth giving to others (not unspecified).
+pub(super) fn is_dialable(addr: &Multiaddr) -> bool {
+    !ips(addr).any(|ip| ip.is_unspecified())
+}
+
+/// The IP parts of a multiaddr.
+fn ips(addr: &Multiaddr) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+    addr.iter().filter_map(|p| match p {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn addrs(list: &[&str]) -> Vec<Multiaddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn advertised_addresses_are_deduplicated_and_leave_loopback_out_when_there_is_more() {
+        let lan = "/ip4/10.0.0.7/udp/7001/quic-v1";
+        let lo = "/ip4/127.0.0.1/udp/7001/quic-v1";
+        let any = "/ip4/0.0.0.0/udp/7001/quic-v1";
+        assert_eq!(advertisable(&addrs(&[lo, lan, lan, any])), addrs(&[lan]));
+        // A mesh on one host has only loopback: it is kept, once.
+        assert_eq!(advertisable(&addrs(&[lo, lo])), addrs(&[lo]));
+        assert_eq!(
+            advertisable(&addrs(&["/ip6/::1/udp/7001/quic-v1", any])),
+            addrs(&["/ip6/::1/udp/7001/quic-v1"])
+        );
+        assert!(advertisable(&addrs(&[any])).is_empty());
+    }
+}

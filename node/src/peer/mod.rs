@@ -1,0 +1,354 @@
+//! The peer: one tokio task that feeds the sans-IO replica from the network, timers, load
+//! samples and API calls, and carries out the actions it returns.
+//!
+//! `driver` is the transport-independent part (feed the replica, dispatch its actions through
+//! an `Outputs`); `transport` is that `Outputs` over the swarm and the executor; `swarm`,
+//! `dial`, `calls` and `logs` turn the loop's events into inputs.
+
+mod calls;
+mod dial;
+pub mod driver;
+mod logs;
+pub mod net;
+mod swarm;
+mod transport;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::gossipsub::IdentTopic;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm};
+use omesh_protocol::{NodeId, TaskState};
+use omesh_state::{ExecEvent, Input, Replica};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use self::dial::Seed;
+pub use self::driver::{Clock, Outputs, ReplicaDriver, TimeSource};
+use self::net::{Behaviour, BehaviourEvent};
+use self::transport::PeerOutputs;
+use crate::api::ApiCall;
+use crate::config::{ExecutorChoice, NetPlan, NodeConfig};
+use crate::datadir::DataDir;
+use crate::exec::process::ProcessBackend;
+use crate::exec::{self, Backend, Executor, Report};
+use crate::load::LoadSampler;
+use crate::metrics::Metrics;
+
+/// Propagation samples kept for `/api/v1/debug/propagation`.
+const RECENT_PROPAGATION: usize = 4096;
+
+/// Everything a running peer holds.
+pub struct Peer {
+    pub(crate) cfg: NodeConfig,
+    pub(crate) plan: NetPlan,
+    pub(crate) swarm: Swarm<Behaviour>,
+    /// The replica and its clock; the one place actions are dispatched.
+    pub(crate) driver: ReplicaDriver,
+    pub(crate) metrics: Arc<Mutex<Metrics>>,
+    pub(crate) topic: IdentTopic,
+    pub(crate) local_peer: PeerId,
+    pub(crate) incarnation: u64,
+    pub(crate) pending_replies: HashMap<NodeId, VecDeque<ResponseChannel<Vec<u8>>>>,
+    pub(crate) outbound: HashMap<OutboundRequestId, NodeId>,
+    pub(crate) connections: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
+    pub(crate) recent_propagation: VecDeque<omesh_state::PropagationSample>,
+    pub(crate) seeds: Vec<Seed>,
+    pub(crate) load: LoadSampler,
+    pub(crate) listen_addrs: Vec<Multiaddr>,
+    pub(crate) ready: bool,
+    pub(crate) node_id: NodeId,
+    pub(crate) executor: Executor,
+    pub(crate) reports: mpsc::Receiver<Report>,
+    pub(crate) blocked: BTreeSet<PeerId>,
+    pub(crate) pending_logs: HashMap<OutboundRequestId, logs::PendingLog>,
+    pub(crate) images: Arc<crate::images::ImageService>,
+}
+
+/// Why the peer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The data directory cannot be used.
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::DataDirError),
+    /// The network stack failed.
+    #[error(transparent)]
+    Net(#[from] net::BuildError),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr} (config key `listen`): {reason}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The replica refused its config.
+    #[error(transparent)]
+    Replica(#[from] omesh_state::ConfigError),
+    /// The blob store or data plane cannot start.
+    #[error(transparent)]
+    Images(#[from] crate::images::ImagesError),
+}
+
+impl Peer {
+    /// Opens the data directory, builds the swarm and starts listening.
+    pub fn start(
+        cfg: NodeConfig,
+        metrics: Arc<Mutex<Metrics>>,
+        docker: Option<Arc<dyn Backend>>,
+    ) -> Result<Self, StartError> {
+        let plan = cfg.check()?;
+        let dir = DataDir::open(&cfg.data_dir)?;
+        let key = dir.identity()?;
+        let incarnation = dir.next_incarnation()?;
+        let node_id = net::node_id_of_key(&key)
+            .ok_or_else(|| net::BuildError("identity is not ed25519".into()))?;
+        let local_peer = key.public().to_peer_id();
+        let images =
+            crate::images::ImageService::start(&cfg, &plan, &key, &metrics, docker.is_some())?;
+        let mut swarm = net::build_swarm(key, net::GOSSIP_TRANSMIT_LIMIT)?;
+        swarm
+            .listen_on(plan.listen.clone())
+            .map_err(|e| StartError::Listen {
+                addr: cfg.listen.clone(),
+                reason: e.to_string(),
+            })?;
+        let topic = IdentTopic::new(net::STATE_TOPIC);
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&topic)
+            .map_err(|e| net::BuildError(format!("subscribe: {e}")))?;
+        let load = LoadSampler::new(cfg.fake_cpu_percent);
+        let (reports_tx, reports) = mpsc::channel(1024);
+        let log_dir = dir.path().join("logs");
+        std::fs::create_dir_all(&log_dir).map_err(|source| crate::datadir::DataDirError::Io {
+            what: "cannot create",
+            path: log_dir.clone(),
+            source,
+        })?;
+        let prefer_docker = cfg.executor != ExecutorChoice::Process;
+        let mut executor = Executor::new(
+            Arc::new(ProcessBackend),
+            docker,
+            prefer_docker,
+            reports_tx,
+            log_dir,
+        );
+        executor.set_image_provider(images.clone());
+        let mut rcfg = cfg.replica_config(node_id, incarnation, load.capacity());
+        rcfg.tags.extend(executor.tags());
+        let replica = Replica::new(rcfg)?;
+        let now = Instant::now();
+        let seeds = plan
+            .seeds
+            .iter()
+            .map(|addr| Seed {
+                addr: addr.clone(),
+                peer: None,
+                connected: false,
+                next_try: now,
+                backoff: Duration::from_millis(500),
+            })
+            .collect();
+        if let Ok(m) = metrics.lock() {
+            m.incarnation
+                .set(i64::try_from(incarnation).unwrap_or(i64::MAX));
+        }
+        info!(node = %node_id.short(), peer = %local_peer, incarnation, executor = executor.name(), "omesh peer starting");
+        Ok(Self {
+            cfg,
+            plan,
+            swarm,
+            driver: ReplicaDriver::new(replica, Clock::new()),
+            metrics,
+            topic,
+            local_peer,
+            incarnation,
+            pending_replies: HashMap::new(),
+            outbound: HashMap::new(),
+            connections: HashMap::new(),
+            recent_propagation: VecDeque::new(),
+            seeds,
+            load,
+            listen_addrs: Vec::new(),
+            ready: false,
+            node_id,
+            executor,
+            reports,
+            blocked: BTreeSet::new(),
+            pending_logs: HashMap::new(),
+            images,
+        })
+    }
+
+    /// Runs until `shutdown` resolves, then leaves the mesh gracefully.
+    pub async fn run(
+        mut self,
+        mut calls: mpsc::Receiver<ApiCall>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut load_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        match self.executor.cleanup_orphans(&self.node_id).await {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "removed instances left by an earlier run"),
+            Err(e) => warn!(error = %e, "cannot clean up instances of an earlier run"),
+        }
+        loop {
+            let wake = self.driver.replica().poll_timeout().map_or_else(
+                || tokio::time::Instant::now() + Duration::from_secs(1),
+                |t| self.driver.clock().instant_at(t),
+            );
+            let images = Arc::clone(&self.images);
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some(call) = calls.recv() => self.on_call(call),
+                Some(report) = self.reports.recv() => self.on_report(report),
+                () = tokio::time::sleep_until(wake) => self.feed(Input::Tick),
+                _ = load_tick.tick() => {
+                    let sample = self.load.sample();
+                    self.feed(Input::Load(sample));
+                }
+                _ = housekeeping.tick() => self.housekeeping(),
+                () = images.store_changed() => self.refresh_images(),
+            }
+        }
+        self.leave().await;
+    }
+
+    async fn leave(&mut self) {
+        info!("leaving the mesh");
+        self.feed(Input::Leave);
+        self.executor.stop_all();
+        // Give the leave announcement a moment to go out.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(event) = tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await
+        {
+            if let SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message {
+                message: request_response::Message::Request { channel, .. },
+                ..
+            })) = event
+            {
+                drop(channel);
+            }
+        }
+    }
+
+    /// Hands `input` to the replica and carries out what it asks.
+    pub(crate) fn feed(&mut self, input: Input) {
+        if let Err(e) = self.driver.feed(input) {
+            debug!(error = %e, "input refused");
+        }
+        self.drain();
+    }
+
+    /// Carries out the replica's queued actions, then updates metrics and propagation samples.
+    pub(crate) fn drain(&mut self) {
+        let mut out = PeerOutputs {
+            swarm: &mut self.swarm,
+            topic: &self.topic,
+            pending_replies: &mut self.pending_replies,
+            outbound: &mut self.outbound,
+            blocked: &self.blocked,
+            executor: &mut self.executor,
+            node_id: self.node_id,
+        };
+        self.driver.drain(&mut out);
+        let samples = self.driver.replica_mut().take_propagation_samples();
+        if let Ok(mut m) = self.metrics.lock() {
+            for s in &samples {
+                m.delta_propagation.observe(s.delay_ms() as f64 / 1000.0);
+            }
+            m.update(self.driver.replica().stats());
+        }
+        for s in samples {
+            if self.recent_propagation.len() >= RECENT_PROPAGATION {
+                self.recent_propagation.pop_front();
+            }
+            self.recent_propagation.push_back(s);
+        }
+    }
+
+    fn on_report(&mut self, report: Report) {
+        let Report { task, epoch, event } = report;
+        if !matches!(event, exec::Event::Started) {
+            self.executor.finished(task, epoch);
+        }
+        info!(task = %task.short(), epoch, ?event, "executor report");
+        // The edge where an executor error becomes the replica's text.
+        let event = ExecEvent::from(event);
+        self.feed(Input::Executor { task, epoch, event });
+    }
+
+    /// Counts a malformed message on `channel` (see `Metrics::malformed`).
+    pub(crate) fn count_malformed(&self, channel: &str) {
+        if let Ok(m) = self.metrics.lock() {
+            m.malformed(channel);
+        }
+    }
+
+    /// Seeds with backoff, connections to known peers, readiness, gauges.
+    fn housekeeping(&mut self) {
+        self.dial_seeds();
+        self.connect_known_peers();
+        self.refresh_images();
+        let connected = self.swarm.connected_peers().count();
+        let alone = self.cfg.alone || self.seeds.is_empty();
+        if !self.ready && (alone || connected > 0) && self.driver.replica().is_ready(!alone) {
+            info!(connected, "ready");
+            self.ready = true;
+        }
+        let now_ms = self.driver.now();
+        let (known, alive) = self.driver.replica().node_counts(now_ms);
+        let mut by_state: BTreeMap<&'static str, i64> = BTreeMap::new();
+        for v in self.driver.replica().task_views(now_ms) {
+            *by_state.entry(v.state.name()).or_default() += 1;
+        }
+        if let Ok(m) = self.metrics.lock() {
+            m.peers_known.set(i64::try_from(known).unwrap_or(0));
+            m.peers_alive.set(i64::try_from(alive).unwrap_or(0));
+            m.peers_connected.set(i64::try_from(connected).unwrap_or(0));
+            for s in [
+                TaskState::Pending,
+                TaskState::Running,
+                TaskState::Succeeded,
+                TaskState::Failed,
+                TaskState::Cancelled,
+            ] {
+                let n = by_state.get(s.name()).copied().unwrap_or(0);
+                m.tasks
+                    .get_or_create(&crate::metrics::StateLabel {
+                        state: s.name().into(),
+                    })
+                    .set(n);
+            }
+        }
+    }
+
+    /// Brings the image service up to date with the replica, and the replica with what the
+    /// blob store holds (at once when a fetch starts, so others can fetch from this node).
+    fn refresh_images(&mut self) {
+        let now = self.driver.now();
+        let held = self.images.refresh(
+            self.driver.replica(),
+            now,
+            &self.blocked,
+            &self.plan.allowed_peers,
+        );
+        if let Some(held) = held {
+            self.feed(Input::Images(held));
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! Swarm events into the replica: gossip, sync requests and replies, probes, identify, ping,
+//! listen addresses and connections.
+
+use std::time::Duration;
+
+use libp2p::gossipsub::{self, MessageAcceptance};
+use libp2p::request_response;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{identify, kad, ping, PeerId};
+use omesh_protocol::{GossipMessage, NodeId, Probe, SyncReply, SyncRequest, Wire};
+use omesh_state::{Input, InputError};
+use tracing::{debug, info, warn};
+
+use super::dial::{is_dialable, strip_p2p};
+use super::net::{self, BehaviourEvent};
+use super::Peer;
+
+impl Peer {
+    pub(super) fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => self.on_gossip(propagation_source, &message_id, &message),
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.on_sync_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Logs(ev)) => self.on_logs_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Probe(ev)) => self.on_probe_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                for addr in info.listen_addrs {
+                    if is_dialable(&addr) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => {
+                if let Some(node) = net::node_id_of(&peer) {
+                    let rtt_us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+                    self.feed(Input::Rtt { peer: node, rtt_us });
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer, ..
+            })) => {
+                debug!(%peer, "kademlia routing updated");
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                    self.advertise_addrs();
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                info!(%address, "no longer listening");
+                self.listen_addrs.retain(|a| a != &address);
+                self.advertise_addrs();
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                let conns = self.connections.entry(peer_id).or_default();
+                let older: Vec<_> = std::mem::take(conns);
+                conns.push(connection_id);
+                if num_established.get() > 1 {
+                    // A peer that restarts reconnects while our old connection to it still
+                    // looks open. gossipsub only announces our subscriptions on a peer's first
+                    // connection, so the restarted peer would never learn we listen: close the
+                    // old connections and announce the topic again.
+                    for old in older {
+                        self.swarm.close_connection(old);
+                    }
+                    let gs = &mut self.swarm.behaviour_mut().gossipsub;
+                    gs.unsubscribe(&self.topic);
+                    if let Err(e) = gs.subscribe(&self.topic) {
+                        warn!(error = %e, "cannot resubscribe");
+                    }
+                }
+                if self.blocked.contains(&peer_id) {
+                    let _ = self.swarm.close_connection(connection_id);
+                    return;
+                }
+                if !self.plan.allowed_peers.is_empty()
+                    && !self.plan.allowed_peers.contains(&peer_id)
+                {
+                    warn!(%peer_id, "peer not in allowed_peers; disconnecting");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                let remote = endpoint.get_remote_address().clone();
+                for seed in &mut self.seeds {
+                    if strip_p2p(&seed.addr) == strip_p2p(&remote) {
+                        seed.connected = true;
+                        seed.peer = Some(peer_id);
+                        seed.backoff = Duration::from_millis(500);
+                    }
+                }
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer_id, strip_p2p(&remote));
+                debug!(%peer_id, %remote, "connected");
+                if num_established.get() == 1 {
+                    if let Some(node) = net::node_id_of(&peer_id) {
+                        self.feed(Input::Connected(node));
+                    }
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                connection_id,
+                ..
+            } => {
+                if let Some(conns) = self.connections.get_mut(&peer_id) {
+                    conns.retain(|c| *c != connection_id);
+                }
+                if num_established == 0 {
+                    self.connections.remove(&peer_id);
+                    for seed in &mut self.seeds {
+                        if seed.peer == Some(peer_id) {
+                            seed.connected = false;
+                        }
+                    }
+                    debug!(%peer_id, "disconnected");
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(?peer_id, %error, "dial failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_gossip(
+        &mut self,
+        source: PeerId,
+        id: &gossipsub::MessageId,
+        message: &gossipsub::Message,
+    ) {
+        if self.blocked.contains(&source)
+            || message.source.is_some_and(|s| self.blocked.contains(&s))
+        {
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(id, &source, MessageAcceptance::Ignore);
+            return;
+        }
+        let acceptance = match GossipMessage::from_wire(&message.data) {
+            Err(e) => {
+                self.count_malformed("gossip");
+                debug!(%source, error = %e, "malformed gossip dropped");
+                MessageAcceptance::Reject
+            }
+            Ok(msg) => {
+                // Strict validation means gossipsub checked the signer's signature; a node
+                // only ever publishes its own deltas, so any other origin is a forgery.
+                let Some(from) = message.source.as_ref().and_then(net::node_id_of) else {
+                    return;
+                };
+                // The relay, not the publisher: a gap this delivery shows is closed by
+                // syncing with a peer that is connected now (the publisher may be gone).
+                let Some(via) = net::node_id_of(&source) else {
+                    return;
+                };
+                if msg.deltas.iter().any(|d| d.origin != from) {
+                    self.count_malformed("gossip_forged_origin");
+                    warn!(%source, "gossip carrying another node's deltas dropped");
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(id, &source, MessageAcceptance::Reject);
+                    return;
+                }
+                let result = self.driver.feed(Input::Gossip { via, msg });
+                self.drain();
+                match result {
+                    Ok(()) => MessageAcceptance::Accept,
+                    Err(InputError::Rejected { applied, first, .. }) => {
+                        debug!(%source, error = %first, "gossip deltas rejected");
+                        if applied > 0 {
+                            MessageAcceptance::Accept
+                        } else {
+                            MessageAcceptance::Reject
+                        }
+                    }
+                    Err(_) => MessageAcceptance::Reject,
+                }
+            }
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(id, &source, acceptance);
+    }
+
+    fn on_sync_event(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let Some(from) = self.unblocked_node(&peer) else {
+                        return;
+                    };
+                    match SyncRequest::from_wire(&request) {
+                        Ok(request) => {
+                            self.pending_replies
+                                .entry(from)
+                                .or_default()
+                                .push_back(channel);
+                            self.feed(Input::SyncRequest { from, request });
+                        }
+                        Err(e) => {
+                            self.count_malformed("sync_request");
+                            debug!(%peer, error = %e, "malformed sync request dropped");
+                        }
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    let to = self.outbound.remove(&request_id);
+                    let from = to.or_else(|| net::node_id_of(&peer));
+                    let Some(from) = from else {
+                        return;
+                    };
+                    match SyncReply::from_wire(&response) {
+                        Ok(reply) => self.feed(Input::SyncReply { from, reply }),
+                        Err(e) => {
+                            self.count_malformed("sync_reply");
+                            debug!(%peer, error = %e, "malformed sync reply dropped");
+                            self.feed(Input::SyncFailed { peer: from });
+                        }
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                peer,
+                ..
+            } => {
+                debug!(%peer, %error, "sync request failed");
+                if let Some(to) = self.outbound.remove(&request_id) {
+                    self.feed(Input::SyncFailed { peer: to });
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                if matches!(error, request_response::InboundFailure::Io(_)) {
+                    self.count_malformed("sync_request");
+                }
+                debug!(%peer, %error, "inbound sync failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_probe_event(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                // The empty answer only closes the stream; the replica answers with a probe.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .probe
+                    .send_response(channel, Vec::new());
+                let Some(from) = self.unblocked_node(&peer) else {
+                    return;
+                };
+                match Probe::from_wire(&request) {
+                    Ok(probe) => self.feed(Input::Probe { from, probe }),
+                    Err(e) => {
+                        self.count_malformed("probe");
+                        debug!(%peer, error = %e, "malformed probe dropped");
+                    }
+                }
+            }
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                // Unreachable or slow: the replica sees a missing ack, which is the point.
+                debug!(%peer, %error, "probe not delivered");
+            }
+            request_response::Event::Message { .. }
+            | request_response::Event::InboundFailure { .. }
+            | request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// The node id of `peer`, unless an operator blocked it.
+    fn unblocked_node(&self, peer: &PeerId) -> Option<NodeId> {
+        net::node_id_of(peer).filter(|_| !self.blocked.contains(peer))
+    }
+}
