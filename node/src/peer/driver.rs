@@ -86,6 +86,9 @@ pub trait Outputs {
     /// Stops the instance of `(task, epoch)`. `false`: nothing was running, and the driver
     /// answers `ExecEvent::Stopped` at once.
     fn stop_task(&mut self, task: TaskId, epoch: Epoch) -> bool;
+    /// The driver answered the replica itself with `input` while draining (a `SyncFailed`
+    /// or a `Stopped`): nothing to do in production; a test records it.
+    fn answered(&mut self, _input: &Input) {}
 }
 
 /// A replica with the clock it is fed by, and the one dispatch of its actions.
@@ -133,7 +136,7 @@ impl<C: TimeSource> ReplicaDriver<C> {
                 Action::Publish(msg) => out.publish(&msg),
                 Action::SendSync { to, request } => {
                     if !out.send_sync(to, &request) {
-                        self.answer(Input::SyncFailed { peer: to });
+                        self.answer(out, Input::SyncFailed { peer: to });
                     }
                 }
                 Action::ReplySync { to, reply } => out.reply_sync(to, &reply),
@@ -150,11 +153,12 @@ impl<C: TimeSource> ReplicaDriver<C> {
                     info!(task = %task.short(), epoch, ?reason, "stopping task");
                     if !out.stop_task(task, epoch) {
                         // Nothing runs (never started, or already ended): say so at once.
-                        self.answer(Input::Executor {
+                        let stopped = Input::Executor {
                             task,
                             epoch,
                             event: ExecEvent::Stopped,
-                        });
+                        };
+                        self.answer(out, stopped);
                     }
                 }
             }
@@ -163,7 +167,8 @@ impl<C: TimeSource> ReplicaDriver<C> {
 
     /// An input the driver itself owes the replica while draining; what it queues is
     /// carried out by the same drain.
-    fn answer(&mut self, input: Input) {
+    fn answer(&mut self, out: &mut impl Outputs, input: Input) {
+        out.answered(&input);
         let now = self.clock.now();
         // The replica accepts both answers in every state; a refusal is nothing to act on.
         let _ = self.replica.handle(now, input);
