@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use omesh_protocol::codec::canonical_len;
 use omesh_protocol::{
-    Delta, DeltaBody, Digest, Epoch, GossipMessage, LoadSample, Millis, NodeId, NodeRecord,
-    SignedTaskSpec, StateDigest, SyncReply, SyncRequest, TaskId, Wire,
+    Delta, DeltaBody, Digest, GossipMessage, Millis, NodeId, NodeRecord, SignedTaskSpec,
+    StateDigest, SyncReply, SyncRequest, TaskId, Wire,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -20,10 +20,13 @@ use crate::digest::{first8, mix64, splitmix64};
 use crate::liveness::{Health, RttEstimate};
 use crate::merge::{DeltaError, Merged, State};
 use crate::probe::Prober;
+use crate::record::RecordPublisher;
+use crate::runs::{LocalRun, Phase, TaskBook};
 use crate::suspicion::Suspicions;
 use crate::sync::{self, SyncState, SYNC_TIMEOUT_MS};
 use crate::vector::{entry_of, VersionVector};
 
+mod decide;
 mod membership;
 
 pub use crate::io::{Action, ExecEvent, Input, InputError, PropagationSample, Stats, StopReason};
@@ -32,31 +35,6 @@ pub use crate::io::{Action, ExecEvent, Input, InputError, PropagationSample, Sta
 const MAX_DELTAS_PER_MESSAGE: usize = 64;
 /// A sync reply that applied at least this many deltas has the per-node maps rebuilt.
 const COMPACT_AFTER: u64 = 256;
-
-/// What this node does about a task it owns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
-    /// Claimed; starts at `until` if the lease still holds.
-    Settling { until: Millis },
-    /// StartTask emitted.
-    Started,
-    /// StopTask emitted; waiting for the executor.
-    Stopping,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct LocalRun {
-    pub(crate) epoch: Epoch,
-    pub(crate) phase: Phase,
-}
-
-/// A task this node may claim: since when (the claim stagger counts from it), and when to
-/// rank the nodes for it again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Claimable {
-    pub(crate) since: Millis,
-    pub(crate) recheck: Millis,
-}
 
 /// The replica: the whole protocol of one omesh node, with no I/O.
 ///
@@ -105,9 +83,9 @@ pub(crate) struct Claimable {
 /// the harness, netsim and the peer's in-process driver each run it.
 #[derive(Debug)]
 pub struct Replica {
-    pub(crate) cfg: ReplicaConfig,
-    pub(crate) state: State,
-    pub(crate) me: NodeRecord,
+    cfg: ReplicaConfig,
+    state: State,
+    me: NodeRecord,
     /// The version vector, its hash and its gaps.
     vector: VersionVector,
     /// Sync requests in flight, anti-entropy, and whether the view is synced.
@@ -116,21 +94,16 @@ pub struct Replica {
     /// When each suspicion held reached this node.
     suspicions: Suspicions,
     prober: Prober,
-    pub(crate) rtt: BTreeMap<NodeId, RttEstimate>,
-    pub(crate) local: BTreeMap<TaskId, LocalRun>,
-    pub(crate) claimable_since: BTreeMap<TaskId, Claimable>,
-    pub(crate) failed_seen: BTreeMap<(TaskId, Epoch), Millis>,
-    pub(crate) terminal_seen: BTreeMap<TaskId, Millis>,
-    pub(crate) reasons: BTreeMap<TaskId, String>,
-    pub(crate) outbox: VecDeque<Action>,
+    rtt: BTreeMap<NodeId, RttEstimate>,
+    /// Local runs and what this node noted of the other tasks between passes.
+    tasks: TaskBook,
+    outbox: VecDeque<Action>,
     pending: Vec<Delta>,
-    /// When a changed record is next published (rate-limited to one per `heartbeat_ms`).
-    record_due: Option<Millis>,
-    last_publish: Millis,
-    published_load: LoadSample,
-    pub(crate) next_eval: Option<Millis>,
-    pub(crate) rng: ChaCha8Rng,
-    pub(crate) stats: Stats,
+    /// When this node's record is next published, and what the last one said.
+    record: RecordPublisher,
+    next_eval: Option<Millis>,
+    rng: ChaCha8Rng,
+    stats: Stats,
     started: bool,
     propagation: Vec<PropagationSample>,
 }
@@ -158,16 +131,10 @@ impl Replica {
             suspicions: Suspicions::default(),
             prober: Prober::default(),
             rtt: BTreeMap::new(),
-            local: BTreeMap::new(),
-            claimable_since: BTreeMap::new(),
-            failed_seen: BTreeMap::new(),
-            terminal_seen: BTreeMap::new(),
-            reasons: BTreeMap::new(),
+            tasks: TaskBook::default(),
             outbox: VecDeque::new(),
             pending: Vec::new(),
-            record_due: None,
-            last_publish: 0,
-            published_load: LoadSample::default(),
+            record: RecordPublisher::default(),
             next_eval: None,
             rng,
             stats: Stats::default(),
@@ -278,7 +245,7 @@ impl Replica {
             }
             Input::Load(sample) => {
                 self.me.load = sample;
-                if self.load_moved(sample) {
+                if self.record.load_moved(&self.cfg, sample) {
                     self.publish_soon(now);
                 }
                 self.mark_dirty(now);
@@ -382,7 +349,7 @@ impl Replica {
             .prober
             .next_timeout()
             .min(self.sync.next_anti_entropy());
-        for due in [self.next_eval, self.record_due].into_iter().flatten() {
+        for due in [self.next_eval, self.record.due()].into_iter().flatten() {
             t = t.min(due);
         }
         Some(t)
@@ -439,27 +406,12 @@ impl Replica {
         self.prober.start(now + offset);
     }
 
-    /// Whether a load sample moved far enough from the one last published to publish again:
-    /// by `load_delta_permille`, or across a threshold (which placement turns on).
-    fn load_moved(&self, s: LoadSample) -> bool {
-        let d = self.cfg.load_delta_permille;
-        let over = |l: LoadSample| {
-            l.cpu_permille >= u16::from(self.cfg.threshold_cpu) * 10
-                || l.mem_permille >= u16::from(self.cfg.threshold_memory) * 10
-        };
-        let p = self.published_load;
-        s.cpu_permille.abs_diff(p.cpu_permille) >= d
-            || s.mem_permille.abs_diff(p.mem_permille) >= d
-            || over(s) != over(p)
-    }
-
     /// Publishes the record now, or when one period has passed since the last publication.
     fn publish_soon(&mut self, now: Millis) {
         if !self.started {
             return;
         }
-        let at = now.max(self.last_publish + self.cfg.heartbeat_ms);
-        self.record_due = Some(self.record_due.map_or(at, |d| d.min(at)));
+        self.record.soon(now, self.cfg.heartbeat_ms);
     }
 
     /// A gap-closing sync came back from `from` and left gaps open: `from` lacked them too
@@ -488,22 +440,8 @@ impl Replica {
     /// Publishes this node's record with a new version: at start, when it changed, to refute a
     /// suspicion, and when leaving. Liveness does not ride on it (see `probe.rs`).
     fn publish_record(&mut self, now: Millis) {
-        self.record_due = None;
-        self.last_publish = now;
-        self.published_load = self.me.load;
         self.stats.records_published += 1;
-        self.me.seq += 1;
-        self.me.written_at_ms = now;
-        let mut nearest: Vec<(NodeId, u32)> = self
-            .rtt
-            .iter()
-            .filter(|(id, _)| **id != self.me.id)
-            .map(|(id, r)| (*id, r.srtt_ms()))
-            .collect();
-        nearest.sort_by_key(|(id, ms)| (*ms, *id));
-        nearest.truncate(omesh_protocol::node::MAX_RTT_ENTRIES);
-        self.me.rtt_ms = nearest;
-        let rec = self.me.clone();
+        let rec = self.record.publish(now, &mut self.me, &self.rtt);
         self.write(now, DeltaBody::Node(Arc::new(rec)));
     }
 
@@ -774,7 +712,7 @@ impl Replica {
     }
 
     fn on_tick(&mut self, now: Millis) {
-        if self.record_due.is_some_and(|d| now >= d) {
+        if self.record.is_due(now) {
             self.publish_record(now);
         }
         self.probe_tick(now);
@@ -839,12 +777,12 @@ impl Replica {
     fn leave(&mut self, now: Millis) {
         self.me.leaving = true;
         self.publish_record(now);
-        let runs: Vec<(TaskId, LocalRun)> = self.local.iter().map(|(t, r)| (*t, *r)).collect();
+        let runs: Vec<(TaskId, LocalRun)> = self.tasks.runs().map(|(t, r)| (*t, *r)).collect();
         for (task, run) in runs {
             match run.phase {
                 Phase::Settling { .. } => {
                     self.release(now, task, run.epoch);
-                    self.local.remove(&task);
+                    self.tasks.forget(&task);
                 }
                 Phase::Started => {
                     self.outbox.push_back(Action::StopTask {
@@ -852,9 +790,7 @@ impl Replica {
                         epoch: run.epoch,
                         reason: StopReason::Leaving,
                     });
-                    if let Some(r) = self.local.get_mut(&task) {
-                        r.phase = Phase::Stopping;
-                    }
+                    self.tasks.set_phase(&task, Phase::Stopping);
                 }
                 Phase::Stopping => {}
             }
