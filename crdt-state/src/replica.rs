@@ -2,15 +2,17 @@
 //!
 //! `handle(now, input)` merges what peers say and what the local executor reports;
 //! `poll_action()` hands back what to send or run; `poll_timeout()` says when to tick next.
-//! The decisions taken on a tick (claims, fencing, retries, compaction) live in `decide.rs`.
+//! Its parts are types of their own (`vector.rs`, `sync.rs`, `probe.rs`, `suspicion.rs`,
+//! `runs.rs`, `record.rs`); the child modules wire them to the replica: `membership.rs`
+//! (probing and health), `anti_entropy.rs` (syncs), `deltas.rs` (writes and merges) and
+//! `decide.rs` (the decisions taken on a tick: claims, fencing, retries, compaction).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use omesh_protocol::codec::canonical_len;
 use omesh_protocol::{
     Delta, DeltaBody, Digest, GossipMessage, Millis, NodeId, NodeRecord, SignedTaskSpec,
-    StateDigest, SyncReply, SyncRequest, TaskId, Wire,
+    StateDigest, TaskId, Wire,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -18,23 +20,20 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::{ConfigError, ReplicaConfig};
 use crate::digest::{first8, mix64, splitmix64};
 use crate::liveness::{Health, RttEstimate};
-use crate::merge::{DeltaError, Merged, State};
+use crate::merge::State;
 use crate::probe::Prober;
 use crate::record::RecordPublisher;
 use crate::runs::{LocalRun, Phase, TaskBook};
 use crate::suspicion::Suspicions;
-use crate::sync::{self, SyncState, SYNC_TIMEOUT_MS};
-use crate::vector::{entry_of, VersionVector};
+use crate::sync::{SyncState, SYNC_TIMEOUT_MS};
+use crate::vector::VersionVector;
 
+mod anti_entropy;
 mod decide;
+mod deltas;
 mod membership;
 
 pub use crate::io::{Action, ExecEvent, Input, InputError, PropagationSample, Stats, StopReason};
-
-/// Deltas per gossip message; a larger batch is split.
-const MAX_DELTAS_PER_MESSAGE: usize = 64;
-/// A sync reply that applied at least this many deltas has the per-node maps rebuilt.
-const COMPACT_AFTER: u64 = 256;
 
 /// The replica: the whole protocol of one omesh node, with no I/O.
 ///
@@ -414,26 +413,12 @@ impl Replica {
         self.record.soon(now, self.cfg.heartbeat_ms);
     }
 
-    /// A gap-closing sync came back from `from` and left gaps open: `from` lacked them too
-    /// (it was asked as the forwarder of a later write, its origin not being alive here).
-    /// Ask again soon, a few times, each time another peer, rather than after the 5 s sync
-    /// timeout; a gap no peer can fill (its write died with its origin) then falls back to
-    /// the slow pace.
-    fn retry_open_gaps(&mut self, now: Millis, from: NodeId) {
-        const QUICK_RETRIES: u8 = 3;
-        let others = self.random_peers(now, 1, from);
-        let other = others.first().copied();
-        if self.vector.retry_gaps(now, from, other, QUICK_RETRIES) {
-            self.wake_at(now + self.cfg.gap_sync_ms);
-        }
-    }
-
-    pub(crate) fn mark_dirty(&mut self, now: Millis) {
+    fn mark_dirty(&mut self, now: Millis) {
         self.wake_at(now);
     }
 
     /// Asks for an evaluation tick at `at` (or earlier, if one is already due sooner).
-    pub(crate) fn wake_at(&mut self, at: Millis) {
+    fn wake_at(&mut self, at: Millis) {
         self.next_eval = Some(self.next_eval.map_or(at, |e| e.min(at)));
     }
 
@@ -443,272 +428,6 @@ impl Replica {
         self.stats.records_published += 1;
         let rec = self.record.publish(now, &mut self.me, &self.rtt);
         self.write(now, DeltaBody::Node(Arc::new(rec)));
-    }
-
-    /// Makes a local change: stamps it, merges it, queues it for gossip.
-    pub(crate) fn write(&mut self, now: Millis, body: DeltaBody) {
-        self.next_counter += 1;
-        let stamp = (self.cfg.incarnation << 32) | self.next_counter;
-        let delta = Delta {
-            origin: self.me.id,
-            stamp,
-            body,
-        };
-        // Our own deltas satisfy every rule, so merging cannot fail; count it if it ever does.
-        match self.state.apply(&delta) {
-            Ok(_) => {}
-            Err(_) => self.stats.deltas_rejected += 1,
-        }
-        self.vector.raise(self.me.id, stamp);
-        if let DeltaBody::Node(rec) = &delta.body {
-            self.state.hear(&rec.id, now);
-        }
-        self.pending.push(delta);
-    }
-
-    fn flush(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let deltas = std::mem::take(&mut self.pending);
-        let mut batch = Vec::new();
-        let mut bytes = 0usize;
-        for d in deltas {
-            let len = canonical_len(&d);
-            if !batch.is_empty()
-                && (batch.len() >= MAX_DELTAS_PER_MESSAGE
-                    || bytes + len > GossipMessage::MAX_BYTES / 2)
-            {
-                self.outbox.push_back(Action::Publish(GossipMessage {
-                    deltas: std::mem::take(&mut batch),
-                }));
-                bytes = 0;
-            }
-            bytes += len;
-            batch.push(d);
-        }
-        self.outbox
-            .push_back(Action::Publish(GossipMessage { deltas: batch }));
-    }
-
-    /// Merges deltas from a peer, one by one; a bad delta is counted and dropped.
-    fn ingest(&mut self, now: Millis, via: NodeId, deltas: &[Delta]) -> Result<(), InputError> {
-        let total = deltas.len();
-        let mut rejected = 0usize;
-        let mut first = None;
-        for d in deltas {
-            match self.ingest_one(now, d) {
-                Ok(()) => self.track_stamp(now, via, d.origin, d.stamp),
-                Err(e) => {
-                    rejected += 1;
-                    self.stats.deltas_rejected += 1;
-                    first.get_or_insert(e);
-                }
-            }
-        }
-        match first {
-            None => Ok(()),
-            Some(first) => Err(InputError::Rejected {
-                rejected,
-                applied: total - rejected,
-                total,
-                first,
-            }),
-        }
-    }
-
-    fn ingest_one(&mut self, now: Millis, d: &Delta) -> Result<(), DeltaError> {
-        if d.origin == self.me.id && d.stamp >> 32 >= self.cfg.incarnation {
-            // Our own delta echoed back; we are its only writer.
-            self.stats.deltas_unchanged += 1;
-            return Ok(());
-        }
-        State::check(d)?;
-        if let DeltaBody::Spec(spec) = &d.body {
-            let id = spec.id();
-            let known = self.state.task(&id).is_some_and(|t| t.spec.is_some())
-                || self.state.tombstone(&id).is_some();
-            if !known {
-                spec.verify(&self.cfg.authorized_submitters)?;
-            }
-        }
-        let held = match &d.body {
-            DeltaBody::Node(rec) => self.state.node(&rec.id).map(NodeRecord::version),
-            _ => None,
-        };
-        match self.state.apply(d)? {
-            Merged::Changed => {
-                self.stats.deltas_applied += 1;
-                match &d.body {
-                    DeltaBody::Node(rec) => {
-                        if held.is_none() && rec.id != self.me.id {
-                            self.prober.learned(&rec.id, &mut self.rng);
-                        }
-                        let newer = held.is_none_or(|v| rec.version() > v);
-                        if newer {
-                            self.state.hear(&rec.id, now);
-                            self.sync.heard(now);
-                            if self.suspicions.holds(&rec.id) {
-                                // Refuted (or restarted): its leases hold again.
-                                self.note_suspicion(now, rec.id);
-                                self.mark_dirty(now);
-                            }
-                        }
-                        if newer && self.propagation.len() < self.cfg.propagation_samples {
-                            self.propagation.push(PropagationSample {
-                                origin: rec.id,
-                                seq: rec.seq,
-                                written_at_ms: rec.written_at_ms,
-                                merged_at_ms: now,
-                            });
-                        }
-                    }
-                    DeltaBody::Lease { .. } => {
-                        self.stats.lease_changes += 1;
-                        self.mark_dirty(now);
-                    }
-                    DeltaBody::Suspect { node, .. } => {
-                        if *node == self.me.id {
-                            // Someone could not reach us: answer with a newer record, which
-                            // supersedes the suspicion everywhere it spreads.
-                            if !self.me.leaving {
-                                self.stats.refutations += 1;
-                                self.publish_record(now);
-                            }
-                        } else {
-                            self.note_suspicion(now, *node);
-                        }
-                        self.mark_dirty(now);
-                    }
-                    _ => self.mark_dirty(now),
-                }
-            }
-            Merged::Unchanged => self.stats.deltas_unchanged += 1,
-            Merged::Tombstoned => self.stats.deltas_tombstoned += 1,
-        }
-        Ok(())
-    }
-
-    /// Advances the version vector, or notes a gap to close by sync.
-    fn track_stamp(&mut self, now: Millis, via: NodeId, origin: NodeId, stamp: u64) {
-        if self.vector.track(now, via, origin, stamp) {
-            self.stats.gaps += 1;
-            self.wake_at(now + self.cfg.gap_sync_ms);
-        }
-    }
-
-    /// A requester that holds some of this node's own writes but not the latest missed them
-    /// on gossip (it was cut off, or the mesh lost them). Others may have too, and a
-    /// replica only asks for what it knows it lacks: republish the record (at most once a
-    /// period), so every node that missed a write sees a gap in this node's stamps and
-    /// closes it. An idle mesh publishes nothing else that would show them the gap.
-    fn note_lag(&mut self, now: Millis, req: &SyncRequest, sorted: bool) {
-        let me = self.me.id;
-        let Some(theirs) = entry_of(&req.vclock, sorted, &me) else {
-            return;
-        };
-        if theirs > 0 && theirs < self.vector.get(&me) {
-            self.publish_soon(now);
-        }
-    }
-
-    fn sync_request(&mut self, now: Millis, to: NodeId) {
-        self.send_sync_request(now, to, false);
-    }
-
-    /// A sync request; `digest_only` compares digests first (periodic anti-entropy of a
-    /// synced replica), sending the version vector only if they differ.
-    fn send_sync_request(&mut self, now: Millis, to: NodeId, digest_only: bool) {
-        if to == self.me.id || !self.sync.try_send(now, to) {
-            return;
-        }
-        self.stats.syncs_sent += 1;
-        let digest_only = self.sync.digest_only(&to, digest_only);
-        let mut vclock = if digest_only {
-            Vec::new()
-        } else {
-            self.version_vector()
-        };
-        if !self.sync.is_synced() && self.cfg.incarnation > 1 {
-            // A restarted node starts empty, yet its own new stamps (`incarnation << 32 | n`)
-            // claim to cover everything it wrote in earlier incarnations: until a sync
-            // completes, ask for its own history too, or it never gets it back.
-            for (origin, c) in &mut vclock {
-                if *origin == self.me.id {
-                    *c = 0;
-                }
-            }
-        }
-        let request = SyncRequest {
-            vclock,
-            digest: self.digest(),
-            full: self.sync.take_want_full(&to),
-            digest_only,
-            vclock_hash: if digest_only { self.vclock_hash() } else { 0 },
-        };
-        self.outbox.push_back(Action::SendSync { to, request });
-    }
-
-    /// Answers a peer's sync request (see [`sync::reply`]).
-    fn serve_sync(&mut self, now: Millis, from: NodeId, req: &SyncRequest) {
-        self.stats.syncs_served += 1;
-        let sorted = req.vclock.is_sorted_by(|a, b| a.0 < b.0);
-        self.note_lag(now, req, sorted);
-        let reply = sync::reply(&self.state, &self.vector, req, sorted);
-        self.outbox.push_back(Action::ReplySync { to: from, reply });
-    }
-
-    fn on_sync_reply(
-        &mut self,
-        now: Millis,
-        from: NodeId,
-        reply: SyncReply,
-    ) -> Result<(), InputError> {
-        self.sync.ended(&from);
-        self.touch(now, from);
-        let SyncReply {
-            deltas,
-            vclock,
-            digest,
-            truncated,
-        } = reply;
-        let applied = self.stats.deltas_applied;
-        let result = self.ingest(now, from, &deltas);
-        self.vector.adopt(&vclock);
-        if self.stats.deltas_applied - applied >= COMPACT_AFTER {
-            // A bulk join (see `State::compact`): the two per-node maps it grew, rebuilt full.
-            self.state.compact();
-            self.vector.compact();
-        }
-        if !self.sync.is_synced() && !truncated && !vclock.is_empty() {
-            // The first sync since start (or since isolation) shows the responder lacks this
-            // node's latest write: what it published went nowhere (before any mesh link), so
-            // publish again now that there is a peer.
-            let me = self.me.id;
-            let theirs = entry_of(&vclock, true, &me).unwrap_or(0);
-            if theirs < self.vector.get(&me) {
-                self.publish_soon(now);
-            }
-        }
-        self.stats.syncs_completed += 1;
-        if !truncated && self.sync.gap_sync_answered(from) {
-            self.retry_open_gaps(now, from);
-        }
-        if !truncated {
-            self.sync.completed();
-        }
-        if truncated {
-            self.sync_request(now, from);
-        } else if digest != self.digest() {
-            let theirs: BTreeMap<NodeId, u64> = vclock.into_iter().collect();
-            let mine: BTreeMap<NodeId, u64> = self.version_vector().into_iter().collect();
-            if theirs == mine {
-                // Same versions, different states: something was lost outside the vectors.
-                self.stats.digest_mismatches += 1;
-                self.sync.want_full(from);
-            }
-        }
-        result
     }
 
     fn on_tick(&mut self, now: Millis) {
@@ -744,16 +463,6 @@ impl Replica {
         }
         self.next_eval = None;
         self.evaluate(now);
-    }
-
-    /// Whether a sync completed since start (or since this node last heard nobody).
-    pub fn is_synced(&self) -> bool {
-        self.sync.is_synced()
-    }
-
-    fn random_alive_peer(&mut self, now: Millis) -> Option<NodeId> {
-        let me = self.me.id;
-        self.random_peers(now, 1, me).first().copied()
     }
 
     /// The image digests named by tasks that have not ended: a blob store must keep them.
