@@ -2,15 +2,17 @@
 //!
 //! `handle(now, input)` merges what peers say and what the local executor reports;
 //! `poll_action()` hands back what to send or run; `poll_timeout()` says when to tick next.
-//! The decisions taken on a tick (claims, fencing, retries, compaction) live in `decide.rs`.
+//! Its parts are types of their own (`vector.rs`, `sync.rs`, `probe.rs`, `suspicion.rs`,
+//! `runs.rs`, `record.rs`); the child modules wire them to the replica: `membership.rs`
+//! (probing and health), `anti_entropy.rs` (syncs), `deltas.rs` (writes and merges) and
+//! `decide.rs` (the decisions taken on a tick: claims, fencing, retries, compaction).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use omesh_protocol::codec::canonical_len;
 use omesh_protocol::{
-    Delta, DeltaBody, Digest, Epoch, GossipMessage, LoadSample, Millis, NodeId, NodeRecord,
-    SignedTaskSpec, StateDigest, SyncReply, SyncRequest, TaskId, Wire,
+    Delta, DeltaBody, Digest, GossipMessage, Millis, NodeId, NodeRecord, SignedTaskSpec,
+    StateDigest, TaskId, Wire,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -18,45 +20,20 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::{ConfigError, ReplicaConfig};
 use crate::digest::{first8, mix64, splitmix64};
 use crate::liveness::{Health, RttEstimate};
-use crate::merge::{DeltaError, Merged, State};
+use crate::merge::State;
 use crate::probe::Prober;
+use crate::record::RecordPublisher;
+use crate::runs::{LocalRun, Phase, TaskBook};
 use crate::suspicion::Suspicions;
-use crate::sync::{self, SyncState, SYNC_TIMEOUT_MS};
-use crate::vector::{entry_of, VersionVector};
+use crate::sync::{SyncState, SYNC_TIMEOUT_MS};
+use crate::vector::VersionVector;
 
+mod anti_entropy;
+mod decide;
+mod deltas;
 mod membership;
 
 pub use crate::io::{Action, ExecEvent, Input, InputError, PropagationSample, Stats, StopReason};
-
-/// Deltas per gossip message; a larger batch is split.
-const MAX_DELTAS_PER_MESSAGE: usize = 64;
-/// A sync reply that applied at least this many deltas has the per-node maps rebuilt.
-const COMPACT_AFTER: u64 = 256;
-
-/// What this node does about a task it owns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
-    /// Claimed; starts at `until` if the lease still holds.
-    Settling { until: Millis },
-    /// StartTask emitted.
-    Started,
-    /// StopTask emitted; waiting for the executor.
-    Stopping,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct LocalRun {
-    pub(crate) epoch: Epoch,
-    pub(crate) phase: Phase,
-}
-
-/// A task this node may claim: since when (the claim stagger counts from it), and when to
-/// rank the nodes for it again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Claimable {
-    pub(crate) since: Millis,
-    pub(crate) recheck: Millis,
-}
 
 /// The replica: the whole protocol of one omesh node, with no I/O.
 ///
@@ -105,9 +82,9 @@ pub(crate) struct Claimable {
 /// the harness, netsim and the peer's in-process driver each run it.
 #[derive(Debug)]
 pub struct Replica {
-    pub(crate) cfg: ReplicaConfig,
-    pub(crate) state: State,
-    pub(crate) me: NodeRecord,
+    cfg: ReplicaConfig,
+    state: State,
+    me: NodeRecord,
     /// The version vector, its hash and its gaps.
     vector: VersionVector,
     /// Sync requests in flight, anti-entropy, and whether the view is synced.
@@ -116,21 +93,16 @@ pub struct Replica {
     /// When each suspicion held reached this node.
     suspicions: Suspicions,
     prober: Prober,
-    pub(crate) rtt: BTreeMap<NodeId, RttEstimate>,
-    pub(crate) local: BTreeMap<TaskId, LocalRun>,
-    pub(crate) claimable_since: BTreeMap<TaskId, Claimable>,
-    pub(crate) failed_seen: BTreeMap<(TaskId, Epoch), Millis>,
-    pub(crate) terminal_seen: BTreeMap<TaskId, Millis>,
-    pub(crate) reasons: BTreeMap<TaskId, String>,
-    pub(crate) outbox: VecDeque<Action>,
+    rtt: BTreeMap<NodeId, RttEstimate>,
+    /// Local runs and what this node noted of the other tasks between passes.
+    tasks: TaskBook,
+    outbox: VecDeque<Action>,
     pending: Vec<Delta>,
-    /// When a changed record is next published (rate-limited to one per `heartbeat_ms`).
-    record_due: Option<Millis>,
-    last_publish: Millis,
-    published_load: LoadSample,
-    pub(crate) next_eval: Option<Millis>,
-    pub(crate) rng: ChaCha8Rng,
-    pub(crate) stats: Stats,
+    /// When this node's record is next published, and what the last one said.
+    record: RecordPublisher,
+    next_eval: Option<Millis>,
+    rng: ChaCha8Rng,
+    stats: Stats,
     started: bool,
     propagation: Vec<PropagationSample>,
 }
@@ -158,16 +130,10 @@ impl Replica {
             suspicions: Suspicions::default(),
             prober: Prober::default(),
             rtt: BTreeMap::new(),
-            local: BTreeMap::new(),
-            claimable_since: BTreeMap::new(),
-            failed_seen: BTreeMap::new(),
-            terminal_seen: BTreeMap::new(),
-            reasons: BTreeMap::new(),
+            tasks: TaskBook::default(),
             outbox: VecDeque::new(),
             pending: Vec::new(),
-            record_due: None,
-            last_publish: 0,
-            published_load: LoadSample::default(),
+            record: RecordPublisher::default(),
             next_eval: None,
             rng,
             stats: Stats::default(),
@@ -278,7 +244,7 @@ impl Replica {
             }
             Input::Load(sample) => {
                 self.me.load = sample;
-                if self.load_moved(sample) {
+                if self.record.load_moved(&self.cfg, sample) {
                     self.publish_soon(now);
                 }
                 self.mark_dirty(now);
@@ -382,7 +348,7 @@ impl Replica {
             .prober
             .next_timeout()
             .min(self.sync.next_anti_entropy());
-        for due in [self.next_eval, self.record_due].into_iter().flatten() {
+        for due in [self.next_eval, self.record.due()].into_iter().flatten() {
             t = t.min(due);
         }
         Some(t)
@@ -439,342 +405,33 @@ impl Replica {
         self.prober.start(now + offset);
     }
 
-    /// Whether a load sample moved far enough from the one last published to publish again:
-    /// by `load_delta_permille`, or across a threshold (which placement turns on).
-    fn load_moved(&self, s: LoadSample) -> bool {
-        let d = self.cfg.load_delta_permille;
-        let over = |l: LoadSample| {
-            l.cpu_permille >= u16::from(self.cfg.threshold_cpu) * 10
-                || l.mem_permille >= u16::from(self.cfg.threshold_memory) * 10
-        };
-        let p = self.published_load;
-        s.cpu_permille.abs_diff(p.cpu_permille) >= d
-            || s.mem_permille.abs_diff(p.mem_permille) >= d
-            || over(s) != over(p)
-    }
-
     /// Publishes the record now, or when one period has passed since the last publication.
     fn publish_soon(&mut self, now: Millis) {
         if !self.started {
             return;
         }
-        let at = now.max(self.last_publish + self.cfg.heartbeat_ms);
-        self.record_due = Some(self.record_due.map_or(at, |d| d.min(at)));
+        self.record.soon(now, self.cfg.heartbeat_ms);
     }
 
-    /// A gap-closing sync came back from `from` and left gaps open: `from` lacked them too
-    /// (it was asked as the forwarder of a later write, its origin not being alive here).
-    /// Ask again soon, a few times, each time another peer, rather than after the 5 s sync
-    /// timeout; a gap no peer can fill (its write died with its origin) then falls back to
-    /// the slow pace.
-    fn retry_open_gaps(&mut self, now: Millis, from: NodeId) {
-        const QUICK_RETRIES: u8 = 3;
-        let others = self.random_peers(now, 1, from);
-        let other = others.first().copied();
-        if self.vector.retry_gaps(now, from, other, QUICK_RETRIES) {
-            self.wake_at(now + self.cfg.gap_sync_ms);
-        }
-    }
-
-    pub(crate) fn mark_dirty(&mut self, now: Millis) {
+    fn mark_dirty(&mut self, now: Millis) {
         self.wake_at(now);
     }
 
     /// Asks for an evaluation tick at `at` (or earlier, if one is already due sooner).
-    pub(crate) fn wake_at(&mut self, at: Millis) {
+    fn wake_at(&mut self, at: Millis) {
         self.next_eval = Some(self.next_eval.map_or(at, |e| e.min(at)));
     }
 
     /// Publishes this node's record with a new version: at start, when it changed, to refute a
     /// suspicion, and when leaving. Liveness does not ride on it (see `probe.rs`).
     fn publish_record(&mut self, now: Millis) {
-        self.record_due = None;
-        self.last_publish = now;
-        self.published_load = self.me.load;
         self.stats.records_published += 1;
-        self.me.seq += 1;
-        self.me.written_at_ms = now;
-        let mut nearest: Vec<(NodeId, u32)> = self
-            .rtt
-            .iter()
-            .filter(|(id, _)| **id != self.me.id)
-            .map(|(id, r)| (*id, r.srtt_ms()))
-            .collect();
-        nearest.sort_by_key(|(id, ms)| (*ms, *id));
-        nearest.truncate(omesh_protocol::node::MAX_RTT_ENTRIES);
-        self.me.rtt_ms = nearest;
-        let rec = self.me.clone();
+        let rec = self.record.publish(now, &mut self.me, &self.rtt);
         self.write(now, DeltaBody::Node(Arc::new(rec)));
     }
 
-    /// Makes a local change: stamps it, merges it, queues it for gossip.
-    pub(crate) fn write(&mut self, now: Millis, body: DeltaBody) {
-        self.next_counter += 1;
-        let stamp = (self.cfg.incarnation << 32) | self.next_counter;
-        let delta = Delta {
-            origin: self.me.id,
-            stamp,
-            body,
-        };
-        // Our own deltas satisfy every rule, so merging cannot fail; count it if it ever does.
-        match self.state.apply(&delta) {
-            Ok(_) => {}
-            Err(_) => self.stats.deltas_rejected += 1,
-        }
-        self.vector.raise(self.me.id, stamp);
-        if let DeltaBody::Node(rec) = &delta.body {
-            self.state.hear(&rec.id, now);
-        }
-        self.pending.push(delta);
-    }
-
-    fn flush(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let deltas = std::mem::take(&mut self.pending);
-        let mut batch = Vec::new();
-        let mut bytes = 0usize;
-        for d in deltas {
-            let len = canonical_len(&d);
-            if !batch.is_empty()
-                && (batch.len() >= MAX_DELTAS_PER_MESSAGE
-                    || bytes + len > GossipMessage::MAX_BYTES / 2)
-            {
-                self.outbox.push_back(Action::Publish(GossipMessage {
-                    deltas: std::mem::take(&mut batch),
-                }));
-                bytes = 0;
-            }
-            bytes += len;
-            batch.push(d);
-        }
-        self.outbox
-            .push_back(Action::Publish(GossipMessage { deltas: batch }));
-    }
-
-    /// Merges deltas from a peer, one by one; a bad delta is counted and dropped.
-    fn ingest(&mut self, now: Millis, via: NodeId, deltas: &[Delta]) -> Result<(), InputError> {
-        let total = deltas.len();
-        let mut rejected = 0usize;
-        let mut first = None;
-        for d in deltas {
-            match self.ingest_one(now, d) {
-                Ok(()) => self.track_stamp(now, via, d.origin, d.stamp),
-                Err(e) => {
-                    rejected += 1;
-                    self.stats.deltas_rejected += 1;
-                    first.get_or_insert(e);
-                }
-            }
-        }
-        match first {
-            None => Ok(()),
-            Some(first) => Err(InputError::Rejected {
-                rejected,
-                applied: total - rejected,
-                total,
-                first,
-            }),
-        }
-    }
-
-    fn ingest_one(&mut self, now: Millis, d: &Delta) -> Result<(), DeltaError> {
-        if d.origin == self.me.id && d.stamp >> 32 >= self.cfg.incarnation {
-            // Our own delta echoed back; we are its only writer.
-            self.stats.deltas_unchanged += 1;
-            return Ok(());
-        }
-        State::check(d)?;
-        if let DeltaBody::Spec(spec) = &d.body {
-            let id = spec.id();
-            let known = self.state.task(&id).is_some_and(|t| t.spec.is_some())
-                || self.state.tombstone(&id).is_some();
-            if !known {
-                spec.verify(&self.cfg.authorized_submitters)?;
-            }
-        }
-        let held = match &d.body {
-            DeltaBody::Node(rec) => self.state.node(&rec.id).map(NodeRecord::version),
-            _ => None,
-        };
-        match self.state.apply(d)? {
-            Merged::Changed => {
-                self.stats.deltas_applied += 1;
-                match &d.body {
-                    DeltaBody::Node(rec) => {
-                        if held.is_none() && rec.id != self.me.id {
-                            self.prober.learned(&rec.id, &mut self.rng);
-                        }
-                        let newer = held.is_none_or(|v| rec.version() > v);
-                        if newer {
-                            self.state.hear(&rec.id, now);
-                            self.sync.heard(now);
-                            if self.suspicions.holds(&rec.id) {
-                                // Refuted (or restarted): its leases hold again.
-                                self.note_suspicion(now, rec.id);
-                                self.mark_dirty(now);
-                            }
-                        }
-                        if newer && self.propagation.len() < self.cfg.propagation_samples {
-                            self.propagation.push(PropagationSample {
-                                origin: rec.id,
-                                seq: rec.seq,
-                                written_at_ms: rec.written_at_ms,
-                                merged_at_ms: now,
-                            });
-                        }
-                    }
-                    DeltaBody::Lease { .. } => {
-                        self.stats.lease_changes += 1;
-                        self.mark_dirty(now);
-                    }
-                    DeltaBody::Suspect { node, .. } => {
-                        if *node == self.me.id {
-                            // Someone could not reach us: answer with a newer record, which
-                            // supersedes the suspicion everywhere it spreads.
-                            if !self.me.leaving {
-                                self.stats.refutations += 1;
-                                self.publish_record(now);
-                            }
-                        } else {
-                            self.note_suspicion(now, *node);
-                        }
-                        self.mark_dirty(now);
-                    }
-                    _ => self.mark_dirty(now),
-                }
-            }
-            Merged::Unchanged => self.stats.deltas_unchanged += 1,
-            Merged::Tombstoned => self.stats.deltas_tombstoned += 1,
-        }
-        Ok(())
-    }
-
-    /// Advances the version vector, or notes a gap to close by sync.
-    fn track_stamp(&mut self, now: Millis, via: NodeId, origin: NodeId, stamp: u64) {
-        if self.vector.track(now, via, origin, stamp) {
-            self.stats.gaps += 1;
-            self.wake_at(now + self.cfg.gap_sync_ms);
-        }
-    }
-
-    /// A requester that holds some of this node's own writes but not the latest missed them
-    /// on gossip (it was cut off, or the mesh lost them). Others may have too, and a
-    /// replica only asks for what it knows it lacks: republish the record (at most once a
-    /// period), so every node that missed a write sees a gap in this node's stamps and
-    /// closes it. An idle mesh publishes nothing else that would show them the gap.
-    fn note_lag(&mut self, now: Millis, req: &SyncRequest, sorted: bool) {
-        let me = self.me.id;
-        let Some(theirs) = entry_of(&req.vclock, sorted, &me) else {
-            return;
-        };
-        if theirs > 0 && theirs < self.vector.get(&me) {
-            self.publish_soon(now);
-        }
-    }
-
-    fn sync_request(&mut self, now: Millis, to: NodeId) {
-        self.send_sync_request(now, to, false);
-    }
-
-    /// A sync request; `digest_only` compares digests first (periodic anti-entropy of a
-    /// synced replica), sending the version vector only if they differ.
-    fn send_sync_request(&mut self, now: Millis, to: NodeId, digest_only: bool) {
-        if to == self.me.id || !self.sync.try_send(now, to) {
-            return;
-        }
-        self.stats.syncs_sent += 1;
-        let digest_only = self.sync.digest_only(&to, digest_only);
-        let mut vclock = if digest_only {
-            Vec::new()
-        } else {
-            self.version_vector()
-        };
-        if !self.sync.is_synced() && self.cfg.incarnation > 1 {
-            // A restarted node starts empty, yet its own new stamps (`incarnation << 32 | n`)
-            // claim to cover everything it wrote in earlier incarnations: until a sync
-            // completes, ask for its own history too, or it never gets it back.
-            for (origin, c) in &mut vclock {
-                if *origin == self.me.id {
-                    *c = 0;
-                }
-            }
-        }
-        let request = SyncRequest {
-            vclock,
-            digest: self.digest(),
-            full: self.sync.take_want_full(&to),
-            digest_only,
-            vclock_hash: if digest_only { self.vclock_hash() } else { 0 },
-        };
-        self.outbox.push_back(Action::SendSync { to, request });
-    }
-
-    /// Answers a peer's sync request (see [`sync::reply`]).
-    fn serve_sync(&mut self, now: Millis, from: NodeId, req: &SyncRequest) {
-        self.stats.syncs_served += 1;
-        let sorted = req.vclock.is_sorted_by(|a, b| a.0 < b.0);
-        self.note_lag(now, req, sorted);
-        let reply = sync::reply(&self.state, &self.vector, req, sorted);
-        self.outbox.push_back(Action::ReplySync { to: from, reply });
-    }
-
-    fn on_sync_reply(
-        &mut self,
-        now: Millis,
-        from: NodeId,
-        reply: SyncReply,
-    ) -> Result<(), InputError> {
-        self.sync.ended(&from);
-        self.touch(now, from);
-        let SyncReply {
-            deltas,
-            vclock,
-            digest,
-            truncated,
-        } = reply;
-        let applied = self.stats.deltas_applied;
-        let result = self.ingest(now, from, &deltas);
-        self.vector.adopt(&vclock);
-        if self.stats.deltas_applied - applied >= COMPACT_AFTER {
-            // A bulk join (see `State::compact`): the two per-node maps it grew, rebuilt full.
-            self.state.compact();
-            self.vector.compact();
-        }
-        if !self.sync.is_synced() && !truncated && !vclock.is_empty() {
-            // The first sync since start (or since isolation) shows the responder lacks this
-            // node's latest write: what it published went nowhere (before any mesh link), so
-            // publish again now that there is a peer.
-            let me = self.me.id;
-            let theirs = entry_of(&vclock, true, &me).unwrap_or(0);
-            if theirs < self.vector.get(&me) {
-                self.publish_soon(now);
-            }
-        }
-        self.stats.syncs_completed += 1;
-        if !truncated && self.sync.gap_sync_answered(from) {
-            self.retry_open_gaps(now, from);
-        }
-        if !truncated {
-            self.sync.completed();
-        }
-        if truncated {
-            self.sync_request(now, from);
-        } else if digest != self.digest() {
-            let theirs: BTreeMap<NodeId, u64> = vclock.into_iter().collect();
-            let mine: BTreeMap<NodeId, u64> = self.version_vector().into_iter().collect();
-            if theirs == mine {
-                // Same versions, different states: something was lost outside the vectors.
-                self.stats.digest_mismatches += 1;
-                self.sync.want_full(from);
-            }
-        }
-        result
-    }
-
     fn on_tick(&mut self, now: Millis) {
-        if self.record_due.is_some_and(|d| now >= d) {
+        if self.record.is_due(now) {
             self.publish_record(now);
         }
         self.probe_tick(now);
@@ -808,16 +465,6 @@ impl Replica {
         self.evaluate(now);
     }
 
-    /// Whether a sync completed since start (or since this node last heard nobody).
-    pub fn is_synced(&self) -> bool {
-        self.sync.is_synced()
-    }
-
-    fn random_alive_peer(&mut self, now: Millis) -> Option<NodeId> {
-        let me = self.me.id;
-        self.random_peers(now, 1, me).first().copied()
-    }
-
     /// The image digests named by tasks that have not ended: a blob store must keep them.
     pub fn images_in_use(&self, now: Millis) -> BTreeSet<Digest> {
         self.task_views(now)
@@ -839,12 +486,12 @@ impl Replica {
     fn leave(&mut self, now: Millis) {
         self.me.leaving = true;
         self.publish_record(now);
-        let runs: Vec<(TaskId, LocalRun)> = self.local.iter().map(|(t, r)| (*t, *r)).collect();
+        let runs: Vec<(TaskId, LocalRun)> = self.tasks.runs().map(|(t, r)| (*t, *r)).collect();
         for (task, run) in runs {
             match run.phase {
                 Phase::Settling { .. } => {
                     self.release(now, task, run.epoch);
-                    self.local.remove(&task);
+                    self.tasks.forget(&task);
                 }
                 Phase::Started => {
                     self.outbox.push_back(Action::StopTask {
@@ -852,9 +499,7 @@ impl Replica {
                         epoch: run.epoch,
                         reason: StopReason::Leaving,
                     });
-                    if let Some(r) = self.local.get_mut(&task) {
-                        r.phase = Phase::Stopping;
-                    }
+                    self.tasks.set_phase(&task, Phase::Stopping);
                 }
                 Phase::Stopping => {}
             }

@@ -1,0 +1,543 @@
+//! The decisions a replica takes on a tick: fence, start, claim, retry, hand back, compact.
+//!
+//! Everything here is level-triggered: each tick looks at the state as it is and does what is
+//! due, so a missed or early tick is harmless and there are no per-task timers to go stale.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use omesh_protocol::{
+    DeltaBody, Epoch, ImageRef, Lease, Millis, NodeId, NodeRecord, SignedTaskSpec, StatusEntry,
+    TaskId, TaskState,
+};
+
+use super::Replica;
+use crate::decide::TaskView;
+use crate::io::{Action, ExecEvent, StopReason};
+use crate::merge::TaskRecord;
+use crate::placement::{self, Committed, PlacementPolicy};
+use crate::runs::{Pass, Phase};
+
+/// The longest settle delay, however slow the links look.
+const MAX_SETTLE_MS: Millis = 5_000;
+
+enum Step {
+    Start(TaskId, Epoch),
+    Stop(TaskId, Epoch, StopReason),
+    Forget(TaskId),
+    Release(TaskId, Epoch),
+    CancelEpoch(TaskId, Epoch),
+    Claim {
+        task: TaskId,
+        epoch: Epoch,
+        score: u32,
+        failover: bool,
+    },
+    Compact(TaskId, TaskState),
+}
+
+impl Replica {
+    pub(crate) fn policy(&self) -> PlacementPolicy {
+        PlacementPolicy {
+            cpu_limit_permille: u16::from(self.cfg.threshold_cpu) * 10,
+            mem_limit_permille: u16::from(self.cfg.threshold_memory) * 10,
+            target_tags: self.cfg.target_node_tags.clone(),
+        }
+    }
+
+    /// Whether this node is over a threshold and offload is on: it then claims nothing new.
+    pub fn is_overloaded(&self) -> bool {
+        self.cfg.enable_offload && placement::overloaded(&self.me, &self.policy())
+    }
+
+    /// Whether `lease` still holds, as judged from here at `now`.
+    pub fn lease_live(&self, now: Millis, lease: &Lease) -> bool {
+        if lease.released {
+            return false;
+        }
+        if lease.owner == self.me.id {
+            return lease.incarnation == self.cfg.incarnation && !self.me.leaving;
+        }
+        let Some(rec) = self.state.node(&lease.owner) else {
+            return false;
+        };
+        if rec.leaving || rec.incarnation > lease.incarnation {
+            return false;
+        }
+        // Leases ride on membership: they hold until a suspicion of the owner has been held
+        // here for the lease's ttl + grace without the owner refuting it.
+        self.lease_expiry(lease).is_none_or(|expiry| now < expiry)
+    }
+
+    fn lease_expiry(&self, lease: &Lease) -> Option<Millis> {
+        let at = self.suspected_since(&lease.owner)?;
+        Some(at.saturating_add(u64::from(lease.ttl_ms) + self.grace_ms(&lease.owner) + 1))
+    }
+
+    fn derive_state(&self, now: Millis, rec: &TaskRecord, spec: &SignedTaskSpec) -> TaskState {
+        if rec.is_cancelled() {
+            return TaskState::Cancelled;
+        }
+        if let Some((_, top)) = rec.statuses.iter().next_back() {
+            match top.value.state {
+                TaskState::Succeeded => return TaskState::Succeeded,
+                TaskState::Cancelled => return TaskState::Cancelled,
+                TaskState::Failed if rec.failed_attempts() >= spec.spec.max_attempts => {
+                    return TaskState::Failed
+                }
+                _ => {}
+            }
+        }
+        match &rec.lease {
+            Some(l)
+                if self.lease_live(now, &l.value)
+                    && rec.status(l.value.epoch).map(|s| s.state) == Some(TaskState::Running) =>
+            {
+                TaskState::Running
+            }
+            _ => TaskState::Pending,
+        }
+    }
+
+    /// The derived state of a task, or `None` if unknown here.
+    pub fn task_state(&self, now: Millis, id: &TaskId) -> Option<TaskState> {
+        if let Some(s) = self.state.tombstone(id) {
+            return Some(s);
+        }
+        let rec = self.state.task(id)?;
+        let spec = rec.spec.as_ref()?;
+        Some(self.derive_state(now, rec, &spec.value))
+    }
+
+    /// A task as an operator sees it from here.
+    pub fn task_view(&self, now: Millis, id: &TaskId) -> Option<TaskView> {
+        if let Some(state) = self.state.tombstone(id) {
+            return Some(TaskView {
+                id: *id,
+                spec: None,
+                state,
+                epoch: 0,
+                owner: None,
+                lease_live: false,
+                failed_attempts: 0,
+                exit_code: None,
+                error: String::new(),
+                pending_reason: None,
+                cancelled: state == TaskState::Cancelled,
+                history: Vec::new(),
+                compacted: true,
+            });
+        }
+        let rec = self.state.task(id)?;
+        let spec = rec.spec.as_ref().map(|s| Arc::clone(&s.value));
+        let state = spec
+            .as_ref()
+            .map_or(TaskState::Pending, |s| self.derive_state(now, rec, s));
+        let lease = rec.lease.as_ref().map(|l| l.value);
+        let last_ended = rec
+            .statuses
+            .values()
+            .rev()
+            .find(|s| s.value.state.is_terminal());
+        Some(TaskView {
+            id: *id,
+            spec,
+            state,
+            epoch: rec.max_epoch(),
+            owner: lease.map(|l| l.owner),
+            lease_live: lease.is_some_and(|l| self.lease_live(now, &l)),
+            failed_attempts: rec.failed_attempts(),
+            exit_code: last_ended.and_then(|s| s.value.exit_code),
+            error: last_ended
+                .map(|s| s.value.error.clone())
+                .unwrap_or_default(),
+            pending_reason: self.tasks.reason(id).cloned(),
+            cancelled: rec.is_cancelled(),
+            history: rec
+                .statuses
+                .iter()
+                .map(|(e, s)| (*e, s.value.clone()))
+                .collect(),
+            compacted: false,
+        })
+    }
+
+    /// Every task known here, live ones then tombstones.
+    pub fn task_views(&self, now: Millis) -> Vec<TaskView> {
+        let ids: Vec<TaskId> = self.state.tasks().map(|(id, _)| *id).collect();
+        ids.iter()
+            .filter_map(|id| self.task_view(now, id))
+            .collect()
+    }
+
+    /// Epochs of tasks this node currently runs or is about to run.
+    pub fn local_runs(&self) -> Vec<(TaskId, Epoch, bool)> {
+        self.tasks
+            .runs()
+            .map(|(t, r)| (*t, r.epoch, r.phase == Phase::Started))
+            .collect()
+    }
+
+    fn settle_ms(&self) -> Millis {
+        let slowest = self
+            .rtt
+            .values()
+            .map(|r| 2 * u64::from(r.srtt_ms()))
+            .max()
+            .unwrap_or(0);
+        self.cfg.settle_ms.max(slowest).min(MAX_SETTLE_MS)
+    }
+
+    fn backoff_ms(&self, task: &TaskId, attempts: u32) -> Millis {
+        let exp = attempts.saturating_sub(1).min(20);
+        let base = self
+            .cfg
+            .retry_base_ms
+            .saturating_mul(1 << exp)
+            .min(self.cfg.retry_max_ms);
+        // Jitter of ±20%, derived from the task and attempt so every replica agrees.
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&task.0[..8]);
+        let h = u64::from_le_bytes(seed) ^ u64::from(attempts).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let permille = 800 + (h % 401);
+        base * permille / 1000
+    }
+
+    fn committed(&self, now: Millis) -> BTreeMap<NodeId, Committed> {
+        let mut out: BTreeMap<NodeId, Committed> = BTreeMap::new();
+        for (_, rec) in self.state.tasks() {
+            let (Some(spec), Some(lease)) = (&rec.spec, &rec.lease) else {
+                continue;
+            };
+            if !self.lease_live(now, &lease.value)
+                || rec
+                    .status(lease.value.epoch)
+                    .is_some_and(|s| s.state.is_terminal())
+                || rec.is_cancelled()
+            {
+                continue;
+            }
+            let c = out.entry(lease.value.owner).or_default();
+            c.cpu_millis += u64::from(spec.value.spec.cpu_millis);
+            c.memory_bytes = c.memory_bytes.saturating_add(spec.value.spec.memory_bytes);
+        }
+        out
+    }
+
+    /// One pass over local runs and known tasks. Called on every tick.
+    pub(crate) fn evaluate(&mut self, now: Millis) {
+        let mut steps = Vec::new();
+        let mut wake: Option<Millis> = None;
+        let mut at = |t: Millis| wake = Some(wake.map_or(t, |w: Millis| w.min(t)));
+        let overloaded = self.is_overloaded();
+        let may_claim = self.may_claim(now);
+
+        for (task, run) in self.tasks.runs() {
+            let Some(rec) = self.state.task(task) else {
+                if run.phase == Phase::Started {
+                    steps.push(Step::Stop(*task, run.epoch, StopReason::Compacted));
+                } else if matches!(run.phase, Phase::Settling { .. }) {
+                    steps.push(Step::Forget(*task));
+                }
+                continue;
+            };
+            let lease = rec.lease.as_ref().map(|l| l.value);
+            let mine =
+                lease.is_some_and(|l| l.epoch == run.epoch && l.owner == self.me.id && !l.released);
+            let by = lease.map_or(run.epoch, |l| l.epoch);
+            match run.phase {
+                Phase::Stopping => {}
+                Phase::Settling { .. } if !mine => steps.push(Step::Forget(*task)),
+                Phase::Started if !mine => {
+                    steps.push(Step::Stop(*task, run.epoch, StopReason::Fenced { by }));
+                }
+                Phase::Settling { .. } if rec.is_cancelled() => {
+                    steps.push(Step::CancelEpoch(*task, run.epoch));
+                }
+                Phase::Started if rec.is_cancelled() => {
+                    steps.push(Step::Stop(*task, run.epoch, StopReason::Cancelled));
+                }
+                Phase::Settling { .. } if overloaded => steps.push(Step::Release(*task, run.epoch)),
+                Phase::Settling { until } if now >= until => {
+                    steps.push(Step::Start(*task, run.epoch))
+                }
+                Phase::Settling { until } => at(until),
+                Phase::Started => {
+                    if rec.status(run.epoch).is_some_and(|s| s.state.is_terminal()) {
+                        steps.push(Step::Forget(*task));
+                    }
+                }
+            }
+        }
+
+        let committed = self.committed(now);
+        // Built only if some task needs placing: most passes place nothing, and this is one
+        // health check per known node.
+        let live_nodes = std::cell::OnceCell::new();
+        let live =
+            || -> &Vec<&NodeRecord> { live_nodes.get_or_init(|| self.alive_nodes(now).collect()) };
+        let policy = self.policy();
+        let mut pass = Pass::default();
+        for (id, rec) in self.state.tasks() {
+            let Some(spec) = rec.spec.as_ref().map(|s| &s.value) else {
+                continue;
+            };
+            let state = self.derive_state(now, rec, spec);
+            let lease = rec.lease.as_ref().map(|l| l.value);
+            if state.is_terminal() {
+                let since = pass.terminal(&self.tasks, now, *id);
+                let last_owner = lease.is_some_and(|l| l.owner == self.me.id);
+                let after = if last_owner {
+                    self.cfg.retention_ms
+                } else {
+                    2 * self.cfg.retention_ms
+                };
+                if self.tasks.owns(id) {
+                    // Wait for our instance to stop first.
+                } else if now >= since + after {
+                    steps.push(Step::Compact(*id, state));
+                } else {
+                    at(since + after);
+                }
+                continue;
+            }
+            if self.tasks.owns(id) {
+                continue;
+            }
+            let top_failed = rec
+                .statuses
+                .iter()
+                .next_back()
+                .filter(|(_, s)| s.value.state == TaskState::Failed)
+                .map(|(e, _)| *e);
+            if let Some(l) = lease.filter(|l| self.lease_live(now, l)) {
+                if top_failed != Some(l.epoch) {
+                    if l.owner != self.me.id {
+                        if let Some(t) = self.lease_expiry(&l) {
+                            at(t);
+                        }
+                    }
+                    continue;
+                }
+            }
+            if let Some(epoch) = top_failed {
+                let since = pass.failed(&self.tasks, now, *id, epoch);
+                let due = since + self.backoff_ms(id, rec.failed_attempts());
+                if now < due {
+                    at(due);
+                    continue;
+                }
+            }
+            if overloaded {
+                pass.pending(
+                    *id,
+                    "the node that sees it is over its thresholds".to_owned(),
+                );
+                continue;
+            }
+            if !may_claim {
+                // A node that hears nobody, or has not synced since it did, may hold a stale
+                // view (a task compacted or finished elsewhere): it claims nothing until synced.
+                continue;
+            }
+            if let Some(c) = self.tasks.claimable(id).filter(|c| now < c.recheck) {
+                // Placed in an earlier pass and not yet due: no need to rank every live
+                // node again on each delta that arrives meanwhile.
+                pass.claimable(*id, c.recheck);
+                at(c.recheck);
+                continue;
+            }
+            let image = ImageRef::parse(&spec.spec.image).ok().map(|r| r.digest);
+            let via = rec
+                .spec
+                .as_ref()
+                .and_then(|s| self.state.node(&s.at.origin));
+            let placing = placement::Placing {
+                committed: &committed,
+                spec: &spec.spec,
+                image: image.as_ref(),
+                via,
+                policy: &policy,
+            };
+            match placement::place(&self.me.id, live().iter().copied(), &placing) {
+                Err(why) => pass.pending(*id, why.to_string()),
+                Ok(None) => {}
+                Ok(Some((pos, score))) => {
+                    let since = self.tasks.claimable(id).map_or(now, |c| c.since);
+                    let pos = u64::try_from(pos).unwrap_or(u64::MAX);
+                    let due = since.saturating_add(pos.saturating_mul(self.cfg.claim_stagger_ms));
+                    // Ranked again at its turn, or after a probe period if that is sooner
+                    // (the nodes ahead of it may have claimed, or died, by then).
+                    let recheck = due.min(now + self.cfg.heartbeat_ms);
+                    pass.claimable(*id, recheck);
+                    if now >= due {
+                        let failover = lease.is_some_and(|l| {
+                            !l.released && l.owner != self.me.id && top_failed != Some(l.epoch)
+                        });
+                        steps.push(Step::Claim {
+                            task: *id,
+                            epoch: rec.max_epoch() + 1,
+                            score,
+                            failover,
+                        });
+                    } else {
+                        at(recheck);
+                    }
+                }
+            }
+        }
+
+        let held: BTreeSet<TaskId> = self.state.tasks().map(|(id, _)| *id).collect();
+        self.tasks.end_pass(now, pass, &held);
+
+        for step in steps {
+            self.apply_step(now, step);
+        }
+        if let Some(w) = wake {
+            self.wake_at(w);
+        }
+    }
+
+    fn apply_step(&mut self, now: Millis, step: Step) {
+        match step {
+            Step::Start(task, epoch) => {
+                let spec = self
+                    .state
+                    .task(&task)
+                    .and_then(|r| r.spec.as_ref())
+                    .map(|s| Arc::clone(&s.value));
+                if let Some(spec) = spec {
+                    self.outbox
+                        .push_back(Action::StartTask { task, epoch, spec });
+                    self.tasks.set_phase(&task, Phase::Started);
+                }
+            }
+            Step::Stop(task, epoch, reason) => {
+                if matches!(reason, StopReason::Fenced { .. }) {
+                    self.stats.fenced += 1;
+                }
+                self.outbox.push_back(Action::StopTask {
+                    task,
+                    epoch,
+                    reason,
+                });
+                self.tasks.set_phase(&task, Phase::Stopping);
+            }
+            Step::Forget(task) => {
+                self.tasks.forget(&task);
+            }
+            Step::Release(task, epoch) => {
+                self.release(now, task, epoch);
+                self.tasks.forget(&task);
+            }
+            Step::CancelEpoch(task, epoch) => {
+                self.report(
+                    now,
+                    task,
+                    epoch,
+                    TaskState::Cancelled,
+                    None,
+                    "cancelled before start",
+                );
+                self.tasks.forget(&task);
+            }
+            Step::Claim {
+                task,
+                epoch,
+                score,
+                failover,
+            } => {
+                let lease = Lease {
+                    epoch,
+                    owner: self.me.id,
+                    incarnation: self.cfg.incarnation,
+                    score,
+                    ttl_ms: u32::try_from(self.cfg.lease_ttl_ms).unwrap_or(u32::MAX),
+                    released: false,
+                };
+                self.write(now, DeltaBody::Lease { task, lease });
+                let until = now + self.settle_ms();
+                self.tasks.claimed(task, epoch, until);
+                self.wake_at(until);
+                self.stats.claims += 1;
+                if failover {
+                    self.stats.failovers += 1;
+                }
+            }
+            Step::Compact(task, outcome) => {
+                self.write(now, DeltaBody::Compact { task, outcome });
+            }
+        }
+    }
+
+    /// Hands a claimed but unstarted task back to the mesh.
+    pub(crate) fn release(&mut self, now: Millis, task: TaskId, epoch: Epoch) {
+        let current = self
+            .state
+            .task(&task)
+            .and_then(|r| r.lease.as_ref())
+            .map(|l| l.value);
+        if let Some(mut lease) = current.filter(|l| l.epoch == epoch && l.owner == self.me.id) {
+            lease.released = true;
+            self.write(now, DeltaBody::Lease { task, lease });
+        }
+    }
+
+    fn report(
+        &mut self,
+        now: Millis,
+        task: TaskId,
+        epoch: Epoch,
+        state: TaskState,
+        code: Option<i32>,
+        error: &str,
+    ) {
+        let entry = StatusEntry::new(state, code, error, now, self.me.id);
+        self.write(now, DeltaBody::Status { task, epoch, entry });
+    }
+
+    pub(crate) fn on_executor(
+        &mut self,
+        now: Millis,
+        task: TaskId,
+        epoch: Epoch,
+        event: ExecEvent,
+    ) {
+        let run = self.tasks.get(&task);
+        let rec = self.state.task(&task);
+        let current = rec.and_then(|r| r.lease.as_ref()).is_some_and(|l| {
+            l.value.epoch == epoch && l.value.owner == self.me.id && !l.value.released
+        });
+        let cancelled = rec.is_some_and(TaskRecord::is_cancelled);
+        let ours = run.is_some_and(|r| r.epoch == epoch);
+        if !matches!(event, ExecEvent::Started) && ours {
+            self.tasks.forget(&task);
+        }
+        if !ours || !current {
+            self.stats.stale_reports += 1;
+            self.mark_dirty(now);
+            return;
+        }
+        match event {
+            ExecEvent::Started if !cancelled => {
+                self.report(now, task, epoch, TaskState::Running, None, "");
+            }
+            ExecEvent::Started => {}
+            _ if cancelled => {
+                self.report(now, task, epoch, TaskState::Cancelled, None, "cancelled")
+            }
+            ExecEvent::Exited { code: 0 } => {
+                self.report(now, task, epoch, TaskState::Succeeded, Some(0), "")
+            }
+            ExecEvent::Exited { code } => {
+                let why = format!("exited with code {code}");
+                self.report(now, task, epoch, TaskState::Failed, Some(code), &why);
+            }
+            ExecEvent::Failed { error } => {
+                self.report(now, task, epoch, TaskState::Failed, None, &error)
+            }
+            ExecEvent::Stopped => {}
+        }
+        self.mark_dirty(now);
+    }
+}

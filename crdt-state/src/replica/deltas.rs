@@ -1,0 +1,173 @@
+//! Deltas in and out: this node's own changes, stamped, merged and batched for gossip; and
+//! the deltas peers send, checked and merged one by one, with what each merge tells the
+//! replica (a node heard from, a suspicion refuted, a lease changed, a gap in an origin's
+//! stamps).
+
+use omesh_protocol::codec::canonical_len;
+use omesh_protocol::{Delta, DeltaBody, GossipMessage, Millis, NodeId, NodeRecord, Wire};
+
+use super::Replica;
+use crate::io::{Action, InputError, PropagationSample};
+use crate::merge::{DeltaError, Merged, State};
+
+/// Deltas per gossip message; a larger batch is split.
+const MAX_DELTAS_PER_MESSAGE: usize = 64;
+
+impl Replica {
+    /// Makes a local change: stamps it, merges it, queues it for gossip.
+    pub(crate) fn write(&mut self, now: Millis, body: DeltaBody) {
+        self.next_counter += 1;
+        let stamp = (self.cfg.incarnation << 32) | self.next_counter;
+        let delta = Delta {
+            origin: self.me.id,
+            stamp,
+            body,
+        };
+        // Our own deltas satisfy every rule, so merging cannot fail; count it if it ever does.
+        match self.state.apply(&delta) {
+            Ok(_) => {}
+            Err(_) => self.stats.deltas_rejected += 1,
+        }
+        self.vector.raise(self.me.id, stamp);
+        if let DeltaBody::Node(rec) = &delta.body {
+            self.state.hear(&rec.id, now);
+        }
+        self.pending.push(delta);
+    }
+
+    pub(super) fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let deltas = std::mem::take(&mut self.pending);
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        for d in deltas {
+            let len = canonical_len(&d);
+            if !batch.is_empty()
+                && (batch.len() >= MAX_DELTAS_PER_MESSAGE
+                    || bytes + len > GossipMessage::MAX_BYTES / 2)
+            {
+                self.outbox.push_back(Action::Publish(GossipMessage {
+                    deltas: std::mem::take(&mut batch),
+                }));
+                bytes = 0;
+            }
+            bytes += len;
+            batch.push(d);
+        }
+        self.outbox
+            .push_back(Action::Publish(GossipMessage { deltas: batch }));
+    }
+
+    /// Merges deltas from a peer, one by one; a bad delta is counted and dropped.
+    pub(super) fn ingest(
+        &mut self,
+        now: Millis,
+        via: NodeId,
+        deltas: &[Delta],
+    ) -> Result<(), InputError> {
+        let total = deltas.len();
+        let mut rejected = 0usize;
+        let mut first = None;
+        for d in deltas {
+            match self.ingest_one(now, d) {
+                Ok(()) => self.track_stamp(now, via, d.origin, d.stamp),
+                Err(e) => {
+                    rejected += 1;
+                    self.stats.deltas_rejected += 1;
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        match first {
+            None => Ok(()),
+            Some(first) => Err(InputError::Rejected {
+                rejected,
+                applied: total - rejected,
+                total,
+                first,
+            }),
+        }
+    }
+
+    fn ingest_one(&mut self, now: Millis, d: &Delta) -> Result<(), DeltaError> {
+        if d.origin == self.me.id && d.stamp >> 32 >= self.cfg.incarnation {
+            // Our own delta echoed back; we are its only writer.
+            self.stats.deltas_unchanged += 1;
+            return Ok(());
+        }
+        State::check(d)?;
+        if let DeltaBody::Spec(spec) = &d.body {
+            let id = spec.id();
+            let known = self.state.task(&id).is_some_and(|t| t.spec.is_some())
+                || self.state.tombstone(&id).is_some();
+            if !known {
+                spec.verify(&self.cfg.authorized_submitters)?;
+            }
+        }
+        let held = match &d.body {
+            DeltaBody::Node(rec) => self.state.node(&rec.id).map(NodeRecord::version),
+            _ => None,
+        };
+        match self.state.apply(d)? {
+            Merged::Changed => {
+                self.stats.deltas_applied += 1;
+                match &d.body {
+                    DeltaBody::Node(rec) => {
+                        if held.is_none() && rec.id != self.me.id {
+                            self.prober.learned(&rec.id, &mut self.rng);
+                        }
+                        let newer = held.is_none_or(|v| rec.version() > v);
+                        if newer {
+                            self.state.hear(&rec.id, now);
+                            self.sync.heard(now);
+                            if self.suspicions.holds(&rec.id) {
+                                // Refuted (or restarted): its leases hold again.
+                                self.note_suspicion(now, rec.id);
+                                self.mark_dirty(now);
+                            }
+                        }
+                        if newer && self.propagation.len() < self.cfg.propagation_samples {
+                            self.propagation.push(PropagationSample {
+                                origin: rec.id,
+                                seq: rec.seq,
+                                written_at_ms: rec.written_at_ms,
+                                merged_at_ms: now,
+                            });
+                        }
+                    }
+                    DeltaBody::Lease { .. } => {
+                        self.stats.lease_changes += 1;
+                        self.mark_dirty(now);
+                    }
+                    DeltaBody::Suspect { node, .. } => {
+                        if *node == self.me.id {
+                            // Someone could not reach us: answer with a newer record, which
+                            // supersedes the suspicion everywhere it spreads.
+                            if !self.me.leaving {
+                                self.stats.refutations += 1;
+                                self.publish_record(now);
+                            }
+                        } else {
+                            self.note_suspicion(now, *node);
+                        }
+                        self.mark_dirty(now);
+                    }
+                    _ => self.mark_dirty(now),
+                }
+            }
+            Merged::Unchanged => self.stats.deltas_unchanged += 1,
+            Merged::Tombstoned => self.stats.deltas_tombstoned += 1,
+        }
+        Ok(())
+    }
+
+    /// Advances the version vector, or notes a gap to close by sync.
+    fn track_stamp(&mut self, now: Millis, via: NodeId, origin: NodeId, stamp: u64) {
+        if self.vector.track(now, via, origin, stamp) {
+            self.stats.gaps += 1;
+            self.wake_at(now + self.cfg.gap_sync_ms);
+        }
+    }
+}
