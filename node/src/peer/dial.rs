@@ -36,10 +36,21 @@ impl Peer {
     /// Dials every seed not connected whose backoff has passed.
     pub(super) fn dial_seeds(&mut self) {
         let now = Instant::now();
+        // A peer connected to nobody has nothing better to do than find the mesh: its seeds
+        // are retried every few seconds, not at the 30 s ceiling that early failures (a seed
+        // still starting, a host under load) would otherwise reach within a minute.
+        let ceiling = if self.swarm.connected_peers().next().is_none() {
+            Duration::from_secs(4)
+        } else {
+            Duration::from_secs(30)
+        };
         for i in 0..self.seeds.len() {
             let Some(seed) = self.seeds.get_mut(i) else {
                 continue;
             };
+            // A wait taken while connected does not hold once every connection is gone.
+            seed.next_try = seed.next_try.min(now + ceiling);
+            seed.backoff = seed.backoff.min(ceiling);
             if seed.connected
                 || now < seed.next_try
                 || seed.peer.is_some_and(|p| self.blocked.contains(&p))
@@ -47,7 +58,7 @@ impl Peer {
                 continue;
             }
             seed.next_try = now + seed.backoff;
-            seed.backoff = (seed.backoff * 2).min(Duration::from_secs(30));
+            seed.backoff = (seed.backoff * 2).min(ceiling);
             let addr = seed.addr.clone();
             if let Err(e) = self.swarm.dial(addr.clone()) {
                 warn!(seed = %addr, error = %e, "cannot dial seed; will retry");
