@@ -240,3 +240,55 @@ fn over_long_fields_inside_a_valid_message_are_refused() {
     }
     assert_eq!(r.digest(), before);
 }
+
+#[test]
+fn a_lease_at_the_last_epoch_leaves_the_task_waiting_and_never_wraps() {
+    // An admitted peer that turned hostile takes a running task at epoch u64::MAX in its own
+    // name, then vanishes. When its lease is lost, nobody can claim epoch MAX + 1: the task
+    // must wait with a reason, not overflow (a debug panic) or wrap to epoch 0.
+    use omesh_protocol::Lease;
+    let mut m = harness::joined(3, |_| {});
+    let task = m.submit(node(1), spec(4242));
+    assert!(m.run_until(10_000, |m| harness::owner_of(m, task).is_some()));
+    let hostile = node(3);
+    let stamp = m.replica(node(1)).version_of(&hostile) + 1;
+    let lease = Lease {
+        epoch: u64::MAX,
+        owner: hostile,
+        incarnation: 1,
+        score: u32::MAX,
+        ttl_ms: 1_000,
+        released: false,
+    };
+    let msg = GossipMessage {
+        deltas: vec![Delta {
+            origin: hostile,
+            stamp,
+            body: DeltaBody::Lease { task, lease },
+        }],
+    };
+    m.crash(hostile);
+    for honest in [node(1), node(2)] {
+        let _ = m.input(
+            honest,
+            Input::Gossip {
+                via: hostile,
+                msg: msg.clone(),
+            },
+        );
+    }
+    // The hostile node is suspected, then its lease is lost; every honest replica evaluates
+    // the task again and again over 20 s.
+    m.run_for(20_000);
+    for honest in [node(1), node(2)] {
+        let v = m.replica(honest).task_view(m.now, &task).unwrap();
+        assert_eq!(v.epoch, u64::MAX, "{v:?}");
+        assert!(
+            v.pending_reason
+                .as_deref()
+                .is_some_and(|r| r.contains("no epoch left")),
+            "{v:?}"
+        );
+    }
+    assert!(m.runners(task).is_empty(), "{:?}", m.runners(task));
+}

@@ -371,15 +371,24 @@ impl Replica {
                     let recheck = due.min(now + self.cfg.heartbeat_ms);
                     pass.claimable(*id, recheck);
                     if now >= due {
-                        let failover = lease.is_some_and(|l| {
-                            !l.released && l.owner != self.me.id && top_failed != Some(l.epoch)
-                        });
-                        steps.push(Step::Claim {
-                            task: *id,
-                            epoch: rec.max_epoch() + 1,
-                            score,
-                            failover,
-                        });
+                        // A lease at the last epoch (only a forged one gets there) leaves no
+                        // fencing token to claim with: the task waits; it never wraps to 0.
+                        match rec.max_epoch().checked_add(1) {
+                            None => pass.pending(*id, "no epoch left to claim it with".into()),
+                            Some(epoch) => {
+                                let failover = lease.is_some_and(|l| {
+                                    !l.released
+                                        && l.owner != self.me.id
+                                        && top_failed != Some(l.epoch)
+                                });
+                                steps.push(Step::Claim {
+                                    task: *id,
+                                    epoch,
+                                    score,
+                                    failover,
+                                });
+                            }
+                        }
                     } else {
                         at(recheck);
                     }
