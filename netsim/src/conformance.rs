@@ -5,9 +5,9 @@
 
 use omesh_harness::conformance::{Driver, Journal};
 use omesh_protocol::{Epoch, Millis, NodeId, SignedTaskSpec, TaskId};
-use omesh_state::{ExecEvent, Input, Replica, ReplicaConfig};
+use omesh_state::{Input, Replica, ReplicaConfig};
 
-use crate::sim::{ix, Slot};
+use crate::sim::{ix, ExecStep, Slot};
 use crate::workload::TaskInfo;
 use crate::{Scenario, Sim};
 
@@ -108,8 +108,7 @@ impl Driver for SimDriver {
         let (Some(i), Some(t)) = (self.index(at), self.sim.task_index.get(&task).copied()) else {
             return false;
         };
-        let now = self.sim.now();
-        let node = &mut self.sim.nodes[ix(i)];
+        let node = &self.sim.nodes[ix(i)];
         let Some(epoch) = node
             .exec
             .iter()
@@ -117,11 +116,9 @@ impl Driver for SimDriver {
         else {
             return false;
         };
-        if let Some(Slot::Running(inst)) = node.exec.remove(&(t, epoch)) {
-            self.sim.runs.end(inst, now);
-        }
-        let event = ExecEvent::Exited { code };
-        self.sim.feed(i, Input::Executor { task, epoch, event });
+        // The fake executor's own exit, as if the run's duration had passed now.
+        let gen = node.gen;
+        self.sim.on_exec(i, gen, t, epoch, ExecStep::Exit(code));
         true
     }
 

@@ -28,7 +28,7 @@ impl TimeSource for ManualClock {
 /// What one node's outputs did, for the mesh to carry out after its drain.
 #[derive(Default)]
 struct Outbox {
-    me: Option<NodeId>,
+    me: NodeId,
     sends: Vec<(NodeId, Input)>,
     published: Vec<GossipMessage>,
     started: Vec<(TaskId, Epoch)>,
@@ -45,7 +45,7 @@ impl Outputs for Outbox {
     }
 
     fn send_sync(&mut self, to: NodeId, request: &SyncRequest) -> bool {
-        let from = self.me.unwrap();
+        let from = self.me;
         self.sends.push((
             to,
             Input::SyncRequest {
@@ -57,7 +57,7 @@ impl Outputs for Outbox {
     }
 
     fn reply_sync(&mut self, to: NodeId, reply: &SyncReply) {
-        let from = self.me.unwrap();
+        let from = self.me;
         self.sends.push((
             to,
             Input::SyncReply {
@@ -68,7 +68,7 @@ impl Outputs for Outbox {
     }
 
     fn send_probe(&mut self, to: NodeId, probe: Probe) {
-        let from = self.me.unwrap();
+        let from = self.me;
         self.sends.push((to, Input::Probe { from, probe }));
     }
 
@@ -115,7 +115,7 @@ impl InProcess {
             let id = cfg.node_id;
             let driver = ReplicaDriver::new(Replica::new(cfg).unwrap(), clock.clone());
             let out = Outbox {
-                me: Some(id),
+                me: id,
                 ..Outbox::default()
             };
             nodes.insert(id, (driver, out));

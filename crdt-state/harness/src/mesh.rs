@@ -364,11 +364,7 @@ impl Mesh {
 
     /// Advances time by `ms` in 1 ms steps, delivering and ticking as due.
     pub fn run_for(&mut self, ms: Millis) {
-        let end = self.now + ms;
-        while self.now < end {
-            self.now += 1;
-            self.step();
-        }
+        self.run_until(ms, |_| false);
     }
 
     /// Runs until `cond` holds or `limit_ms` passes; returns whether it held.
