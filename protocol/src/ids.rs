@@ -121,3 +121,70 @@ mod tests {
         }
     }
 }
+
+/// An ed25519 signature (64 bytes), encoded as a byte string.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sig(pub [u8; 64]);
+
+impl Default for Sig {
+    fn default() -> Self {
+        Self([0; 64])
+    }
+}
+
+impl fmt::Debug for Sig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sig({}…)", hex::encode(&self.0[..6]))
+    }
+}
+
+impl Serialize for Sig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Sig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Sig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("64 signature bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Sig, E> {
+                <[u8; 64]>::try_from(v)
+                    .map(Sig)
+                    .map_err(|_| E::invalid_length(v.len(), &self))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Sig, A::Error> {
+                let mut out = [0u8; 64];
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                Ok(Sig(out))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+impl Sig {
+    /// Signs `msg` with `key`.
+    pub fn sign(key: &ed25519_dalek::SigningKey, msg: &[u8]) -> Self {
+        use ed25519_dalek::Signer;
+        Self(key.sign(msg).to_bytes())
+    }
+
+    /// Whether this is `key`'s signature over `msg` (strict verification: no malleable
+    /// or small-order forms). A key that is not a valid curve point fails.
+    pub fn verifies(&self, key: &[u8; 32], msg: &[u8]) -> bool {
+        let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(key) else {
+            return false;
+        };
+        key.verify_strict(msg, &ed25519_dalek::Signature::from_bytes(&self.0))
+            .is_ok()
+    }
+}

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod admission;
 pub mod blob;
 pub mod codec;
 pub mod delta;
@@ -14,10 +15,11 @@ pub mod ids;
 pub mod node;
 pub mod task;
 
+pub use admission::{AdmissionCert, CertError, Revocation};
 pub use blob::{LogRequest, LogResponse};
 pub use codec::{decode, encode, DecodeError, EncodeError, Wire, WIRE_VERSION};
 pub use delta::{Delta, DeltaBody, GossipMessage, Probe, StateDigest, SyncReply, SyncRequest};
-pub use ids::{Digest, IdParseError, NodeId, TaskId};
+pub use ids::{Digest, IdParseError, NodeId, Sig, TaskId};
 pub use node::{Capacity, LoadSample, NodeRecord};
 pub use task::{
     ExecutorKind, ImageRef, Lease, SignedTaskSpec, SpecError, StatusEntry, TaskSpec, TaskState,
