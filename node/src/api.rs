@@ -46,6 +46,18 @@ pub struct StatusView {
     pub uptime_ms: u64,
     /// Whether this node is over its thresholds.
     pub overloaded: bool,
+    /// `open` (no admission keys: any peer that reaches the mesh joins) or `admitted`.
+    #[serde(default)]
+    pub admission: String,
+    /// How many admission keys this node trusts.
+    #[serde(default)]
+    pub admission_keys: usize,
+    /// Peers admitted by a certificate this node verified.
+    #[serde(default)]
+    pub admitted_peers: usize,
+    /// When this node's own certificate lapses (Unix ms), if it holds one.
+    #[serde(default)]
+    pub admission_cert_expires_ms: Option<u64>,
 }
 
 /// One peer as seen from the answering node.

@@ -10,6 +10,9 @@ use omesh_protocol::Capacity;
 use omesh_state::ReplicaConfig;
 use serde::{Deserialize, Serialize};
 
+/// The file name of a node's admission certificate in its data dir.
+pub const ADMISSION_CERT_FILE: &str = "admission.cert";
+
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -58,6 +61,11 @@ pub struct NodeConfig {
     pub authorized_submitters: Vec<String>,
     /// Peer ids allowed to connect (empty: any peer).
     pub allowed_peers: Vec<String>,
+    /// Hex ed25519 public keys whose admission certificates admit a node to this mesh
+    /// (empty: the mesh is open, any peer that can reach it joins).
+    pub admission_keys: Vec<String>,
+    /// This node's admission certificate (from `omesh admit`; default `<data_dir>/admission.cert`).
+    pub admission_cert: Option<PathBuf>,
     /// Whether a loaded node hands work to others.
     pub enable_offload: bool,
     /// CPU percent above which this node takes no new work.
@@ -112,6 +120,8 @@ impl Default for NodeConfig {
             memory_bytes: None,
             authorized_submitters: Vec::new(),
             allowed_peers: Vec::new(),
+            admission_keys: Vec::new(),
+            admission_cert: None,
             enable_offload: r.enable_offload,
             threshold_cpu: r.threshold_cpu,
             threshold_memory: r.threshold_memory,
@@ -182,6 +192,8 @@ pub struct NetPlan {
     pub allowed_peers: BTreeSet<PeerId>,
     /// Where the blob data plane listens.
     pub blob_listen: SocketAddr,
+    /// Admission public keys (empty: the mesh is open).
+    pub admission_keys: BTreeSet<[u8; 32]>,
 }
 
 impl NodeConfig {
@@ -254,6 +266,17 @@ impl NodeConfig {
                 .map_err(|e| value("allowed_peers", format!("{p:?} is not a peer id: {e}")))?;
             allowed_peers.insert(id);
         }
+        let mut admission_keys = BTreeSet::new();
+        for k in &self.admission_keys {
+            admission_keys.insert(parse_key(k).map_err(|reason| value("admission_keys", reason))?);
+        }
+        if self
+            .admission_cert
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(value("admission_cert", "must not be an empty path"));
+        }
         if self.api_token.as_deref().is_some_and(str::is_empty) {
             return Err(value("api_token", "must not be empty"));
         }
@@ -296,7 +319,15 @@ impl NodeConfig {
             seeds,
             allowed_peers,
             blob_listen,
+            admission_keys,
         })
+    }
+
+    /// Where this node's admission certificate is read from.
+    pub fn admission_cert_path(&self) -> PathBuf {
+        self.admission_cert
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(ADMISSION_CERT_FILE))
     }
 
     /// The replica's part of the configuration.
@@ -418,6 +449,48 @@ mod tests {
         t.insert("blob_cap_bytes".into(), toml::Value::Integer(0));
         let err = NodeConfig::load(None, t).unwrap_err().to_string();
         assert!(err.contains("blob_cap_bytes"), "{err}");
+    }
+
+    #[test]
+    fn bad_admission_key_names_the_key_and_the_value() {
+        for bad in ["zz", "abcd", &"g".repeat(64)] {
+            let mut t = toml::Table::new();
+            t.insert(
+                "admission_keys".into(),
+                toml::Value::Array(vec![bad.into()]),
+            );
+            let err = NodeConfig::load(None, t).unwrap_err().to_string();
+            assert!(err.contains("admission_keys") && err.contains(bad), "{err}");
+        }
+        let mut t = toml::Table::new();
+        t.insert("admission_keys".into(), toml::Value::String("ab".into()));
+        let err = NodeConfig::load(None, t).unwrap_err().to_string();
+        assert!(err.contains("admission_keys"), "{err}");
+    }
+
+    #[test]
+    fn admission_keys_parse_and_the_cert_defaults_to_the_data_dir() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let hexkey = hex::encode(key.verifying_key().to_bytes());
+        let mut t = toml::Table::new();
+        t.insert(
+            "admission_keys".into(),
+            toml::Value::Array(vec![hexkey.into()]),
+        );
+        t.insert("data_dir".into(), toml::Value::String("/srv/omesh".into()));
+        let cfg = NodeConfig::load(None, t).unwrap();
+        let plan = cfg.check().unwrap();
+        assert!(plan
+            .admission_keys
+            .contains(&key.verifying_key().to_bytes()));
+        assert_eq!(
+            cfg.admission_cert_path(),
+            PathBuf::from("/srv/omesh/admission.cert")
+        );
+        let mut t = toml::Table::new();
+        t.insert("admission_cert".into(), toml::Value::String(String::new()));
+        let err = NodeConfig::load(None, t).unwrap_err().to_string();
+        assert!(err.contains("admission_cert"), "{err}");
     }
 
     #[test]

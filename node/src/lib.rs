@@ -9,6 +9,7 @@
 //!   driver (`peer::driver`) that dispatches the replica's actions.
 //! - [`exec`]: executors (Docker, process) that run one epoch of a task, with typed errors.
 //! - [`images`]: blob store, QUIC data plane, fetches from peers, `docker save` import.
+//! - [`admission`]: who may connect (admission certificates, `allowed_peers`), cert files.
 //! - [`api`]: the status API (axum): routes, JSON views, calls into the peer loop.
 //! - [`cli`]: clap arguments, the API client and its tables, `omesh image`, submitter keys.
 //! - [`config`]: the config file, flags and env, checked once at start-up.
@@ -18,6 +19,7 @@
 //! - [`devtools`]: demo, local mesh, benches. Only `main.rs` and the tests use it; `peer`,
 //!   `exec` and `images` never import it.
 
+pub mod admission;
 pub mod api;
 pub mod cli;
 pub mod config;

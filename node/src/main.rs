@@ -4,8 +4,12 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::{Parser, Subcommand};
-use omesh::cli::args::{ApiArgs, CancelArgs, KeygenArgs, LogsArgs, SubmitArgs, TaskArgs, UpArgs};
-use omesh::cli::commands::{api_command, cancel, keygen, logs, runtime, show_task, submit, Show};
+use omesh::cli::args::{
+    AdmitArgs, ApiArgs, CancelArgs, KeygenArgs, LogsArgs, RevokeArgs, SubmitArgs, TaskArgs, UpArgs,
+};
+use omesh::cli::commands::{
+    admit, api_command, cancel, keygen, logs, revoke, runtime, show_task, submit, Show,
+};
 use omesh::config::{LogFormat, NodeConfig};
 use omesh::metrics::Metrics;
 use omesh::peer::Peer;
@@ -25,6 +29,14 @@ enum Command {
     /// The secret key is written as 64 hex characters to FILE with mode 0600. The public key
     /// printed on stdout is what goes into the mesh's `authorized_submitters`.
     Keygen(KeygenArgs),
+    /// Admit a node to the mesh: sign an admission certificate for its peer id with the
+    /// operator's admission key (a key file from `omesh keygen`).
+    ///
+    /// Nodes of a mesh with `admission_keys` connect only to peers holding a valid, unexpired
+    /// certificate from one of those keys. The node keeps it at <data_dir>/admission.cert.
+    Admit(AdmitArgs),
+    /// Revoke a node's admission: sign a revocation with the operator's admission key.
+    Revoke(RevokeArgs),
     /// Run a peer: join the mesh from seeds, gossip state, serve the status API.
     Up(Box<UpArgs>),
     /// Show the local peer's status.
@@ -119,6 +131,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Keygen(args) => keygen(&args),
+        Command::Admit(args) => admit(&args),
+        Command::Revoke(args) => revoke(&args),
         Command::Up(args) => up(&args),
         Command::Status(args) => api_command(&args, Show::Status),
         Command::Peers(args) => api_command(&args, Show::Peers),

@@ -16,6 +16,13 @@ pub struct ChannelLabel {
     pub channel: String,
 }
 
+/// Why a connection was refused.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// See `admission::REFUSAL_REASONS`.
+    pub reason: String,
+}
+
 /// A task state label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
@@ -60,6 +67,8 @@ pub struct Metrics {
     pub tasks: Family<StateLabel, Gauge>,
     /// This node's incarnation.
     pub incarnation: Gauge,
+    /// Connections and first contacts refused, by reason.
+    pub connections_refused: Family<ReasonLabel, Counter>,
     last: Stats,
 }
 
@@ -91,6 +100,7 @@ impl Metrics {
             fenced: Counter::default(),
             tasks: Family::default(),
             incarnation: Gauge::default(),
+            connections_refused: Family::default(),
             last: Stats::default(),
         };
         registry.register(
@@ -157,6 +167,16 @@ impl Metrics {
             "This node's incarnation",
             m.incarnation.clone(),
         );
+        registry.register(
+            "connections_refused",
+            "Connections and first contacts refused: peer not admitted or not allowed, by reason",
+            m.connections_refused.clone(),
+        );
+        for reason in crate::admission::REFUSAL_REASONS {
+            let _ = m.connections_refused.get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            });
+        }
         // Every channel has a series from the start, so dashboards and alerts see 0, not nothing.
         for channel in [
             "gossip",
@@ -176,6 +196,15 @@ impl Metrics {
         self.malformed
             .get_or_create(&ChannelLabel {
                 channel: channel.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a refused connection or first contact.
+    pub fn refused(&self, reason: &str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
             })
             .inc();
     }

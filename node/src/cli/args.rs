@@ -163,6 +163,18 @@ pub struct UpArgs {
     )]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allowed_peers: Vec<String>,
+    /// An admission public key (hex) of this mesh (repeatable; none: the mesh is open).
+    #[arg(
+        long = "admission-key",
+        env = "OMESH_ADMISSION_KEYS",
+        value_delimiter = ','
+    )]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub admission_keys: Vec<String>,
+    /// This node's admission certificate (from `omesh admit`; default <data-dir>/admission.cert).
+    #[arg(long, env = "OMESH_ADMISSION_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admission_cert: Option<PathBuf>,
     /// Hand work to others when loaded.
     #[arg(long, env = "OMESH_ENABLE_OFFLOAD")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -257,4 +269,40 @@ pub struct KeygenArgs {
     /// Print the public key of an existing key file; creates nothing.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["out", "force"])]
     pub show: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct AdmitArgs {
+    /// The operator's admission secret key (from `omesh keygen --out operator.key`; its
+    /// public key goes into every node's `admission_keys`).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The node to admit: its node id (hex) or peer id (12D3KooW…), as `omesh status` shows.
+    #[arg(required_unless_present = "data_dir", conflicts_with = "data_dir")]
+    pub peer_id: Option<String>,
+    /// Admit the node whose data directory this is (its identity is created if missing);
+    /// the certificate goes to DIR/admission.cert unless --out says otherwise.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A tag the certificate grants (repeatable; informational).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// How long the certificate holds: 90d, 12h (0: never expires).
+    #[arg(long, default_value = "365d", value_parser = client::parse_duration_ms)]
+    pub expires: u64,
+    /// Where to write the certificate (default: admission.cert, or DIR/admission.cert).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The operator's admission secret key.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The node to revoke: node id (hex) or peer id.
+    pub peer_id: String,
+    /// Where to write the revocation (also printed as hex on stdout).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
 }

@@ -107,12 +107,13 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 /// The status as text.
 pub fn status_text(s: &StatusView) -> String {
     format!(
-        "node        {}\npeer        {}\nincarnation {}\nversion     {}\nready       {}\npeers       {} known, {} alive, {} connected\ntasks       {}\ndigest      {}\noverloaded  {}\nlisten      {}\nuptime      {:.1}s\n",
+        "node        {}\npeer        {}\nincarnation {}\nversion     {}\nready       {}\nadmission   {}\npeers       {} known, {} alive, {} connected\ntasks       {}\ndigest      {}\noverloaded  {}\nlisten      {}\nuptime      {:.1}s\n",
         s.node_id,
         s.peer_id,
         s.incarnation,
         s.version,
         s.ready,
+        admission_text(s),
         s.peers_known,
         s.peers_alive,
         s.peers_connected,
@@ -122,6 +123,20 @@ pub fn status_text(s: &StatusView) -> String {
         s.listen_addrs.join(" "),
         s.uptime_ms as f64 / 1000.0
     )
+}
+
+fn admission_text(s: &StatusView) -> String {
+    if s.admission == "admitted" {
+        format!(
+            "admitted ({} key{}, {} peer{} verified)",
+            s.admission_keys,
+            if s.admission_keys == 1 { "" } else { "s" },
+            s.admitted_peers,
+            if s.admitted_peers == 1 { "" } else { "s" },
+        )
+    } else {
+        "OPEN: no admission keys, any peer that reaches this node joins the mesh".into()
+    }
 }
 
 /// The peers as a table.
@@ -220,7 +235,7 @@ pub fn parse_memory(s: &str) -> Result<u64, String> {
 
 /// Parses a duration: `500ms`, `60s`, `5m`, `2h`, or seconds.
 pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    let bad = || format!("{s:?} is not a duration (e.g. 500ms, 60s, 5m, 2h)");
+    let bad = || format!("{s:?} is not a duration (e.g. 500ms, 60s, 5m, 2h, 90d)");
     let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
         (n, 1)
     } else if let Some(n) = s.strip_suffix('s') {
@@ -229,6 +244,8 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
         (n, 60_000)
     } else if let Some(n) = s.strip_suffix('h') {
         (n, 3_600_000)
+    } else if let Some(n) = s.strip_suffix('d') {
+        (n, 86_400_000)
     } else {
         (s, 1_000)
     };

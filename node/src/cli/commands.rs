@@ -1,7 +1,9 @@
 //! The client subcommands: `submit`, `task`, `cancel`, `logs`, `status`, `peers`, `tasks`
 //! and `keygen`. They talk to a local peer's API; errors are `anyhow` at this edge.
 
-use crate::cli::args::{ApiArgs, CancelArgs, KeygenArgs, LogsArgs, SubmitArgs, TaskArgs};
+use crate::cli::args::{
+    AdmitArgs, ApiArgs, CancelArgs, KeygenArgs, LogsArgs, RevokeArgs, SubmitArgs, TaskArgs,
+};
 use crate::cli::client::{self, Client};
 use crate::cli::keys::{self, KeyFileError, Overwrite};
 
@@ -206,5 +208,80 @@ pub fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
     })?;
     eprintln!("wrote secret key to {} (mode 0600)", args.out.display());
     println!("{}", keys::public_hex(&key));
+    Ok(())
+}
+
+/// `omesh admit`: signs an admission certificate for one node.
+pub fn admit(args: &AdmitArgs) -> anyhow::Result<()> {
+    let operator = keys::read_key_file(&args.key)?;
+    let now = crate::peer::Clock::new().now();
+    let not_after = match args.expires {
+        0 => u64::MAX,
+        ms => now.saturating_add(ms),
+    };
+    let tags = args.tags.iter().cloned().collect();
+    let (cert, out) = match (&args.peer_id, &args.data_dir) {
+        (Some(id), _) => {
+            let node = crate::admission::parse_node(id).map_err(anyhow::Error::msg)?;
+            let cert = omesh_protocol::AdmissionCert::sign(&operator, node, tags, now, not_after);
+            let out = args
+                .out
+                .clone()
+                .unwrap_or_else(|| crate::config::ADMISSION_CERT_FILE.into());
+            crate::admission::write_file(&out, &cert)?;
+            (cert, out)
+        }
+        (None, Some(dir)) => {
+            let cert = crate::admission::admit_data_dir(
+                &operator,
+                dir,
+                tags,
+                now,
+                not_after,
+                args.out.as_deref(),
+            )?;
+            let out = args
+                .out
+                .clone()
+                .unwrap_or_else(|| dir.join(crate::config::ADMISSION_CERT_FILE));
+            (cert, out)
+        }
+        (None, None) => anyhow::bail!("name the node to admit: PEER_ID or --data-dir"),
+    };
+    let peer = crate::peer::net::peer_id_of(&cert.node)
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    eprintln!(
+        "admitted node {} (peer {peer}) until {}; wrote {}",
+        cert.node.short(),
+        if not_after == u64::MAX {
+            "forever".to_owned()
+        } else {
+            format!("{not_after} ms (Unix)")
+        },
+        out.display()
+    );
+    eprintln!(
+        "the node needs it at <data_dir>/admission.cert (or --admission-cert), and every node admission_keys = {}",
+        keys::public_hex(&operator)
+    );
+    Ok(())
+}
+
+/// `omesh revoke`: signs a revocation of one node.
+pub fn revoke(args: &RevokeArgs) -> anyhow::Result<()> {
+    let operator = keys::read_key_file(&args.key)?;
+    let node = crate::admission::parse_node(&args.peer_id).map_err(anyhow::Error::msg)?;
+    let revocation = omesh_protocol::Revocation::sign(&operator, node);
+    if let Some(out) = &args.out {
+        crate::admission::write_file(out, &revocation)?;
+        eprintln!(
+            "wrote the revocation of node {} to {}",
+            node.short(),
+            out.display()
+        );
+    }
+    use omesh_protocol::Wire;
+    println!("{}", hex::encode(revocation.to_wire()?));
     Ok(())
 }

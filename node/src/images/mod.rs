@@ -115,6 +115,7 @@ pub struct ImageService {
     directory: Arc<Directory>,
     allowed: Allowed,
     blob_addr: SocketAddr,
+    endpoint: quinn::Endpoint,
     use_docker: bool,
     docker: tokio::sync::OnceCell<Option<bollard::Docker>>,
     fetching: Mutex<HashMap<TaskId, Arc<Progress>>>,
@@ -137,6 +138,7 @@ impl ImageService {
         key: &Keypair,
         metrics: &Arc<Mutex<Metrics>>,
         use_docker: bool,
+        contacts: Option<dataplane::contact::Requests>,
     ) -> Result<Arc<Self>, ImagesError> {
         let store = BlobStore::open(&cfg.data_dir, cfg.blob_cap_bytes)?;
         let endpoint = match dataplane::endpoint(key, plan.blob_listen) {
@@ -174,12 +176,13 @@ impl ImageService {
             drop_after_bytes: cfg.debug_drop_after_bytes,
         };
         tokio::spawn(dataplane::serve(
-            endpoint,
+            endpoint.clone(),
             store.clone(),
             allowed.clone(),
             faults,
             blob_metrics.clone(),
             dataplane::Pacer::new(cfg.blob_serve_bytes_per_sec),
+            contacts,
         ));
         info!(addr = %blob_addr, cap_bytes = cfg.blob_cap_bytes, "blob data plane listening");
         let service = Arc::new(Self {
@@ -188,6 +191,7 @@ impl ImageService {
             directory,
             allowed,
             blob_addr,
+            endpoint,
             use_docker,
             docker: tokio::sync::OnceCell::new(),
             fetching: Mutex::default(),
@@ -208,6 +212,11 @@ impl ImageService {
     /// The bound blob endpoint.
     pub fn blob_addr(&self) -> SocketAddr {
         self.blob_addr
+    }
+
+    /// The data plane endpoint (first contacts dial from it).
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
     }
 
     /// Addresses of the blob endpoint to advertise: the bound one, or, when it listens on
@@ -236,17 +245,14 @@ impl ImageService {
     /// Brings the directory of holders, the set of peers allowed to fetch, and the pinned
     /// images up to date with the replica. Returns a new set of digests to advertise when
     /// the store changed.
+    /// `permitted`: whether a peer may fetch and be fetched from (not blocked, admitted).
     pub fn refresh(
         &self,
         replica: &Replica,
         now: u64,
-        blocked: &BTreeSet<PeerId>,
-        allowed_peers: &BTreeSet<PeerId>,
+        permitted: impl Fn(&PeerId) -> bool,
     ) -> Option<BTreeSet<Digest>> {
         let me = replica.id();
-        let permitted = |peer: &PeerId| {
-            !blocked.contains(peer) && (allowed_peers.is_empty() || allowed_peers.contains(peer))
-        };
         // Every known node may fetch from us; only live ones are asked.
         let allowed: HashSet<PeerId> = replica
             .state()

@@ -31,6 +31,14 @@ impl Peer {
                     listen_addrs: self.listen_addrs.iter().map(ToString::to_string).collect(),
                     uptime_ms: self.driver.clock().uptime_ms(),
                     overloaded: self.driver.replica().is_overloaded(),
+                    admission: if self.gate.is_open() {
+                        "open".into()
+                    } else {
+                        "admitted".into()
+                    },
+                    admission_keys: self.gate.keys().len(),
+                    admitted_peers: self.gate.admitted_count(),
+                    admission_cert_expires_ms: self.gate.own_cert().map(|c| c.not_after_ms),
                 });
             }
             ApiCall::Peers(tx) => {

@@ -8,8 +8,7 @@ use libp2p::{Multiaddr, PeerId};
 use omesh_state::Input;
 use tracing::{debug, warn};
 
-use super::net;
-use super::Peer;
+use super::{admit, net, Peer};
 
 /// A seed address, dialed with backoff until connected.
 #[derive(Debug)]
@@ -17,6 +16,8 @@ pub(crate) struct Seed {
     pub(super) addr: Multiaddr,
     pub(super) peer: Option<PeerId>,
     pub(super) connected: bool,
+    /// A first contact with it succeeded since it was last connected (see `admit`).
+    pub(super) contacted: bool,
     pub(super) next_try: Instant,
     pub(super) backoff: Duration,
 }
@@ -60,6 +61,16 @@ impl Peer {
             seed.next_try = now + seed.backoff;
             seed.backoff = (seed.backoff * 2).min(ceiling);
             let addr = seed.addr.clone();
+            if self.gate.wants_first_contact() && !seed.contacted {
+                // Show our certificate on its data plane first; the dial follows the answer.
+                match admit::dataplane_addr_of(&addr) {
+                    Some(dp) => self.start_contact(admit::ContactTarget::Seed(i), dp),
+                    None => {
+                        warn!(seed = %addr, "cannot derive the seed's data plane address (IP, UDP port + 1) for a first contact")
+                    }
+                }
+                continue;
+            }
             if let Err(e) = self.swarm.dial(addr.clone()) {
                 warn!(seed = %addr, error = %e, "cannot dial seed; will retry");
             } else {
@@ -77,25 +88,41 @@ impl Peer {
         }
         let now = self.driver.now();
         let mut want = self.cfg.target_peers - connected;
-        let candidates: Vec<(PeerId, Vec<Multiaddr>)> = self
+        let candidates: Vec<(PeerId, Vec<Multiaddr>, Option<std::net::SocketAddr>)> = self
             .driver
             .replica()
             .live_peers(now)
             .filter_map(|n| {
                 let peer = net::peer_id_of(&n.id)?;
-                let addrs = n
+                let addrs: Vec<Multiaddr> = n
                     .addrs
                     .iter()
                     .filter_map(|a| a.parse::<Multiaddr>().ok())
                     .collect();
-                Some((peer, addrs))
+                let dataplane = n
+                    .addrs
+                    .iter()
+                    .find_map(|a| crate::images::dataplane::parse_blob_addr(a))
+                    .or_else(|| addrs.iter().find_map(admit::dataplane_addr_of));
+                Some((peer, addrs, dataplane))
             })
             .collect();
-        for (peer, addrs) in candidates {
+        for (peer, addrs, dataplane) in candidates {
             if want == 0 {
                 break;
             }
             if self.swarm.is_connected(&peer) || addrs.is_empty() || self.blocked.contains(&peer) {
+                continue;
+            }
+            if self.gate.wants_first_contact() {
+                // It must know our certificate before it lets us in, and we its: contact
+                // first, dial on the answer.
+                if let Some(dp) = dataplane {
+                    if self.may_contact_known(peer) {
+                        self.start_contact(admit::ContactTarget::Known(peer, addrs), dp);
+                        want -= 1;
+                    }
+                }
                 continue;
             }
             let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)

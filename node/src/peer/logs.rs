@@ -121,7 +121,7 @@ impl Peer {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    if self.blocked.contains(&peer) {
+                    if !self.permits(&peer) {
                         return;
                     }
                     let response = match LogRequest::from_wire(&request) {

@@ -5,6 +5,7 @@
 //! an `Outputs`); `transport` is that `Outputs` over the swarm and the executor; `swarm`,
 //! `dial`, `calls` and `logs` turn the loop's events into inputs.
 
+mod admit;
 mod calls;
 mod dial;
 pub mod driver;
@@ -13,7 +14,7 @@ pub mod net;
 mod swarm;
 mod transport;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -68,6 +69,19 @@ pub struct Peer {
     pub(crate) blocked: BTreeSet<PeerId>,
     pub(crate) pending_logs: HashMap<OutboundRequestId, logs::PendingLog>,
     pub(crate) images: Arc<crate::images::ImageService>,
+    /// This node's identity (first contacts authenticate with it).
+    pub(crate) key: libp2p::identity::Keypair,
+    /// Who may connect.
+    pub(crate) gate: crate::admission::Gate,
+    /// First contacts received on the data plane, to judge.
+    pub(crate) contact_requests: mpsc::Receiver<crate::images::dataplane::contact::Request>,
+    /// First contacts this node made, ended.
+    pub(crate) contact_results: mpsc::Receiver<admit::ContactResult>,
+    pub(crate) contact_results_tx: mpsc::Sender<admit::ContactResult>,
+    /// First contacts under way.
+    pub(crate) contacting: HashSet<admit::ContactTarget>,
+    /// When a known peer may be contacted again.
+    pub(crate) next_known_contact: HashMap<PeerId, Instant>,
 }
 
 /// Why the peer could not start.
@@ -96,6 +110,9 @@ pub enum StartError {
     /// The blob store or data plane cannot start.
     #[error(transparent)]
     Images(#[from] crate::images::ImagesError),
+    /// The admission certificate cannot be read.
+    #[error("{0} (config key `admission_cert`)")]
+    Cert(#[from] crate::admission::CertFileError),
 }
 
 impl Peer {
@@ -112,9 +129,20 @@ impl Peer {
         let node_id = net::node_id_of_key(&key)
             .ok_or_else(|| net::BuildError("identity is not ed25519".into()))?;
         let local_peer = key.public().to_peer_id();
-        let images =
-            crate::images::ImageService::start(&cfg, &plan, &key, &metrics, docker.is_some())?;
-        let mut swarm = net::build_swarm(key, net::GOSSIP_TRANSMIT_LIMIT)?;
+        let gate = admission_gate(&cfg, &plan, node_id)?;
+        // Bounded: a hello that finds it full is refused as busy (the joiner retries).
+        let (contacts_tx, contact_requests) = mpsc::channel(64);
+        let (contact_results_tx, contact_results) = mpsc::channel(64);
+        let images = crate::images::ImageService::start(
+            &cfg,
+            &plan,
+            &key,
+            &metrics,
+            docker.is_some(),
+            Some(contacts_tx),
+        )?;
+        let mut swarm =
+            net::build_swarm(key.clone(), net::GOSSIP_TRANSMIT_LIMIT, gate.restricts())?;
         swarm
             .listen_on(plan.listen.clone())
             .map_err(|e| StartError::Listen {
@@ -155,6 +183,7 @@ impl Peer {
                 addr: addr.clone(),
                 peer: None,
                 connected: false,
+                contacted: false,
                 next_try: now,
                 backoff: Duration::from_millis(500),
             })
@@ -164,7 +193,7 @@ impl Peer {
                 .set(i64::try_from(incarnation).unwrap_or(i64::MAX));
         }
         info!(node = %node_id.short(), peer = %local_peer, incarnation, executor = executor.name(), "omesh peer starting");
-        Ok(Self {
+        let mut peer = Self {
             cfg,
             plan,
             swarm,
@@ -187,7 +216,16 @@ impl Peer {
             blocked: BTreeSet::new(),
             pending_logs: HashMap::new(),
             images,
-        })
+            key,
+            gate,
+            contact_requests,
+            contact_results,
+            contact_results_tx,
+            contacting: HashSet::new(),
+            next_known_contact: HashMap::new(),
+        };
+        peer.sync_allow_list();
+        Ok(peer)
     }
 
     /// Runs until `shutdown` resolves, then leaves the mesh gracefully.
@@ -215,6 +253,8 @@ impl Peer {
                 () = &mut shutdown => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(call) = calls.recv() => self.on_call(call),
+                Some(req) = self.contact_requests.recv() => self.on_contact_request(req),
+                Some(res) = self.contact_results.recv() => self.on_contact_result(res),
                 Some(report) = self.reports.recv() => self.on_report(report),
                 () = tokio::time::sleep_until(wake) => self.feed(Input::Tick),
                 _ = load_tick.tick() => {
@@ -301,6 +341,7 @@ impl Peer {
 
     /// Seeds with backoff, connections to known peers, readiness, gauges.
     fn housekeeping(&mut self) {
+        self.refresh_admitted();
         self.dial_seeds();
         self.connect_known_peers();
         self.refresh_images();
@@ -341,14 +382,47 @@ impl Peer {
     /// blob store holds (at once when a fetch starts, so others can fetch from this node).
     fn refresh_images(&mut self) {
         let now = self.driver.now();
-        let held = self.images.refresh(
-            self.driver.replica(),
-            now,
-            &self.blocked,
-            &self.plan.allowed_peers,
-        );
+        let held = self
+            .images
+            .refresh(self.driver.replica(), now, |p| self.permits(p));
         if let Some(held) = held {
             self.feed(Input::Images(held));
         }
     }
+}
+
+/// The admission gate of a starting node: its keys and certificate. Says loudly when the mesh
+/// is open, and when this node's certificate will not get it in.
+fn admission_gate(
+    cfg: &NodeConfig,
+    plan: &NetPlan,
+    node_id: NodeId,
+) -> Result<crate::admission::Gate, StartError> {
+    let path = cfg.admission_cert_path();
+    let cert = crate::admission::read_cert(&path)?;
+    let now = Clock::new().now();
+    if plan.admission_keys.is_empty() {
+        warn!("admission is OPEN: no admission_keys are set, so any peer that can reach this node joins the mesh and is believed; set admission_keys and give each node a certificate from `omesh admit`");
+    } else {
+        match &cert {
+            None => {
+                warn!(path = %path.display(), "no admission certificate: admitted peers will refuse this node (create one with `omesh admit`)")
+            }
+            Some(c) => match c.verify(&node_id, &plan.admission_keys, now) {
+                Ok(()) => info!(
+                    keys = plan.admission_keys.len(),
+                    expires_ms = c.not_after_ms,
+                    "admission on; this node holds a valid certificate"
+                ),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "this node's admission certificate does not admit it: admitted peers will refuse it")
+                }
+            },
+        }
+    }
+    Ok(crate::admission::Gate::new(
+        plan.admission_keys.clone(),
+        cert,
+        plan.allowed_peers.clone(),
+    ))
 }

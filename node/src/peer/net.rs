@@ -8,8 +8,12 @@ use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::identity::Keypair;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{gossipsub, identify, kad, ping, request_response, PeerId, StreamProtocol, Swarm};
+use libp2p::{
+    allow_block_list, gossipsub, identify, kad, ping, request_response, PeerId, StreamProtocol,
+    Swarm,
+};
 use omesh_protocol::delta::{MAX_GOSSIP_BYTES, MAX_SYNC_REPLY_BYTES, MAX_SYNC_REQUEST_BYTES};
 use omesh_protocol::NodeId;
 
@@ -34,6 +38,9 @@ pub const GOSSIP_TRANSMIT_LIMIT: usize = 2 * MAX_GOSSIP_BYTES;
 /// The composed behaviour.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// The peers allowed to connect, enforced when a connection is established (before any
+    /// other behaviour sees it). Off in an open mesh without `allowed_peers`.
+    pub allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
     /// State deltas.
     pub gossipsub: gossipsub::Behaviour,
     /// Peer discovery.
@@ -137,8 +144,13 @@ impl request_response::Codec for BytesCodec {
 pub struct BuildError(pub String);
 
 /// Builds the swarm for `key`. `gossip_limit` is the largest gossip frame accepted
-/// (tests raise it to send oversized frames).
-pub fn build_swarm(key: Keypair, gossip_limit: usize) -> Result<Swarm<Behaviour>, BuildError> {
+/// (tests raise it to send oversized frames). `restrict`: connections only from peers on the
+/// allow list (`Behaviour::allow`), which starts empty.
+pub fn build_swarm(
+    key: Keypair,
+    gossip_limit: usize,
+    restrict: bool,
+) -> Result<Swarm<Behaviour>, BuildError> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_quic()
@@ -194,6 +206,7 @@ pub fn build_swarm(key: Keypair, gossip_limit: usize) -> Result<Swarm<Behaviour>
                 request_response::Config::default().with_request_timeout(Duration::from_secs(5)),
             );
             Ok(Behaviour {
+                allow: Toggle::from(restrict.then(allow_block_list::Behaviour::default)),
                 gossipsub,
                 kad,
                 identify,

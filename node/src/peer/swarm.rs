@@ -6,7 +6,7 @@ use std::time::Duration;
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::request_response;
 use libp2p::swarm::SwarmEvent;
-use libp2p::{identify, kad, ping, PeerId};
+use libp2p::{allow_block_list, identify, kad, ping, PeerId};
 use omesh_protocol::{GossipMessage, NodeId, Probe, SyncReply, SyncRequest, Wire};
 use omesh_state::{Input, InputError};
 use tracing::{debug, info, warn};
@@ -88,15 +88,10 @@ impl Peer {
                         warn!(error = %e, "cannot resubscribe");
                     }
                 }
-                if self.blocked.contains(&peer_id) {
+                // libp2p's allow list refuses unadmitted peers before this; what is left are
+                // peers blocked through the API after they connected.
+                if !self.permits(&peer_id) {
                     let _ = self.swarm.close_connection(connection_id);
-                    return;
-                }
-                if !self.plan.allowed_peers.is_empty()
-                    && !self.plan.allowed_peers.contains(&peer_id)
-                {
-                    warn!(%peer_id, "peer not in allowed_peers; disconnecting");
-                    let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
                 let remote = endpoint.get_remote_address().clone();
@@ -132,6 +127,8 @@ impl Peer {
                     for seed in &mut self.seeds {
                         if seed.peer == Some(peer_id) {
                             seed.connected = false;
+                            // It may have restarted and forgotten us: show the certificate again.
+                            seed.contacted = false;
                         }
                     }
                     debug!(%peer_id, "disconnected");
@@ -139,6 +136,22 @@ impl Peer {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(?peer_id, %error, "dial failed");
+            }
+            SwarmEvent::IncomingConnectionError {
+                error: libp2p::swarm::ListenError::Denied { cause },
+                send_back_addr,
+                peer_id,
+                ..
+            } => {
+                if let Some(denied) = cause.downcast_ref::<allow_block_list::NotAllowed>() {
+                    let reason = if self.gate.is_open() {
+                        "not_allowed_peer"
+                    } else {
+                        "not_admitted"
+                    };
+                    self.count_refused(reason);
+                    info!(peer = ?peer_id, remote = %send_back_addr, %reason, "refused a connection: {denied}");
+                }
             }
             _ => {}
         }
@@ -150,9 +163,9 @@ impl Peer {
         id: &gossipsub::MessageId,
         message: &gossipsub::Message,
     ) {
-        if self.blocked.contains(&source)
-            || message.source.is_some_and(|s| self.blocked.contains(&s))
-        {
+        // The relay must be admitted; the publisher allowed and not blocked (an admitted
+        // publisher this node has not met yet is checked by the replica, delta by delta).
+        if !self.permits(&source) || message.source.is_some_and(|s| !self.may_originate(&s)) {
             self.swarm
                 .behaviour_mut()
                 .gossipsub
@@ -239,8 +252,14 @@ impl Peer {
                     let Some(from) = from else {
                         return;
                     };
+                    if !net::peer_id_of(&from).is_some_and(|p| self.permits(&p)) {
+                        return;
+                    }
                     match SyncReply::from_wire(&response) {
-                        Ok(reply) => self.feed(Input::SyncReply { from, reply }),
+                        Ok(mut reply) => {
+                            self.drop_unallowed_origins(&mut reply);
+                            self.feed(Input::SyncReply { from, reply });
+                        }
                         Err(e) => {
                             self.count_malformed("sync_reply");
                             debug!(%peer, error = %e, "malformed sync reply dropped");
@@ -307,8 +326,27 @@ impl Peer {
         }
     }
 
-    /// The node id of `peer`, unless an operator blocked it.
+    /// The node id of `peer`, if it may be heard (admitted, allowed, not blocked).
     fn unblocked_node(&self, peer: &PeerId) -> Option<NodeId> {
-        net::node_id_of(peer).filter(|_| !self.blocked.contains(peer))
+        net::node_id_of(peer).filter(|_| self.permits(peer))
+    }
+
+    /// Whether what `peer` wrote may be taken in: not blocked, and in `allowed_peers` if set.
+    fn may_originate(&self, peer: &PeerId) -> bool {
+        !self.blocked.contains(peer)
+            && (self.plan.allowed_peers.is_empty() || self.plan.allowed_peers.contains(peer))
+    }
+
+    /// With a static `allowed_peers`, a sync reply carries only what allowed nodes wrote.
+    fn drop_unallowed_origins(&self, reply: &mut SyncReply) {
+        if self.plan.allowed_peers.is_empty() {
+            return;
+        }
+        let allowed = |n: &NodeId| {
+            n == &self.node_id
+                || net::peer_id_of(n).is_some_and(|p| self.plan.allowed_peers.contains(&p))
+        };
+        reply.deltas.retain(|d| allowed(&d.origin));
+        reply.vclock.retain(|(n, _)| allowed(n));
     }
 }

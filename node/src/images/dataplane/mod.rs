@@ -1,8 +1,10 @@
 //! The data plane: a quinn endpoint of its own that serves blobs by digest, chunk by chunk.
 //!
 //! TLS is libp2p's (libp2p-tls): the certificate is signed by the node's identity key, so the
-//! peer at the other end of a connection is the peer id the mesh knows. The server accepts
-//! only peers that are nodes of its replica state (see [`Allowed`]). One request per
+//! peer at the other end of a connection is the peer id the mesh knows. The server serves
+//! only peers that are nodes of its replica state and admitted (see [`Allowed`]); anyone else
+//! may only make a first contact (see [`contact`]), and its connection is closed at its first
+//! other request. One request per
 //! bidirectional stream: the client writes a [`BlobRequest`] and finishes, the server answers
 //! one [`BlobResponse`] and finishes. Streams are cheap, so a fetcher keeps several in flight.
 
@@ -23,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::images::blobs::BlobStore;
 
+pub mod contact;
 mod frame;
 mod pace;
 
@@ -189,7 +192,8 @@ pub async fn request(conn: &Connection, req: &BlobRequest) -> Result<BlobRespons
         .map_err(|_| DataPlaneError::Connection("no answer within 30 s".into()))?
 }
 
-/// Serves blobs of `store` to allowed peers until the endpoint closes.
+/// Serves blobs of `store` to allowed peers, and first contacts (handed to `contacts`) to
+/// anyone, until the endpoint closes.
 pub async fn serve(
     endpoint: Endpoint,
     store: BlobStore,
@@ -197,6 +201,7 @@ pub async fn serve(
     faults: Faults,
     metrics: BlobMetrics,
     pacer: Option<Arc<Pacer>>,
+    contacts: Option<contact::Requests>,
 ) {
     if faults.corrupt || faults.drop_after_bytes.is_some() {
         warn!(?faults, "test-only blob faults are on");
@@ -206,6 +211,7 @@ pub async fn serve(
         let allowed = allowed.clone();
         let metrics = metrics.clone();
         let pacer = pacer.clone();
+        let contacts = contacts.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -214,46 +220,79 @@ pub async fn serve(
                     return;
                 }
             };
-            let Some(peer) = peer_of(&conn).filter(|p| allowed.contains(p)) else {
+            let Some(peer) = peer_of(&conn) else {
                 metrics.refused.inc();
-                info!(remote = %conn.remote_address(), peer = ?peer_of(&conn), "refused a blob connection: not a node of this mesh");
-                conn.close(CLOSE_NOT_MEMBER.into(), b"not a node of this mesh");
+                conn.close(CLOSE_NOT_MEMBER.into(), b"no peer id");
                 return;
             };
-            serve_connection(conn, peer, store, faults, metrics, pacer).await;
+            let ctx = Serving {
+                store,
+                allowed,
+                faults,
+                metrics,
+                pacer,
+                contacts,
+            };
+            serve_connection(conn, peer, ctx).await;
         });
     }
 }
 
-async fn serve_connection(
-    conn: Connection,
-    peer: PeerId,
+/// What a server connection needs.
+#[derive(Clone)]
+struct Serving {
     store: BlobStore,
+    allowed: Allowed,
     faults: Faults,
     metrics: BlobMetrics,
     pacer: Option<Arc<Pacer>>,
-) {
+    contacts: Option<contact::Requests>,
+}
+
+async fn serve_connection(conn: Connection, peer: PeerId, ctx: Serving) {
     let carried = Arc::new(AtomicU64::new(0));
     loop {
-        let (send, recv) = match conn.accept_bi().await {
+        let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(e) => {
                 debug!(%peer, error = %e, "blob connection ended");
                 return;
             }
         };
-        let ctx = (
-            store.clone(),
-            metrics.clone(),
-            Arc::clone(&carried),
-            conn.clone(),
-            pacer.clone(),
-        );
+        let (ctx, carried, conn) = (ctx.clone(), Arc::clone(&carried), conn.clone());
         tokio::spawn(async move {
-            let (store, metrics, carried, conn, pacer) = ctx;
-            let served = serve_stream(send, recv, &store, faults, &metrics, pacer.as_deref()).await;
+            let limit = BlobRequest::MAX_BYTES
+                .max(contact::CONTACT_MAGIC.len() + contact::MAX_CONTACT_BYTES);
+            let Ok(bytes) = recv.read_to_end(limit).await else {
+                ctx.metrics.malformed_requests.inc();
+                return;
+            };
+            if bytes.starts_with(contact::CONTACT_MAGIC) {
+                let answer = contact::answer(peer, &bytes, ctx.contacts.as_ref()).await;
+                if send.write_all(&answer).await.is_ok() {
+                    let _ = send.finish();
+                }
+                return;
+            }
+            // Checked per request: a peer admitted by a first contact on this very connection
+            // is served once the peer loop lists it.
+            if !ctx.allowed.contains(&peer) {
+                ctx.metrics.refused.inc();
+                info!(remote = %conn.remote_address(), %peer, "refused a blob request: not an admitted node of this mesh");
+                conn.close(CLOSE_NOT_MEMBER.into(), b"not a node of this mesh");
+                return;
+            }
+            let served = serve_stream(
+                send,
+                &bytes,
+                &ctx.store,
+                ctx.faults,
+                &ctx.metrics,
+                ctx.pacer.as_deref(),
+            )
+            .await;
             let total = carried.fetch_add(served, Ordering::Relaxed) + served;
-            if faults.drop_after_bytes.is_some_and(|n| total >= n) {
+            if ctx.faults.drop_after_bytes.is_some_and(|n| total >= n) {
                 info!(%peer, carried = total, "test fault: cutting the blob connection");
                 conn.close(CLOSE_DEBUG_DROP.into(), b"debug_drop_after_bytes");
             }
@@ -261,20 +300,16 @@ async fn serve_connection(
     }
 }
 
-/// Answers one request; returns the chunk bytes sent.
+/// Answers one request (`bytes`, the whole stream); returns the chunk bytes sent.
 async fn serve_stream(
     mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    bytes: &[u8],
     store: &BlobStore,
     faults: Faults,
     metrics: &BlobMetrics,
     pacer: Option<&Pacer>,
 ) -> u64 {
-    let Ok(bytes) = recv.read_to_end(BlobRequest::MAX_BYTES).await else {
-        metrics.malformed_requests.inc();
-        return 0;
-    };
-    let response = match BlobRequest::from_wire(&bytes) {
+    let response = match BlobRequest::from_wire(bytes) {
         Err(e) => {
             metrics.malformed_requests.inc();
             BlobResponse::Refused(format!("malformed request: {e}"))
@@ -399,6 +434,7 @@ mod tests {
             allowed,
             Faults::default(),
             metrics.clone(),
+            None,
             None,
         ));
         let server_peer = server_key.public().to_peer_id();
