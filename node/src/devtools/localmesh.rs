@@ -1,6 +1,7 @@
 //! A mesh of local `omesh up` child processes on 127.0.0.1, for `omesh demo`, the bench
 //! commands and the black-box tests in node/tests. Each peer gets its own data directory,
-//! QUIC port and API port.
+//! QUIC port and API port. A local mesh is admitted: one operator key (see [`Admission`])
+//! signs a certificate for each peer before it starts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,6 +26,43 @@ pub struct LocalPeer {
     child: Option<Child>,
 }
 
+/// The operator of a local mesh: an admission key that admits each peer it starts.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// The operator's admission secret key.
+    pub operator: ed25519_dalek::SigningKey,
+}
+
+impl Admission {
+    /// A fresh operator key.
+    pub fn generate() -> Self {
+        Self {
+            operator: crate::cli::keys::generate(),
+        }
+    }
+
+    /// The public key, as `admission_keys` takes it.
+    pub fn public_hex(&self) -> String {
+        crate::cli::keys::public_hex(&self.operator)
+    }
+
+    /// Creates the identity in `data_dir` (if missing) and writes its certificate there
+    /// (valid for a year); returns the flags that make `omesh up` require admission.
+    pub fn admit(&self, data_dir: &Path) -> std::io::Result<Vec<String>> {
+        let now = crate::peer::Clock::new().now();
+        crate::admission::admit_data_dir(
+            &self.operator,
+            data_dir,
+            Default::default(),
+            now,
+            now.saturating_add(365 * 86_400_000),
+            None,
+        )
+        .map_err(std::io::Error::other)?;
+        Ok(vec!["--admission-key".into(), self.public_hex()])
+    }
+}
+
 /// The address of a QUIC port on 127.0.0.1.
 fn quic_addr(port: u16) -> String {
     format!("/ip4/127.0.0.1/udp/{port}/quic-v1")
@@ -37,17 +75,23 @@ fn api_addr(port: u16) -> String {
 
 impl LocalPeer {
     /// Starts `bin up` with its own data directory `root/name`, fresh ports, `--seed` for
-    /// each of `seeds`, and `extra` flags. Its log goes to `root/name/omesh.log`.
+    /// each of `seeds`, and `extra` flags; admitted by `admission` if given (else it runs an
+    /// open mesh, unless `extra` says otherwise). Its log goes to `root/name/omesh.log`.
     pub fn start(
         bin: &Path,
         root: &Path,
         name: &str,
         seeds: &[String],
         extra: &[String],
+        admission: Option<&Admission>,
     ) -> std::io::Result<Self> {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir)?;
-        let quic_port = free_port()?;
+        let admitted = match admission {
+            Some(a) => a.admit(&dir.join("data"))?,
+            None => Vec::new(),
+        };
+        let quic_port = free_quic_port()?;
         let api_port = free_port()?;
         let mut args: Vec<String> = vec![
             "up".into(),
@@ -62,6 +106,7 @@ impl LocalPeer {
             args.push("--seed".into());
             args.push(s.clone());
         }
+        args.extend(admitted);
         args.extend(extra.iter().cloned());
         let mut peer = Self {
             name: name.into(),
@@ -193,7 +238,7 @@ impl LocalPeer {
         }
         if std::net::UdpSocket::bind(("127.0.0.1", self.quic_port)).is_err() {
             let old = quic_addr(self.quic_port);
-            self.quic_port = free_port()?;
+            self.quic_port = free_quic_port()?;
             self.replace_arg(&old, &quic_addr(self.quic_port));
         }
         Ok(())
@@ -223,22 +268,39 @@ pub fn free_port() -> std::io::Result<u16> {
     }
 }
 
+/// A QUIC port whose next port (the data plane's default, where first contacts go) is free
+/// for UDP too.
+pub fn free_quic_port() -> std::io::Result<u16> {
+    loop {
+        let port = free_port()?;
+        if port < u16::MAX && std::net::UdpSocket::bind(("127.0.0.1", port + 1)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
 /// Local peers started from one binary.
 #[derive(Debug)]
 pub struct LocalMesh {
     /// The peers; the first is the seed of the others.
     pub peers: Vec<LocalPeer>,
+    /// The operator that admitted them.
+    pub admission: Admission,
 }
 
 impl LocalMesh {
-    /// Starts `n` peers under `root`. `extra(i)` adds flags for peer `i`.
+    /// Starts `n` peers under `root`, admitted by a fresh operator key. `extra(i)` adds
+    /// flags for peer `i`.
     pub fn start(
         bin: &Path,
         root: &Path,
         n: usize,
         extra: impl Fn(usize) -> Vec<String>,
     ) -> std::io::Result<Self> {
-        let mut mesh = Self { peers: Vec::new() };
+        let mut mesh = Self {
+            peers: Vec::new(),
+            admission: Admission::generate(),
+        };
         let mut seed: Option<String> = None;
         for i in 0..n {
             let mut flags = Vec::new();
@@ -247,7 +309,14 @@ impl LocalMesh {
             }
             flags.extend(extra(i));
             let seeds: Vec<String> = seed.iter().cloned().collect();
-            let peer = LocalPeer::start(bin, root, &format!("peer{i}"), &seeds, &flags)?;
+            let peer = LocalPeer::start(
+                bin,
+                root,
+                &format!("peer{i}"),
+                &seeds,
+                &flags,
+                Some(&mesh.admission),
+            )?;
             seed.get_or_insert_with(|| peer.addr());
             mesh.peers.push(peer);
         }

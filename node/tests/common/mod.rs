@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use omesh::api::{PeerView, StatusView};
-use omesh::devtools::localmesh::{self, LocalPeer};
+use omesh::devtools::localmesh::{self, Admission, LocalPeer};
 
 /// The binary under test.
 pub fn bin() -> &'static str {
@@ -35,11 +35,29 @@ impl DerefMut for Node {
     }
 }
 
+/// The operator of the tests' meshes: every [`Node::start`] is admitted by this key.
+pub fn operator() -> Admission {
+    Admission {
+        operator: ed25519_dalek::SigningKey::from_bytes(&[77u8; 32]),
+    }
+}
+
 impl Node {
-    /// Starts a peer with its own data dir under `root`.
+    /// Starts a peer with its own data dir under `root`, admitted by [`operator`].
     pub fn start(root: &Path, name: &str, seeds: &[String], extra: &[&str]) -> Self {
+        Self::start_with(root, name, seeds, extra, Some(&operator()))
+    }
+
+    /// Starts a peer admitted by `admission` (none: no certificate, no admission keys).
+    pub fn start_with(
+        root: &Path,
+        name: &str,
+        seeds: &[String],
+        extra: &[&str],
+        admission: Option<&Admission>,
+    ) -> Self {
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-        Self(LocalPeer::start(Path::new(bin()), root, name, seeds, &extra).unwrap())
+        Self(LocalPeer::start(Path::new(bin()), root, name, seeds, &extra, admission).unwrap())
     }
 
     /// The API base URL.
