@@ -136,3 +136,83 @@ fn keygen_show_conflicts_with_out() {
     assert!(!out.status.success());
     assert!(!dir.path().join("b.key").exists());
 }
+
+#[test]
+fn admit_signs_a_certificate_for_a_peer_id_a_node_id_or_a_data_dir() {
+    use omesh_protocol::{AdmissionCert, Revocation, Wire};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = omesh(d, &["keygen", "--out", "operator.key"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut op = [0u8; 32];
+    hex::decode_to_slice(stdout(&out).trim(), &mut op).unwrap();
+    let keys = std::collections::BTreeSet::from([op]);
+    let now = omesh::peer::Clock::new().now();
+
+    let peer_key = libp2p::identity::Keypair::generate_ed25519();
+    let peer = peer_key.public().to_peer_id();
+    let node = omesh::peer::net::node_id_of(&peer).unwrap();
+    for (name, id) in [
+        ("by-peer.cert", peer.to_string()),
+        ("by-node.cert", node.to_hex()),
+    ] {
+        let out = omesh(
+            d,
+            &[
+                "admit",
+                "--key",
+                "operator.key",
+                &id,
+                "--tag",
+                "edge",
+                "--expires",
+                "90d",
+                "--out",
+                name,
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let cert = AdmissionCert::from_wire(&std::fs::read(d.join(name)).unwrap()).unwrap();
+        cert.verify(&node, &keys, now).unwrap();
+        assert!(cert.tags.contains("edge"));
+        let days = (cert.not_after_ms - cert.issued_ms) / 86_400_000;
+        assert_eq!(days, 90);
+    }
+
+    // A data dir: its identity is created, the certificate goes next to it.
+    let out = omesh(
+        d,
+        &["admit", "--key", "operator.key", "--data-dir", "node1"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cert =
+        AdmissionCert::from_wire(&std::fs::read(d.join("node1/admission.cert")).unwrap()).unwrap();
+    let key = omesh::datadir::DataDir::open(&d.join("node1"))
+        .unwrap()
+        .identity()
+        .unwrap();
+    let node1 = omesh::peer::net::node_id_of_key(&key).unwrap();
+    cert.verify(&node1, &keys, now).unwrap();
+
+    // A bad id is named.
+    let out = omesh(d, &["admit", "--key", "operator.key", "banana"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("banana"), "{}", stderr(&out));
+
+    let out = omesh(
+        d,
+        &[
+            "revoke",
+            "--key",
+            "operator.key",
+            &peer.to_string(),
+            "--out",
+            "r.bin",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = Revocation::from_wire(&std::fs::read(d.join("r.bin")).unwrap()).unwrap();
+    assert_eq!(r.node, node);
+    assert!(r.holds(&keys));
+    assert_eq!(stdout(&out).trim(), hex::encode(r.to_wire().unwrap()));
+}
