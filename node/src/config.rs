@@ -94,7 +94,9 @@ pub struct NodeConfig {
     pub target_peers: usize,
     /// Executor: auto, docker or process.
     pub executor: ExecutorChoice,
-    /// UDP address of the blob data plane (default: the `listen` IP, QUIC port + 1).
+    /// UDP address of the blob data plane (default: the `listen` IP, QUIC port + 1). Joining
+    /// peers make their first contact (admission) at a seed's QUIC port + 1, so a seed keeps
+    /// the default port.
     pub blob_listen: Option<SocketAddr>,
     /// Most bytes the blob store holds; least-recently-used blobs no live task needs go first.
     pub blob_cap_bytes: u64,

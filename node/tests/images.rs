@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::docker::{docker_or_skip, image_id, skip, test_image, RemoveOnDrop};
-use common::{free_port, mesh, metric, wait_until, Node, Submitter};
+use common::{mesh, metric, wait_until, Node, Submitter};
 use omesh::api::TaskJson;
 use omesh_protocol::blob::{BlobRequest, BlobResponse};
 use omesh_protocol::ExecutorKind;
@@ -200,10 +200,8 @@ async fn three_peers(
     let nodes = mesh(root, 3, |i| {
         let mut f = sub.flags();
         f.extend(["--executor", "docker", "--threshold-cpu", "100"].map(String::from));
-        f.extend([
-            "--blob-listen".to_owned(),
-            format!("127.0.0.1:{}", free_port()),
-        ]);
+        // The data plane stays at its default, the QUIC port + 1: joining peers make their
+        // first contact (admission) there.
         if i == 2 {
             f.extend(["--tag".to_owned(), "c".to_owned()]);
         }

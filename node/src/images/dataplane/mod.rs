@@ -464,6 +464,18 @@ mod tests {
         assert!(request(&conn, &req).await.is_err());
         assert_eq!(metrics.refused.get(), 1);
 
+        // A stranger may make a first contact (here refused: no peer loop takes it); it
+        // proves who answers.
+        let (peer, answer) = contact::first_contact(&client, &stranger, addr, None)
+            .await
+            .unwrap();
+        assert_eq!(peer, server_peer);
+        assert!(
+            matches!(answer, contact::Answer::Refused { .. }),
+            "{answer:?}"
+        );
+        assert_eq!(metrics.refused.get(), 1);
+
         // A server that is not who we expect fails the handshake.
         let other = Keypair::generate_ed25519().public().to_peer_id();
         assert!(connect(&client, &member, other, addr).await.is_err());
