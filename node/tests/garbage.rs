@@ -61,6 +61,8 @@ async fn garbage_on_gossip_and_sync_is_counted_and_dropped() {
     let before = node.status().await.unwrap();
 
     let key = Keypair::generate_ed25519();
+    // An admitted peer gone bad: it shows a valid certificate first.
+    common::first_contact(&key, &node).await;
     let mut swarm = net::build_swarm(key, 4 * MAX_GOSSIP_BYTES, false).unwrap();
     let topic = IdentTopic::new(net::STATE_TOPIC);
     swarm.behaviour_mut().gossipsub.subscribe(&topic).unwrap();

@@ -309,3 +309,28 @@ pub async fn mesh(root: &Path, n: usize, extra: impl Fn(usize) -> Vec<String>) -
     assert!(ok, "{n} peers did not join");
     nodes
 }
+
+/// Makes an in-process peer with `key` (a test's own swarm) an admitted peer of `node`: shows
+/// `node` a certificate from [`operator`] in a first contact on its data plane, as `omesh up`
+/// does before it dials.
+pub async fn first_contact(key: &libp2p::identity::Keypair, node: &Node) {
+    use omesh::images::dataplane::{self, contact};
+    let me = omesh::peer::net::node_id_of_key(key).unwrap();
+    let now = omesh::peer::Clock::new().now();
+    let cert = omesh_protocol::AdmissionCert::sign(
+        &operator().operator,
+        me,
+        Default::default(),
+        now,
+        now + 3_600_000,
+    );
+    let endpoint = dataplane::endpoint(key, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], node.quic_port + 1));
+    let (_, answer) = contact::first_contact(&endpoint, key, addr, Some(cert))
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer, contact::Answer::Admitted { .. }),
+        "{answer:?}"
+    );
+}
