@@ -83,6 +83,7 @@ fn compose_file_validates() {
             .arg(deploy().join("compose.yaml"))
             .arg("config")
             .env("OMESH_AUTHORIZED_SUBMITTERS", "ab".repeat(32))
+            .env("OMESH_ADMISSION_KEYS", "cd".repeat(32))
             .env("DOCKER_GID", "999")
             .env_remove("OMESH_API_TOKEN");
         if let Some(t) = token {
@@ -118,8 +119,14 @@ fn compose_file_validates() {
         "compose accepted a missing OMESH_API_TOKEN:\n{}",
         text(&out)
     );
-    // peer1 seeds the others at its fixed address.
+    // Every peer requires admission by the operator's key.
+    assert!(
+        shown.contains(&"cd".repeat(32)),
+        "admission keys not passed"
+    );
     let raw = read("compose.yaml");
+    assert!(raw.contains("OMESH_ADMISSION_KEYS: ${OMESH_ADMISSION_KEYS:?"));
+    // peer1 seeds the others at its fixed address.
     let seed_ip = raw
         .split("ipv4_address:")
         .nth(1)
@@ -453,6 +460,7 @@ fn daemonset_has_host_network_probes_and_the_docker_socket() {
         "mountPath: /var/lib/omesh",
         "name: OMESH_API_LISTEN",
         "name: OMESH_API_TOKEN",
+        "OMESH_ADMISSION_KEYS:",
     ] {
         assert!(ds.contains(needle), "no {needle:?}");
     }
