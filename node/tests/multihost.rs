@@ -126,6 +126,8 @@ struct Mesh {
     containers: Vec<String>,
     ips: Vec<String>,
     node_ids: Vec<String>,
+    /// The operator's admission key file on the host (mounted to admit each peer).
+    operator_key: std::path::PathBuf,
     /// A peer its fault makes unreachable right now.
     down: Option<usize>,
     http: reqwest::Client,
@@ -181,8 +183,27 @@ impl Mesh {
         ]
         .map(String::from)
         .to_vec();
+        // Admitted first: the peer's identity and certificate go into its data volume, as an
+        // operator does with `omesh admit --data-dir` (docker/compose deployments the same).
+        let key_mount = format!("{}:/operator.key:ro", self.operator_key.display());
+        let volume = format!("{name}:/data");
+        docker(&[
+            "run",
+            "--rm",
+            "-v",
+            &volume,
+            "-v",
+            &key_mount,
+            self.image.as_deref().unwrap(),
+            "admit",
+            "--key",
+            "/operator.key",
+            "--data-dir",
+            "/data",
+        ])
+        .unwrap();
         args.push(self.network.clone().unwrap());
-        args.extend(["-v".into(), format!("{name}:/data")]);
+        args.extend(["-v".into(), volume]);
         args.push(self.image.clone().unwrap());
         args.extend(
             [
@@ -201,6 +222,7 @@ impl Mesh {
             .map(String::from),
         );
         args.extend(sub.flags());
+        args.extend(["--admission-key".into(), common::operator().public_hex()]);
         match self.ips.first() {
             Some(seed) => args.extend(["--seed".into(), format!("/ip4/{seed}/udp/7001/quic-v1")]),
             None => args.extend(["--alone".into(), "true".into()]),
@@ -353,6 +375,7 @@ async fn tasks_survive_partition_pause_and_kill_of_peers_in_containers() {
         containers: Vec::new(),
         ips: Vec::new(),
         node_ids: Vec::new(),
+        operator_key: std::path::PathBuf::new(),
         down: None,
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(4))
@@ -361,6 +384,13 @@ async fn tasks_survive_partition_pause_and_kill_of_peers_in_containers() {
         run,
     };
     let dir = tempfile::tempdir().unwrap();
+    mesh.operator_key = dir.path().join("operator.key");
+    omesh::cli::keys::write_key_file(
+        &mesh.operator_key,
+        &common::operator().operator,
+        omesh::cli::keys::Overwrite::Refuse,
+    )
+    .unwrap();
     let tag = format!("omesh-multihost:{}", mesh.run);
     if let Err(e) = build_image(dir.path(), &tag) {
         let _ = docker(&["rmi", "-f", &tag]);
