@@ -32,6 +32,8 @@ pub(crate) struct ContactResult {
 
 /// How long before a peer known from its record is contacted again after a try.
 const KNOWN_RETRY: Duration = Duration::from_secs(10);
+/// A refused peer is named in a warning at most this often (it retries every few seconds).
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// The data plane address of a libp2p QUIC address: same IP, UDP port + 1.
 pub(crate) fn dataplane_addr_of(addr: &Multiaddr) -> Option<SocketAddr> {
@@ -60,10 +62,23 @@ impl Peer {
         false
     }
 
-    /// Counts a refused connection or first contact.
-    pub(crate) fn count_refused(&self, reason: &str) {
+    /// Counts a refused connection or first contact; whether to warn about `peer` now (at
+    /// most once per `REFUSAL_WARN_EVERY` for each peer; the count is exact).
+    pub(crate) fn count_refused(&mut self, reason: &str, peer: Option<PeerId>) -> bool {
         if let Ok(m) = self.metrics.lock() {
             m.refused(reason);
+        }
+        let now = Instant::now();
+        let key = peer.unwrap_or(self.local_peer);
+        if self.refusal_warned.len() > 4096 {
+            self.refusal_warned.retain(|_, t| *t > now);
+        }
+        match self.refusal_warned.get(&key) {
+            Some(t) if *t > now => false,
+            _ => {
+                self.refusal_warned.insert(key, now + REFUSAL_WARN_EVERY);
+                true
+            }
         }
     }
 
@@ -133,8 +148,11 @@ impl Peer {
                 }
             }
             Err(r) => {
-                self.count_refused(r.reason);
-                warn!(%peer, reason = r.reason, detail = %r.detail, "refused a peer at first contact");
+                if self.count_refused(r.reason, Some(peer)) {
+                    warn!(%peer, reason = r.reason, detail = %r.detail, "refused a peer at first contact");
+                } else {
+                    debug!(%peer, reason = r.reason, "refused a peer at first contact");
+                }
                 Answer::Refused {
                     reason: r.reason.into(),
                     detail: r.detail,
@@ -189,8 +207,9 @@ impl Peer {
             .gate
             .judge(&peer, cert.as_ref(), now, |n| self.is_revoked(n))
         {
-            self.count_refused(r.reason);
-            warn!(%peer, reason = r.reason, detail = %r.detail, "a peer admitted this node but is not admitted itself; not dialing it");
+            if self.count_refused(r.reason, Some(peer)) {
+                warn!(%peer, reason = r.reason, detail = %r.detail, "a peer admitted this node but is not admitted itself; not dialing it");
+            }
             return;
         }
         if let Some(cert) = cert.filter(|_| !self.gate.is_open()) {

@@ -82,6 +82,8 @@ pub struct Peer {
     pub(crate) contacting: HashSet<admit::ContactTarget>,
     /// When a known peer may be contacted again.
     pub(crate) next_known_contact: HashMap<PeerId, Instant>,
+    /// Until when a refused peer is not named in another warning.
+    pub(crate) refusal_warned: HashMap<PeerId, Instant>,
 }
 
 /// Why the peer could not start.
@@ -223,6 +225,7 @@ impl Peer {
             contact_results_tx,
             contacting: HashSet::new(),
             next_known_contact: HashMap::new(),
+            refusal_warned: HashMap::new(),
         };
         peer.sync_allow_list();
         Ok(peer)

@@ -149,8 +149,11 @@ impl Peer {
                     } else {
                         "not_admitted"
                     };
-                    self.count_refused(reason);
-                    info!(peer = ?peer_id, remote = %send_back_addr, %reason, "refused a connection: {denied}");
+                    if self.count_refused(reason, peer_id) {
+                        warn!(peer = ?peer_id, remote = %send_back_addr, %reason, "refused a connection: {denied}");
+                    } else {
+                        debug!(peer = ?peer_id, %reason, "refused a connection");
+                    }
                 }
             }
             _ => {}
