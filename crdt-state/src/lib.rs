@@ -18,6 +18,7 @@ pub mod placement;
 mod probe;
 mod record;
 pub mod replica;
+pub mod verify;
 mod runs;
 mod suspicion;
 mod sync;
@@ -25,7 +26,11 @@ mod vector;
 
 pub use config::{ConfigError, ReplicaConfig};
 pub use decide::TaskView;
-pub use io::{Action, ExecEvent, Input, InputError, PropagationSample, Stats, StopReason};
+pub use io::{
+    Action, ExecEvent, Input, InputError, PropagationSample, Rejections, Stats, StopReason,
+    REJECTION_REASONS,
+};
 pub use liveness::{Health, RttEstimate};
 pub use merge::{Crdt, DeltaError, Merged, Stamp, State, TaskRecord};
-pub use replica::Replica;
+pub use replica::{NodeKey, Replica};
+pub use verify::{Ed25519, Verify};
