@@ -195,10 +195,15 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InputError {
     /// Some deltas of a message broke a rule and were dropped; the others were merged.
-    #[error("{rejected} of {total} deltas rejected ({applied} merged); first: {first}")]
+    #[error(
+        "{rejected} of {total} deltas rejected ({applied} merged, {forged} forged); first: {first}"
+    )]
     Rejected {
         /// Dropped.
         rejected: usize,
+        /// Of those, the ones no honest node could have sent (`DeltaError::is_forgery`):
+        /// the sender is hostile or faulty.
+        forged: usize,
         /// Merged.
         applied: usize,
         /// In the message.
@@ -327,6 +332,9 @@ impl Rejections {
 
     /// Every reason with its count.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        REJECTION_REASONS.iter().copied().zip(self.0.iter().copied())
+        REJECTION_REASONS
+            .iter()
+            .copied()
+            .zip(self.0.iter().copied())
     }
 }

@@ -18,11 +18,11 @@ pub mod placement;
 mod probe;
 mod record;
 pub mod replica;
-pub mod verify;
 mod runs;
 mod suspicion;
 mod sync;
 mod vector;
+pub mod verify;
 
 pub use config::{ConfigError, ReplicaConfig};
 pub use decide::TaskView;

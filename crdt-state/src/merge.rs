@@ -243,6 +243,23 @@ pub enum DeltaError {
 }
 
 impl DeltaError {
+    /// Whether no honest node could have sent this, whatever else it had or lacked: a bad
+    /// signature, a write in another node's name, a cancel or revocation without the key for
+    /// it, a field over its limit. The rest (an unknown task, an epoch or status ahead of
+    /// what is held here, an origin whose record has not arrived) can be an honest write
+    /// that overtook others, and is only dropped for now.
+    pub fn is_forgery(&self) -> bool {
+        matches!(
+            self,
+            Self::NotOwner { .. }
+                | Self::Spec(_)
+                | Self::BadSignature { .. }
+                | Self::CancelNotAuthorized { .. }
+                | Self::BadRevocation { .. }
+                | Self::OverLimit { .. }
+        )
+    }
+
     /// A short, stable name of the rule broken, for the `reason` label of
     /// `omesh_deltas_rejected_total`.
     pub fn reason(&self) -> &'static str {
@@ -445,6 +462,11 @@ fn merge_record(digest: &mut Digest4, rec: &mut TaskRecord, theirs: &TaskRecord)
         merge_lease_at(digest, rec, *epoch, s);
     }
     for (epoch, s) in &theirs.statuses {
+        if rec.leases.get(epoch).map(|l| l.value.owner) != Some(s.value.reporter) {
+            // Only the epoch's owner reports on it (as `State::check_against` holds for a
+            // single delta): a status whose lease lost to another owner's goes.
+            continue;
+        }
         match rec.statuses.get_mut(epoch) {
             Some(cur) => {
                 merge_into(digest, cur, s, status_order);
@@ -462,11 +484,20 @@ fn merge_record(digest: &mut Digest4, rec: &mut TaskRecord, theirs: &TaskRecord)
 
 /// Merges the lease of `epoch`. Where another owner's lease of the same epoch loses to it,
 /// that owner's statuses of the epoch go too: a status stands only for the epoch's owner.
-fn merge_lease_at(digest: &mut Digest4, rec: &mut TaskRecord, epoch: Epoch, incoming: &Stamped<Lease>) -> Merged {
+fn merge_lease_at(
+    digest: &mut Digest4,
+    rec: &mut TaskRecord,
+    epoch: Epoch,
+    incoming: &Stamped<Lease>,
+) -> Merged {
     let merged = merge_entry(digest, &mut rec.leases, epoch, incoming, lease_order);
     if merged == Merged::Changed {
         let owner = incoming.value.owner;
-        if let Some(s) = rec.statuses.get(&epoch).filter(|s| s.value.reporter != owner) {
+        if let Some(s) = rec
+            .statuses
+            .get(&epoch)
+            .filter(|s| s.value.reporter != owner)
+        {
             digest.remove(s.hash);
             rec.statuses.remove(&epoch);
         }
@@ -707,9 +738,10 @@ impl State {
                     ComponentHash::status(task, *epoch, entry),
                 ),
             ),
-            DeltaBody::Cancel(c) => {
-                self.merge_cancel(c.task, &stamped(at, sig, *c, ComponentHash::cancel(&c.task)))
-            }
+            DeltaBody::Cancel(c) => self.merge_cancel(
+                c.task,
+                &stamped(at, sig, *c, ComponentHash::cancel(&c.task)),
+            ),
             DeltaBody::Compact { task, outcome } => {
                 let blind = !self.tasks.contains_key(task);
                 let merged = self.merge_tombstone(
@@ -933,16 +965,20 @@ impl State {
                 .iter()
                 .filter(move |s| keep(s.at))
                 .map(move |s| delta(s.at, s.sig, DeltaBody::Spec((*s.value).clone())));
-            let lease = rec.leases.values().filter(move |s| keep(s.at)).map(move |s| {
-                delta(
-                    s.at,
-                    s.sig,
-                    DeltaBody::Lease {
-                        task: id,
-                        lease: s.value,
-                    },
-                )
-            });
+            let lease = rec
+                .leases
+                .values()
+                .filter(move |s| keep(s.at))
+                .map(move |s| {
+                    delta(
+                        s.at,
+                        s.sig,
+                        DeltaBody::Lease {
+                            task: id,
+                            lease: s.value,
+                        },
+                    )
+                });
             let statuses =
                 rec.statuses
                     .iter()
@@ -998,7 +1034,11 @@ impl State {
             .values()
             .filter(move |s| keep(s.at))
             .map(move |s| delta(s.at, s.sig, DeltaBody::Revoke(s.value)));
-        nodes.chain(tasks).chain(tombs).chain(suspects).chain(revoked)
+        nodes
+            .chain(tasks)
+            .chain(tombs)
+            .chain(suspects)
+            .chain(revoked)
     }
 
     /// Stamps of every component, without cloning values: what a version vector covers.

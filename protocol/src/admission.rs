@@ -184,7 +184,10 @@ impl Revocation {
 
     /// Whether one of `keys` signed it.
     pub fn holds(&self, keys: &BTreeSet<[u8; 32]>) -> bool {
-        keys.contains(&self.issuer) && self.sig.verifies(&self.issuer, &Self::signed_bytes(&self.node))
+        keys.contains(&self.issuer)
+            && self
+                .sig
+                .verifies(&self.issuer, &Self::signed_bytes(&self.node))
     }
 }
 

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::Wire;
 use crate::admission::Revocation;
 use crate::codec::canonical;
+use crate::codec::Wire;
 use crate::ids::{NodeId, Sig, TaskId};
 use crate::node::NodeRecord;
 use crate::task::{Lease, SignedTaskSpec, StatusEntry, TaskState};

@@ -7,8 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use omesh_protocol::{
-    DeltaBody, Epoch, ImageRef, Lease, Millis, NodeId, NodeRecord, StatusEntry,
-    TaskId, TaskState,
+    DeltaBody, Epoch, ImageRef, Lease, Millis, NodeId, NodeRecord, StatusEntry, TaskId, TaskState,
 };
 
 use super::Replica;

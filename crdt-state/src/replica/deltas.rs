@@ -65,7 +65,8 @@ impl Replica {
     ) -> Result<(), InputError> {
         let total = deltas.len();
         let mut rejected = 0usize;
-        let mut first = None;
+        let mut forged = 0usize;
+        let mut first: Option<DeltaError> = None;
         for d in deltas {
             match self.ingest_one(now, d) {
                 Ok(()) => self.track_stamp(now, via, d.origin, d.stamp),
@@ -73,6 +74,13 @@ impl Replica {
                     rejected += 1;
                     self.stats.deltas_rejected += 1;
                     self.stats.rejections.count(e.reason());
+                    if e.is_forgery() {
+                        forged += 1;
+                        // Report a forgery first: it is what the driver acts on.
+                        if !first.as_ref().is_some_and(DeltaError::is_forgery) {
+                            first = None;
+                        }
+                    }
                     first.get_or_insert(e);
                 }
             }
@@ -81,6 +89,7 @@ impl Replica {
             None => Ok(()),
             Some(first) => Err(InputError::Rejected {
                 rejected,
+                forged,
                 applied: total - rejected,
                 total,
                 first,
@@ -201,7 +210,9 @@ impl Replica {
         };
         if let DeltaBody::Node(rec) = &d.body {
             let Some(cert) = &rec.cert else {
-                return Err(not_admitted("its record carries no admission certificate".into()));
+                return Err(not_admitted(
+                    "its record carries no admission certificate".into(),
+                ));
             };
             if self.admitted.get(&rec.id) != Some(cert) {
                 cert.verify_at_any_time(&rec.id, &self.cfg.admission_keys)

@@ -66,6 +66,8 @@ pub struct Peer {
     pub(crate) executor: Executor,
     pub(crate) reports: mpsc::Receiver<Report>,
     pub(crate) blocked: BTreeSet<PeerId>,
+    /// When each peer caught forging was last warned about (warnings are rate-limited).
+    forgers_warned: HashMap<PeerId, Instant>,
     pub(crate) pending_logs: HashMap<OutboundRequestId, logs::PendingLog>,
     pub(crate) images: Arc<crate::images::ImageService>,
 }
@@ -111,6 +113,8 @@ impl Peer {
         let incarnation = dir.next_incarnation()?;
         let node_id = net::node_id_of_key(&key)
             .ok_or_else(|| net::BuildError("identity is not ed25519".into()))?;
+        let node_key = net::node_key_of(&key)
+            .ok_or_else(|| net::BuildError("identity is not ed25519".into()))?;
         let local_peer = key.public().to_peer_id();
         let images =
             crate::images::ImageService::start(&cfg, &plan, &key, &metrics, docker.is_some())?;
@@ -146,7 +150,7 @@ impl Peer {
         executor.set_image_provider(images.clone());
         let mut rcfg = cfg.replica_config(node_id, incarnation, load.capacity());
         rcfg.tags.extend(executor.tags());
-        let replica = Replica::new(rcfg)?;
+        let replica = Replica::new(rcfg, node_key)?;
         let now = Instant::now();
         let seeds = plan
             .seeds
@@ -185,6 +189,7 @@ impl Peer {
             executor,
             reports,
             blocked: BTreeSet::new(),
+            forgers_warned: HashMap::new(),
             pending_logs: HashMap::new(),
             images,
         })

@@ -209,16 +209,15 @@ impl Submitter {
         json["id"].as_str().unwrap().to_owned()
     }
 
-    /// DELETE a task.
+    /// DELETE a task, with the cancel signed by this submitter.
     pub async fn cancel(&self, node: &Node, id: &str) -> u16 {
-        reqwest::Client::new()
+        let mut req = reqwest::Client::new()
             .delete(format!("{}/api/v1/tasks/{id}", node.api()))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+            .bearer_auth(&self.token);
+        if let Ok(task) = id.parse() {
+            req = req.json(&omesh::api::CancelBody::sign(&self.key, task));
+        }
+        req.send().await.unwrap().status().as_u16()
     }
 }
 
