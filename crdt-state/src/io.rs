@@ -283,7 +283,13 @@ pub struct Stats {
     /// Entries of sync replies' version vectors not adopted: an origin with no record held
     /// here, or a stamp past the incarnation its record names.
     pub vector_entries_refused: u64,
-    /// Deltas dropped, by the rule they broke (see [`Rejections`]).
+    /// Held-back deltas (see `DeltaError::is_early`) that merged once what they build on came.
+    pub early_applied: u64,
+    /// Held-back deltas dropped to make room (the hold is bounded); a later full sync brings
+    /// back any that were honest.
+    pub early_dropped: u64,
+    /// Deltas refused on arrival, by the rule they broke (see [`Rejections`]); those that
+    /// may only be early are held back and counted again in `early_applied` if they merge.
     pub rejections: Rejections,
     /// Probe acks dropped: an unknown nonce, or from a node that was neither probed nor
     /// asked to help.

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod decide;
 pub mod digest;
+mod early;
 mod io;
 pub mod liveness;
 pub mod merge;

@@ -76,6 +76,32 @@ impl TaskRecord {
         lease.max(status)
     }
 
+    /// Whether `end` (its signature already checked) is evidence that `task` ended as
+    /// `outcome`, though this record does not show it yet: a submitter's cancel (whose
+    /// authority the replica checks), or a final status from the owner of an epoch at least
+    /// as high as any held here.
+    pub fn ended_by(&self, task: &TaskId, outcome: TaskState, end: &Delta) -> bool {
+        match &end.body {
+            DeltaBody::Cancel(c) => c.task == *task && outcome == TaskState::Cancelled,
+            DeltaBody::Status {
+                task: t,
+                epoch,
+                entry,
+            } => {
+                *t == *task
+                    && entry.state == outcome
+                    && matches!(outcome, TaskState::Succeeded | TaskState::Failed)
+                    && entry.reporter == end.origin
+                    && *epoch >= self.max_epoch()
+                    && self
+                        .leases
+                        .get(epoch)
+                        .is_none_or(|l| l.value.owner == entry.reporter)
+            }
+            _ => false,
+        }
+    }
+
     /// The state the task ended in, if its parts say it ended: cancelled, succeeded, or
     /// failed with every attempt used. Depends only on the replicated parts, never on a
     /// clock, so every replica holding the same parts agrees.
@@ -260,6 +286,20 @@ impl DeltaError {
         )
     }
 
+    /// Whether an honest write that overtook what it builds on (its task's spec, its epoch's
+    /// lease, its origin's record, the end of the task it compacts) fails like this: the
+    /// replica holds such a delta back and tries it again as the rest arrives.
+    pub fn is_early(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownTask { .. }
+                | Self::EpochJump { .. }
+                | Self::NotEpochOwner { .. }
+                | Self::NotEnded { .. }
+                | Self::NotAdmitted { .. }
+        )
+    }
+
     /// A short, stable name of the rule broken, for the `reason` label of
     /// `omesh_deltas_rejected_total`.
     pub fn reason(&self) -> &'static str {
@@ -295,6 +335,15 @@ pub const EPOCH_WINDOW: Epoch = 64;
 /// writes one for each task it compacts; tasks a replica never saw are few (it joined after
 /// they ended), so this bounds what a hostile node can create without slowing an honest one.
 pub const MAX_BLIND_TOMBSTONES: usize = 4096;
+
+/// A tombstone: how the task ended, and the delta that ended it (kept to be served again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tomb {
+    /// The final state.
+    pub outcome: TaskState,
+    /// The owner's final status or the submitter's cancel, as signed.
+    pub end: Option<Box<Delta>>,
+}
 
 /// The most addresses a node record may list.
 pub const MAX_ADDRS: usize = 32;
@@ -339,7 +388,7 @@ pub struct State {
     /// nodes every replica holds 10,000 of these.
     nodes: BTreeMap<NodeId, NodeSlot>,
     tasks: BTreeMap<TaskId, TaskRecord>,
-    tombstones: BTreeMap<TaskId, Stamped<TaskState>>,
+    tombstones: BTreeMap<TaskId, Stamped<Tomb>>,
     /// Per node, the highest version of its record some replica suspected, kept only while
     /// no newer record of that node is held (a newer record refutes it).
     suspects: BTreeMap<NodeId, Stamped<(u64, u64)>>,
@@ -508,7 +557,7 @@ fn merge_lease_at(
 /// The live record of `id`, created empty if new; `None` once the task is compacted.
 fn live<'a>(
     tasks: &'a mut BTreeMap<TaskId, TaskRecord>,
-    tombstones: &BTreeMap<TaskId, Stamped<TaskState>>,
+    tombstones: &BTreeMap<TaskId, Stamped<Tomb>>,
     id: TaskId,
 ) -> Option<&'a mut TaskRecord> {
     if tombstones.contains_key(&id) {
@@ -588,7 +637,7 @@ impl State {
 
     /// A compacted task's final state.
     pub fn tombstone(&self, id: &TaskId) -> Option<TaskState> {
-        self.tombstones.get(id).map(|s| s.value)
+        self.tombstones.get(id).map(|s| s.value.outcome)
     }
 
     /// Number of tombstones.
@@ -674,12 +723,17 @@ impl State {
             DeltaBody::Cancel(c) => {
                 task_of(&c.task, "cancel")?;
             }
-            DeltaBody::Compact { task, outcome } => {
+            DeltaBody::Compact { task, outcome, end } => {
                 if self.tombstones.contains_key(task) {
                     return Ok(());
                 }
                 match self.tasks.get(task) {
-                    Some(rec) if rec.ended() != Some(*outcome) => {
+                    Some(rec)
+                        if rec.ended() != Some(*outcome)
+                            && !end
+                                .as_deref()
+                                .is_some_and(|e| rec.ended_by(task, *outcome, e)) =>
+                    {
                         return Err(DeltaError::NotEnded {
                             task: task.short(),
                             outcome: *outcome,
@@ -742,11 +796,15 @@ impl State {
                 c.task,
                 &stamped(at, sig, *c, ComponentHash::cancel(&c.task)),
             ),
-            DeltaBody::Compact { task, outcome } => {
+            DeltaBody::Compact { task, outcome, end } => {
                 let blind = !self.tasks.contains_key(task);
+                let tomb = Tomb {
+                    outcome: *outcome,
+                    end: end.clone(),
+                };
                 let merged = self.merge_tombstone(
                     *task,
-                    &stamped(at, sig, *outcome, ComponentHash::tombstone(task, *outcome)),
+                    &stamped(at, sig, tomb, ComponentHash::tombstone(task, *outcome)),
                 );
                 if blind && merged == Merged::Changed {
                     *self.blind_tombstones.entry(delta.origin).or_default() += 1;
@@ -919,7 +977,7 @@ impl State {
         })
     }
 
-    fn merge_tombstone(&mut self, id: TaskId, incoming: &Stamped<TaskState>) -> Merged {
+    fn merge_tombstone(&mut self, id: TaskId, incoming: &Stamped<Tomb>) -> Merged {
         if let Some(rec) = self.tasks.remove(&id) {
             for h in rec.components_hash() {
                 self.digest.remove(h);
@@ -930,8 +988,33 @@ impl State {
             &mut self.tombstones,
             id,
             incoming,
-            |a, b| a.code().cmp(&b.code()),
+            |a, b| a.outcome.code().cmp(&b.outcome.code()),
         )
+    }
+
+    /// The delta that ended `task` here, as its writer signed it: the submitter's cancel,
+    /// or the final status of the top epoch. What a compaction carries as its evidence.
+    pub fn ending(&self, task: &TaskId) -> Option<Delta> {
+        let rec = self.tasks.get(task)?;
+        let as_delta = |at: Stamp, sig: Sig, body| Delta {
+            origin: at.origin,
+            stamp: at.stamp,
+            body,
+            sig,
+        };
+        if let Some(c) = &rec.cancel {
+            return Some(as_delta(c.at, c.sig, DeltaBody::Cancel(c.value)));
+        }
+        let (epoch, s) = rec.statuses.iter().next_back()?;
+        Some(as_delta(
+            s.at,
+            s.sig,
+            DeltaBody::Status {
+                task: *task,
+                epoch: *epoch,
+                entry: s.value.clone(),
+            },
+        ))
     }
 
     /// Every component as the delta that would recreate it, for anti-entropy. A task's
@@ -1011,7 +1094,8 @@ impl State {
                     s.sig,
                     DeltaBody::Compact {
                         task: *id,
-                        outcome: s.value,
+                        outcome: s.value.outcome,
+                        end: s.value.end.clone(),
                     },
                 )
             });

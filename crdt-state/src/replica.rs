@@ -19,6 +19,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::{ConfigError, ReplicaConfig};
 use crate::digest::{first8, mix64, splitmix64};
+use crate::early::Early;
 use crate::liveness::{Health, RttEstimate};
 use crate::merge::State;
 use crate::probe::Prober;
@@ -113,6 +114,8 @@ pub struct Replica {
     /// Nodes whose record's admission certificate verified here, with the certificate
     /// that did (a record republished with the same one is not checked again).
     admitted: BTreeMap<NodeId, AdmissionCert>,
+    /// Deltas that came before what they build on, tried again as the rest arrives.
+    early: Early,
 }
 
 /// A node's ed25519 identity key; its public half is the NodeId. Debug never shows it.
@@ -153,6 +156,11 @@ impl Replica {
     /// one that remembers what it checked).
     pub fn set_verifier(&mut self, verify: Arc<dyn Verify>) {
         self.verify = verify;
+    }
+
+    /// Deltas held back until what they build on arrives.
+    pub fn early_held(&self) -> usize {
+        self.early.len()
     }
 
     /// Whether `id` may write here: always in an open mesh (unless revoked); with admission
@@ -208,6 +216,7 @@ impl Replica {
             key,
             verify: Arc::new(Ed25519),
             admitted: BTreeMap::new(),
+            early: Early::default(),
             cfg,
         })
     }

@@ -184,7 +184,20 @@ fn an_owner_back_from_a_partition_does_not_take_over_what_failed_over_while_it_w
         let (owner, _) = owner_of(&m, task).unwrap();
         m.isolate(owner);
         // The others fail over to epoch 2; the cut-off owner suspects both of them.
-        assert!(m.run_until(20_000, |m| m.runners(task).iter().any(|(_, e)| *e == 2)));
+        let ok = m.run_until(20_000, |m| m.runners(task).iter().any(|(_, e)| *e == 2));
+        if !ok {
+            for id in m.ids() {
+                let r = m.replica(id);
+                eprintln!(
+                    "{} {:?} {:?} {:?}",
+                    id.short(),
+                    r.stats().rejections,
+                    r.task_view(m.now, &task),
+                    m.runners(task)
+                );
+            }
+        }
+        assert!(ok);
         m.run_until(3_000, |_| false);
         let claims_before = m.replica(owner).stats().claims;
         m.heal();
@@ -367,8 +380,8 @@ fn a_bulk_join_holds_every_record_in_order_and_keeps_merging_after() {
     assert!(r.state().node_by_prefix(u64::MAX).is_none());
     // And it goes on merging: a newer record of one node, in order.
     let newer = omesh_protocol::GossipMessage {
-        deltas: vec![omesh_harness::fixtures::sign(
-            ids[7],
+        deltas: vec![Delta::signed(
+            keys[7].signing(),
             first + 1,
             DeltaBody::Node(record(ids[7], 2)),
         )],

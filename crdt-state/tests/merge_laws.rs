@@ -210,7 +210,7 @@ proptest! {
         let compact = harness::fixtures::sign(
             node(3),
             92,
-            DeltaBody::Compact { task, outcome: TaskState::Cancelled },
+            DeltaBody::Compact { task, outcome: TaskState::Cancelled, end: None },
         );
         let k = at.index(deltas.len() + 1);
         deltas.insert(k, compact);

@@ -16,10 +16,8 @@ fn first_probe_at(id: NodeId, seed: u64, incarnation: u64) -> u64 {
     r.poll_timeout().unwrap()
 }
 
-fn id(first: u8) -> NodeId {
-    let mut b = [0x5Au8; 32];
-    b[0] = first;
-    NodeId(b)
+fn id(i: u8) -> NodeId {
+    omesh_harness::node(i)
 }
 
 #[test]

@@ -136,6 +136,10 @@ pub enum DeltaBody {
         task: TaskId,
         /// Its final state.
         outcome: TaskState,
+        /// The delta that ended it, as its writer signed it (the epoch owner's final status,
+        /// or the submitter's cancel): a replica that still sees the task running takes the
+        /// tombstone on this evidence, and on nothing less.
+        end: Option<Box<Delta>>,
     },
     /// The origin probed `node` and got no answer, directly or through others: `node` is
     /// suspect at this version of its record. Any replica may write it; a newer record of

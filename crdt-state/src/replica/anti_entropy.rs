@@ -128,6 +128,8 @@ impl Replica {
         } = reply;
         let applied = self.stats.deltas_applied;
         let result = self.ingest(now, from, &deltas);
+        let had_vector = !vclock.is_empty();
+        let mine = entry_of(&vclock, vclock.is_sorted_by(|a, b| a.0 < b.0), &self.me.id);
         let vclock = self.vouched(vclock);
         self.vector.adopt(&vclock);
         if self.stats.deltas_applied - applied >= COMPACT_AFTER {
@@ -135,12 +137,12 @@ impl Replica {
             self.state.compact();
             self.vector.compact();
         }
-        if !self.sync.is_synced() && !truncated && !vclock.is_empty() {
+        if !self.sync.is_synced() && !truncated && had_vector {
             // The first sync since start (or since isolation) shows the responder lacks this
             // node's latest write: what it published went nowhere (before any mesh link), so
             // publish again now that there is a peer.
             let me = self.me.id;
-            let theirs = entry_of(&vclock, true, &me).unwrap_or(0);
+            let theirs = mine.unwrap_or(0);
             if theirs < self.vector.get(&me) {
                 self.publish_soon(now);
             }

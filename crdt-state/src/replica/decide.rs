@@ -463,7 +463,8 @@ impl Replica {
                 }
             }
             Step::Compact(task, outcome) => {
-                self.write(now, DeltaBody::Compact { task, outcome });
+                let end = self.state.ending(&task).map(Box::new);
+                self.write(now, DeltaBody::Compact { task, outcome, end });
             }
         }
     }

@@ -67,9 +67,25 @@ impl Replica {
         let mut rejected = 0usize;
         let mut forged = 0usize;
         let mut first: Option<DeltaError> = None;
+        let mut progressed = false;
         for d in deltas {
             match self.ingest_one(now, d) {
-                Ok(()) => self.track_stamp(now, via, d.origin, d.stamp),
+                Ok(()) => {
+                    progressed = true;
+                    self.track_stamp(now, via, d.origin, d.stamp);
+                }
+                Err(e) if e.is_early() => {
+                    // Counted, then held back: the record, spec, lease or end it builds on
+                    // may be in this very batch or the next. Held, it counts as received,
+                    // so no sync asks for it again.
+                    rejected += 1;
+                    self.stats.rejections.count(e.reason());
+                    if self.early.hold(d.clone()) {
+                        self.stats.early_dropped += 1;
+                    }
+                    self.track_stamp(now, via, d.origin, d.stamp);
+                    first.get_or_insert(e);
+                }
                 Err(e) => {
                     rejected += 1;
                     self.stats.deltas_rejected += 1;
@@ -84,6 +100,9 @@ impl Replica {
                     first.get_or_insert(e);
                 }
             }
+        }
+        if progressed {
+            self.retry_early(now);
         }
         match first {
             None => Ok(()),
@@ -123,6 +142,21 @@ impl Replica {
                 if !self.cfg.authorized_submitters.contains(&c.submitter) || !c.signature_holds() {
                     return Err(DeltaError::CancelNotAuthorized {
                         task: c.task.short(),
+                    });
+                }
+            }
+            DeltaBody::Compact { end: Some(end), .. } => {
+                // The evidence must hold on its own: its writer's signature, and for a
+                // cancel the submitter's authority.
+                let authorized = match &end.body {
+                    DeltaBody::Cancel(c) => {
+                        self.cfg.authorized_submitters.contains(&c.submitter) && c.signature_holds()
+                    }
+                    _ => true,
+                };
+                if !authorized || !self.verify.holds(end) {
+                    return Err(DeltaError::BadSignature {
+                        origin: end.origin.short(),
                     });
                 }
             }
@@ -190,6 +224,28 @@ impl Replica {
             Merged::Tombstoned => self.stats.deltas_tombstoned += 1,
         }
         Ok(())
+    }
+
+    /// Tries the held-back deltas again, until a pass takes none.
+    fn retry_early(&mut self, now: Millis) {
+        while !self.early.is_empty() {
+            let mut took = false;
+            for d in self.early.take() {
+                match self.ingest_one(now, &d) {
+                    Ok(()) => {
+                        took = true;
+                        self.stats.early_applied += 1;
+                    }
+                    Err(e) if e.is_early() => {
+                        self.early.hold(d);
+                    }
+                    Err(_) => {}
+                }
+            }
+            if !took {
+                return;
+            }
+        }
     }
 
     /// Who may write here at all: in a mesh with admission keys, a node whose record carries

@@ -229,7 +229,11 @@ pub(crate) fn delta_body() -> impl Strategy<Value = DeltaBody> {
         (node_id(), any::<[u8; 32]>(), sig()).prop_map(|(node, issuer, sig)| {
             DeltaBody::Revoke(omesh_protocol::Revocation { node, issuer, sig })
         }),
-        (task_id(), task_state()).prop_map(|(task, outcome)| DeltaBody::Compact { task, outcome }),
+        (task_id(), task_state()).prop_map(|(task, outcome)| DeltaBody::Compact {
+            task,
+            outcome,
+            end: None
+        }),
         (node_id(), any::<(u64, u64)>())
             .prop_map(|(node, version)| DeltaBody::Suspect { node, version }),
     ]
