@@ -12,19 +12,20 @@ pub(crate) const MAX_EARLY: usize = 4096;
 /// The held-back deltas, oldest first, and the `(origin, stamp)` of each (no duplicates).
 #[derive(Debug, Default)]
 pub(crate) struct Early {
-    queue: VecDeque<Delta>,
+    queue: VecDeque<(NodeId, Delta)>,
     held: BTreeSet<(NodeId, u64)>,
 }
 
 impl Early {
-    /// Holds `d` back; `true` if the oldest held delta was dropped to make room.
-    pub(crate) fn hold(&mut self, d: Delta) -> bool {
+    /// Holds `d`, delivered by `via`, back; `true` if the oldest held delta was dropped to
+    /// make room.
+    pub(crate) fn hold(&mut self, via: NodeId, d: Delta) -> bool {
         if !self.held.insert((d.origin, d.stamp)) {
             return false;
         }
-        self.queue.push_back(d);
+        self.queue.push_back((via, d));
         if self.queue.len() > MAX_EARLY {
-            if let Some(old) = self.queue.pop_front() {
+            if let Some((_, old)) = self.queue.pop_front() {
                 self.held.remove(&(old.origin, old.stamp));
             }
             return true;
@@ -33,7 +34,7 @@ impl Early {
     }
 
     /// Every held delta, oldest first, emptying the hold.
-    pub(crate) fn take(&mut self) -> Vec<Delta> {
+    pub(crate) fn take(&mut self) -> Vec<(NodeId, Delta)> {
         self.held.clear();
         self.queue.drain(..).collect()
     }

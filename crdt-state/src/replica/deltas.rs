@@ -76,14 +76,14 @@ impl Replica {
                 }
                 Err(e) if e.is_early() => {
                     // Counted, then held back: the record, spec, lease or end it builds on
-                    // may be in this very batch or the next. Held, it counts as received,
-                    // so no sync asks for it again.
+                    // may be in this very batch or the next. Its stamp is not taken into
+                    // the version vector until it merges: a hostile node's held junk must
+                    // not make this replica skip that node's real writes.
                     rejected += 1;
                     self.stats.rejections.count(e.reason());
-                    if self.early.hold(d.clone()) {
+                    if self.early.hold(via, d.clone()) {
                         self.stats.early_dropped += 1;
                     }
-                    self.track_stamp(now, via, d.origin, d.stamp);
                     first.get_or_insert(e);
                 }
                 Err(e) => {
@@ -230,14 +230,15 @@ impl Replica {
     fn retry_early(&mut self, now: Millis) {
         while !self.early.is_empty() {
             let mut took = false;
-            for d in self.early.take() {
+            for (via, d) in self.early.take() {
                 match self.ingest_one(now, &d) {
                     Ok(()) => {
                         took = true;
                         self.stats.early_applied += 1;
+                        self.track_stamp(now, via, d.origin, d.stamp);
                     }
                     Err(e) if e.is_early() => {
-                        self.early.hold(d);
+                        self.early.hold(via, d);
                     }
                     Err(_) => {}
                 }
