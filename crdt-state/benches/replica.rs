@@ -19,7 +19,7 @@ use omesh_protocol::{
     LoadSample, Millis, NodeId, NodeRecord, SignedTaskSpec, StatusEntry, SyncReply, TaskId,
     TaskSpec, TaskState,
 };
-use omesh_state::{Crdt, Input, Replica, ReplicaConfig, State};
+use omesh_state::{Crdt, Input, NodeKey, Replica, ReplicaConfig, State};
 
 const NODES: usize = 1_000;
 const TASKS: usize = 10_000;
@@ -31,8 +31,12 @@ const ROUND: usize = 1_000;
 /// Distinct images (and layer digests) in the mesh.
 const IMAGES: usize = 50;
 
+fn node_key(i: usize) -> NodeKey {
+    NodeKey::from_bytes(&Digest::of(format!("node-{i}").as_bytes()).0)
+}
+
 fn node_id(i: usize) -> NodeId {
-    NodeId(Digest::of(format!("node-{i}").as_bytes()).0)
+    node_key(i).id()
 }
 
 fn layer(k: usize) -> Digest {
@@ -110,6 +114,7 @@ struct TaskFix {
 #[derive(Debug, Clone)]
 struct Mesh {
     key: SigningKey,
+    keys: Vec<NodeKey>,
     ids: Vec<NodeId>,
     records: Vec<NodeRecord>,
     counters: Vec<u64>,
@@ -119,10 +124,12 @@ struct Mesh {
 
 impl Mesh {
     fn new() -> Self {
-        let ids: Vec<NodeId> = (0..NODES).map(node_id).collect();
+        let keys: Vec<NodeKey> = (0..NODES).map(node_key).collect();
+        let ids: Vec<NodeId> = keys.iter().map(NodeKey::id).collect();
         let records = (0..NODES).map(|i| node_record(&ids, i)).collect();
         Self {
             key: SigningKey::from_bytes(&[7; 32]),
+            keys,
             ids,
             records,
             counters: vec![0; NODES],
@@ -137,11 +144,8 @@ impl Mesh {
 
     fn delta(&mut self, origin: usize, body: DeltaBody) -> Delta {
         self.counters[origin] += 1;
-        Delta {
-            origin: self.ids[origin],
-            stamp: (INCARNATION << 32) | self.counters[origin],
-            body,
-        }
+        let stamp = (INCARNATION << 32) | self.counters[origin];
+        Delta::signed(self.keys[origin].signing(), stamp, body)
     }
 
     fn tick(&mut self) -> u64 {
@@ -378,7 +382,7 @@ fn observer() -> NodeId {
 fn loaded_replica(mesh: &Mesh, base: &[Delta]) -> Replica {
     let mut cfg = ReplicaConfig::for_node(observer());
     cfg.authorized_submitters.insert(mesh.submitter());
-    let mut r = Replica::new(cfg).unwrap();
+    let mut r = Replica::new(cfg, node_key(NODES + 1)).unwrap();
     let mut peer = State::default();
     apply_all(&mut peer, base);
     let vclock = mesh

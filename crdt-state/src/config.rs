@@ -19,6 +19,12 @@ pub struct ReplicaConfig {
     pub tags: BTreeSet<String>,
     /// Keys allowed to submit tasks (ed25519 public keys). Empty: nobody may.
     pub authorized_submitters: BTreeSet<[u8; 32]>,
+    /// The mesh's admission keys (ed25519 public keys). When set, a write is taken only from
+    /// a node whose record carries a certificate signed by one of them, and that is not
+    /// revoked. Empty: an open mesh, where any node that can connect is a member.
+    pub admission_keys: BTreeSet<[u8; 32]>,
+    /// This node's admission certificate, carried in its record.
+    pub cert: Option<omesh_protocol::AdmissionCert>,
     /// Probe period: each node pings one peer per period (SWIM), and publishes a changed node
     /// record at most this often. A crashed node is first probed within a few periods (each
     /// period it escapes every prober with chance ~1/e), so this sets detection time; a
@@ -78,6 +84,8 @@ impl Default for ReplicaConfig {
             },
             tags: BTreeSet::new(),
             authorized_submitters: BTreeSet::new(),
+            admission_keys: BTreeSet::new(),
+            cert: None,
             heartbeat_ms: 500,
             lease_ttl_ms: 1_000,
             lease_grace_ms: 1_000,
@@ -150,6 +158,16 @@ impl ReplicaConfig {
 
     /// Checks every value once, at start-up.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.admission_keys.is_empty() {
+            let Some(cert) = &self.cert else {
+                return Err(bad(
+                    "admission_cert",
+                    "admission_keys are set but this node has no admission certificate (omesh admit)",
+                ));
+            };
+            cert.verify_at_any_time(&self.node_id, &self.admission_keys)
+                .map_err(|e| bad("admission_cert", e.to_string()))?;
+        }
         if self.heartbeat_ms == 0 {
             return Err(bad("heartbeat_ms", "must be above 0"));
         }

@@ -66,6 +66,10 @@ impl ComponentHash {
     pub fn suspect(node: &NodeId, version: (u64, u64)) -> Self {
         Self::of(b'p', &node.0, &version)
     }
+    /// A node's revocation.
+    pub fn revoke(node: &NodeId) -> Self {
+        Self::of(b'r', &node.0, &())
+    }
     /// A compacted task's tombstone.
     pub fn tombstone(task: &TaskId, outcome: TaskState) -> Self {
         Self::of(b'x', &task.0, &outcome)

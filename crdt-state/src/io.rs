@@ -113,8 +113,8 @@ pub enum Input {
     Images(BTreeSet<Digest>),
     /// A task submitted through this node.
     Submit(SignedTaskSpec),
-    /// Cancel a task everywhere.
-    Cancel(TaskId),
+    /// Cancel a task everywhere, on a submitter's signed order.
+    Cancel(omesh_protocol::SignedCancel),
     /// The local executor reports on an epoch it was told to run.
     Executor {
         /// The task.
@@ -195,10 +195,15 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InputError {
     /// Some deltas of a message broke a rule and were dropped; the others were merged.
-    #[error("{rejected} of {total} deltas rejected ({applied} merged); first: {first}")]
+    #[error(
+        "{rejected} of {total} deltas rejected ({applied} merged, {forged} forged); first: {first}"
+    )]
     Rejected {
         /// Dropped.
         rejected: usize,
+        /// Of those, the ones no honest node could have sent (`DeltaError::is_forgery`):
+        /// the sender is hostile or faulty.
+        forged: usize,
         /// Merged.
         applied: usize,
         /// In the message.
@@ -215,6 +220,9 @@ pub enum InputError {
     /// The task is not known here; nothing changed.
     #[error("unknown task {0}")]
     UnknownTask(TaskId),
+    /// A cancel whose signature does not hold or whose key may not submit; nothing changed.
+    #[error("cancel of task {0} refused: not signed by a key in authorized_submitters")]
+    CancelNotAuthorized(TaskId),
     /// The task already ended; nothing changed.
     #[error("task {task} already ended as {state}")]
     AlreadyEnded {
@@ -272,4 +280,67 @@ pub struct Stats {
     pub refutations: u64,
     /// Node records this node published.
     pub records_published: u64,
+    /// Entries of sync replies' version vectors not adopted: an origin with no record held
+    /// here, or a stamp past the incarnation its record names.
+    pub vector_entries_refused: u64,
+    /// Held-back deltas (see `DeltaError::is_early`) that merged once what they build on came.
+    pub early_applied: u64,
+    /// Held-back deltas dropped to make room (the hold is bounded); a later full sync brings
+    /// back any that were honest.
+    pub early_dropped: u64,
+    /// Deltas refused on arrival, by the rule they broke (see [`Rejections`]); those that
+    /// may only be early are held back and counted again in `early_applied` if they merge.
+    pub rejections: Rejections,
+    /// Probe acks dropped: an unknown nonce, or from a node that was neither probed nor
+    /// asked to help.
+    pub probe_acks_refused: u64,
+}
+
+/// Deltas rejected, per reason (`DeltaError::reason`), in a fixed table so `Stats` stays a
+/// plain copyable value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rejections([u64; REJECTION_REASONS.len()]);
+
+/// Every reason a delta is rejected for, as `DeltaError::reason` names it.
+pub const REJECTION_REASONS: [&str; 15] = [
+    "node_not_own",
+    "lease_not_owner",
+    "status_not_reporter",
+    "spec_invalid",
+    "bad_signature",
+    "not_admitted",
+    "unknown_task",
+    "epoch_jump",
+    "status_not_epoch_owner",
+    "cancel_not_authorized",
+    "compact_not_ended",
+    "quota",
+    "bad_revocation",
+    "over_limit",
+    "revoked",
+];
+
+impl Rejections {
+    /// Counts one rejection for `reason`.
+    pub fn count(&mut self, reason: &str) {
+        if let Some(i) = REJECTION_REASONS.iter().position(|r| *r == reason) {
+            self.0[i] += 1;
+        }
+    }
+
+    /// The count for `reason`.
+    pub fn get(&self, reason: &str) -> u64 {
+        REJECTION_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.0[i])
+    }
+
+    /// Every reason with its count.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        REJECTION_REASONS
+            .iter()
+            .copied()
+            .zip(self.0.iter().copied())
+    }
 }

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod decide;
 pub mod digest;
+mod early;
 mod io;
 pub mod liveness;
 pub mod merge;
@@ -22,10 +23,15 @@ mod runs;
 mod suspicion;
 mod sync;
 mod vector;
+pub mod verify;
 
 pub use config::{ConfigError, ReplicaConfig};
 pub use decide::TaskView;
-pub use io::{Action, ExecEvent, Input, InputError, PropagationSample, Stats, StopReason};
+pub use io::{
+    Action, ExecEvent, Input, InputError, PropagationSample, Rejections, Stats, StopReason,
+    REJECTION_REASONS,
+};
 pub use liveness::{Health, RttEstimate};
 pub use merge::{Crdt, DeltaError, Merged, Stamp, State, TaskRecord};
-pub use replica::Replica;
+pub use replica::{NodeKey, Replica};
+pub use verify::{Ed25519, Verify};

@@ -112,7 +112,8 @@ impl Judge<'_> {
         if *id == self.me.id {
             return self.own_health();
         }
-        if rec.leaving {
+        if rec.leaving || self.state.is_revoked(id) {
+            // A revoked node is out for good, as if it had left: its leases lapse at once.
             return Health::Gone;
         }
         match self.suspected_since(id) {

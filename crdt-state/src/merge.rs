@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use omesh_protocol::codec::canonical;
 use omesh_protocol::{
-    Delta, DeltaBody, Digest, Epoch, Lease, Millis, NodeId, NodeRecord, SignedTaskSpec,
-    StateDigest, StatusEntry, TaskId, TaskState,
+    Delta, DeltaBody, Digest, Epoch, Lease, Millis, NodeId, NodeRecord, Revocation, Sig,
+    SignedCancel, SignedTaskSpec, StateDigest, StatusEntry, TaskId, TaskState,
 };
 
 use crate::digest::{ComponentHash, Digest4};
@@ -34,13 +34,16 @@ pub struct Stamp {
     pub stamp: u64,
 }
 
-/// A value with the stamp of the delta that wrote it and its digest contribution.
+/// A value with the stamp and signature of the delta that wrote it, and its digest
+/// contribution. The signature is kept so a sync can serve the delta again as its origin
+/// signed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stamped<T> {
     /// Who wrote it.
     pub at: Stamp,
     /// The value.
     pub value: T,
+    sig: Sig,
     hash: ComponentHash,
 }
 
@@ -50,20 +53,72 @@ pub struct Stamped<T> {
 pub struct TaskRecord {
     /// The signed spec, write-once.
     pub spec: Option<Stamped<Arc<SignedTaskSpec>>>,
-    /// The highest lease.
-    pub lease: Option<Stamped<Lease>>,
-    /// What each epoch reached.
+    /// The lease of each epoch claimed (the best-ranked one where two claimed the same
+    /// epoch). Every epoch's is kept, so any replica can tell who owned the epoch a status
+    /// reports on, however late it joined.
+    pub leases: BTreeMap<Epoch, Stamped<Lease>>,
+    /// What each epoch reached, reported by that epoch's owner.
     pub statuses: BTreeMap<Epoch, Stamped<StatusEntry>>,
-    /// The grow-only cancel flag.
-    pub cancel: Option<Stamped<()>>,
+    /// The grow-only cancel flag, with the submitter's signed order.
+    pub cancel: Option<Stamped<SignedCancel>>,
 }
 
 impl TaskRecord {
-    /// The highest epoch named by the lease or any status.
+    /// The current lease: that of the highest epoch.
+    pub fn lease(&self) -> Option<&Stamped<Lease>> {
+        self.leases.values().next_back()
+    }
+
+    /// The highest epoch named by a lease or a status.
     pub fn max_epoch(&self) -> Epoch {
-        let lease = self.lease.as_ref().map_or(0, |l| l.value.epoch);
+        let lease = self.leases.keys().next_back().copied().unwrap_or(0);
         let status = self.statuses.keys().next_back().copied().unwrap_or(0);
         lease.max(status)
+    }
+
+    /// Whether `end` (its signature already checked) is evidence that `task` ended as
+    /// `outcome`, though this record does not show it yet: a submitter's cancel (whose
+    /// authority the replica checks), or a final status from the owner of an epoch at least
+    /// as high as any held here.
+    pub fn ended_by(&self, task: &TaskId, outcome: TaskState, end: &Delta) -> bool {
+        match &end.body {
+            DeltaBody::Cancel(c) => c.task == *task && outcome == TaskState::Cancelled,
+            DeltaBody::Status {
+                task: t,
+                epoch,
+                entry,
+            } => {
+                *t == *task
+                    && entry.state == outcome
+                    && matches!(outcome, TaskState::Succeeded | TaskState::Failed)
+                    && entry.reporter == end.origin
+                    && *epoch >= self.max_epoch()
+                    && self
+                        .leases
+                        .get(epoch)
+                        .is_none_or(|l| l.value.owner == entry.reporter)
+            }
+            _ => false,
+        }
+    }
+
+    /// The state the task ended in, if its parts say it ended: cancelled, succeeded, or
+    /// failed with every attempt used. Depends only on the replicated parts, never on a
+    /// clock, so every replica holding the same parts agrees.
+    pub fn ended(&self) -> Option<TaskState> {
+        if self.is_cancelled() {
+            return Some(TaskState::Cancelled);
+        }
+        let spec = self.spec.as_ref()?;
+        let (_, top) = self.statuses.iter().next_back()?;
+        match top.value.state {
+            TaskState::Succeeded => Some(TaskState::Succeeded),
+            TaskState::Cancelled => Some(TaskState::Cancelled),
+            TaskState::Failed if self.failed_attempts() >= spec.value.spec.max_attempts => {
+                Some(TaskState::Failed)
+            }
+            _ => None,
+        }
     }
 
     /// Whether the task was cancelled.
@@ -90,7 +145,7 @@ impl TaskRecord {
         self.spec
             .iter()
             .map(|s| s.hash)
-            .chain(self.lease.iter().map(|s| s.hash))
+            .chain(self.leases.values().map(|s| s.hash))
             .chain(self.statuses.values().map(|s| s.hash))
             .chain(self.cancel.iter().map(|s| s.hash))
     }
@@ -123,6 +178,84 @@ pub enum DeltaError {
     /// The spec failed verification.
     #[error(transparent)]
     Spec(#[from] omesh_protocol::SpecError),
+    /// The origin's signature over the delta does not hold.
+    #[error("the signature of {origin}'s delta does not verify")]
+    BadSignature {
+        /// Who it claims to come from.
+        origin: String,
+    },
+    /// The origin is not admitted to this mesh (no record with a valid certificate held).
+    #[error("{origin} is not admitted: {why}")]
+    NotAdmitted {
+        /// Who sent it.
+        origin: String,
+        /// Why not.
+        why: String,
+    },
+    /// A lease, status or cancel for a task whose spec is not held.
+    #[error("{kind} for task {task}, whose spec is not held here")]
+    UnknownTask {
+        /// Which component.
+        kind: &'static str,
+        /// The task.
+        task: String,
+    },
+    /// A lease whose epoch jumps too far past the highest known for its task.
+    #[error("lease for task {task} at epoch {epoch}, more than {EPOCH_WINDOW} above the highest known ({known})")]
+    EpochJump {
+        /// The task.
+        task: String,
+        /// The epoch claimed.
+        epoch: Epoch,
+        /// The highest epoch known here.
+        known: Epoch,
+    },
+    /// A status for an epoch the reporter does not hold the lease of.
+    #[error("status for task {task} epoch {epoch} from {reporter}, who does not hold that epoch's lease")]
+    NotEpochOwner {
+        /// The task.
+        task: String,
+        /// The epoch.
+        epoch: Epoch,
+        /// Who reported.
+        reporter: String,
+    },
+    /// A cancel not signed by an authorized submitter.
+    #[error("cancel of task {task} is not signed by an authorized submitter")]
+    CancelNotAuthorized {
+        /// The task.
+        task: String,
+    },
+    /// A compaction of a task that has not ended here (or ended otherwise).
+    #[error("compaction of task {task} as {outcome:?}, which has not ended so here")]
+    NotEnded {
+        /// The task.
+        task: String,
+        /// The outcome claimed.
+        outcome: TaskState,
+    },
+    /// An origin wrote more of something than any honest node does.
+    #[error("{origin} is over its quota of {limit} {what}")]
+    Quota {
+        /// What.
+        what: &'static str,
+        /// Who.
+        origin: String,
+        /// The quota.
+        limit: usize,
+    },
+    /// The origin's admission was revoked.
+    #[error("{origin} was revoked")]
+    Revoked {
+        /// Who sent it.
+        origin: String,
+    },
+    /// A revocation not signed by an admission key.
+    #[error("revocation of {node} is not signed by one of this mesh's admission keys")]
+    BadRevocation {
+        /// The node named.
+        node: String,
+    },
     /// A field is longer than the protocol allows (the message itself was within its limit).
     #[error("{field} has {len} entries or characters, over the limit of {limit}")]
     OverLimit {
@@ -133,6 +266,83 @@ pub enum DeltaError {
         /// The limit.
         limit: usize,
     },
+}
+
+impl DeltaError {
+    /// Whether no honest node could have sent this, whatever else it had or lacked: a bad
+    /// signature, a write in another node's name, a cancel or revocation without the key for
+    /// it, a field over its limit. The rest (an unknown task, an epoch or status ahead of
+    /// what is held here, an origin whose record has not arrived) can be an honest write
+    /// that overtook others, and is only dropped for now.
+    pub fn is_forgery(&self) -> bool {
+        matches!(
+            self,
+            Self::NotOwner { .. }
+                | Self::Spec(_)
+                | Self::BadSignature { .. }
+                | Self::CancelNotAuthorized { .. }
+                | Self::BadRevocation { .. }
+                | Self::OverLimit { .. }
+        )
+    }
+
+    /// Whether an honest write that overtook what it builds on (its task's spec, its epoch's
+    /// lease, its origin's record, the end of the task it compacts) fails like this: the
+    /// replica holds such a delta back and tries it again as the rest arrives.
+    pub fn is_early(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownTask { .. }
+                | Self::EpochJump { .. }
+                | Self::NotEpochOwner { .. }
+                | Self::NotEnded { .. }
+                | Self::NotAdmitted { .. }
+        )
+    }
+
+    /// A short, stable name of the rule broken, for the `reason` label of
+    /// `omesh_deltas_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotOwner { kind, .. } => match *kind {
+                "node record" => "node_not_own",
+                "lease" => "lease_not_owner",
+                _ => "status_not_reporter",
+            },
+            Self::Spec(_) => "spec_invalid",
+            Self::BadSignature { .. } => "bad_signature",
+            Self::NotAdmitted { .. } => "not_admitted",
+            Self::UnknownTask { .. } => "unknown_task",
+            Self::EpochJump { .. } => "epoch_jump",
+            Self::NotEpochOwner { .. } => "status_not_epoch_owner",
+            Self::CancelNotAuthorized { .. } => "cancel_not_authorized",
+            Self::NotEnded { .. } => "compact_not_ended",
+            Self::Quota { .. } => "quota",
+            Self::BadRevocation { .. } => "bad_revocation",
+            Self::Revoked { .. } => "revoked",
+            Self::OverLimit { .. } => "over_limit",
+        }
+    }
+}
+
+/// How far above the highest epoch known for a task a lease may claim. An honest claim is
+/// one above its claimant's highest known, so this only needs to cover claims that overtook
+/// others on the way; a lease further out waits (it is not taken, so a later sync brings it
+/// again once the epochs between have arrived). It keeps a hostile node from spending a
+/// task's epochs: at 64 a step, u64 lasts 2^58 claims.
+pub const EPOCH_WINDOW: Epoch = 64;
+/// The most tombstones one origin may hold here for tasks this replica never knew. A replica
+/// writes one for each task it compacts; tasks a replica never saw are few (it joined after
+/// they ended), so this bounds what a hostile node can create without slowing an honest one.
+pub const MAX_BLIND_TOMBSTONES: usize = 4096;
+
+/// A tombstone: how the task ended, and the delta that ended it (kept to be served again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tomb {
+    /// The final state.
+    pub outcome: TaskState,
+    /// The owner's final status or the submitter's cancel, as signed.
+    pub end: Option<Box<Delta>>,
 }
 
 /// The most addresses a node record may list.
@@ -156,6 +366,7 @@ fn limit(field: &'static str, len: usize, limit: usize) -> Result<(), DeltaError
 struct NodeSlot {
     rec: Arc<NodeRecord>,
     stamp: u64,
+    sig: Sig,
     heard: Millis,
 }
 
@@ -177,10 +388,14 @@ pub struct State {
     /// nodes every replica holds 10,000 of these.
     nodes: BTreeMap<NodeId, NodeSlot>,
     tasks: BTreeMap<TaskId, TaskRecord>,
-    tombstones: BTreeMap<TaskId, Stamped<TaskState>>,
+    tombstones: BTreeMap<TaskId, Stamped<Tomb>>,
     /// Per node, the highest version of its record some replica suspected, kept only while
     /// no newer record of that node is held (a newer record refutes it).
     suspects: BTreeMap<NodeId, Stamped<(u64, u64)>>,
+    /// Revoked nodes, grow-only.
+    revoked: BTreeMap<NodeId, Stamped<Revocation>>,
+    /// Per origin, the tombstones it wrote that this replica took for tasks it never knew.
+    blind_tombstones: BTreeMap<NodeId, usize>,
     digest: Digest4,
 }
 
@@ -190,8 +405,13 @@ impl PartialEq for State {
     }
 }
 
-fn stamped<T>(at: Stamp, value: T, hash: ComponentHash) -> Stamped<T> {
-    Stamped { at, value, hash }
+fn stamped<T>(at: Stamp, sig: Sig, value: T, hash: ComponentHash) -> Stamped<T> {
+    Stamped {
+        at,
+        value,
+        sig,
+        hash,
+    }
 }
 
 fn node_order(a: &Arc<NodeRecord>, b: &Arc<NodeRecord>) -> Ordering {
@@ -227,7 +447,9 @@ fn merge_slot<T: Clone>(
                 Merged::Changed
             }
             Ordering::Equal if incoming.at < cur.at && incoming.hash == cur.hash => {
-                cur.at = incoming.at;
+                // The same value (as the digest sees it) by a lower stamp: take that write
+                // whole, value and signature with its stamp, so it is served as signed.
+                cur.clone_from(incoming);
                 Merged::Unchanged
             }
             _ => Merged::Unchanged,
@@ -265,7 +487,7 @@ fn merge_into<T: Clone>(
             Merged::Changed
         }
         Ordering::Equal if incoming.at < cur.at && incoming.hash == cur.hash => {
-            cur.at = incoming.at;
+            cur.clone_from(incoming);
             Merged::Unchanged
         }
         _ => Merged::Unchanged,
@@ -285,10 +507,15 @@ fn merge_record(digest: &mut Digest4, rec: &mut TaskRecord, theirs: &TaskRecord)
     if let Some(s) = &theirs.spec {
         merge_slot(digest, &mut rec.spec, s, same);
     }
-    if let Some(s) = &theirs.lease {
-        merge_slot(digest, &mut rec.lease, s, lease_order);
+    for (epoch, s) in &theirs.leases {
+        merge_lease_at(digest, rec, *epoch, s);
     }
     for (epoch, s) in &theirs.statuses {
+        if rec.leases.get(epoch).map(|l| l.value.owner) != Some(s.value.reporter) {
+            // Only the epoch's owner reports on it (as `State::check_against` holds for a
+            // single delta): a status whose lease lost to another owner's goes.
+            continue;
+        }
         match rec.statuses.get_mut(epoch) {
             Some(cur) => {
                 merge_into(digest, cur, s, status_order);
@@ -304,10 +531,33 @@ fn merge_record(digest: &mut Digest4, rec: &mut TaskRecord, theirs: &TaskRecord)
     }
 }
 
+/// Merges the lease of `epoch`. Where another owner's lease of the same epoch loses to it,
+/// that owner's statuses of the epoch go too: a status stands only for the epoch's owner.
+fn merge_lease_at(
+    digest: &mut Digest4,
+    rec: &mut TaskRecord,
+    epoch: Epoch,
+    incoming: &Stamped<Lease>,
+) -> Merged {
+    let merged = merge_entry(digest, &mut rec.leases, epoch, incoming, lease_order);
+    if merged == Merged::Changed {
+        let owner = incoming.value.owner;
+        if let Some(s) = rec
+            .statuses
+            .get(&epoch)
+            .filter(|s| s.value.reporter != owner)
+        {
+            digest.remove(s.hash);
+            rec.statuses.remove(&epoch);
+        }
+    }
+    merged
+}
+
 /// The live record of `id`, created empty if new; `None` once the task is compacted.
 fn live<'a>(
     tasks: &'a mut BTreeMap<TaskId, TaskRecord>,
-    tombstones: &BTreeMap<TaskId, Stamped<TaskState>>,
+    tombstones: &BTreeMap<TaskId, Stamped<Tomb>>,
     id: TaskId,
 ) -> Option<&'a mut TaskRecord> {
     if tombstones.contains_key(&id) {
@@ -387,7 +637,7 @@ impl State {
 
     /// A compacted task's final state.
     pub fn tombstone(&self, id: &TaskId) -> Option<TaskState> {
-        self.tombstones.get(id).map(|s| s.value)
+        self.tombstones.get(id).map(|s| s.value.outcome)
     }
 
     /// Number of tombstones.
@@ -429,47 +679,163 @@ impl State {
         }
     }
 
-    /// Merges one delta. Spec signatures are the caller's to verify (see `Replica`).
+    /// Checks the rules that hold against what this state already has: a lease, status or
+    /// cancel only for a task whose spec is held; a lease's epoch within [`EPOCH_WINDOW`] of
+    /// the highest known; a status only from the owner of its epoch's lease; a compaction
+    /// only of a task that ended here as the tombstone says, or one never known here (within
+    /// a quota per origin). A delta that fails may be honest and early: it is not taken, so
+    /// a later sync offers it again.
+    pub fn check_against(&self, delta: &Delta) -> Result<(), DeltaError> {
+        let task_of = |task: &TaskId, kind| match self.tasks.get(task) {
+            Some(rec) if rec.spec.is_some() => Ok(Some(rec)),
+            _ if self.tombstones.contains_key(task) => Ok(None),
+            _ => Err(DeltaError::UnknownTask {
+                kind,
+                task: task.short(),
+            }),
+        };
+        match &delta.body {
+            DeltaBody::Lease { task, lease } => {
+                let Some(rec) = task_of(task, "lease")? else {
+                    return Ok(());
+                };
+                let known = rec.max_epoch();
+                if lease.epoch > known.saturating_add(EPOCH_WINDOW) {
+                    return Err(DeltaError::EpochJump {
+                        task: task.short(),
+                        epoch: lease.epoch,
+                        known,
+                    });
+                }
+            }
+            DeltaBody::Status { task, epoch, entry } => {
+                let Some(rec) = task_of(task, "status")? else {
+                    return Ok(());
+                };
+                if rec.leases.get(epoch).map(|l| l.value.owner) != Some(entry.reporter) {
+                    return Err(DeltaError::NotEpochOwner {
+                        task: task.short(),
+                        epoch: *epoch,
+                        reporter: entry.reporter.short(),
+                    });
+                }
+            }
+            DeltaBody::Cancel(c) => {
+                task_of(&c.task, "cancel")?;
+            }
+            DeltaBody::Compact { task, outcome, end } => {
+                if self.tombstones.contains_key(task) {
+                    return Ok(());
+                }
+                match self.tasks.get(task) {
+                    Some(rec)
+                        if rec.ended() != Some(*outcome)
+                            && !end
+                                .as_deref()
+                                .is_some_and(|e| rec.ended_by(task, *outcome, e)) =>
+                    {
+                        return Err(DeltaError::NotEnded {
+                            task: task.short(),
+                            outcome: *outcome,
+                        })
+                    }
+                    Some(_) => {}
+                    None => {
+                        let held = self.blind_tombstones.get(&delta.origin).copied();
+                        if held.unwrap_or(0) >= MAX_BLIND_TOMBSTONES {
+                            return Err(DeltaError::Quota {
+                                what: "tombstones of tasks unknown here",
+                                origin: delta.origin.short(),
+                                limit: MAX_BLIND_TOMBSTONES,
+                            });
+                        }
+                    }
+                }
+            }
+            DeltaBody::Node(_) | DeltaBody::Spec(_) | DeltaBody::Suspect { .. } => {}
+            DeltaBody::Revoke(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Merges one delta, after checking the writer rules ([`State::check`],
+    /// [`State::check_against`]). Signatures, admission and who may submit or cancel are the
+    /// replica's to check first (see `Replica`).
     pub fn apply(&mut self, delta: &Delta) -> Result<Merged, DeltaError> {
         Self::check(delta)?;
+        self.check_against(delta)?;
         let at = Stamp {
             origin: delta.origin,
             stamp: delta.stamp,
         };
+        let sig = delta.sig;
         Ok(match &delta.body {
-            DeltaBody::Node(rec) => self.merge_node(rec, delta.stamp),
+            DeltaBody::Node(rec) => self.merge_node(rec, delta.stamp, sig),
             DeltaBody::Spec(spec) => {
                 let id = spec.id();
                 self.merge_spec(
                     id,
-                    &stamped(at, Arc::new(spec.clone()), ComponentHash::spec(&id)),
+                    &stamped(at, sig, Arc::new(spec.clone()), ComponentHash::spec(&id)),
                 )
             }
             DeltaBody::Lease { task, lease } => self.merge_lease(
                 *task,
-                &stamped(at, *lease, ComponentHash::lease(task, lease)),
+                &stamped(at, sig, *lease, ComponentHash::lease(task, lease)),
             ),
             DeltaBody::Status { task, epoch, entry } => self.merge_status(
                 *task,
                 *epoch,
                 &stamped(
                     at,
+                    sig,
                     entry.clone(),
                     ComponentHash::status(task, *epoch, entry),
                 ),
             ),
-            DeltaBody::Cancel { task } => {
-                self.merge_cancel(*task, &stamped(at, (), ComponentHash::cancel(task)))
-            }
-            DeltaBody::Compact { task, outcome } => self.merge_tombstone(
-                *task,
-                &stamped(at, *outcome, ComponentHash::tombstone(task, *outcome)),
+            DeltaBody::Cancel(c) => self.merge_cancel(
+                c.task,
+                &stamped(at, sig, *c, ComponentHash::cancel(&c.task)),
             ),
+            DeltaBody::Compact { task, outcome, end } => {
+                let blind = !self.tasks.contains_key(task);
+                let tomb = Tomb {
+                    outcome: *outcome,
+                    end: end.clone(),
+                };
+                let merged = self.merge_tombstone(
+                    *task,
+                    &stamped(at, sig, tomb, ComponentHash::tombstone(task, *outcome)),
+                );
+                if blind && merged == Merged::Changed {
+                    *self.blind_tombstones.entry(delta.origin).or_default() += 1;
+                }
+                merged
+            }
             DeltaBody::Suspect { node, version } => self.merge_suspect(
                 *node,
-                &stamped(at, *version, ComponentHash::suspect(node, *version)),
+                &stamped(at, sig, *version, ComponentHash::suspect(node, *version)),
             ),
+            DeltaBody::Revoke(r) => {
+                let hash = ComponentHash::revoke(&r.node);
+                merge_entry(
+                    &mut self.digest,
+                    &mut self.revoked,
+                    r.node,
+                    &stamped(at, sig, *r, hash),
+                    same,
+                )
+            }
         })
+    }
+
+    /// Whether an admission key's holder revoked `id`.
+    pub fn is_revoked(&self, id: &NodeId) -> bool {
+        self.revoked.contains_key(id)
+    }
+
+    /// Revoked nodes.
+    pub fn revoked(&self) -> impl Iterator<Item = &NodeId> {
+        self.revoked.keys()
     }
 
     /// The version of `id`'s record suspected, if no newer record of it is held.
@@ -516,7 +882,7 @@ impl State {
     /// old or duplicate records (gossip fan-out delivers each several times) are settled
     /// without hashing or cloning. A newer record is shared, and rehashed only if its durable
     /// part (all the digest covers) changed, which a load move never does.
-    fn merge_node(&mut self, rec: &Arc<NodeRecord>, stamp: u64) -> Merged {
+    fn merge_node(&mut self, rec: &Arc<NodeRecord>, stamp: u64, sig: Sig) -> Merged {
         match self.nodes.get_mut(&rec.id) {
             None => {
                 self.digest.add(ComponentHash::node(rec));
@@ -527,6 +893,7 @@ impl State {
                     NodeSlot {
                         rec: Arc::clone(rec),
                         stamp,
+                        sig,
                         heard: 0,
                     },
                 );
@@ -535,8 +902,12 @@ impl State {
                 match rec.version().cmp(&cur.rec.version()) {
                     Ordering::Less => return Merged::Unchanged,
                     Ordering::Equal if Arc::ptr_eq(rec, &cur.rec) || **rec == *cur.rec => {
-                        // Equal values keep the lower stamp so the choice is deterministic.
-                        cur.stamp = cur.stamp.min(stamp);
+                        // Equal values keep the lower stamp (and its signature) so the
+                        // choice is deterministic.
+                        if stamp < cur.stamp {
+                            cur.stamp = stamp;
+                            cur.sig = sig;
+                        }
                         return Merged::Unchanged;
                     }
                     Ordering::Equal if node_order(rec, &cur.rec) != Ordering::Greater => {
@@ -554,6 +925,7 @@ impl State {
                 );
                 cur.rec = Arc::clone(rec);
                 cur.stamp = stamp;
+                cur.sig = sig;
             }
         }
         self.refute(&rec.id, rec.version());
@@ -574,9 +946,7 @@ impl State {
         let Some(rec) = live(&mut self.tasks, &self.tombstones, id) else {
             return Merged::Tombstoned;
         };
-        merge_slot(&mut self.digest, &mut rec.lease, incoming, |a, b| {
-            a.rank().cmp(&b.rank())
-        })
+        merge_lease_at(&mut self.digest, rec, incoming.value.epoch, incoming)
     }
 
     fn merge_status(
@@ -598,7 +968,7 @@ impl State {
         }
     }
 
-    fn merge_cancel(&mut self, id: TaskId, incoming: &Stamped<()>) -> Merged {
+    fn merge_cancel(&mut self, id: TaskId, incoming: &Stamped<SignedCancel>) -> Merged {
         let Some(rec) = live(&mut self.tasks, &self.tombstones, id) else {
             return Merged::Tombstoned;
         };
@@ -607,7 +977,7 @@ impl State {
         })
     }
 
-    fn merge_tombstone(&mut self, id: TaskId, incoming: &Stamped<TaskState>) -> Merged {
+    fn merge_tombstone(&mut self, id: TaskId, incoming: &Stamped<Tomb>) -> Merged {
         if let Some(rec) = self.tasks.remove(&id) {
             for h in rec.components_hash() {
                 self.digest.remove(h);
@@ -618,8 +988,33 @@ impl State {
             &mut self.tombstones,
             id,
             incoming,
-            |a, b| a.code().cmp(&b.code()),
+            |a, b| a.outcome.code().cmp(&b.outcome.code()),
         )
+    }
+
+    /// The delta that ended `task` here, as its writer signed it: the submitter's cancel,
+    /// or the final status of the top epoch. What a compaction carries as its evidence.
+    pub fn ending(&self, task: &TaskId) -> Option<Delta> {
+        let rec = self.tasks.get(task)?;
+        let as_delta = |at: Stamp, sig: Sig, body| Delta {
+            origin: at.origin,
+            stamp: at.stamp,
+            body,
+            sig,
+        };
+        if let Some(c) = &rec.cancel {
+            return Some(as_delta(c.at, c.sig, DeltaBody::Cancel(c.value)));
+        }
+        let (epoch, s) = rec.statuses.iter().next_back()?;
+        Some(as_delta(
+            s.at,
+            s.sig,
+            DeltaBody::Status {
+                task: *task,
+                epoch: *epoch,
+                entry: s.value.clone(),
+            },
+        ))
     }
 
     /// Every component as the delta that would recreate it, for anti-entropy. A task's
@@ -635,32 +1030,38 @@ impl State {
         &'a self,
         keep: impl Fn(Stamp) -> bool + Copy + 'a,
     ) -> impl Iterator<Item = Delta> + 'a {
-        let delta = |at: Stamp, body| Delta {
+        let delta = |at: Stamp, sig: Sig, body| Delta {
             origin: at.origin,
             stamp: at.stamp,
             body,
+            sig,
         };
         let nodes = self
             .nodes
             .values()
             .filter(move |s| keep(s.at()))
-            .map(move |s| delta(s.at(), DeltaBody::Node(Arc::clone(&s.rec))));
+            .map(move |s| delta(s.at(), s.sig, DeltaBody::Node(Arc::clone(&s.rec))));
         let tasks = self.tasks.iter().flat_map(move |(id, rec)| {
             let id = *id;
             let spec = rec
                 .spec
                 .iter()
                 .filter(move |s| keep(s.at))
-                .map(move |s| delta(s.at, DeltaBody::Spec((*s.value).clone())));
-            let lease = rec.lease.iter().filter(move |s| keep(s.at)).map(move |s| {
-                delta(
-                    s.at,
-                    DeltaBody::Lease {
-                        task: id,
-                        lease: s.value,
-                    },
-                )
-            });
+                .map(move |s| delta(s.at, s.sig, DeltaBody::Spec((*s.value).clone())));
+            let lease = rec
+                .leases
+                .values()
+                .filter(move |s| keep(s.at))
+                .map(move |s| {
+                    delta(
+                        s.at,
+                        s.sig,
+                        DeltaBody::Lease {
+                            task: id,
+                            lease: s.value,
+                        },
+                    )
+                });
             let statuses =
                 rec.statuses
                     .iter()
@@ -668,6 +1069,7 @@ impl State {
                     .map(move |(epoch, s)| {
                         delta(
                             s.at,
+                            s.sig,
                             DeltaBody::Status {
                                 task: id,
                                 epoch: *epoch,
@@ -679,7 +1081,7 @@ impl State {
                 .cancel
                 .iter()
                 .filter(move |s| keep(s.at))
-                .map(move |s| delta(s.at, DeltaBody::Cancel { task: id }));
+                .map(move |s| delta(s.at, s.sig, DeltaBody::Cancel(s.value)));
             spec.chain(lease).chain(statuses).chain(cancel)
         });
         let tombs = self
@@ -689,9 +1091,11 @@ impl State {
             .map(move |(id, s)| {
                 delta(
                     s.at,
+                    s.sig,
                     DeltaBody::Compact {
                         task: *id,
-                        outcome: s.value,
+                        outcome: s.value.outcome,
+                        end: s.value.end.clone(),
                     },
                 )
             });
@@ -702,13 +1106,23 @@ impl State {
                 .map(move |(node, s)| {
                     delta(
                         s.at,
+                        s.sig,
                         DeltaBody::Suspect {
                             node: *node,
                             version: s.value,
                         },
                     )
                 });
-        nodes.chain(tasks).chain(tombs).chain(suspects)
+        let revoked = self
+            .revoked
+            .values()
+            .filter(move |s| keep(s.at))
+            .map(move |s| delta(s.at, s.sig, DeltaBody::Revoke(s.value)));
+        nodes
+            .chain(tasks)
+            .chain(tombs)
+            .chain(suspects)
+            .chain(revoked)
     }
 
     /// Stamps of every component, without cloning values: what a version vector covers.
@@ -718,7 +1132,7 @@ impl State {
             rec.spec
                 .iter()
                 .map(|s| s.at)
-                .chain(rec.lease.iter().map(|s| s.at))
+                .chain(rec.leases.values().map(|s| s.at))
                 .chain(rec.statuses.values().map(|s| s.at))
                 .chain(rec.cancel.iter().map(|s| s.at))
         });
@@ -726,6 +1140,7 @@ impl State {
             .chain(tasks)
             .chain(self.tombstones.values().map(|s| s.at))
             .chain(self.suspects.values().map(|s| s.at))
+            .chain(self.revoked.values().map(|s| s.at))
     }
 
     /// The image digest a task's spec pins, if its spec is known and well formed.
@@ -742,7 +1157,10 @@ impl Crdt for State {
     /// in place, reusing cached hashes.
     fn merge(&mut self, other: &Self) {
         for s in other.nodes.values() {
-            self.merge_node(&s.rec, s.stamp);
+            self.merge_node(&s.rec, s.stamp, s.sig);
+        }
+        for (id, s) in &other.revoked {
+            merge_entry(&mut self.digest, &mut self.revoked, *id, s, same);
         }
         for (id, s) in &other.tombstones {
             self.merge_tombstone(*id, s);

@@ -38,7 +38,14 @@ struct Outstanding {
     indirect_at: Millis,
     indirect_sent: bool,
     acked: bool,
+    /// The peers asked to ping the target for this node: the only ones besides the target
+    /// whose ack of this nonce counts.
+    helpers: [Option<NodeId>; MAX_HELPERS],
 }
+
+/// The most helpers remembered per probe (`indirect_probes` is at most this in practice;
+/// more are asked but their acks do not count).
+const MAX_HELPERS: usize = 8;
 
 /// A ping this node sends on behalf of another's `PingReq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,8 +75,11 @@ pub(crate) enum Answer {
     },
     /// A ping request dropped: too many relays at once.
     Dropped,
-    /// A late or unknown ack: nothing to do.
+    /// A late ack, or one for a relay already passed on: nothing to do.
     Nothing,
+    /// An ack with a nonce this node never sent, or from a node that was neither the
+    /// target nor a helper asked: dropped and counted.
+    Refused,
 }
 
 /// The probing state of one replica.
@@ -81,14 +91,27 @@ pub(crate) struct Prober {
     pos: usize,
     next_probe: Millis,
     nonce: u64,
+    /// Mixed into every nonce (from the replica's seeded random stream), so a peer cannot
+    /// guess the nonce of a ping it did not see.
+    nonce_key: u64,
     current: Option<Outstanding>,
     relays: BTreeMap<u64, Relay>,
 }
 
 impl Prober {
-    /// Sets the first probe time.
-    pub(crate) fn start(&mut self, at: Millis) {
+    /// Sets the first probe time, and the secret nonces are drawn with.
+    pub(crate) fn start(&mut self, at: Millis, nonce_key: u64) {
         self.next_probe = at;
+        self.nonce_key = nonce_key;
+    }
+
+    /// Notes the helpers asked to ping this period's target.
+    pub(crate) fn asked(&mut self, helpers: &[NodeId]) {
+        if let Some(cur) = self.current.as_mut() {
+            for (slot, h) in cur.helpers.iter_mut().zip(helpers) {
+                *slot = Some(*h);
+            }
+        }
     }
 
     /// When the prober next wants a tick.
@@ -123,6 +146,7 @@ impl Prober {
             indirect_at: now + wait_ms,
             indirect_sent: false,
             acked: false,
+            helpers: [None; MAX_HELPERS],
         });
         Probe::Ping { nonce }
     }
@@ -154,11 +178,11 @@ impl Prober {
                 probe: Probe::Ack { nonce, about: me },
             },
             Probe::Ack { nonce, about } => {
-                if let Some(cur) = self
-                    .current
-                    .as_mut()
-                    .filter(|o| o.nonce == nonce && o.target == about)
-                {
+                if let Some(cur) = self.current.as_mut().filter(|o| {
+                    o.nonce == nonce
+                        && o.target == about
+                        && (from == about || o.helpers.contains(&Some(from)))
+                }) {
                     let rtt_us = (!cur.acked && from == about && !cur.indirect_sent)
                         .then(|| now.saturating_sub(cur.sent_at).saturating_mul(1000));
                     cur.acked = true;
@@ -166,20 +190,25 @@ impl Prober {
                         peer: about,
                         rtt_us,
                     }
-                } else if let Some(r) = self
+                } else if self
                     .relays
-                    .remove(&nonce)
-                    .filter(|r| r.target == about && from == about)
+                    .get(&nonce)
+                    .is_some_and(|r| r.target == about && from == about)
                 {
-                    Answer::Send {
-                        to: r.requester,
-                        probe: Probe::Ack {
-                            nonce: r.their_nonce,
-                            about,
+                    match self.relays.remove(&nonce) {
+                        Some(r) => Answer::Send {
+                            to: r.requester,
+                            probe: Probe::Ack {
+                                nonce: r.their_nonce,
+                                about,
+                            },
                         },
+                        None => Answer::Nothing,
                     }
-                } else {
+                } else if self.current.is_some_and(|o| o.nonce == nonce && o.acked) {
                     Answer::Nothing
+                } else {
+                    Answer::Refused
                 }
             }
             Probe::PingReq { nonce, target } => {
@@ -290,9 +319,11 @@ impl Prober {
         out
     }
 
+    /// A fresh nonce: a bijection of a counter keyed by a secret, so nonces never repeat
+    /// within a run and cannot be predicted from the ones seen.
     fn next_nonce(&mut self) -> u64 {
         self.nonce = self.nonce.wrapping_add(1);
-        self.nonce
+        crate::digest::splitmix64(self.nonce ^ self.nonce_key)
     }
 }
 

@@ -11,14 +11,15 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use omesh_protocol::{
-    Delta, DeltaBody, Digest, GossipMessage, Millis, NodeId, NodeRecord, SignedTaskSpec,
-    StateDigest, TaskId, Wire,
+    AdmissionCert, Delta, DeltaBody, Digest, GossipMessage, Millis, NodeId, NodeRecord,
+    SignedCancel, SignedTaskSpec, StateDigest, TaskId, Wire,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{ConfigError, ReplicaConfig};
 use crate::digest::{first8, mix64, splitmix64};
+use crate::early::Early;
 use crate::liveness::{Health, RttEstimate};
 use crate::merge::State;
 use crate::probe::Prober;
@@ -27,6 +28,7 @@ use crate::runs::{LocalRun, Phase, TaskBook};
 use crate::suspicion::Suspicions;
 use crate::sync::{SyncState, SYNC_TIMEOUT_MS};
 use crate::vector::VersionVector;
+use crate::verify::{Ed25519, Verify};
 
 mod anti_entropy;
 mod decide;
@@ -105,14 +107,86 @@ pub struct Replica {
     stats: Stats,
     started: bool,
     propagation: Vec<PropagationSample>,
+    /// This node's identity key: it signs every delta this node writes.
+    key: NodeKey,
+    /// Checks the signature of every delta that comes in.
+    verify: Arc<dyn Verify>,
+    /// Nodes whose record's admission certificate verified here, with the certificate
+    /// that did (a record republished with the same one is not checked again).
+    admitted: BTreeMap<NodeId, AdmissionCert>,
+    /// Deltas that came before what they build on, tried again as the rest arrives.
+    early: Early,
+}
+
+/// A node's ed25519 identity key; its public half is the NodeId. Debug never shows it.
+#[derive(Clone)]
+pub struct NodeKey(ed25519_dalek::SigningKey);
+
+impl NodeKey {
+    /// The key with these 32 secret bytes.
+    pub fn from_bytes(secret: &[u8; 32]) -> Self {
+        Self(ed25519_dalek::SigningKey::from_bytes(secret))
+    }
+
+    /// The node id this key signs as.
+    pub fn id(&self) -> NodeId {
+        NodeId(self.0.verifying_key().to_bytes())
+    }
+
+    /// The signing key.
+    pub fn signing(&self) -> &ed25519_dalek::SigningKey {
+        &self.0
+    }
+}
+
+impl From<ed25519_dalek::SigningKey> for NodeKey {
+    fn from(k: ed25519_dalek::SigningKey) -> Self {
+        Self(k)
+    }
+}
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeKey({})", self.id().short())
+    }
 }
 
 impl Replica {
+    /// Checks incoming signatures with `verify` instead of [`Ed25519`] (a simulator shares
+    /// one that remembers what it checked).
+    pub fn set_verifier(&mut self, verify: Arc<dyn Verify>) {
+        self.verify = verify;
+    }
+
+    /// Deltas held back until what they build on arrives.
+    pub fn early_held(&self) -> usize {
+        self.early.len()
+    }
+
+    /// Whether `id` may write here: always in an open mesh (unless revoked); with admission
+    /// keys, once a record of it with a valid certificate was merged.
+    pub fn is_admitted(&self, id: &NodeId) -> bool {
+        !self.state.is_revoked(id)
+            && (self.cfg.admission_keys.is_empty() || self.admitted.contains_key(id))
+    }
+
     /// A replica for the configured node. The config is validated here.
-    pub fn new(cfg: ReplicaConfig) -> Result<Self, ConfigError> {
+    pub fn new(cfg: ReplicaConfig, key: impl Into<NodeKey>) -> Result<Self, ConfigError> {
+        let key = key.into();
         cfg.validate()?;
+        if key.id() != cfg.node_id {
+            return Err(ConfigError {
+                key: "node_id",
+                reason: format!(
+                    "is {} but the identity key given is {}'s",
+                    cfg.node_id.short(),
+                    key.id().short()
+                ),
+            });
+        }
         let mut me = NodeRecord::new(cfg.node_id, cfg.incarnation, cfg.capacity);
         me.tags = cfg.tags.clone();
+        me.cert = cfg.cert.clone();
         // The configured seed, the id and the incarnation each mixed on their own: the id alone
         // would cancel a seed derived from it, and a restart must not replay the random
         // stream (probe order, claim staggers) of the incarnation before.
@@ -139,6 +213,10 @@ impl Replica {
             stats: Stats::default(),
             started: false,
             propagation: Vec::new(),
+            key,
+            verify: Arc::new(Ed25519),
+            admitted: BTreeMap::new(),
+            early: Early::default(),
             cfg,
         })
     }
@@ -273,7 +351,7 @@ impl Replica {
                 Ok(())
             }
             Input::Submit(spec) => self.submit(now, spec).map(|_| ()),
-            Input::Cancel(task) => self.cancel(now, task),
+            Input::Cancel(order) => self.cancel(now, order),
             Input::Executor { task, epoch, event } => {
                 self.on_executor(now, task, epoch, event);
                 Ok(())
@@ -371,7 +449,11 @@ impl Replica {
         Ok(id)
     }
 
-    fn cancel(&mut self, now: Millis, task: TaskId) -> Result<(), InputError> {
+    fn cancel(&mut self, now: Millis, order: SignedCancel) -> Result<(), InputError> {
+        let task = order.task;
+        if !self.cfg.authorized_submitters.contains(&order.submitter) || !order.signature_holds() {
+            return Err(InputError::CancelNotAuthorized(task));
+        }
         if let Some(state) = self.state.tombstone(&task) {
             return Err(InputError::AlreadyEnded { task, state });
         }
@@ -385,7 +467,7 @@ impl Replica {
         if let Some(state) = view.filter(|s| s.is_terminal()) {
             return Err(InputError::AlreadyEnded { task, state });
         }
-        self.write(now, DeltaBody::Cancel { task });
+        self.write(now, DeltaBody::Cancel(order));
         self.mark_dirty(now);
         Ok(())
     }
@@ -402,7 +484,12 @@ impl Replica {
             use rand::Rng;
             self.rng.gen_range(0..self.cfg.heartbeat_ms)
         };
-        self.prober.start(now + offset);
+        // Nonces come from the seed too (not from the random stream, whose draws decide
+        // probe order and claim staggers: those stay as they were for a given seed).
+        let nonce_key = splitmix64(
+            self.cfg.seed ^ mix64(u64::from_le_bytes(first8(&self.cfg.node_id.0))) ^ 0x6e6f6e6365,
+        ) ^ splitmix64(self.cfg.incarnation);
+        self.prober.start(now + offset, nonce_key);
     }
 
     /// Publishes the record now, or when one period has passed since the last publication.

@@ -107,7 +107,7 @@ fn periodic_anti_entropy_compares_digests_before_sending_a_vector() {
     use omesh_protocol::{StateDigest, SyncRequest};
     use omesh_state::{Action, Input, Replica};
 
-    let mut r = Replica::new(harness::config(1)).unwrap();
+    let mut r = omesh_harness::fixtures::replica(harness::config(1)).unwrap();
     r.handle(0, Input::Tick).unwrap();
     while r.poll_action().is_some() {}
     let ask = |r: &mut Replica, digest, vclock_hash| {
@@ -184,7 +184,20 @@ fn an_owner_back_from_a_partition_does_not_take_over_what_failed_over_while_it_w
         let (owner, _) = owner_of(&m, task).unwrap();
         m.isolate(owner);
         // The others fail over to epoch 2; the cut-off owner suspects both of them.
-        assert!(m.run_until(20_000, |m| m.runners(task).iter().any(|(_, e)| *e == 2)));
+        let ok = m.run_until(20_000, |m| m.runners(task).iter().any(|(_, e)| *e == 2));
+        if !ok {
+            for id in m.ids() {
+                let r = m.replica(id);
+                eprintln!(
+                    "{} {:?} {:?} {:?}",
+                    id.short(),
+                    r.stats().rejections,
+                    r.task_view(m.now, &task),
+                    m.runners(task)
+                );
+            }
+        }
+        assert!(ok);
         m.run_until(3_000, |_| false);
         let claims_before = m.replica(owner).stats().claims;
         m.heal();
@@ -222,8 +235,8 @@ fn records(r: &mut omesh_state::Replica) -> Vec<std::sync::Arc<omesh_protocol::N
 #[test]
 fn what_a_node_learns_before_it_starts_goes_into_its_one_first_record() {
     use omesh_protocol::LoadSample;
-    use omesh_state::{Input, Replica};
-    let mut r = Replica::new(harness::config(1)).unwrap();
+    use omesh_state::Input;
+    let mut r = omesh_harness::fixtures::replica(harness::config(1)).unwrap();
     let addr = "/ip4/127.0.0.1/udp/4001/quic-v1".to_string();
     let load = LoadSample {
         cpu_permille: 300,
@@ -242,14 +255,14 @@ fn what_a_node_learns_before_it_starts_goes_into_its_one_first_record() {
     assert_eq!(published[0].load, load);
 
     // A peer that hears that first record by gossip holds it in order: no gap to close.
-    let mut peer = Replica::new(harness::config(2)).unwrap();
+    let mut peer = omesh_harness::fixtures::replica(harness::config(2)).unwrap();
     peer.handle(0, Input::Tick).unwrap();
     let msg = omesh_protocol::GossipMessage {
-        deltas: vec![omesh_protocol::Delta {
-            origin: node(1),
-            stamp: r.version_of(&node(1)),
-            body: omesh_protocol::DeltaBody::Node(published[0].clone()),
-        }],
+        deltas: vec![omesh_harness::fixtures::sign(
+            node(1),
+            r.version_of(&node(1)),
+            omesh_protocol::DeltaBody::Node(published[0].clone()),
+        )],
     };
     peer.handle_gossip(10, node(1), &msg).unwrap();
     assert!(peer.state().node(&node(1)).is_some());
@@ -272,7 +285,7 @@ fn a_first_sync_that_lacks_the_nodes_record_publishes_it_again_and_only_then() {
         truncated: false,
     };
     for with_mine in [false, true] {
-        let mut r = Replica::new(harness::config(1)).unwrap();
+        let mut r = omesh_harness::fixtures::replica(harness::config(1)).unwrap();
         r.handle(0, Input::Tick).unwrap();
         assert_eq!(records(&mut r).len(), 1);
         let reply = answer(&r, with_mine);
@@ -316,31 +329,28 @@ fn a_first_sync_that_lacks_the_nodes_record_publishes_it_again_and_only_then() {
 #[test]
 fn a_bulk_join_holds_every_record_in_order_and_keeps_merging_after() {
     use omesh_protocol::{Delta, DeltaBody, SyncReply};
-    use omesh_state::{Input, Replica};
+    use omesh_state::Input;
     // More than the bulk-join threshold, so the replica rebuilds its per-node tables.
-    let ids: Vec<_> = (0..300u32)
+    let keys: Vec<omesh_state::NodeKey> = (0..300u32)
         .map(|i| {
             let mut b = [0u8; 32];
             b[..4].copy_from_slice(&i.to_be_bytes());
             b[31] = 0x55;
-            omesh_protocol::NodeId(b)
+            omesh_state::NodeKey::from_bytes(&b)
         })
         .collect();
+    let ids: Vec<_> = keys.iter().map(omesh_state::NodeKey::id).collect();
     let record = |id, seq| record(id, seq, 0);
     let first = 1u64 << 32 | 1;
-    let deltas: Vec<Delta> = ids
+    let deltas: Vec<Delta> = keys
         .iter()
-        .map(|id| Delta {
-            origin: *id,
-            stamp: first,
-            body: DeltaBody::Node(record(*id, 1)),
-        })
+        .map(|k| Delta::signed(k.signing(), first, DeltaBody::Node(record(k.id(), 1))))
         .collect();
     let mut donor = omesh_state::State::default();
     for d in &deltas {
         donor.apply(d).unwrap();
     }
-    let mut r = Replica::new(harness::config(200)).unwrap();
+    let mut r = omesh_harness::fixtures::replica(harness::config(200)).unwrap();
     r.handle(0, Input::Tick).unwrap();
     let reply = SyncReply {
         deltas,
@@ -370,11 +380,11 @@ fn a_bulk_join_holds_every_record_in_order_and_keeps_merging_after() {
     assert!(r.state().node_by_prefix(u64::MAX).is_none());
     // And it goes on merging: a newer record of one node, in order.
     let newer = omesh_protocol::GossipMessage {
-        deltas: vec![Delta {
-            origin: ids[7],
-            stamp: first + 1,
-            body: DeltaBody::Node(record(ids[7], 2)),
-        }],
+        deltas: vec![Delta::signed(
+            keys[7].signing(),
+            first + 1,
+            DeltaBody::Node(record(ids[7], 2)),
+        )],
     };
     r.handle_gossip(20, ids[7], &newer).unwrap();
     assert_eq!(r.state().node(&ids[7]).map(|n| n.seq), Some(2));
@@ -389,7 +399,7 @@ fn a_bulk_join_holds_every_record_in_order_and_keeps_merging_after() {
 fn a_replica_behind_on_a_record_that_only_moved_does_not_look_in_sync() {
     use std::sync::Arc;
 
-    use omesh_protocol::{Delta, DeltaBody, GossipMessage};
+    use omesh_protocol::{DeltaBody, GossipMessage};
     use omesh_protocol::{SyncReply, SyncRequest};
     use omesh_state::{Action, Input, Replica};
     // Node 9 published seq 1, then seq 2 (a load move, or a refutation: the durable part is
@@ -398,24 +408,22 @@ fn a_replica_behind_on_a_record_that_only_moved_does_not_look_in_sync() {
     let rec = |seq, cpu| record(x, seq, cpu);
     let first = 1u64 << 32 | 1;
     let msg = |stamp, r| GossipMessage {
-        deltas: vec![Delta {
-            origin: x,
-            stamp,
-            body: DeltaBody::Node(r),
-        }],
+        deltas: vec![omesh_harness::fixtures::sign(x, stamp, DeltaBody::Node(r))],
     };
-    let mut a = Replica::new(harness::config(1)).unwrap();
-    let mut b = Replica::new(harness::config(2)).unwrap();
+    let mut a = omesh_harness::fixtures::replica(harness::config(1)).unwrap();
+    let mut b = omesh_harness::fixtures::replica(harness::config(2)).unwrap();
     for r in [&mut a, &mut b] {
         r.handle(0, Input::Tick).unwrap();
         r.handle_gossip(1, x, &msg(first, rec(1, 100))).unwrap();
     }
     b.handle_gossip(2, x, &msg(first + 1, rec(2, 900))).unwrap();
     // Trade own records, so the two states differ only in node 9's version.
-    let record_of = |r: &Replica, id| Delta {
-        origin: id,
-        stamp: r.version_of(&id),
-        body: DeltaBody::Node(Arc::new(r.state().node(&id).unwrap().clone())),
+    let record_of = |r: &Replica, id| {
+        omesh_harness::fixtures::sign(
+            id,
+            r.version_of(&id),
+            DeltaBody::Node(Arc::new(r.state().node(&id).unwrap().clone())),
+        )
     };
     let (da, db) = (record_of(&a, node(1)), record_of(&b, node(2)));
     a.handle_gossip(3, node(2), &GossipMessage { deltas: vec![db] })
@@ -518,21 +526,17 @@ fn when_a_long_running_owner_dies_the_next_in_rank_claims_not_every_node() {
 
 #[test]
 fn a_node_learned_mid_round_is_probed_in_that_round() {
-    use omesh_protocol::{Delta, DeltaBody, GossipMessage, Probe};
+    use omesh_protocol::{DeltaBody, GossipMessage, Probe};
     use omesh_state::{Action, Input, Replica};
     let rec = |i: u8| record(node(i), 0, 0);
     let learn = |r: &mut Replica, now, ids: std::ops::Range<u8>| {
         let deltas = ids
-            .map(|i| Delta {
-                origin: node(i),
-                stamp: 1 << 32 | 1,
-                body: DeltaBody::Node(rec(i)),
-            })
+            .map(|i| omesh_harness::fixtures::sign(node(i), 1 << 32 | 1, DeltaBody::Node(rec(i))))
             .collect();
         r.handle_gossip(now, node(2), &GossipMessage { deltas })
             .unwrap();
     };
-    let mut r = Replica::new(harness::config(1)).unwrap();
+    let mut r = omesh_harness::fixtures::replica(harness::config(1)).unwrap();
     learn(&mut r, 0, 2..40);
     // The first probe builds this round from the 38 peers known now.
     let mut now = 0;

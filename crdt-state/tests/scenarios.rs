@@ -136,7 +136,11 @@ fn a_cancelled_task_never_runs_again() {
     assert!(m.run_until(5_000, |m| owner_of(m, task).is_some()));
     let (owner, epoch) = owner_of(&m, task).unwrap();
     let other = m.ids().into_iter().find(|id| *id != owner).unwrap();
-    m.input(other, omesh_state::Input::Cancel(task)).unwrap();
+    m.input(
+        other,
+        omesh_state::Input::Cancel(omesh_harness::fixtures::cancel(task)),
+    )
+    .unwrap();
     assert!(m.run_until(5_000, |m| m.runners(task).is_empty()));
     assert!(m
         .stops

@@ -3,23 +3,21 @@
 #![allow(clippy::unwrap_used)]
 
 use omesh_protocol::NodeId;
-use omesh_state::{Input, Replica, ReplicaConfig};
+use omesh_state::{Input, ReplicaConfig};
 
 /// When a fresh replica first wants to probe: drawn from its random stream at start.
 fn first_probe_at(id: NodeId, seed: u64, incarnation: u64) -> u64 {
     let mut cfg = ReplicaConfig::for_node(id);
     cfg.seed = seed;
     cfg.incarnation = incarnation;
-    let mut r = Replica::new(cfg).unwrap();
+    let mut r = omesh_harness::fixtures::replica(cfg).unwrap();
     r.handle(0, Input::Tick).unwrap();
     while r.poll_action().is_some() {}
     r.poll_timeout().unwrap()
 }
 
-fn id(first: u8) -> NodeId {
-    let mut b = [0x5Au8; 32];
-    b[0] = first;
-    NodeId(b)
+fn id(i: u8) -> NodeId {
+    omesh_harness::node(i)
 }
 
 #[test]

@@ -100,7 +100,8 @@ impl Driver for SimDriver {
 
     fn cancel(&mut self, at: NodeId, task: TaskId) {
         if let Some(i) = self.index(at) {
-            self.sim.feed(i, Input::Cancel(task));
+            self.sim
+                .feed(i, Input::Cancel(omesh_harness::fixtures::cancel(task)));
         }
     }
 

@@ -24,6 +24,7 @@ pub mod scenario;
 pub mod sim;
 pub mod sweep;
 mod transport;
+pub mod verify;
 pub mod workload;
 
 use std::time::Instant;

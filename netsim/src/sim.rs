@@ -9,7 +9,7 @@ use omesh_protocol::{
     Delta, Digest, Epoch, GossipMessage, LoadSample, NodeId, Probe, SyncReply, SyncRequest, TaskId,
     Wire,
 };
-use omesh_state::{Action, Input, Replica, ReplicaConfig};
+use omesh_state::{Action, Input, NodeKey, Replica, ReplicaConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -152,6 +152,8 @@ pub(crate) enum Slot {
 pub struct Node {
     /// Its identity.
     pub id: NodeId,
+    /// Its identity key, which signs what its replica writes.
+    pub key: NodeKey,
     /// The replica, while the node is up.
     pub replica: Option<Replica>,
     /// Bumped by every crash and restart; events of an older generation are void.
@@ -286,11 +288,18 @@ pub struct Sim {
     /// When set (by the conformance driver), every input fed and action polled is recorded
     /// and checked against the replica's contract.
     pub(crate) journal: Option<omesh_harness::conformance::Journal>,
+    /// The signature checker every replica shares.
+    pub verify: std::sync::Arc<crate::verify::MemoVerify>,
 }
 
-/// The id of node index `i`: stable across seeds.
+/// The identity key of node index `i`: stable across seeds.
+pub fn node_key(i: u32) -> NodeKey {
+    NodeKey::from_bytes(&Digest::of(format!("omesh-netsim/node/{i}").as_bytes()).0)
+}
+
+/// The id of node index `i`: the public half of [`node_key`].
 pub fn node_id(i: u32) -> NodeId {
-    NodeId(Digest::of(format!("omesh-netsim/node/{i}").as_bytes()).0)
+    node_key(i).id()
 }
 
 impl Sim {
@@ -340,6 +349,7 @@ impl Sim {
             formed_in: None,
             ended_at: 0,
             journal: None,
+            verify: std::sync::Arc::default(),
             scenario,
             seed,
         };
@@ -461,9 +471,11 @@ impl Sim {
 
     pub(crate) fn add_node(&mut self, group: usize, clock: Clock) -> u32 {
         let i = u32::try_from(self.nodes.len()).unwrap_or(u32::MAX);
-        let id = node_id(i);
+        let key = node_key(i);
+        let id = key.id();
         self.nodes.push(Node {
             id,
+            key,
             replica: None,
             gen: 0,
             clock,
@@ -498,9 +510,10 @@ impl Sim {
             memory_bytes: g.memory_mb << 20,
         };
         // The scenario was validated with the same values, so this cannot fail.
-        let Ok(replica) = Replica::new(cfg) else {
+        let Ok(mut replica) = Replica::new(cfg, node.key.clone()) else {
             return;
         };
+        replica.set_verifier(self.verify.clone());
         node.replica = Some(replica);
         node.exec.clear();
         node.last_load = None;

@@ -161,8 +161,11 @@ pub enum ApiCall {
         Box<SignedTaskSpec>,
         oneshot::Sender<Result<TaskId, ApiError>>,
     ),
-    /// Cancel a task everywhere.
-    Cancel(TaskId, oneshot::Sender<Result<(), ApiError>>),
+    /// Cancel a task everywhere, on the submitter's signed order.
+    Cancel(
+        omesh_protocol::SignedCancel,
+        oneshot::Sender<Result<(), ApiError>>,
+    ),
     /// A chunk of a task's log, from its owner.
     Logs {
         /// The task.
@@ -206,6 +209,50 @@ impl SubmitBody {
             spec: s.spec.clone(),
             signature: hex::encode(&s.signature),
         }
+    }
+}
+
+/// The body of `DELETE /api/v1/tasks/{id}`: the submitter's signed order to cancel (made by
+/// `omesh cancel --key`), since no peer may cancel what it was not told to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    /// The submitter's ed25519 public key, hex.
+    pub submitter: String,
+    /// Its signature over the cancel of this task, hex.
+    pub signature: String,
+}
+
+impl CancelBody {
+    /// The body for a cancel of `task` signed by `key`.
+    pub fn sign(key: &ed25519_dalek::SigningKey, task: TaskId) -> Self {
+        let c = omesh_protocol::SignedCancel::sign(key, task);
+        Self {
+            submitter: hex::encode(c.submitter),
+            signature: hex::encode(c.sig.0),
+        }
+    }
+
+    fn order(&self, task: TaskId) -> Result<omesh_protocol::SignedCancel, ApiError> {
+        let bad = |what: &str| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("cancel body: {what} is not hex of the right length"),
+            )
+        };
+        let submitter: [u8; 32] = hex::decode(self.submitter.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| bad("submitter (32 bytes)"))?;
+        let sig: [u8; 64] = hex::decode(self.signature.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| bad("signature (64 bytes)"))?;
+        Ok(omesh_protocol::SignedCancel {
+            task,
+            submitter,
+            sig: omesh_protocol::Sig(sig),
+        })
     }
 }
 
@@ -355,10 +402,20 @@ async fn cancel(
     State(s): State<ApiState>,
     headers: axum::http::HeaderMap,
     Path(id): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&s, &headers)?;
     let id = parse_task_id(&id)?;
-    ask(&s, |tx| ApiCall::Cancel(id, tx)).await??;
+    if body.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "a cancel must be signed by a submitter key: send {\"submitter\", \"signature\"} (omesh cancel --key FILE does)",
+        ));
+    }
+    let body: CancelBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid cancel body: {e}")))?;
+    let order = body.order(id)?;
+    ask(&s, |tx| ApiCall::Cancel(order, tx)).await??;
     Ok(Json(
         serde_json::json!({ "id": id.to_hex(), "cancelled": true }),
     ))

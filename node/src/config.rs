@@ -288,16 +288,19 @@ impl NodeConfig {
         if self.fake_cpu_percent.is_some_and(|p| p > 100) {
             return Err(value("fake_cpu_percent", "must be 0..=100"));
         }
-        self.replica_config(
+        // Admission is checked at start, against the node's identity and certificate file;
+        // here only the rest of the replica's keys.
+        let mut r = self.replica_config(
             Default::default(),
             1,
             Capacity {
                 cpu_millis: 1,
                 memory_bytes: 1,
             },
-        )
-        .validate()
-        .map_err(|e| value(e.key, e.reason))?;
+            None,
+        );
+        r.admission_keys.clear();
+        r.validate().map_err(|e| value(e.key, e.reason))?;
         if self.blob_cap_bytes == 0 {
             return Err(value("blob_cap_bytes", "must be more than 0"));
         }
@@ -332,12 +335,14 @@ impl NodeConfig {
             .unwrap_or_else(|| self.data_dir.join(ADMISSION_CERT_FILE))
     }
 
-    /// The replica's part of the configuration.
+    /// The replica's part of the configuration; `cert` is this node's admission certificate
+    /// (read from `admission_cert_path`).
     pub fn replica_config(
         &self,
         node_id: omesh_protocol::NodeId,
         incarnation: u64,
         detected: Capacity,
+        cert: Option<&omesh_protocol::AdmissionCert>,
     ) -> ReplicaConfig {
         let mut r = ReplicaConfig::for_node(node_id);
         r.incarnation = incarnation;
@@ -351,6 +356,12 @@ impl NodeConfig {
             .iter()
             .filter_map(|k| parse_key(k).ok())
             .collect();
+        r.admission_keys = self
+            .admission_keys
+            .iter()
+            .filter_map(|k| parse_key(k).ok())
+            .collect();
+        r.cert = cert.cloned();
         r.enable_offload = self.enable_offload;
         r.threshold_cpu = self.threshold_cpu;
         r.threshold_memory = self.threshold_memory;

@@ -16,10 +16,11 @@ pub struct ChannelLabel {
     pub channel: String,
 }
 
-/// Why a connection was refused.
+/// Why a delta (`omesh_state::REJECTION_REASONS`) or a connection
+/// (`admission::REFUSAL_REASONS`) was refused.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    /// See `admission::REFUSAL_REASONS`.
+    /// The rule broken, e.g. `bad_signature`, `status_not_epoch_owner`, `not_admitted`.
     pub reason: String,
 }
 
@@ -53,8 +54,12 @@ pub struct Metrics {
     pub malformed: Family<ChannelLabel, Counter>,
     /// Deltas merged.
     pub deltas_applied: Counter,
-    /// Deltas refused.
-    pub deltas_rejected: Counter,
+    /// Deltas refused, by the rule they broke.
+    pub deltas_rejected: Family<ReasonLabel, Counter>,
+    /// Probe acks refused: an unknown nonce, or from neither the probed node nor a helper.
+    pub probe_acks_refused: Counter,
+    /// Sync-reply version vector entries not adopted (unknown origin or stamp too high).
+    pub vector_entries_refused: Counter,
     /// Leases changed by merge.
     pub lease_changes: Counter,
     /// Claims by this node.
@@ -93,7 +98,9 @@ impl Metrics {
             digest_mismatches: Counter::default(),
             malformed: Family::default(),
             deltas_applied: Counter::default(),
-            deltas_rejected: Counter::default(),
+            deltas_rejected: Family::default(),
+            probe_acks_refused: Counter::default(),
+            vector_entries_refused: Counter::default(),
             lease_changes: Counter::default(),
             claims: Counter::default(),
             failovers: Counter::default(),
@@ -142,8 +149,18 @@ impl Metrics {
         registry.register("deltas_applied", "Deltas merged", m.deltas_applied.clone());
         registry.register(
             "deltas_rejected",
-            "Deltas refused for breaking a rule",
+            "Deltas refused, by the rule they broke",
             m.deltas_rejected.clone(),
+        );
+        registry.register(
+            "probe_acks_refused",
+            "Probe acks refused: unknown nonce, or from neither the probed node nor a helper asked",
+            m.probe_acks_refused.clone(),
+        );
+        registry.register(
+            "vector_entries_refused",
+            "Entries of sync replies' version vectors not adopted (origin unknown, or stamp past its incarnation)",
+            m.vector_entries_refused.clone(),
         );
         registry.register(
             "lease_changes",
@@ -220,8 +237,19 @@ impl Metrics {
             .inc_by(d(s.digest_mismatches, l.digest_mismatches));
         self.deltas_applied
             .inc_by(d(s.deltas_applied, l.deltas_applied));
-        self.deltas_rejected
-            .inc_by(d(s.deltas_rejected, l.deltas_rejected));
+        for ((reason, new), (_, old)) in s.rejections.iter().zip(l.rejections.iter()) {
+            if new > old {
+                self.deltas_rejected
+                    .get_or_create(&ReasonLabel {
+                        reason: reason.to_owned(),
+                    })
+                    .inc_by(new - old);
+            }
+        }
+        self.probe_acks_refused
+            .inc_by(d(s.probe_acks_refused, l.probe_acks_refused));
+        self.vector_entries_refused
+            .inc_by(d(s.vector_entries_refused, l.vector_entries_refused));
         self.lease_changes
             .inc_by(d(s.lease_changes, l.lease_changes));
         self.claims.inc_by(d(s.claims, l.claims));

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::{dump, metric, operator, wait_until, Node, Submitter};
 use omesh::devtools::localmesh::Admission;
+use omesh::images::dataplane::contact::Answer;
 use omesh_protocol::{AdmissionCert, NodeId, Wire};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -105,10 +106,11 @@ async fn an_admitted_mesh_converges_and_refuses_every_peer_without_a_valid_certi
             Node::start_with(r, "open", &seeds, &[], None),
             "not_admitted",
         ),
+        // An open node holding another node's certificate shows it in a first contact.
         (
-            "nocert",
-            Node::start_with(r, "nocert", &seeds, &trusting, None),
-            "no_certificate",
+            "wrongid",
+            Node::start_with(r, "wrongid", &seeds, &[], None),
+            "wrong_node",
         ),
         (
             "foreign",
@@ -120,12 +122,15 @@ async fn an_admitted_mesh_converges_and_refuses_every_peer_without_a_valid_certi
             Node::start_with(r, "expired", &seeds, &trusting, None),
             "expired",
         ),
-        (
-            "wrongid",
-            Node::start_with(r, "wrongid", &seeds, &trusting, None),
-            "wrong_node",
-        ),
     ];
+    // A peer that shows no certificate at all.
+    let bare = libp2p::identity::Keypair::generate_ed25519();
+    let answer = common::show_cert(&bare, &seed, None).await;
+    assert!(
+        matches!(&answer, Answer::Refused { reason, .. } if reason == "no_certificate"),
+        "{answer:?}"
+    );
+    assert!(refused(&seed, "no_certificate").await >= 1.0);
     for (name, node, reason) in &strangers {
         let counted = wait_until(LONG, || async { refused(&seed, reason).await >= 1.0 }).await;
         if !counted {
@@ -202,4 +207,43 @@ async fn allowed_peers_is_enforced_when_a_connection_is_established() {
     let s = seed.status().await.unwrap();
     assert_eq!(s.admission, "open");
     assert_eq!(s.admission_keys, 0);
+}
+
+#[test]
+fn a_node_with_admission_keys_and_no_valid_certificate_does_not_start() {
+    let root = tempfile::tempdir().unwrap();
+    let op_pub = operator().public_hex();
+    let run = |dir: &Path| {
+        let out = std::process::Command::new(common::bin())
+            .args(["up", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+            .args(["--api-listen", "127.0.0.1:0", "--admission-key", &op_pub])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let none = root.path().join("none");
+    let err = run(&none);
+    assert!(
+        err.contains("admission_cert") && err.contains("omesh admit"),
+        "{err}"
+    );
+    // A certificate for another node.
+    let now = now_ms();
+    preset_cert(root.path(), "other", |_| {
+        AdmissionCert::sign(
+            &operator().operator,
+            NodeId([9; 32]),
+            BTreeSet::new(),
+            now,
+            now + 60_000,
+        )
+    });
+    let err = run(&root.path().join("other").join("data"));
+    assert!(
+        err.contains("admission_cert") && err.contains("not"),
+        "{err}"
+    );
 }

@@ -113,7 +113,10 @@ impl InProcess {
         let mut nodes = BTreeMap::new();
         for cfg in configs {
             let id = cfg.node_id;
-            let driver = ReplicaDriver::new(Replica::new(cfg).unwrap(), clock.clone());
+            let driver = ReplicaDriver::new(
+                omesh_harness::fixtures::replica(cfg).unwrap(),
+                clock.clone(),
+            );
             let out = Outbox {
                 me: id,
                 ..Outbox::default()
@@ -245,7 +248,7 @@ impl Driver for InProcess {
     }
 
     fn cancel(&mut self, at: NodeId, task: TaskId) {
-        self.feed(at, Input::Cancel(task));
+        self.feed(at, Input::Cancel(omesh_harness::fixtures::cancel(task)));
     }
 
     fn exit(&mut self, at: NodeId, task: TaskId, code: i32) -> bool {

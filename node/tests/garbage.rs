@@ -12,18 +12,16 @@ use libp2p::gossipsub::IdentTopic;
 use libp2p::identity::Keypair;
 use omesh::peer::net;
 use omesh_protocol::delta::MAX_GOSSIP_BYTES;
-use omesh_protocol::{
-    Capacity, Delta, DeltaBody, GossipMessage, NodeId, NodeRecord, SyncRequest, Wire,
-};
+use omesh_protocol::{Capacity, DeltaBody, GossipMessage, NodeId, NodeRecord, SyncRequest, Wire};
 
 fn gossip_payloads() -> Vec<(&'static str, Vec<u8>)> {
     let rec = NodeRecord::new(NodeId([3; 32]), 1, Capacity::default());
     let valid = GossipMessage {
-        deltas: vec![Delta {
-            origin: NodeId([3; 32]),
-            stamp: 1,
-            body: DeltaBody::Node(std::sync::Arc::new(rec)),
-        }],
+        deltas: vec![omesh_harness::fixtures::sign(
+            NodeId([3; 32]),
+            1,
+            DeltaBody::Node(std::sync::Arc::new(rec)),
+        )],
     }
     .to_wire()
     .unwrap();

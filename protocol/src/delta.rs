@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::admission::Revocation;
+use crate::codec::canonical;
 use crate::codec::Wire;
-use crate::ids::{NodeId, TaskId};
+use crate::ids::{NodeId, Sig, TaskId};
 use crate::node::NodeRecord;
 use crate::task::{Lease, SignedTaskSpec, StatusEntry, TaskState};
 use crate::Epoch;
@@ -17,8 +19,8 @@ pub const MAX_SYNC_REQUEST_BYTES: usize = 1024 * 1024;
 /// The most bytes a sync reply may carry; a larger state is sent over several replies.
 pub const MAX_SYNC_REPLY_BYTES: usize = 8 * 1024 * 1024;
 
-/// One change to the replicated state, stamped `(origin, stamp)` by the replica that made it.
-/// Stamps of one origin grow by one per change within an incarnation.
+/// One change to the replicated state, stamped `(origin, stamp)` by the replica that made it
+/// and signed by it. Stamps of one origin grow by one per change within an incarnation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delta {
     /// The replica that made the change.
@@ -27,6 +29,78 @@ pub struct Delta {
     pub stamp: u64,
     /// The change.
     pub body: DeltaBody,
+    /// The origin's ed25519 signature over [`Delta::signed_bytes`]; the origin's NodeId is
+    /// its public key. Kept with the state it wrote, so a sync serves it again.
+    pub sig: Sig,
+}
+
+/// The domain every delta signature is made in: no other omesh signature (specs, cancels,
+/// certificates) can be replayed as a delta.
+const DELTA_DOMAIN: &[u8] = b"omesh/delta/v1";
+
+impl Delta {
+    /// What the origin signs: the domain, then `(origin, stamp, body)` canonically encoded.
+    pub fn signed_bytes(origin: &NodeId, stamp: u64, body: &DeltaBody) -> Vec<u8> {
+        let mut bytes = DELTA_DOMAIN.to_vec();
+        bytes.extend_from_slice(&canonical(&(origin, stamp, body)));
+        bytes
+    }
+
+    /// A delta made and signed by the holder of `key` (whose public key is the origin).
+    pub fn signed(key: &ed25519_dalek::SigningKey, stamp: u64, body: DeltaBody) -> Self {
+        let origin = NodeId(key.verifying_key().to_bytes());
+        let sig = Sig::sign(key, &Self::signed_bytes(&origin, stamp, &body));
+        Self {
+            origin,
+            stamp,
+            body,
+            sig,
+        }
+    }
+
+    /// Whether `sig` is the origin's signature over this delta.
+    pub fn signature_holds(&self) -> bool {
+        self.sig.verifies(
+            &self.origin.0,
+            &Self::signed_bytes(&self.origin, self.stamp, &self.body),
+        )
+    }
+}
+
+/// A submitter's order to cancel a task: signed with a key in `authorized_submitters`, as the
+/// spec was, so no node can cancel what it was not told to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SignedCancel {
+    /// The task.
+    pub task: TaskId,
+    /// The submitter's ed25519 public key.
+    pub submitter: [u8; 32],
+    /// Its signature over [`SignedCancel::signed_bytes`].
+    pub sig: Sig,
+}
+
+impl SignedCancel {
+    /// What the submitter signs.
+    pub fn signed_bytes(task: &TaskId) -> Vec<u8> {
+        let mut bytes = b"omesh/cancel/v1".to_vec();
+        bytes.extend_from_slice(&task.0);
+        bytes
+    }
+
+    /// A cancel of `task` signed by `key`.
+    pub fn sign(key: &ed25519_dalek::SigningKey, task: TaskId) -> Self {
+        Self {
+            task,
+            submitter: key.verifying_key().to_bytes(),
+            sig: Sig::sign(key, &Self::signed_bytes(&task)),
+        }
+    }
+
+    /// Whether the signature holds (who may cancel is the replica's to check).
+    pub fn signature_holds(&self) -> bool {
+        self.sig
+            .verifies(&self.submitter, &Self::signed_bytes(&self.task))
+    }
 }
 
 /// What changed.
@@ -54,17 +128,18 @@ pub enum DeltaBody {
         /// What happened.
         entry: StatusEntry,
     },
-    /// The task is cancelled (grow-only).
-    Cancel {
-        /// The task.
-        task: TaskId,
-    },
+    /// The task is cancelled (grow-only), on a submitter's signed order.
+    Cancel(SignedCancel),
     /// A terminal task's record is dropped; this tombstone keeps late peers from reviving it.
     Compact {
         /// The task.
         task: TaskId,
         /// Its final state.
         outcome: TaskState,
+        /// The delta that ended it, as its writer signed it (the epoch owner's final status,
+        /// or the submitter's cancel): a replica that still sees the task running takes the
+        /// tombstone on this evidence, and on nothing less.
+        end: Option<Box<Delta>>,
     },
     /// The origin probed `node` and got no answer, directly or through others: `node` is
     /// suspect at this version of its record. Any replica may write it; a newer record of
@@ -75,6 +150,9 @@ pub enum DeltaBody {
         /// The version `(incarnation, seq)` of its record the origin held.
         version: (u64, u64),
     },
+    /// An admission key's holder revoked a node's admission (grow-only): its connections are
+    /// refused and its writes dropped from then on.
+    Revoke(Revocation),
 }
 
 impl DeltaBody {
@@ -88,6 +166,7 @@ impl DeltaBody {
             Self::Cancel { .. } => "cancel",
             Self::Compact { .. } => "compact",
             Self::Suspect { .. } => "suspect",
+            Self::Revoke(_) => "revoke",
         }
     }
 }

@@ -18,7 +18,9 @@ pub mod task;
 pub use admission::{AdmissionCert, CertError, Revocation};
 pub use blob::{LogRequest, LogResponse};
 pub use codec::{decode, encode, DecodeError, EncodeError, Wire, WIRE_VERSION};
-pub use delta::{Delta, DeltaBody, GossipMessage, Probe, StateDigest, SyncReply, SyncRequest};
+pub use delta::{
+    Delta, DeltaBody, GossipMessage, Probe, SignedCancel, StateDigest, SyncReply, SyncRequest,
+};
 pub use ids::{Digest, IdParseError, NodeId, Sig, TaskId};
 pub use node::{Capacity, LoadSample, NodeRecord};
 pub use task::{

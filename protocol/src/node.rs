@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::admission::AdmissionCert;
 use crate::ids::{Digest, NodeId};
 
 /// The most RTT entries a node record carries.
@@ -56,6 +57,9 @@ pub struct NodeRecord {
     /// The writer's clock when it wrote this version, in ms (for propagation metrics only;
     /// nothing decides on it).
     pub written_at_ms: u64,
+    /// The node's admission certificate, in a mesh with admission keys: every replica checks
+    /// it before taking any write of this node.
+    pub cert: Option<AdmissionCert>,
 }
 
 impl NodeRecord {
@@ -73,6 +77,7 @@ impl NodeRecord {
             rtt_ms: Vec::new(),
             leaving: false,
             written_at_ms: 0,
+            cert: None,
         }
     }
 

@@ -230,13 +230,17 @@ fn sample_gossip() -> GossipMessage {
                         memory_bytes: 1 << 30,
                     },
                 ))),
+                sig: omesh_protocol::Sig([5; 64]),
             },
             Delta {
                 origin,
                 stamp: 2,
-                body: DeltaBody::Cancel {
+                body: DeltaBody::Cancel(omesh_protocol::SignedCancel {
                     task: TaskId([9; 32]),
-                },
+                    submitter: [4; 32],
+                    sig: omesh_protocol::Sig([6; 64]),
+                }),
+                sig: omesh_protocol::Sig([7; 64]),
             },
         ],
     }

@@ -2,21 +2,91 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::sync::OnceLock;
+
 use ed25519_dalek::SigningKey;
-use omesh_protocol::{ExecutorKind, NodeId, SignedTaskSpec, TaskSpec};
-use omesh_state::ReplicaConfig;
+use omesh_protocol::{
+    Delta, DeltaBody, ExecutorKind, NodeId, SignedCancel, SignedTaskSpec, TaskId, TaskSpec,
+};
+use omesh_state::{NodeKey, ReplicaConfig};
 
 /// The submitter key every test mesh authorizes.
 pub fn submitter() -> SigningKey {
     SigningKey::from_bytes(&[7u8; 32])
 }
 
-/// A node id from a small number.
+/// The secret keys of test nodes 0..=255: node `i`'s public key begins with the byte `i`,
+/// so test ids sort by their number as they did when ids were made up (ties between claims
+/// are broken by id order).
+fn secrets() -> &'static [[u8; 32]; 256] {
+    static TABLE: OnceLock<[[u8; 32]; 256]> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut table = [[0u8; 32]; 256];
+        let mut filled = [false; 256];
+        let mut left = 256;
+        let mut n: u64 = 0;
+        while left > 0 {
+            n += 1;
+            let mut secret = [0u8; 32];
+            for (i, chunk) in secret.chunks_mut(8).enumerate() {
+                let x = omesh_state::digest::splitmix64(n.wrapping_mul(4) + i as u64);
+                chunk.copy_from_slice(&x.to_le_bytes());
+            }
+            let first = SigningKey::from_bytes(&secret).verifying_key().to_bytes()[0];
+            let slot = usize::from(first);
+            if !filled[slot] {
+                filled[slot] = true;
+                table[slot] = secret;
+                left -= 1;
+            }
+        }
+        table
+    })
+}
+
+/// The identity key of test node `i`.
+pub fn key(i: u8) -> NodeKey {
+    NodeKey::from_bytes(&secrets()[usize::from(i)])
+}
+
+/// The identity key of a test node, by its id.
+pub fn key_of(id: &NodeId) -> Option<NodeKey> {
+    let k = key(id.0[0]);
+    (k.id() == *id).then_some(k)
+}
+
+/// A node id from a small number: the public key of [`key`]`(i)`.
 pub fn node(i: u8) -> NodeId {
-    let mut b = [0u8; 32];
-    b[0] = i;
-    b[31] = 0xAA;
-    NodeId(b)
+    key(i).id()
+}
+
+/// A replica for a test config (its node id one of [`node`]'s), with that node's key.
+pub fn replica(cfg: ReplicaConfig) -> Result<omesh_state::Replica, omesh_state::ConfigError> {
+    let key = key_of(&cfg.node_id).unwrap_or_else(|| key(0));
+    omesh_state::Replica::new(cfg, key)
+}
+
+/// A delta signed by the key of its `origin`, a test node (a hostile node's forgery, say).
+pub fn sign(origin: NodeId, stamp: u64, body: DeltaBody) -> Delta {
+    match key_of(&origin) {
+        Some(k) => Delta::signed(k.signing(), stamp, body),
+        None => Delta {
+            origin,
+            stamp,
+            body,
+            sig: omesh_protocol::Sig::default(),
+        },
+    }
+}
+
+/// A delta written and signed by test node `i` (a hostile node's forgery, say).
+pub fn signed(i: u8, stamp: u64, body: DeltaBody) -> Delta {
+    Delta::signed(key(i).signing(), stamp, body)
+}
+
+/// The submitter's signed order to cancel `task`.
+pub fn cancel(task: TaskId) -> SignedCancel {
+    SignedCancel::sign(&submitter(), task)
 }
 
 /// A signed spec with sane defaults.

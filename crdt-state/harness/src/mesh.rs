@@ -97,7 +97,8 @@ impl Mesh {
         let mut replicas = BTreeMap::new();
         for cfg in configs {
             let id = cfg.node_id;
-            replicas.insert(id, Replica::new(cfg).expect("valid test config"));
+            let key = crate::fixtures::key_of(&id).expect("a test node id (fixtures::node)");
+            replicas.insert(id, Replica::new(cfg, key).expect("valid test config"));
         }
         // Time moves in 1 ms steps: a tick asked for `now` comes at the next one.
         let journal = Journal::new(replicas.keys().copied(), 1);
@@ -357,7 +358,8 @@ impl Mesh {
         let mut cfg = self.replicas[&id].config().clone();
         cfg.incarnation = incarnation;
         tweak(&mut cfg);
-        let replica = Replica::new(cfg).expect("a valid config, restarted");
+        let key = crate::fixtures::key_of(&id).expect("a test node id (fixtures::node)");
+        let replica = Replica::new(cfg, key).expect("a valid config, restarted");
         self.replicas.insert(id, replica);
         self.down.remove(&id);
     }
@@ -472,7 +474,7 @@ impl Driver for Mesh {
 
     fn cancel(&mut self, at: NodeId, task: TaskId) {
         // Already ended or unknown: the replica says so, and nothing changes.
-        let _ = self.input(at, Input::Cancel(task));
+        let _ = self.input(at, Input::Cancel(crate::fixtures::cancel(task)));
     }
 
     fn exit(&mut self, at: NodeId, task: TaskId, code: i32) -> bool {

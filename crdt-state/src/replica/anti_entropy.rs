@@ -85,6 +85,24 @@ impl Replica {
         self.outbox.push_back(Action::SendSync { to, request });
     }
 
+    /// The part of a responder's version vector this replica may adopt: entries only for
+    /// nodes whose (signed) record it holds, and no stamp beyond the incarnation that record
+    /// names. A vector is the responder's say-so; adopting made-up origins or stamps would
+    /// grow the vector without bound and make this replica skip real writes as if held.
+    fn vouched(&mut self, vclock: Vec<(NodeId, u64)>) -> Vec<(NodeId, u64)> {
+        let total = vclock.len();
+        let kept: Vec<(NodeId, u64)> = vclock
+            .into_iter()
+            .filter(|(origin, c)| {
+                self.state
+                    .node(origin)
+                    .is_some_and(|rec| c >> 32 <= rec.incarnation)
+            })
+            .collect();
+        self.stats.vector_entries_refused += u64::try_from(total - kept.len()).unwrap_or(u64::MAX);
+        kept
+    }
+
     /// Answers a peer's sync request (see [`sync::reply`]).
     pub(super) fn serve_sync(&mut self, now: Millis, from: NodeId, req: &SyncRequest) {
         self.stats.syncs_served += 1;
@@ -110,18 +128,21 @@ impl Replica {
         } = reply;
         let applied = self.stats.deltas_applied;
         let result = self.ingest(now, from, &deltas);
+        let had_vector = !vclock.is_empty();
+        let mine = entry_of(&vclock, vclock.is_sorted_by(|a, b| a.0 < b.0), &self.me.id);
+        let vclock = self.vouched(vclock);
         self.vector.adopt(&vclock);
         if self.stats.deltas_applied - applied >= COMPACT_AFTER {
             // A bulk join (see `State::compact`): the two per-node maps it grew, rebuilt full.
             self.state.compact();
             self.vector.compact();
         }
-        if !self.sync.is_synced() && !truncated && !vclock.is_empty() {
+        if !self.sync.is_synced() && !truncated && had_vector {
             // The first sync since start (or since isolation) shows the responder lacks this
             // node's latest write: what it published went nowhere (before any mesh link), so
             // publish again now that there is a peer.
             let me = self.me.id;
-            let theirs = entry_of(&vclock, true, &me).unwrap_or(0);
+            let theirs = mine.unwrap_or(0);
             if theirs < self.vector.get(&me) {
                 self.publish_soon(now);
             }

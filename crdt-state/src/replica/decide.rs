@@ -7,8 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use omesh_protocol::{
-    DeltaBody, Epoch, ImageRef, Lease, Millis, NodeId, NodeRecord, SignedTaskSpec, StatusEntry,
-    TaskId, TaskState,
+    DeltaBody, Epoch, ImageRef, Lease, Millis, NodeId, NodeRecord, StatusEntry, TaskId, TaskState,
 };
 
 use super::Replica;
@@ -74,21 +73,11 @@ impl Replica {
         Some(at.saturating_add(u64::from(lease.ttl_ms) + self.grace_ms(&lease.owner) + 1))
     }
 
-    fn derive_state(&self, now: Millis, rec: &TaskRecord, spec: &SignedTaskSpec) -> TaskState {
-        if rec.is_cancelled() {
-            return TaskState::Cancelled;
+    fn derive_state(&self, now: Millis, rec: &TaskRecord) -> TaskState {
+        if let Some(ended) = rec.ended() {
+            return ended;
         }
-        if let Some((_, top)) = rec.statuses.iter().next_back() {
-            match top.value.state {
-                TaskState::Succeeded => return TaskState::Succeeded,
-                TaskState::Cancelled => return TaskState::Cancelled,
-                TaskState::Failed if rec.failed_attempts() >= spec.spec.max_attempts => {
-                    return TaskState::Failed
-                }
-                _ => {}
-            }
-        }
-        match &rec.lease {
+        match rec.lease() {
             Some(l)
                 if self.lease_live(now, &l.value)
                     && rec.status(l.value.epoch).map(|s| s.state) == Some(TaskState::Running) =>
@@ -105,8 +94,8 @@ impl Replica {
             return Some(s);
         }
         let rec = self.state.task(id)?;
-        let spec = rec.spec.as_ref()?;
-        Some(self.derive_state(now, rec, &spec.value))
+        rec.spec.as_ref()?;
+        Some(self.derive_state(now, rec))
     }
 
     /// A task as an operator sees it from here.
@@ -132,8 +121,8 @@ impl Replica {
         let spec = rec.spec.as_ref().map(|s| Arc::clone(&s.value));
         let state = spec
             .as_ref()
-            .map_or(TaskState::Pending, |s| self.derive_state(now, rec, s));
-        let lease = rec.lease.as_ref().map(|l| l.value);
+            .map_or(TaskState::Pending, |_| self.derive_state(now, rec));
+        let lease = rec.lease().map(|l| l.value);
         let last_ended = rec
             .statuses
             .values()
@@ -206,7 +195,7 @@ impl Replica {
     fn committed(&self, now: Millis) -> BTreeMap<NodeId, Committed> {
         let mut out: BTreeMap<NodeId, Committed> = BTreeMap::new();
         for (_, rec) in self.state.tasks() {
-            let (Some(spec), Some(lease)) = (&rec.spec, &rec.lease) else {
+            let (Some(spec), Some(lease)) = (&rec.spec, rec.lease()) else {
                 continue;
             };
             if !self.lease_live(now, &lease.value)
@@ -241,7 +230,7 @@ impl Replica {
                 }
                 continue;
             };
-            let lease = rec.lease.as_ref().map(|l| l.value);
+            let lease = rec.lease().map(|l| l.value);
             let mine =
                 lease.is_some_and(|l| l.epoch == run.epoch && l.owner == self.me.id && !l.released);
             let by = lease.map_or(run.epoch, |l| l.epoch);
@@ -282,8 +271,8 @@ impl Replica {
             let Some(spec) = rec.spec.as_ref().map(|s| &s.value) else {
                 continue;
             };
-            let state = self.derive_state(now, rec, spec);
-            let lease = rec.lease.as_ref().map(|l| l.value);
+            let state = self.derive_state(now, rec);
+            let lease = rec.lease().map(|l| l.value);
             if state.is_terminal() {
                 let since = pass.terminal(&self.tasks, now, *id);
                 let last_owner = lease.is_some_and(|l| l.owner == self.me.id);
@@ -474,7 +463,8 @@ impl Replica {
                 }
             }
             Step::Compact(task, outcome) => {
-                self.write(now, DeltaBody::Compact { task, outcome });
+                let end = self.state.ending(&task).map(Box::new);
+                self.write(now, DeltaBody::Compact { task, outcome, end });
             }
         }
     }
@@ -484,7 +474,7 @@ impl Replica {
         let current = self
             .state
             .task(&task)
-            .and_then(|r| r.lease.as_ref())
+            .and_then(|r| r.lease())
             .map(|l| l.value);
         if let Some(mut lease) = current.filter(|l| l.epoch == epoch && l.owner == self.me.id) {
             lease.released = true;
@@ -514,7 +504,7 @@ impl Replica {
     ) {
         let run = self.tasks.get(&task);
         let rec = self.state.task(&task);
-        let current = rec.and_then(|r| r.lease.as_ref()).is_some_and(|l| {
+        let current = rec.and_then(|r| r.lease()).is_some_and(|l| {
             l.value.epoch == epoch && l.value.owner == self.me.id && !l.value.released
         });
         let cancelled = rec.is_some_and(TaskRecord::is_cancelled);

@@ -18,11 +18,7 @@ impl Replica {
     pub(crate) fn write(&mut self, now: Millis, body: DeltaBody) {
         self.next_counter += 1;
         let stamp = (self.cfg.incarnation << 32) | self.next_counter;
-        let delta = Delta {
-            origin: self.me.id,
-            stamp,
-            body,
-        };
+        let delta = Delta::signed(self.key.signing(), stamp, body);
         // Our own deltas satisfy every rule, so merging cannot fail; count it if it ever does.
         match self.state.apply(&delta) {
             Ok(_) => {}
@@ -69,21 +65,50 @@ impl Replica {
     ) -> Result<(), InputError> {
         let total = deltas.len();
         let mut rejected = 0usize;
-        let mut first = None;
+        let mut forged = 0usize;
+        let mut first: Option<DeltaError> = None;
+        let mut progressed = false;
         for d in deltas {
             match self.ingest_one(now, d) {
-                Ok(()) => self.track_stamp(now, via, d.origin, d.stamp),
+                Ok(()) => {
+                    progressed = true;
+                    self.track_stamp(now, via, d.origin, d.stamp);
+                }
+                Err(e) if e.is_early() => {
+                    // Counted, then held back: the record, spec, lease or end it builds on
+                    // may be in this very batch or the next. Its stamp is not taken into
+                    // the version vector until it merges: a hostile node's held junk must
+                    // not make this replica skip that node's real writes.
+                    rejected += 1;
+                    self.stats.rejections.count(e.reason());
+                    if self.early.hold(via, d.clone()) {
+                        self.stats.early_dropped += 1;
+                    }
+                    first.get_or_insert(e);
+                }
                 Err(e) => {
                     rejected += 1;
                     self.stats.deltas_rejected += 1;
+                    self.stats.rejections.count(e.reason());
+                    if e.is_forgery() {
+                        forged += 1;
+                        // Report a forgery first: it is what the driver acts on.
+                        if !first.as_ref().is_some_and(DeltaError::is_forgery) {
+                            first = None;
+                        }
+                    }
                     first.get_or_insert(e);
                 }
             }
+        }
+        if progressed {
+            self.retry_early(now);
         }
         match first {
             None => Ok(()),
             Some(first) => Err(InputError::Rejected {
                 rejected,
+                forged,
                 applied: total - rejected,
                 total,
                 first,
@@ -98,13 +123,51 @@ impl Replica {
             return Ok(());
         }
         State::check(d)?;
-        if let DeltaBody::Spec(spec) = &d.body {
-            let id = spec.id();
-            let known = self.state.task(&id).is_some_and(|t| t.spec.is_some())
-                || self.state.tombstone(&id).is_some();
-            if !known {
-                spec.verify(&self.cfg.authorized_submitters)?;
+        self.check_origin(d)?;
+        if !self.verify.holds(d) {
+            return Err(DeltaError::BadSignature {
+                origin: d.origin.short(),
+            });
+        }
+        match &d.body {
+            DeltaBody::Spec(spec) => {
+                let id = spec.id();
+                let known = self.state.task(&id).is_some_and(|t| t.spec.is_some())
+                    || self.state.tombstone(&id).is_some();
+                if !known {
+                    spec.verify(&self.cfg.authorized_submitters)?;
+                }
             }
+            DeltaBody::Cancel(c) => {
+                if !self.cfg.authorized_submitters.contains(&c.submitter) || !c.signature_holds() {
+                    return Err(DeltaError::CancelNotAuthorized {
+                        task: c.task.short(),
+                    });
+                }
+            }
+            DeltaBody::Compact { end: Some(end), .. } => {
+                // The evidence must hold on its own: its writer's signature, and for a
+                // cancel the submitter's authority.
+                let authorized = match &end.body {
+                    DeltaBody::Cancel(c) => {
+                        self.cfg.authorized_submitters.contains(&c.submitter) && c.signature_holds()
+                    }
+                    _ => true,
+                };
+                if !authorized || !self.verify.holds(end) {
+                    return Err(DeltaError::BadSignature {
+                        origin: end.origin.short(),
+                    });
+                }
+            }
+            DeltaBody::Revoke(r) => {
+                if !r.holds(&self.cfg.admission_keys) {
+                    return Err(DeltaError::BadRevocation {
+                        node: r.node.short(),
+                    });
+                }
+            }
+            _ => {}
         }
         let held = match &d.body {
             DeltaBody::Node(rec) => self.state.node(&rec.id).map(NodeRecord::version),
@@ -159,6 +222,66 @@ impl Replica {
             }
             Merged::Unchanged => self.stats.deltas_unchanged += 1,
             Merged::Tombstoned => self.stats.deltas_tombstoned += 1,
+        }
+        Ok(())
+    }
+
+    /// Tries the held-back deltas again, until a pass takes none.
+    fn retry_early(&mut self, now: Millis) {
+        while !self.early.is_empty() {
+            let mut took = false;
+            for (via, d) in self.early.take() {
+                match self.ingest_one(now, &d) {
+                    Ok(()) => {
+                        took = true;
+                        self.stats.early_applied += 1;
+                        self.track_stamp(now, via, d.origin, d.stamp);
+                    }
+                    Err(e) if e.is_early() => {
+                        self.early.hold(via, d);
+                    }
+                    Err(_) => {}
+                }
+            }
+            if !took {
+                return;
+            }
+        }
+    }
+
+    /// Who may write here at all: in a mesh with admission keys, a node whose record carries
+    /// a certificate from one of them (a record brings its own), and never a revoked one.
+    /// Cheap checks only; the signature is checked after.
+    fn check_origin(&mut self, d: &Delta) -> Result<(), DeltaError> {
+        if self.state.is_revoked(&d.origin) {
+            return Err(DeltaError::Revoked {
+                origin: d.origin.short(),
+            });
+        }
+        if self.cfg.admission_keys.is_empty() {
+            return Ok(());
+        }
+        let not_admitted = |why: String| DeltaError::NotAdmitted {
+            origin: d.origin.short(),
+            why,
+        };
+        if let DeltaBody::Node(rec) = &d.body {
+            let Some(cert) = &rec.cert else {
+                return Err(not_admitted(
+                    "its record carries no admission certificate".into(),
+                ));
+            };
+            if self.admitted.get(&rec.id) != Some(cert) {
+                cert.verify_at_any_time(&rec.id, &self.cfg.admission_keys)
+                    .map_err(|e| not_admitted(e.to_string()))?;
+                self.admitted.insert(rec.id, cert.clone());
+            }
+            return Ok(());
+        }
+        if !self.admitted.contains_key(&d.origin) {
+            return Err(not_admitted(
+                "no record of it with an admission certificate is held here".into(),
+            ));
         }
         Ok(())
     }

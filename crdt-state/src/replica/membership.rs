@@ -175,6 +175,7 @@ impl Replica {
                 return;
             }
             let helpers = self.random_peers(now, usize::from(self.cfg.indirect_probes), target);
+            self.prober.asked(&helpers);
             for h in helpers {
                 self.stats.probes_sent += 1;
                 self.outbox.push_back(Action::SendProbe {
@@ -201,6 +202,7 @@ impl Replica {
                 self.stats.probes_acked += 1;
             }
             Answer::Dropped => self.stats.probes_dropped += 1,
+            Answer::Refused => self.stats.probe_acks_refused += 1,
             Answer::Nothing => {}
         }
     }

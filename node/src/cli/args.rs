@@ -77,6 +77,10 @@ pub struct TaskArgs {
 pub struct CancelArgs {
     /// Task id, or a unique prefix of one.
     pub id: String,
+    /// Submitter secret key file (from `omesh keygen`): the cancel is signed with it, and
+    /// only a key in the mesh's `authorized_submitters` may cancel.
+    #[arg(long, env = "OMESH_KEY", default_value = DEFAULT_KEY_FILE)]
+    pub key: PathBuf,
     /// API bearer token.
     #[arg(long, env = "OMESH_API_TOKEN", hide_env_values = true)]
     pub token: Option<String>,

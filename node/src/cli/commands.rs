@@ -78,6 +78,7 @@ pub fn show_task(args: &TaskArgs) -> anyhow::Result<()> {
 
 /// `omesh cancel`.
 pub fn cancel(args: &CancelArgs) -> anyhow::Result<()> {
+    let key = keys::read_key_file(&args.key)?;
     let client = Client::new(&args.api);
     let rt = runtime()?;
     rt.block_on(async {
@@ -85,12 +86,16 @@ pub fn cancel(args: &CancelArgs) -> anyhow::Result<()> {
             .resolve_task(&args.id)
             .await
             .map_err(anyhow::Error::msg)?;
+        let task: omesh_protocol::TaskId = id
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the peer resolved {id:?}, which is not a task id"))?;
+        let body = serde_json::to_value(crate::api::CancelBody::sign(&key, task))?;
         let _: serde_json::Value = client
             .send(
                 reqwest::Method::DELETE,
                 &format!("/api/v1/tasks/{id}"),
                 args.token.as_deref(),
-                None,
+                Some(&body),
             )
             .await?;
         println!("cancelled {id}");

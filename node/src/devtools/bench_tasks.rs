@@ -231,12 +231,20 @@ impl Bench {
         }
     }
 
+    /// The signed cancel of task `id`, as `omesh cancel` sends it.
+    fn cancel_body(&self, id: &str) -> Result<serde_json::Value, String> {
+        let task = id.parse().map_err(|_| format!("{id:?} is not a task id"))?;
+        serde_json::to_value(crate::api::CancelBody::sign(&self.key, task))
+            .map_err(|e| e.to_string())
+    }
+
     async fn cancel(&self, via: usize, id: &str) -> Result<(), String> {
+        let body = self.cancel_body(id)?;
         let _: serde_json::Value = bounded(self.client(via).send(
             reqwest::Method::DELETE,
             &format!("/api/v1/tasks/{id}"),
             Some(TOKEN),
-            None,
+            Some(&body),
         ))
         .await?;
         self.poll(via, id, |t| t.state == "cancelled").await?;
@@ -366,11 +374,14 @@ pub async fn run(bin: &Path, cfg: &TaskBench, progress: impl Fn(&str)) -> Result
     let result = measure(&mut bench, cfg, docker_image.as_deref(), &progress).await;
     // Leave nothing running: tasks cancelled, peers stopped, orphans ended.
     for id in bench.submitted.clone() {
+        let Ok(body) = bench.cancel_body(&id) else {
+            continue;
+        };
         let _ = bounded(bench.client(0).send::<serde_json::Value>(
             reqwest::Method::DELETE,
             &format!("/api/v1/tasks/{id}"),
             Some(TOKEN),
-            None,
+            Some(&body),
         ))
         .await;
     }

@@ -58,8 +58,8 @@ impl Peer {
     }
 
     /// Whether the replicated state revoked `node`.
-    pub(crate) fn is_revoked(&self, _node: &NodeId) -> bool {
-        false
+    pub(crate) fn is_revoked(&self, node: &NodeId) -> bool {
+        self.driver.replica().state().is_revoked(node)
     }
 
     /// Counts a refused connection or first contact; whether to warn about `peer` now (at
@@ -90,10 +90,11 @@ impl Peer {
             return;
         }
         let now = self.driver.now();
-        let revoked: HashSet<NodeId> = HashSet::new();
-        let changed = self
-            .gate
-            .refresh(std::iter::empty(), now, |n| revoked.contains(n));
+        let state = self.driver.replica().state();
+        let records = state
+            .nodes()
+            .filter_map(|n| n.cert.as_ref().map(|c| (n.id, c)));
+        let changed = self.gate.refresh(records, now, |n| state.is_revoked(n));
         if changed {
             self.sync_allow_list();
         }

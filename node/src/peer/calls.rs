@@ -141,12 +141,15 @@ impl Peer {
         })
     }
 
-    fn cancel(&mut self, task: TaskId) -> Result<(), ApiError> {
-        let result = self.driver.feed(Input::Cancel(task));
+    fn cancel(&mut self, order: omesh_protocol::SignedCancel) -> Result<(), ApiError> {
+        let result = self.driver.feed(Input::Cancel(order));
         self.drain();
         result.map_err(|e| match e {
             InputError::UnknownTask(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
             InputError::AlreadyEnded { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            InputError::CancelNotAuthorized(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, e.to_string())
+            }
             other => ApiError::new(StatusCode::BAD_REQUEST, other.to_string()),
         })
     }

@@ -67,6 +67,8 @@ pub struct Peer {
     pub(crate) executor: Executor,
     pub(crate) reports: mpsc::Receiver<Report>,
     pub(crate) blocked: BTreeSet<PeerId>,
+    /// When each peer caught forging was last warned about (warnings are rate-limited).
+    forgers_warned: HashMap<PeerId, Instant>,
     pub(crate) pending_logs: HashMap<OutboundRequestId, logs::PendingLog>,
     pub(crate) images: Arc<crate::images::ImageService>,
     /// This node's identity (first contacts authenticate with it).
@@ -84,6 +86,8 @@ pub struct Peer {
     pub(crate) next_known_contact: HashMap<PeerId, Instant>,
     /// Until when a refused peer is not named in another warning.
     pub(crate) refusal_warned: HashMap<PeerId, Instant>,
+    /// The replica's applied-delta count and the time at the last `refresh_admitted`.
+    pub(crate) admission_refreshed: (u64, Instant),
 }
 
 /// Why the peer could not start.
@@ -130,6 +134,8 @@ impl Peer {
         let incarnation = dir.next_incarnation()?;
         let node_id = net::node_id_of_key(&key)
             .ok_or_else(|| net::BuildError("identity is not ed25519".into()))?;
+        let node_key = net::node_key_of(&key)
+            .ok_or_else(|| net::BuildError("identity is not ed25519".into()))?;
         let local_peer = key.public().to_peer_id();
         let gate = admission_gate(&cfg, &plan, node_id)?;
         // Bounded: a hello that finds it full is refused as busy (the joiner retries).
@@ -174,9 +180,9 @@ impl Peer {
             log_dir,
         );
         executor.set_image_provider(images.clone());
-        let mut rcfg = cfg.replica_config(node_id, incarnation, load.capacity());
+        let mut rcfg = cfg.replica_config(node_id, incarnation, load.capacity(), gate.own_cert());
         rcfg.tags.extend(executor.tags());
-        let replica = Replica::new(rcfg)?;
+        let replica = Replica::new(rcfg, node_key)?;
         let now = Instant::now();
         let seeds = plan
             .seeds
@@ -216,6 +222,7 @@ impl Peer {
             executor,
             reports,
             blocked: BTreeSet::new(),
+            forgers_warned: HashMap::new(),
             pending_logs: HashMap::new(),
             images,
             key,
@@ -226,6 +233,7 @@ impl Peer {
             contacting: HashSet::new(),
             next_known_contact: HashMap::new(),
             refusal_warned: HashMap::new(),
+            admission_refreshed: (0, Instant::now()),
         };
         peer.sync_allow_list();
         Ok(peer)
@@ -322,6 +330,15 @@ impl Peer {
             }
             self.recent_propagation.push_back(s);
         }
+        // Records (with certificates) and revocations arrive as deltas: take them in soon,
+        // at most every 250 ms (housekeeping does it every second regardless).
+        let applied = self.driver.replica().stats().deltas_applied;
+        if applied != self.admission_refreshed.0
+            && self.admission_refreshed.1.elapsed() >= Duration::from_millis(250)
+        {
+            self.admission_refreshed = (applied, Instant::now());
+            self.refresh_admitted();
+        }
     }
 
     fn on_report(&mut self, report: Report) {
@@ -404,23 +421,33 @@ fn admission_gate(
     let path = cfg.admission_cert_path();
     let cert = crate::admission::read_cert(&path)?;
     let now = Clock::new().now();
+    let refuse = |reason: String| {
+        StartError::Config(crate::config::ConfigError::Value {
+            key: "admission_cert".into(),
+            reason,
+        })
+    };
     if plan.admission_keys.is_empty() {
         warn!("admission is OPEN: no admission_keys are set, so any peer that can reach this node joins the mesh and is believed; set admission_keys and give each node a certificate from `omesh admit`");
     } else {
-        match &cert {
-            None => {
-                warn!(path = %path.display(), "no admission certificate: admitted peers will refuse this node (create one with `omesh admit`)")
+        let Some(c) = &cert else {
+            return Err(refuse(format!(
+                "admission_keys are set but there is no certificate at {} (create it with `omesh admit --key OPERATOR_KEY --data-dir {}`)",
+                path.display(),
+                cfg.data_dir.display()
+            )));
+        };
+        match c.verify(&node_id, &plan.admission_keys, now) {
+            Ok(()) => info!(
+                keys = plan.admission_keys.len(),
+                expires_ms = c.not_after_ms,
+                "admission on; this node holds a valid certificate"
+            ),
+            // Runs anyway, so that a renewed certificate can be dropped in; others refuse it.
+            Err(e @ omesh_protocol::CertError::Expired(_)) => {
+                warn!(path = %path.display(), error = %e, "this node's admission certificate expired: admitted peers will refuse it until it is renewed (omesh admit)")
             }
-            Some(c) => match c.verify(&node_id, &plan.admission_keys, now) {
-                Ok(()) => info!(
-                    keys = plan.admission_keys.len(),
-                    expires_ms = c.not_after_ms,
-                    "admission on; this node holds a valid certificate"
-                ),
-                Err(e) => {
-                    warn!(path = %path.display(), error = %e, "this node's admission certificate does not admit it: admitted peers will refuse it")
-                }
-            },
+            Err(e) => return Err(refuse(format!("{}: {e}", path.display()))),
         }
     }
     Ok(crate::admission::Gate::new(

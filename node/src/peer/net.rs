@@ -240,6 +240,13 @@ pub fn peer_id_of(node: &NodeId) -> Option<PeerId> {
 }
 
 /// The node id of a keypair.
+/// The replica's signing key for this identity (the same ed25519 key).
+pub fn node_key_of(key: &Keypair) -> Option<omesh_state::NodeKey> {
+    let ed = key.clone().try_into_ed25519().ok()?;
+    let secret: [u8; 32] = ed.secret().as_ref().try_into().ok()?;
+    Some(omesh_state::NodeKey::from_bytes(&secret))
+}
+
 pub fn node_id_of_key(key: &Keypair) -> Option<NodeId> {
     node_id_of(&key.public().to_peer_id())
 }

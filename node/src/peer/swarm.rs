@@ -205,12 +205,22 @@ impl Peer {
                 self.drain();
                 match result {
                     Ok(()) => MessageAcceptance::Accept,
+                    Err(InputError::Rejected { forged, first, .. }) if forged > 0 => {
+                        // Its publisher signed it (strict validation), and no honest node
+                        // writes this: score it down and cut it off.
+                        if let Some(publisher) = message.source {
+                            self.cut_off_forger(publisher, "gossip", &first.to_string());
+                        }
+                        MessageAcceptance::Reject
+                    }
                     Err(InputError::Rejected { applied, first, .. }) => {
-                        debug!(%source, error = %first, "gossip deltas rejected");
+                        // Writes that overtook what they build on: dropped for now, brought
+                        // again by a sync. Not the sender's fault, so not scored down.
+                        debug!(%source, error = %first, "gossip deltas dropped for now");
                         if applied > 0 {
                             MessageAcceptance::Accept
                         } else {
-                            MessageAcceptance::Reject
+                            MessageAcceptance::Ignore
                         }
                     }
                     Err(_) => MessageAcceptance::Reject,
@@ -261,7 +271,15 @@ impl Peer {
                     match SyncReply::from_wire(&response) {
                         Ok(mut reply) => {
                             self.drop_unallowed_origins(&mut reply);
-                            self.feed(Input::SyncReply { from, reply });
+                            let result = self.driver.feed(Input::SyncReply { from, reply });
+                            self.drain();
+                            if let Err(InputError::Rejected { forged, first, .. }) = &result {
+                                if *forged > 0 {
+                                    self.cut_off_forger(peer, "sync reply", &first.to_string());
+                                } else {
+                                    debug!(%peer, error = %first, "sync reply deltas dropped for now");
+                                }
+                            }
                         }
                         Err(e) => {
                             self.count_malformed("sync_reply");
@@ -327,6 +345,22 @@ impl Peer {
             | request_response::Event::InboundFailure { .. }
             | request_response::Event::ResponseSent { .. } => {}
         }
+    }
+
+    /// A peer sent what no honest node sends (see `DeltaError::is_forgery`): disconnect it
+    /// and say so, at most once a minute per peer (each rejection is counted by reason in
+    /// `omesh_deltas_rejected_total` either way).
+    pub(super) fn cut_off_forger(&mut self, peer: PeerId, channel: &str, first: &str) {
+        let now = std::time::Instant::now();
+        let quiet = self
+            .forgers_warned
+            .get(&peer)
+            .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(60));
+        if !quiet {
+            self.forgers_warned.insert(peer, now);
+            warn!(%peer, channel, error = first, "peer sent forged or badly signed state; disconnecting it");
+        }
+        let _ = self.swarm.disconnect_peer_id(peer);
     }
 
     /// The node id of `peer`, if it may be heard (admitted, allowed, not blocked).

@@ -227,16 +227,15 @@ impl Submitter {
         json["id"].as_str().unwrap().to_owned()
     }
 
-    /// DELETE a task.
+    /// DELETE a task, with the cancel signed by this submitter.
     pub async fn cancel(&self, node: &Node, id: &str) -> u16 {
-        reqwest::Client::new()
+        let mut req = reqwest::Client::new()
             .delete(format!("{}/api/v1/tasks/{id}", node.api()))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+            .bearer_auth(&self.token);
+        if let Ok(task) = id.parse() {
+            req = req.json(&omesh::api::CancelBody::sign(&self.key, task));
+        }
+        req.send().await.unwrap().status().as_u16()
     }
 }
 
@@ -314,7 +313,6 @@ pub async fn mesh(root: &Path, n: usize, extra: impl Fn(usize) -> Vec<String>) -
 /// `node` a certificate from [`operator`] in a first contact on its data plane, as `omesh up`
 /// does before it dials.
 pub async fn first_contact(key: &libp2p::identity::Keypair, node: &Node) {
-    use omesh::images::dataplane::{self, contact};
     let me = omesh::peer::net::node_id_of_key(key).unwrap();
     let now = omesh::peer::Clock::new().now();
     let cert = omesh_protocol::AdmissionCert::sign(
@@ -324,13 +322,28 @@ pub async fn first_contact(key: &libp2p::identity::Keypair, node: &Node) {
         now,
         now + 3_600_000,
     );
-    let endpoint = dataplane::endpoint(key, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], node.quic_port + 1));
-    let (_, answer) = contact::first_contact(&endpoint, key, addr, Some(cert))
-        .await
-        .unwrap();
+    let answer = show_cert(key, node, Some(cert)).await;
     assert!(
-        matches!(answer, contact::Answer::Admitted { .. }),
+        matches!(
+            answer,
+            omesh::images::dataplane::contact::Answer::Admitted { .. }
+        ),
         "{answer:?}"
     );
+}
+
+/// A first contact with `node` from an in-process peer with `key`, showing `cert`; `node`'s
+/// answer.
+pub async fn show_cert(
+    key: &libp2p::identity::Keypair,
+    node: &Node,
+    cert: Option<omesh_protocol::AdmissionCert>,
+) -> omesh::images::dataplane::contact::Answer {
+    use omesh::images::dataplane::{self, contact};
+    let endpoint = dataplane::endpoint(key, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], node.quic_port + 1));
+    let (_, answer) = contact::first_contact(&endpoint, key, addr, cert)
+        .await
+        .unwrap();
+    answer
 }

@@ -78,6 +78,7 @@ pub(crate) fn node_record() -> impl Strategy<Value = NodeRecord> {
                     images,
                     rtt_ms,
                     leaving,
+                    cert: None,
                     written_at_ms: seq.wrapping_mul(500),
                 }
             },
@@ -218,8 +219,21 @@ pub(crate) fn delta_body() -> impl Strategy<Value = DeltaBody> {
         (task_id(), lease()).prop_map(|(task, lease)| DeltaBody::Lease { task, lease }),
         (task_id(), any::<u64>(), status_entry())
             .prop_map(|(task, epoch, entry)| DeltaBody::Status { task, epoch, entry }),
-        task_id().prop_map(|task| DeltaBody::Cancel { task }),
-        (task_id(), task_state()).prop_map(|(task, outcome)| DeltaBody::Compact { task, outcome }),
+        (task_id(), any::<[u8; 32]>(), sig()).prop_map(|(task, submitter, sig)| {
+            DeltaBody::Cancel(omesh_protocol::SignedCancel {
+                task,
+                submitter,
+                sig,
+            })
+        }),
+        (node_id(), any::<[u8; 32]>(), sig()).prop_map(|(node, issuer, sig)| {
+            DeltaBody::Revoke(omesh_protocol::Revocation { node, issuer, sig })
+        }),
+        (task_id(), task_state()).prop_map(|(task, outcome)| DeltaBody::Compact {
+            task,
+            outcome,
+            end: None
+        }),
         (node_id(), any::<(u64, u64)>())
             .prop_map(|(node, version)| DeltaBody::Suspect { node, version }),
     ]
@@ -234,10 +248,21 @@ pub(crate) fn probe() -> impl Strategy<Value = Probe> {
 }
 
 pub(crate) fn delta() -> impl Strategy<Value = Delta> {
-    (node_id(), any::<u64>(), delta_body()).prop_map(|(origin, stamp, body)| Delta {
+    (node_id(), any::<u64>(), delta_body(), sig()).prop_map(|(origin, stamp, body, sig)| Delta {
         origin,
         stamp,
         body,
+        sig,
+    })
+}
+
+/// Any 64 bytes, as a signature (the codec does not check signatures).
+pub(crate) fn sig() -> impl Strategy<Value = omesh_protocol::Sig> {
+    (any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(a, b)| {
+        let mut s = [0u8; 64];
+        s[..32].copy_from_slice(&a);
+        s[32..].copy_from_slice(&b);
+        omesh_protocol::Sig(s)
     })
 }
 
