@@ -1,6 +1,7 @@
 //! Admission with real processes: an admitted mesh converges; peers without a valid
 //! certificate (none, a foreign key's, expired, another peer's) and a peer outside
-//! `allowed_peers` are refused when they connect, get no state, and each refusal is counted.
+//! `allowed_peers` are refused when they connect, get no state, and each refusal is counted by
+//! reason; a node configured with admission keys but no valid certificate does not start.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -87,7 +88,8 @@ async fn an_admitted_mesh_converges_and_refuses_every_peer_without_a_valid_certi
         "the task did not spread"
     );
 
-    // The strangers think they belong to this mesh: they trust its admission key.
+    // The expired one trusts this mesh's admission key (a node with admission keys and no
+    // valid certificate does not start; see the last test).
     let op_pub = operator().public_hex();
     let op = operator().operator;
     let trusting = ["--admission-key", op_pub.as_str()];
