@@ -553,7 +553,30 @@ fn print_sizes() {
     );
 }
 
-criterion::criterion_group!(benches, bench_merge, bench_apply);
+/// The cost of signing every delta a node writes, and of checking every delta that comes in:
+/// a heartbeat (the commonest delta) and a running status.
+fn bench_signature(c: &mut Criterion) {
+    let mut mesh = Mesh::new();
+    let mut g = c.benchmark_group("signature");
+    g.sample_size(50)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .throughput(Throughput::Elements(1));
+    let heartbeat = mesh.heartbeat(0);
+    let status = mesh.status(0, TaskState::Running, None);
+    for (what, d) in [("heartbeat", heartbeat), ("status", status)] {
+        let key = mesh.keys[0].clone();
+        g.bench_function(BenchmarkId::new("sign", what), |b| {
+            b.iter(|| Delta::signed(key.signing(), d.stamp, d.body.clone()));
+        });
+        g.bench_function(BenchmarkId::new("verify", what), |b| {
+            b.iter(|| assert!(d.signature_holds()));
+        });
+    }
+    g.finish();
+}
+
+criterion::criterion_group!(benches, bench_merge, bench_apply, bench_signature);
 
 fn main() {
     print_sizes();

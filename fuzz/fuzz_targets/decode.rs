@@ -10,7 +10,8 @@ use libfuzzer_sys::fuzz_target;
 use omesh_protocol::blob::{BlobRequest, BlobResponse};
 use omesh_protocol::task::MAX_SPEC_BYTES;
 use omesh_protocol::{
-    decode, GossipMessage, ImageRef, SignedTaskSpec, SyncReply, SyncRequest, Wire,
+    decode, AdmissionCert, GossipMessage, ImageRef, LogRequest, LogResponse, Probe, Revocation,
+    SignedTaskSpec, SyncReply, SyncRequest, Wire,
 };
 
 fn check<T: Wire + PartialEq + Debug>(data: &[u8]) {
@@ -29,6 +30,11 @@ fuzz_target!(|data: &[u8]| {
     check::<SyncReply>(data);
     check::<BlobRequest>(data);
     check::<BlobResponse>(data);
+    check::<Probe>(data);
+    check::<LogRequest>(data);
+    check::<LogResponse>(data);
+    check::<AdmissionCert>(data);
+    check::<Revocation>(data);
 
     // Specs arrive inside deltas; verifying one from hostile bytes must not panic either.
     if let Ok(spec) = decode::<SignedTaskSpec>(data, MAX_SPEC_BYTES + 1) {
