@@ -1,6 +1,6 @@
 //! A hostile peer against real `omesh` processes. The hostile peer is built from the crate's
-//! own swarm builder (`omesh::peer::net::build_swarm`), joins a 3-peer mesh as a member with
-//! a record of its own, then forges what a compromised member can: statuses for epochs it
+//! own swarm builder (`omesh::peer::net::build_swarm`), is admitted (a valid certificate from
+//! the mesh's operator), joins a 3-peer mesh as a member with a record of its own, then forges what a compromised member can: statuses for epochs it
 //! does not own (the running one and one a million on), a compaction with forged evidence, a
 //! lease at u64::MAX, a flood of made-up task ids, probe acks with guessed nonces, a sync
 //! reply with another node's record and a vector of 20,000 made-up origins, and in one last
@@ -49,12 +49,18 @@ struct Hostile {
 }
 
 impl Hostile {
-    fn start(seed: &str) -> Self {
+    /// A member gone bad: admitted (it shows a valid certificate in a first contact with
+    /// each of `nodes`, as `omesh up` does before it dials one), then it dials the first.
+    async fn start(nodes: &[Node]) -> Self {
+        let seed = nodes[0].addr();
         let key = libp2p::identity::Keypair::generate_ed25519();
+        for n in nodes {
+            common::first_contact(&key, n).await;
+        }
         let node_key = net::node_key_of(&key).unwrap();
         let id = node_key.id();
         let signing = node_key.signing().clone();
-        let mut swarm = net::build_swarm(key, net::GOSSIP_TRANSMIT_LIMIT).unwrap();
+        let mut swarm = net::build_swarm(key, net::GOSSIP_TRANSMIT_LIMIT, false).unwrap();
         swarm
             .listen_on("/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap())
             .unwrap();
@@ -210,8 +216,9 @@ async fn a_hostile_member_changes_nothing_and_every_attempt_is_counted() {
     let before = views(&nodes, &ids).await;
 
     // The hostile peer joins as a member: its own record, signed by its own key.
-    let mut h = Hostile::start(&nodes[0].addr());
-    let rec = NodeRecord::new(
+    let mut h = Hostile::start(&nodes).await;
+    let now = omesh::peer::Clock::new().now();
+    let mut rec = NodeRecord::new(
         h.id,
         1,
         Capacity {
@@ -219,6 +226,13 @@ async fn a_hostile_member_changes_nothing_and_every_attempt_is_counted() {
             memory_bytes: 1 << 30,
         },
     );
+    rec.cert = Some(omesh_protocol::AdmissionCert::sign(
+        &common::operator().operator,
+        h.id,
+        Default::default(),
+        now,
+        now + 3_600_000,
+    ));
     let d = h.sign(DeltaBody::Node(Arc::new(rec)));
     h.publish(vec![d]);
     let known = wait_until(Duration::from_secs(30), || async {
@@ -304,6 +318,14 @@ async fn a_hostile_member_changes_nothing_and_every_attempt_is_counted() {
     let victim: NodeId = nodes[1].node_id().await.parse().unwrap();
     let mut leaving = NodeRecord::new(victim, 99, Capacity::default());
     leaving.leaving = true;
+    // With the victim's own (valid) certificate, so that only the signature gives it away.
+    leaving.cert = Some(omesh_protocol::AdmissionCert::sign(
+        &common::operator().operator,
+        victim,
+        Default::default(),
+        now,
+        now + 3_600_000,
+    ));
     let mut forged_rec = Delta::signed(&h.key, 99 << 32 | 1, DeltaBody::Node(Arc::new(leaving)));
     forged_rec.origin = victim;
     let mut vclock: Vec<(NodeId, u64)> = (0..20_000u32)
