@@ -68,8 +68,12 @@ impl Peer {
         if let Ok(m) = self.metrics.lock() {
             m.refused(reason);
         }
+        self.may_warn_about(peer.unwrap_or(self.local_peer))
+    }
+
+    /// Whether a warning may name `peer` now: at most once per `REFUSAL_WARN_EVERY`.
+    fn may_warn_about(&mut self, key: PeerId) -> bool {
         let now = Instant::now();
-        let key = peer.unwrap_or(self.local_peer);
         if self.refusal_warned.len() > 4096 {
             self.refusal_warned.retain(|_, t| *t > now);
         }
@@ -192,7 +196,11 @@ impl Peer {
         };
         let cert = match answer {
             Answer::Refused { reason, detail } => {
-                warn!(%peer, %reason, %detail, "the peer refused this node's admission; not dialing it");
+                if self.may_warn_about(peer) {
+                    warn!(%peer, %reason, %detail, "the peer refused this node's admission; not dialing it");
+                } else {
+                    debug!(%peer, %reason, "the peer refused this node's admission");
+                }
                 return;
             }
             Answer::Admitted { cert } => cert,

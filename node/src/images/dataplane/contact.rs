@@ -155,3 +155,34 @@ pub async fn first_contact(
         .await
         .map_err(|_| lost(&"timed out"))?
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn malformed_hellos_are_refused_not_panicked_on() {
+        let peer = Keypair::generate_ed25519().public().to_peer_id();
+        let mut cases: Vec<Vec<u8>> = vec![
+            CONTACT_MAGIC.to_vec(),
+            [CONTACT_MAGIC, b"\x02"].concat(),
+            [CONTACT_MAGIC, b"\x02\x01\xff\xff\xff\xff"].concat(),
+            [CONTACT_MAGIC, &[0xAB; 64][..]].concat(),
+        ];
+        cases.push([CONTACT_MAGIC, &vec![2u8; MAX_CONTACT_BYTES + 10][..]].concat());
+        for bytes in cases {
+            let out = answer(peer, &bytes, None).await;
+            let body = out.strip_prefix(CONTACT_MAGIC).unwrap();
+            let a: Answer = omesh_protocol::decode(body, MAX_CONTACT_BYTES).unwrap();
+            assert!(matches!(a, Answer::Refused { .. }), "{a:?}");
+        }
+        // A well-formed hello with nobody to judge it is refused as busy.
+        let hello = encode_stream(&Hello { cert: None }).unwrap();
+        let a = answer(peer, &hello, None).await;
+        let a: Answer =
+            omesh_protocol::decode(a.strip_prefix(CONTACT_MAGIC).unwrap(), MAX_CONTACT_BYTES)
+                .unwrap();
+        assert!(matches!(a, Answer::Refused { ref reason, .. } if reason == "busy"));
+    }
+}
