@@ -165,8 +165,12 @@ async fn views(
     let mut out = BTreeMap::new();
     for (i, n) in nodes.iter().enumerate() {
         for id in ids {
-            let t = n.task(id).await.unwrap();
-            out.insert((i, id.clone()), (t.state, t.epoch, t.owner));
+            // A task just submitted may not have reached every peer yet.
+            let v = n.task(id).await.map_or_else(
+                || ("unknown".to_owned(), 0, None),
+                |t| (t.state, t.epoch, t.owner),
+            );
+            out.insert((i, id.clone()), v);
         }
     }
     out
