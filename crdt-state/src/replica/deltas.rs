@@ -138,12 +138,13 @@ impl Replica {
                     spec.verify(&self.cfg.authorized_submitters)?;
                 }
             }
-            DeltaBody::Cancel(c) => {
-                if !self.cfg.authorized_submitters.contains(&c.submitter) || !c.signature_holds() {
-                    return Err(DeltaError::CancelNotAuthorized {
-                        task: c.task.short(),
-                    });
-                }
+            DeltaBody::Cancel(c)
+                if !self.cfg.authorized_submitters.contains(&c.submitter)
+                    || !c.signature_holds() =>
+            {
+                return Err(DeltaError::CancelNotAuthorized {
+                    task: c.task.short(),
+                });
             }
             DeltaBody::Compact { end: Some(end), .. } => {
                 // The evidence must hold on its own: its writer's signature, and for a
@@ -160,12 +161,10 @@ impl Replica {
                     });
                 }
             }
-            DeltaBody::Revoke(r) => {
-                if !r.holds(&self.cfg.admission_keys) {
-                    return Err(DeltaError::BadRevocation {
-                        node: r.node.short(),
-                    });
-                }
+            DeltaBody::Revoke(r) if !r.holds(&self.cfg.admission_keys) => {
+                return Err(DeltaError::BadRevocation {
+                    node: r.node.short(),
+                });
             }
             _ => {}
         }
