@@ -115,6 +115,8 @@ pub enum Input {
     Submit(SignedTaskSpec),
     /// Cancel a task everywhere, on a submitter's signed order.
     Cancel(omesh_protocol::SignedCancel),
+    /// An operator's revocation of a node's admission, to spread through the mesh.
+    Revoke(omesh_protocol::Revocation),
     /// The local executor reports on an epoch it was told to run.
     Executor {
         /// The task.
@@ -220,6 +222,9 @@ pub enum InputError {
     /// The task is not known here; nothing changed.
     #[error("unknown task {0}")]
     UnknownTask(TaskId),
+    /// A revocation not signed by one of this mesh's admission keys; nothing changed.
+    #[error("revocation of node {0} refused: not signed by one of this mesh's admission_keys")]
+    BadRevocation(String),
     /// A cancel whose signature does not hold or whose key may not submit; nothing changed.
     #[error("cancel of task {0} refused: not signed by a key in authorized_submitters")]
     CancelNotAuthorized(TaskId),

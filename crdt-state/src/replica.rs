@@ -352,6 +352,17 @@ impl Replica {
             }
             Input::Submit(spec) => self.submit(now, spec).map(|_| ()),
             Input::Cancel(order) => self.cancel(now, order),
+            Input::Revoke(r) => {
+                if !r.holds(&self.cfg.admission_keys) {
+                    return Err(InputError::BadRevocation(r.node.short()));
+                }
+                if !self.state.is_revoked(&r.node) {
+                    self.write(now, DeltaBody::Revoke(r));
+                    self.mark_dirty(now);
+                    self.flush();
+                }
+                Ok(())
+            }
             Input::Executor { task, epoch, event } => {
                 self.on_executor(now, task, epoch, event);
                 Ok(())

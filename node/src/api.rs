@@ -161,6 +161,11 @@ pub enum ApiCall {
         Box<SignedTaskSpec>,
         oneshot::Sender<Result<TaskId, ApiError>>,
     ),
+    /// Spread an operator's revocation of a node through the mesh.
+    Revoke(
+        omesh_protocol::Revocation,
+        oneshot::Sender<Result<(), ApiError>>,
+    ),
     /// Cancel a task everywhere, on the submitter's signed order.
     Cancel(
         omesh_protocol::SignedCancel,
@@ -421,6 +426,42 @@ async fn cancel(
     ))
 }
 
+/// The body of `POST /api/v1/revocations`: a revocation as `omesh revoke` prints it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeBody {
+    /// The revocation's wire encoding, hex.
+    pub revocation: String,
+}
+
+async fn revoke(
+    State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    use omesh_protocol::Wire;
+    authorize(&s, &headers)?;
+    let body: RevokeBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid revocation body: {e}"),
+        )
+    })?;
+    let bytes = hex::decode(body.revocation.trim())
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "revocation is not hex"))?;
+    let revocation = omesh_protocol::Revocation::from_wire(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("revocation does not decode: {e}"),
+        )
+    })?;
+    ask(&s, |tx| ApiCall::Revoke(revocation, tx)).await??;
+    Ok(Json(serde_json::json!({
+        "node": revocation.node.to_hex(),
+        "revoked": true,
+    })))
+}
+
 /// Query of the logs endpoint.
 #[derive(Debug, Deserialize)]
 pub struct LogQuery {
@@ -615,6 +656,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/tasks", get(tasks).post(submit))
         .route("/api/v1/tasks/{id}", get(task).delete(cancel))
         .route("/api/v1/tasks/{id}/logs", get(logs))
+        .route("/api/v1/revocations", axum::routing::post(revoke))
         .route("/api/v1/images/pull", axum::routing::post(pull_image))
         .route("/api/v1/images/pulls", get(pulls))
         .route("/api/v1/debug/block", axum::routing::post(block))

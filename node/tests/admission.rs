@@ -249,3 +249,89 @@ fn a_node_with_admission_keys_and_no_valid_certificate_does_not_start() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_peer_is_cut_off_everywhere_and_its_task_fails_over() {
+    let root = tempfile::tempdir().unwrap();
+    let sub = Submitter::new();
+    let nodes = common::mesh(root.path(), 3, |_| {
+        let mut f = sub.flags();
+        f.extend(["--fake-cpu-percent".into(), "10".into()]);
+        f
+    })
+    .await;
+    let spec = sub.spec(&["sh", "-c", "sleep 600"], |_| {});
+    let id = sub.submit(&nodes[0], &spec).await;
+    let owner = wait_until(LONG, || async {
+        nodes[0]
+            .task(&id)
+            .await
+            .is_some_and(|t| t.state == "running" && t.owner.is_some())
+    })
+    .await;
+    assert!(owner, "the task did not start");
+    let owner = nodes[0].task(&id).await.unwrap().owner.unwrap();
+    let mut victim = None;
+    for (i, n) in nodes.iter().enumerate() {
+        if n.node_id().await == owner {
+            victim = Some(i);
+        }
+    }
+    let victim = victim.unwrap();
+    let witness = (victim + 1) % 3;
+    let others: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    let epoch = nodes[witness].task(&id).await.unwrap().epoch;
+
+    // The operator revokes the owner, through another peer's API; a revocation signed by a
+    // key that is not an admission key is refused first.
+    let node: NodeId = owner.parse().unwrap();
+    let forged = omesh_protocol::Revocation::sign(&sub.key, node);
+    let post = |r: &omesh_protocol::Revocation| {
+        let body = serde_json::json!({ "revocation": hex::encode(r.to_wire().unwrap()) });
+        reqwest::Client::new()
+            .post(format!("{}/api/v1/revocations", nodes[witness].api()))
+            .bearer_auth(&sub.token)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(post(&forged).await.unwrap().status().as_u16(), 403);
+    let real = omesh_protocol::Revocation::sign(&operator().operator, node);
+    assert_eq!(post(&real).await.unwrap().status().as_u16(), 200);
+
+    // Every other peer drops it, refuses its connections, and runs the task at a higher epoch.
+    let cut = wait_until(LONG, || async {
+        for i in &others {
+            let Some(s) = nodes[*i].status().await else {
+                return false;
+            };
+            if s.peers_alive != 2 {
+                return false;
+            }
+            match nodes[*i].task(&id).await {
+                Some(t)
+                    if t.state == "running"
+                        && t.epoch > epoch
+                        && t.owner != Some(owner.clone()) => {}
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await;
+    if !cut {
+        dump(&nodes.iter().collect::<Vec<_>>());
+    }
+    assert!(
+        cut,
+        "the revoked owner was not cut off, or its task did not fail over"
+    );
+    let counted = wait_until(LONG, || async {
+        let mut sum = 0.0;
+        for i in &others {
+            sum += refused(&nodes[*i], "revoked").await;
+        }
+        sum > 0.0
+    })
+    .await;
+    assert!(counted, "no refusal of the revoked peer was counted");
+}

@@ -428,6 +428,7 @@ fn kind(input: &Input) -> &'static str {
         Input::Images(_) => "Images",
         Input::Submit(_) => "Submit",
         Input::Cancel(_) => "Cancel",
+        Input::Revoke(_) => "Revoke",
         Input::Executor { .. } => "Executor",
         Input::Leave => "Leave",
     }

@@ -309,4 +309,10 @@ pub struct RevokeArgs {
     /// Where to write the revocation (also printed as hex on stdout).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
+    /// Send it to this peer's API too (`HOST:PORT`), which spreads it through the mesh.
+    #[arg(long)]
+    pub api: Option<String>,
+    /// API bearer token, with `--api`.
+    #[arg(long, env = "OMESH_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }

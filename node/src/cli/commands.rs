@@ -287,6 +287,21 @@ pub fn revoke(args: &RevokeArgs) -> anyhow::Result<()> {
         );
     }
     use omesh_protocol::Wire;
-    println!("{}", hex::encode(revocation.to_wire()?));
+    let encoded = hex::encode(revocation.to_wire()?);
+    println!("{encoded}");
+    if let Some(api) = &args.api {
+        let client = Client::new(api);
+        let body = serde_json::to_value(crate::api::RevokeBody {
+            revocation: encoded,
+        })?;
+        let rt = runtime()?;
+        let _: serde_json::Value = rt.block_on(client.send(
+            reqwest::Method::POST,
+            "/api/v1/revocations",
+            args.token.as_deref(),
+            Some(&body),
+        ))?;
+        eprintln!("node {} revoked through {api}", node.short());
+    }
     Ok(())
 }

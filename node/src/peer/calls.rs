@@ -95,6 +95,16 @@ impl Peer {
             ApiCall::Cancel(task, tx) => {
                 let _ = tx.send(self.cancel(task));
             }
+            ApiCall::Revoke(r, tx) => {
+                let result = self.driver.feed(Input::Revoke(r));
+                self.drain();
+                let _ = tx.send(result.map_err(|e| match e {
+                    InputError::BadRevocation(_) => {
+                        ApiError::new(StatusCode::FORBIDDEN, e.to_string())
+                    }
+                    other => ApiError::new(StatusCode::BAD_REQUEST, other.to_string()),
+                }));
+            }
             ApiCall::Logs { task, offset, tx } => self.logs(task, offset, tx),
             ApiCall::Block(peers, tx) => {
                 self.blocked = peers.into_iter().collect();
