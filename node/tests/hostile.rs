@@ -317,21 +317,27 @@ async fn a_hostile_member_changes_nothing_and_every_attempt_is_counted() {
             }
         }
     }
-    // A sync reply with peer 1's record (leaving) under peer 1's name but the hostile key's
-    // signature, and a vector of 20,000 made-up origins.
+    // A sync reply with each honest peer's record (leaving) under that peer's name but the
+    // hostile key's signature (a peer takes its own as an echo and ignores it, so every peer
+    // that asks gets another's), and a vector of 20,000 made-up origins.
     let victim: NodeId = nodes[1].node_id().await.parse().unwrap();
-    let mut leaving = NodeRecord::new(victim, 99, Capacity::default());
-    leaving.leaving = true;
-    // With the victim's own (valid) certificate, so that only the signature gives it away.
-    leaving.cert = Some(omesh_protocol::AdmissionCert::sign(
-        &common::operator().operator,
-        victim,
-        Default::default(),
-        now,
-        now + 3_600_000,
-    ));
-    let mut forged_rec = Delta::signed(&h.key, 99 << 32 | 1, DeltaBody::Node(Arc::new(leaving)));
-    forged_rec.origin = victim;
+    let mut forged_recs = Vec::new();
+    for n in &nodes {
+        let id: NodeId = n.node_id().await.parse().unwrap();
+        let mut leaving = NodeRecord::new(id, 99, Capacity::default());
+        leaving.leaving = true;
+        // With the peer's own (valid) certificate, so that only the signature gives it away.
+        leaving.cert = Some(omesh_protocol::AdmissionCert::sign(
+            &common::operator().operator,
+            id,
+            Default::default(),
+            now,
+            now + 3_600_000,
+        ));
+        let mut forged = Delta::signed(&h.key, 99 << 32 | 1, DeltaBody::Node(Arc::new(leaving)));
+        forged.origin = id;
+        forged_recs.push(forged);
+    }
     let mut vclock: Vec<(NodeId, u64)> = (0..20_000u32)
         .map(|i| {
             let mut b = [0xEEu8; 32];
@@ -341,17 +347,19 @@ async fn a_hostile_member_changes_nothing_and_every_attempt_is_counted() {
         .collect();
     vclock.sort();
     let _ = h.cmd.send(Cmd::AnswerSyncWith(SyncReply {
-        deltas: vec![forged_rec],
+        deltas: forged_recs,
         vclock,
         digest: Default::default(),
         truncated: false,
     }));
+    // Counted by every peer the hostile one reaches directly (it may not reach all: an honest
+    // peer does not relay what it refused, early or forged). Each such peer counts all of it.
     let counted = wait_until(Duration::from_secs(60), || async {
-        rejected(&nodes, "status_not_epoch_owner").await >= 3.0
-            && rejected(&nodes, "compact_not_ended").await >= 3.0
-            && rejected(&nodes, "epoch_jump").await >= 3.0
-            && rejected(&nodes, "unknown_task").await >= 3.0 * 2000.0
-            && counter(&nodes, "omesh_probe_acks_refused_total").await >= 9.0 * 20.0
+        rejected(&nodes, "status_not_epoch_owner").await >= 2.0
+            && rejected(&nodes, "compact_not_ended").await >= 1.0
+            && rejected(&nodes, "epoch_jump").await >= 1.0
+            && rejected(&nodes, "unknown_task").await >= 2000.0
+            && counter(&nodes, "omesh_probe_acks_refused_total").await >= 3.0 * 20.0
             && counter(&nodes, "omesh_vector_entries_refused_total").await >= 20_000.0
             && rejected(&nodes, "bad_signature").await >= 1.0
     })
