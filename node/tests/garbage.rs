@@ -58,19 +58,7 @@ async fn garbage_on_gossip_and_sync_is_counted_and_dropped() {
     );
     let before = node.status().await.unwrap();
 
-    let key = Keypair::generate_ed25519();
-    // An admitted peer gone bad: it shows a valid certificate first.
-    common::first_contact(&key, &node).await;
-    let mut swarm = net::build_swarm(key, 4 * MAX_GOSSIP_BYTES, false).unwrap();
-    let topic = IdentTopic::new(net::STATE_TOPIC);
-    swarm.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
     let target_peer: libp2p::PeerId = before.peer_id.parse().unwrap();
-    swarm
-        .dial(node.addr().parse::<libp2p::Multiaddr>().unwrap())
-        .unwrap();
-
-    // Drive the hostile swarm until every payload was published and both sync frames sent.
-    let payloads = gossip_payloads();
     let truncated_sync = {
         let req = SyncRequest {
             vclock: vec![(NodeId([1; 32]), 5)],
@@ -83,67 +71,84 @@ async fn garbage_on_gossip_and_sync_is_counted_and_dropped() {
         .unwrap();
         req[..req.len() - 3].to_vec()
     };
-    let mut published = 0usize;
-    let mut synced = false;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while published < payloads.len() || !synced {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "hostile peer could not deliver its payloads"
-        );
-        tokio::select! {
-            _ = swarm.select_next_some() => {}
-            () = tokio::time::sleep(Duration::from_millis(100)) => {
-                if swarm.is_connected(&target_peer) {
-                    while published < payloads.len() {
-                        let (_, bytes) = &payloads[published];
-                        match swarm.behaviour_mut().gossipsub.publish(topic.clone(), bytes.clone()) {
-                            Ok(_) => published += 1,
-                            Err(_) => break, // not subscribed yet on the other side; retry
+    // Each payload from an admitted peer gone bad of its own: the first invalid message
+    // graylists its sender in gossipsub (peer scoring), so a second from the same peer would
+    // never reach the decoder. The first one also sends the two bad sync requests, and then
+    // a second garbage message, which must not be counted.
+    let mut handles = Vec::new();
+    for (k, (_, bytes)) in gossip_payloads().into_iter().enumerate() {
+        let key = Keypair::generate_ed25519();
+        common::first_contact(&key, &node).await;
+        let addr: libp2p::Multiaddr = node.addr().parse().unwrap();
+        let sync = (k == 0).then(|| truncated_sync.clone());
+        handles.push(tokio::spawn(async move {
+            let mut swarm = net::build_swarm(key, 4 * MAX_GOSSIP_BYTES, false).unwrap();
+            let topic = IdentTopic::new(net::STATE_TOPIC);
+            swarm.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
+            swarm.dial(addr).unwrap();
+            let mut queue = vec![bytes];
+            if k == 0 {
+                queue.push(b"\xde\xad\xbe\xef more garbage, from a graylisted peer".to_vec());
+            }
+            let mut sync = sync;
+            let mut sent = 0usize;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                tokio::select! {
+                    _ = swarm.select_next_some() => {}
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {
+                        if !swarm.is_connected(&target_peer) {
+                            continue;
                         }
-                    }
-                    if !synced {
-                        swarm.behaviour_mut().sync.send_request(&target_peer, b"\x01garbage".to_vec());
-                        swarm.behaviour_mut().sync.send_request(&target_peer, truncated_sync.clone());
-                        synced = true;
+                        if sent < queue.len() {
+                            // The second of peer 0's messages goes once the first was taken.
+                            if sent == 1 && tokio::time::Instant::now() < deadline - Duration::from_secs(27) {
+                                continue;
+                            }
+                            if swarm.behaviour_mut().gossipsub.publish(topic.clone(), queue[sent].clone()).is_ok() {
+                                sent += 1;
+                            }
+                        }
+                        if let Some(req) = sync.take() {
+                            swarm.behaviour_mut().sync.send_request(&target_peer, b"\x01garbage".to_vec());
+                            swarm.behaviour_mut().sync.send_request(&target_peer, req);
+                        }
                     }
                 }
             }
-        }
+        }));
     }
-    // Keep the connection serviced while the node counts.
-    let counted = {
-        let node = &node;
-        let pump = async {
-            loop {
-                swarm.select_next_some().await;
-            }
+    let gossip = |m: &str| {
+        metric(
+            m,
+            "omesh_messages_malformed_total",
+            Some("channel=\"gossip\""),
+        )
+    };
+    let counted = wait_until(Duration::from_secs(40), || async {
+        let Some(m) = node.text("/metrics").await else {
+            return false;
         };
-        let check = wait_until(Duration::from_secs(30), || async {
-            let Some(m) = node.text("/metrics").await else {
-                return false;
-            };
-            metric(
+        gossip(&m) >= 4.0
+            && metric(
                 &m,
                 "omesh_messages_malformed_total",
-                Some("channel=\"gossip\""),
-            ) >= 4.0
-                && metric(
-                    &m,
-                    "omesh_messages_malformed_total",
-                    Some("channel=\"sync_request\""),
-                ) >= 2.0
-                && metric(
-                    &m,
-                    "omesh_messages_malformed_total",
-                    Some("channel=\"gossip_forged_origin\""),
-                ) >= 1.0
-        });
-        tokio::select! {
-            ok = check => ok,
-            () = pump => false,
-        }
-    };
+                Some("channel=\"sync_request\""),
+            ) >= 2.0
+            && metric(
+                &m,
+                "omesh_messages_malformed_total",
+                Some("channel=\"gossip_forged_origin\""),
+            ) >= 1.0
+    })
+    .await;
+    // Peer 0's second garbage message went out 3 s after its first; give it time to arrive,
+    // then it must not have been counted: gossipsub dropped it unseen.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let graylisted = gossip(&node.text("/metrics").await.unwrap_or_default()) == 4.0;
+    for h in handles {
+        h.abort();
+    }
     let m = node.text("/metrics").await.unwrap_or_default();
     assert!(
         counted,
@@ -152,6 +157,10 @@ async fn garbage_on_gossip_and_sync_is_counted_and_dropped() {
             .filter(|l| l.contains("malformed"))
             .collect::<Vec<_>>()
             .join("\n")
+    );
+    assert!(
+        graylisted,
+        "a second garbage message from a graylisted peer was counted"
     );
 
     // Still serving, same state.
