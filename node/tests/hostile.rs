@@ -69,6 +69,7 @@ impl Hostile {
         let seed: Multiaddr = seed.parse().unwrap();
         swarm.dial(seed.clone()).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
+        let me = id;
         let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = answered.clone();
         tokio::spawn(async move {
@@ -115,9 +116,16 @@ impl Hostile {
                             }
                         }
                         SwarmEvent::Behaviour(BehaviourEvent::Probe(request_response::Event::Message {
-                            message: request_response::Message::Request { channel, .. }, ..
+                            peer,
+                            message: request_response::Message::Request { request, channel, .. }, ..
                         })) => {
                             let _ = swarm.behaviour_mut().probe.send_response(channel, Vec::new());
+                            // Answer pings as a member does, so it stays alive (and is synced
+                            // with) rather than suspected.
+                            if let Ok(Probe::Ping { nonce }) = Probe::from_wire(&request) {
+                                let ack = Probe::Ack { nonce, about: me };
+                                swarm.behaviour_mut().probe.send_request(&peer, ack.to_wire().unwrap());
+                            }
                         }
                         SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                             propagation_source, message_id, ..
