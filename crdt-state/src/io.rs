@@ -307,7 +307,7 @@ pub struct Stats {
 pub struct Rejections([u64; REJECTION_REASONS.len()]);
 
 /// Every reason a delta is rejected for, as `DeltaError::reason` names it.
-pub const REJECTION_REASONS: [&str; 15] = [
+pub const REJECTION_REASONS: [&str; 16] = [
     "node_not_own",
     "lease_not_owner",
     "status_not_reporter",
@@ -323,6 +323,7 @@ pub const REJECTION_REASONS: [&str; 15] = [
     "bad_revocation",
     "over_limit",
     "revoked",
+    "bad_certificate",
 ];
 
 impl Rejections {

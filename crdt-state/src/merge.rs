@@ -244,6 +244,14 @@ pub enum DeltaError {
         /// The quota.
         limit: usize,
     },
+    /// A node record whose admission certificate is missing or does not admit it.
+    #[error("{origin}'s record is not admitted: {why}")]
+    BadCertificate {
+        /// Whose record.
+        origin: String,
+        /// Why not.
+        why: String,
+    },
     /// The origin's admission was revoked.
     #[error("{origin} was revoked")]
     Revoked {
@@ -320,6 +328,7 @@ impl DeltaError {
             Self::Quota { .. } => "quota",
             Self::BadRevocation { .. } => "bad_revocation",
             Self::Revoked { .. } => "revoked",
+            Self::BadCertificate { .. } => "bad_certificate",
             Self::OverLimit { .. } => "over_limit",
         }
     }

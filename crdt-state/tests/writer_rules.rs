@@ -368,7 +368,73 @@ fn with_admission_keys_only_certified_nodes_are_heard() {
     let r = m.replica(node(1));
     assert_eq!(r.state().node_count(), 3);
     assert!(r.state().node(&node(8)).is_none() && r.state().node(&node(9)).is_none());
-    assert!(r.stats().rejections.get("not_admitted") >= 4);
+    // Their records are refused for good (the certificate does not admit them); their other
+    // writes are held back until a record that does comes, which it never will.
+    assert!(r.stats().rejections.get("bad_certificate") >= 2);
+    assert!(r.stats().rejections.get("not_admitted") >= 2);
     assert!(r.is_admitted(&node(2)) && !r.is_admitted(&node(8)));
     assert!(r.state().suspicion(&node(2)).is_none());
+}
+
+/// Counts the signature checks a replica asks for.
+#[derive(Debug, Default)]
+struct Counting(std::sync::atomic::AtomicU64);
+
+impl omesh_state::Verify for Counting {
+    fn holds(&self, d: &Delta) -> bool {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        d.signature_holds()
+    }
+}
+
+#[test]
+fn a_hold_full_of_junk_is_not_checked_again_on_every_batch() {
+    // A hostile member fills the hold with writes for tasks that do not exist; each honest
+    // batch after that retries the hold, which must cost map lookups, not 4,096 signature
+    // checks.
+    let counting = Arc::new(Counting::default());
+    let mut r = harness::fixtures::replica(harness::config(1)).unwrap();
+    r.set_verifier(counting.clone());
+    r.handle(0, Input::Tick).unwrap();
+    let junk: Vec<Delta> = (0..4_096u64)
+        .map(|i| {
+            let mut t = [0u8; 32];
+            t[..8].copy_from_slice(&i.to_le_bytes());
+            harness::fixtures::signed(
+                HOSTILE,
+                (1 << 32) + i + 1,
+                DeltaBody::Cancel(harness::fixtures::cancel(TaskId(t))),
+            )
+        })
+        .collect();
+    for chunk in junk.chunks(64) {
+        let _ = r.handle(
+            1,
+            Input::Gossip {
+                via: node(HOSTILE),
+                msg: GossipMessage {
+                    deltas: chunk.to_vec(),
+                },
+            },
+        );
+    }
+    assert_eq!(r.early_held(), 4_096);
+    let before = counting.0.load(std::sync::atomic::Ordering::Relaxed);
+    // Twenty honest batches, each a new record of node 2 (each merges, so each retries).
+    for seq in 1..=20u64 {
+        let mut rec = NodeRecord::new(node(2), 1, Default::default());
+        rec.seq = seq;
+        let d = harness::fixtures::signed(2, (1 << 32) + seq, DeltaBody::Node(Arc::new(rec)));
+        r.handle(
+            1 + seq,
+            Input::Gossip {
+                via: node(2),
+                msg: GossipMessage { deltas: vec![d] },
+            },
+        )
+        .unwrap();
+    }
+    let checks = counting.0.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert_eq!(checks, 20, "the hold was checked again");
+    assert_eq!(r.early_held(), 4_096);
 }

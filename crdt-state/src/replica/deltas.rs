@@ -230,6 +230,16 @@ impl Replica {
         while !self.early.is_empty() {
             let mut took = false;
             for (via, d) in self.early.take() {
+                // What held it back, checked again first: map lookups, no signature check,
+                // so a hold full of a hostile node's junk costs little per batch.
+                let still = self
+                    .check_origin(&d)
+                    .and_then(|()| self.state.check_against(&d))
+                    .is_err_and(|e| e.is_early());
+                if still {
+                    self.early.hold(via, d);
+                    continue;
+                }
                 match self.ingest_one(now, &d) {
                     Ok(()) => {
                         took = true;
@@ -265,14 +275,18 @@ impl Replica {
             why,
         };
         if let DeltaBody::Node(rec) = &d.body {
+            // A record brings its own certificate: one that does not admit it never will,
+            // so it is refused for good (not held back to be tried again).
+            let bad = |why: String| DeltaError::BadCertificate {
+                origin: d.origin.short(),
+                why,
+            };
             let Some(cert) = &rec.cert else {
-                return Err(not_admitted(
-                    "its record carries no admission certificate".into(),
-                ));
+                return Err(bad("its record carries no admission certificate".into()));
             };
             if self.admitted.get(&rec.id) != Some(cert) {
                 cert.verify_at_any_time(&rec.id, &self.cfg.admission_keys)
-                    .map_err(|e| not_admitted(e.to_string()))?;
+                    .map_err(|e| bad(e.to_string()))?;
                 self.admitted.insert(rec.id, cert.clone());
             }
             return Ok(());
