@@ -245,8 +245,6 @@ pub struct Stats {
     pub deltas_applied: u64,
     /// Deltas already known.
     pub deltas_unchanged: u64,
-    /// Deltas dropped for breaking a rule.
-    pub deltas_rejected: u64,
     /// Deltas about compacted tasks, ignored.
     pub deltas_tombstoned: u64,
     /// Messages that did not decode.
@@ -327,11 +325,18 @@ pub const REJECTION_REASONS: [&str; 16] = [
 ];
 
 impl Rejections {
-    /// Counts one rejection for `reason`.
+    /// Counts one rejection for `reason` (one of [`REJECTION_REASONS`]).
     pub fn count(&mut self, reason: &str) {
-        if let Some(i) = REJECTION_REASONS.iter().position(|r| *r == reason) {
+        let i = REJECTION_REASONS.iter().position(|r| *r == reason);
+        debug_assert!(i.is_some(), "{reason} is missing from REJECTION_REASONS");
+        if let Some(i) = i {
             self.0[i] += 1;
         }
+    }
+
+    /// Deltas rejected for any reason.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
     }
 
     /// The count for `reason`.

@@ -423,6 +423,16 @@ fn stamped<T>(at: Stamp, sig: Sig, value: T, hash: ComponentHash) -> Stamped<T> 
     }
 }
 
+/// A held component as the delta that wrote it, with its writer's signature.
+fn written(at: Stamp, sig: Sig, body: DeltaBody) -> Delta {
+    Delta {
+        origin: at.origin,
+        stamp: at.stamp,
+        body,
+        sig,
+    }
+}
+
 fn node_order(a: &Arc<NodeRecord>, b: &Arc<NodeRecord>) -> Ordering {
     a.version()
         .cmp(&b.version())
@@ -1005,17 +1015,11 @@ impl State {
     /// or the final status of the top epoch. What a compaction carries as its evidence.
     pub fn ending(&self, task: &TaskId) -> Option<Delta> {
         let rec = self.tasks.get(task)?;
-        let as_delta = |at: Stamp, sig: Sig, body| Delta {
-            origin: at.origin,
-            stamp: at.stamp,
-            body,
-            sig,
-        };
         if let Some(c) = &rec.cancel {
-            return Some(as_delta(c.at, c.sig, DeltaBody::Cancel(c.value)));
+            return Some(written(c.at, c.sig, DeltaBody::Cancel(c.value)));
         }
         let (epoch, s) = rec.statuses.iter().next_back()?;
-        Some(as_delta(
+        Some(written(
             s.at,
             s.sig,
             DeltaBody::Status {
@@ -1039,30 +1043,24 @@ impl State {
         &'a self,
         keep: impl Fn(Stamp) -> bool + Copy + 'a,
     ) -> impl Iterator<Item = Delta> + 'a {
-        let delta = |at: Stamp, sig: Sig, body| Delta {
-            origin: at.origin,
-            stamp: at.stamp,
-            body,
-            sig,
-        };
         let nodes = self
             .nodes
             .values()
             .filter(move |s| keep(s.at()))
-            .map(move |s| delta(s.at(), s.sig, DeltaBody::Node(Arc::clone(&s.rec))));
+            .map(move |s| written(s.at(), s.sig, DeltaBody::Node(Arc::clone(&s.rec))));
         let tasks = self.tasks.iter().flat_map(move |(id, rec)| {
             let id = *id;
             let spec = rec
                 .spec
                 .iter()
                 .filter(move |s| keep(s.at))
-                .map(move |s| delta(s.at, s.sig, DeltaBody::Spec((*s.value).clone())));
+                .map(move |s| written(s.at, s.sig, DeltaBody::Spec((*s.value).clone())));
             let lease = rec
                 .leases
                 .values()
                 .filter(move |s| keep(s.at))
                 .map(move |s| {
-                    delta(
+                    written(
                         s.at,
                         s.sig,
                         DeltaBody::Lease {
@@ -1076,7 +1074,7 @@ impl State {
                     .iter()
                     .filter(move |(_, s)| keep(s.at))
                     .map(move |(epoch, s)| {
-                        delta(
+                        written(
                             s.at,
                             s.sig,
                             DeltaBody::Status {
@@ -1090,7 +1088,7 @@ impl State {
                 .cancel
                 .iter()
                 .filter(move |s| keep(s.at))
-                .map(move |s| delta(s.at, s.sig, DeltaBody::Cancel(s.value)));
+                .map(move |s| written(s.at, s.sig, DeltaBody::Cancel(s.value)));
             spec.chain(lease).chain(statuses).chain(cancel)
         });
         let tombs = self
@@ -1098,7 +1096,7 @@ impl State {
             .iter()
             .filter(move |(_, s)| keep(s.at))
             .map(move |(id, s)| {
-                delta(
+                written(
                     s.at,
                     s.sig,
                     DeltaBody::Compact {
@@ -1113,7 +1111,7 @@ impl State {
                 .iter()
                 .filter(move |(_, s)| keep(s.at))
                 .map(move |(node, s)| {
-                    delta(
+                    written(
                         s.at,
                         s.sig,
                         DeltaBody::Suspect {
@@ -1126,7 +1124,7 @@ impl State {
             .revoked
             .values()
             .filter(move |s| keep(s.at))
-            .map(move |s| delta(s.at, s.sig, DeltaBody::Revoke(s.value)));
+            .map(move |s| written(s.at, s.sig, DeltaBody::Revoke(s.value)));
         nodes
             .chain(tasks)
             .chain(tombs)

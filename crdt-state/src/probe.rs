@@ -91,18 +91,25 @@ pub(crate) struct Prober {
     pos: usize,
     next_probe: Millis,
     nonce: u64,
-    /// Mixed into every nonce (from the replica's seeded random stream), so a peer cannot
-    /// guess the nonce of a ping it did not see.
+    /// Mixed into every nonce (derived from the replica's seed), so a peer cannot guess the
+    /// nonce of a ping it did not see.
     nonce_key: u64,
     current: Option<Outstanding>,
     relays: BTreeMap<u64, Relay>,
 }
 
 impl Prober {
-    /// Sets the first probe time, and the secret nonces are drawn with.
-    pub(crate) fn start(&mut self, at: Millis, nonce_key: u64) {
+    /// A prober whose nonces are keyed by the secret `nonce_key`.
+    pub(crate) fn keyed(nonce_key: u64) -> Self {
+        Self {
+            nonce_key,
+            ..Self::default()
+        }
+    }
+
+    /// Sets the first probe time.
+    pub(crate) fn start(&mut self, at: Millis) {
         self.next_probe = at;
-        self.nonce_key = nonce_key;
     }
 
     /// Notes the helpers asked to ping this period's target.

@@ -118,6 +118,9 @@ pub struct Replica {
     early: Early,
 }
 
+/// Mixed into the replica's seed to key its probe nonces ("nonce").
+const NONCE_DOMAIN: u64 = 0x006e_6f6e_6365;
+
 /// A node's ed25519 identity key; its public half is the NodeId. Debug never shows it.
 #[derive(Clone)]
 pub struct NodeKey(ed25519_dalek::SigningKey);
@@ -190,11 +193,13 @@ impl Replica {
         // The configured seed, the id and the incarnation each mixed on their own: the id alone
         // would cancel a seed derived from it, and a restart must not replay the random
         // stream (probe order, claim staggers) of the incarnation before.
-        let rng = ChaCha8Rng::seed_from_u64(
-            splitmix64(cfg.seed)
-                ^ mix64(u64::from_le_bytes(first8(&cfg.node_id.0)))
-                ^ splitmix64(cfg.incarnation.rotate_left(32)),
-        );
+        let seed = splitmix64(cfg.seed)
+            ^ mix64(u64::from_le_bytes(first8(&cfg.node_id.0)))
+            ^ splitmix64(cfg.incarnation.rotate_left(32));
+        let rng = ChaCha8Rng::seed_from_u64(seed);
+        // Probe nonces are keyed from the same seed, not drawn from the random stream (whose
+        // draws decide probe order and claim staggers: those stay as they were for a seed).
+        let prober = Prober::keyed(splitmix64(seed ^ NONCE_DOMAIN));
         Ok(Self {
             me,
             state: State::default(),
@@ -202,7 +207,7 @@ impl Replica {
             sync: SyncState::default(),
             next_counter: 0,
             suspicions: Suspicions::default(),
-            prober: Prober::default(),
+            prober,
             rtt: BTreeMap::new(),
             tasks: TaskBook::default(),
             outbox: VecDeque::new(),
@@ -460,9 +465,15 @@ impl Replica {
         Ok(id)
     }
 
+    /// Whether `order` is a cancel this mesh takes: signed, by a key in
+    /// `authorized_submitters`.
+    pub(crate) fn may_cancel(&self, order: &SignedCancel) -> bool {
+        self.cfg.authorized_submitters.contains(&order.submitter) && order.signature_holds()
+    }
+
     fn cancel(&mut self, now: Millis, order: SignedCancel) -> Result<(), InputError> {
         let task = order.task;
-        if !self.cfg.authorized_submitters.contains(&order.submitter) || !order.signature_holds() {
+        if !self.may_cancel(&order) {
             return Err(InputError::CancelNotAuthorized(task));
         }
         if let Some(state) = self.state.tombstone(&task) {
@@ -495,12 +506,7 @@ impl Replica {
             use rand::Rng;
             self.rng.gen_range(0..self.cfg.heartbeat_ms)
         };
-        // Nonces come from the seed too (not from the random stream, whose draws decide
-        // probe order and claim staggers: those stay as they were for a given seed).
-        let nonce_key = splitmix64(
-            self.cfg.seed ^ mix64(u64::from_le_bytes(first8(&self.cfg.node_id.0))) ^ 0x6e6f6e6365,
-        ) ^ splitmix64(self.cfg.incarnation);
-        self.prober.start(now + offset, nonce_key);
+        self.prober.start(now + offset);
     }
 
     /// Publishes the record now, or when one period has passed since the last publication.

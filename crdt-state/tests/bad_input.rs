@@ -169,7 +169,7 @@ fn a_peer_gossiping_an_unsigned_spec_or_anothers_record_is_refused() {
         }
         other => panic!("{other}"),
     }
-    assert_eq!(r.stats().deltas_rejected, 2);
+    assert_eq!(r.stats().rejections.total(), 2);
     assert_eq!(r.digest(), before);
 }
 

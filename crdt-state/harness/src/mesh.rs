@@ -285,12 +285,7 @@ impl Mesh {
                     reason,
                 } => {
                     self.stops.push((id, task, epoch, reason));
-                    let now = self.now;
-                    for inst in &mut self.instances {
-                        if inst.node == id && inst.task == task && inst.epoch == epoch {
-                            inst.stopped_at.get_or_insert(now);
-                        }
-                    }
+                    self.mark_stopped(id, task, epoch);
                     let stopped = Input::Executor {
                         task,
                         epoch,
@@ -308,12 +303,7 @@ impl Mesh {
         let epoch = self
             .running_on(id, task)
             .unwrap_or_else(|| panic!("{id:?} runs no instance of {task:?}"));
-        let now = self.now;
-        for inst in &mut self.instances {
-            if inst.node == id && inst.task == task && inst.epoch == epoch {
-                inst.stopped_at.get_or_insert(now);
-            }
-        }
+        self.mark_stopped(id, task, epoch);
         let exited = Input::Executor {
             task,
             epoch,
@@ -321,6 +311,16 @@ impl Mesh {
         };
         // A stale report is counted, not refused; the result is not the harness's concern.
         let _ = self.input(id, exited);
+    }
+
+    /// Notes that the instance of `task` at `epoch` on `id` stopped now (if not already).
+    fn mark_stopped(&mut self, id: NodeId, task: TaskId, epoch: Epoch) {
+        let now = self.now;
+        for inst in &mut self.instances {
+            if inst.node == id && inst.task == task && inst.epoch == epoch {
+                inst.stopped_at.get_or_insert(now);
+            }
+        }
     }
 
     /// The epoch of the instance of `task` still running on `id`.

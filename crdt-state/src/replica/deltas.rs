@@ -20,9 +20,8 @@ impl Replica {
         let stamp = (self.cfg.incarnation << 32) | self.next_counter;
         let delta = Delta::signed(self.key.signing(), stamp, body);
         // Our own deltas satisfy every rule, so merging cannot fail; count it if it ever does.
-        match self.state.apply(&delta) {
-            Ok(_) => {}
-            Err(_) => self.stats.deltas_rejected += 1,
+        if let Err(e) = self.state.apply(&delta) {
+            self.stats.rejections.count(e.reason());
         }
         self.vector.raise(self.me.id, stamp);
         if let DeltaBody::Node(rec) = &delta.body {
@@ -74,23 +73,18 @@ impl Replica {
                     progressed = true;
                     self.track_stamp(now, via, d.origin, d.stamp);
                 }
-                Err(e) if e.is_early() => {
-                    // Counted, then held back: the record, spec, lease or end it builds on
-                    // may be in this very batch or the next. Its stamp is not taken into
-                    // the version vector until it merges: a hostile node's held junk must
-                    // not make this replica skip that node's real writes.
-                    rejected += 1;
-                    self.stats.rejections.count(e.reason());
-                    if self.early.hold(via, d.clone()) {
-                        self.stats.early_dropped += 1;
-                    }
-                    first.get_or_insert(e);
-                }
                 Err(e) => {
                     rejected += 1;
-                    self.stats.deltas_rejected += 1;
                     self.stats.rejections.count(e.reason());
-                    if e.is_forgery() {
+                    if e.is_early() {
+                        // Held back: the record, spec, lease or end it builds on may be in
+                        // this very batch or the next. Its stamp is not taken into the
+                        // version vector until it merges: a hostile node's held junk must
+                        // not make this replica skip that node's real writes.
+                        if self.early.hold(via, d.clone()) {
+                            self.stats.early_dropped += 1;
+                        }
+                    } else if e.is_forgery() {
                         forged += 1;
                         // Report a forgery first: it is what the driver acts on.
                         if !first.as_ref().is_some_and(DeltaError::is_forgery) {
@@ -138,10 +132,7 @@ impl Replica {
                     spec.verify(&self.cfg.authorized_submitters)?;
                 }
             }
-            DeltaBody::Cancel(c)
-                if !self.cfg.authorized_submitters.contains(&c.submitter)
-                    || !c.signature_holds() =>
-            {
+            DeltaBody::Cancel(c) if !self.may_cancel(c) => {
                 return Err(DeltaError::CancelNotAuthorized {
                     task: c.task.short(),
                 });
@@ -150,9 +141,7 @@ impl Replica {
                 // The evidence must hold on its own: its writer's signature, and for a
                 // cancel the submitter's authority.
                 let authorized = match &end.body {
-                    DeltaBody::Cancel(c) => {
-                        self.cfg.authorized_submitters.contains(&c.submitter) && c.signature_holds()
-                    }
+                    DeltaBody::Cancel(c) => self.may_cancel(c),
                     _ => true,
                 };
                 if !authorized || !self.verify.holds(end) {
