@@ -163,31 +163,22 @@ pub fn api_command(args: &ApiArgs, what: Show) -> anyhow::Result<()> {
     let client = Client::new(&args.api);
     let rt = runtime()?;
     rt.block_on(async move {
+        // JSON when asked, else the human text.
+        fn render<T: serde::Serialize + ?Sized>(
+            json: bool,
+            value: &T,
+            text: impl FnOnce(&T) -> String,
+        ) -> anyhow::Result<String> {
+            Ok(if json {
+                serde_json::to_string_pretty(value)?
+            } else {
+                text(value)
+            })
+        }
         let text = match what {
-            Show::Status => {
-                let s = client.status().await?;
-                if args.json {
-                    serde_json::to_string_pretty(&s)?
-                } else {
-                    client::status_text(&s)
-                }
-            }
-            Show::Peers => {
-                let p = client.peers().await?;
-                if args.json {
-                    serde_json::to_string_pretty(&p)?
-                } else {
-                    client::peers_text(&p)
-                }
-            }
-            Show::Tasks => {
-                let t = client.tasks().await?;
-                if args.json {
-                    serde_json::to_string_pretty(&t)?
-                } else {
-                    client::tasks_text(&t)
-                }
-            }
+            Show::Status => render(args.json, &client.status().await?, client::status_text)?,
+            Show::Peers => render(args.json, &client.peers().await?, |p| client::peers_text(p))?,
+            Show::Tasks => render(args.json, &client.tasks().await?, |t| client::tasks_text(t))?,
         };
         println!("{}", text.trim_end());
         Ok(())

@@ -1,7 +1,7 @@
 //! Admission in the peer loop: first contacts (both sides), the libp2p allow list, and the
 //! refusal counter. The rules themselves are `crate::admission::Gate`'s.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,22 @@ pub(crate) struct ContactResult {
 const KNOWN_RETRY: Duration = Duration::from_secs(10);
 /// A refused peer is named in a warning at most this often (it retries every few seconds).
 const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Whether a warning naming `key` is due: at most once per `REFUSAL_WARN_EVERY` for each
+/// key, remembered in `warned` (kept bounded: past entries go once it holds 4,096).
+pub(crate) fn warn_due(warned: &mut HashMap<PeerId, Instant>, key: PeerId) -> bool {
+    let now = Instant::now();
+    if warned.len() > 4096 {
+        warned.retain(|_, t| *t > now);
+    }
+    match warned.get(&key) {
+        Some(t) if *t > now => false,
+        _ => {
+            warned.insert(key, now + REFUSAL_WARN_EVERY);
+            true
+        }
+    }
+}
 
 /// The data plane address of a libp2p QUIC address: same IP, UDP port + 1.
 pub(crate) fn dataplane_addr_of(addr: &Multiaddr) -> Option<SocketAddr> {
@@ -71,19 +87,9 @@ impl Peer {
         self.may_warn_about(peer.unwrap_or(self.local_peer))
     }
 
-    /// Whether a warning may name `peer` now: at most once per `REFUSAL_WARN_EVERY`.
+    /// Whether a refusal warning may name `peer` now: at most once per `REFUSAL_WARN_EVERY`.
     fn may_warn_about(&mut self, key: PeerId) -> bool {
-        let now = Instant::now();
-        if self.refusal_warned.len() > 4096 {
-            self.refusal_warned.retain(|_, t| *t > now);
-        }
-        match self.refusal_warned.get(&key) {
-            Some(t) if *t > now => false,
-            _ => {
-                self.refusal_warned.insert(key, now + REFUSAL_WARN_EVERY);
-                true
-            }
-        }
+        warn_due(&mut self.refusal_warned, key)
     }
 
     /// Re-derives the admitted set (expiry, revocations, certificates in node records) and

@@ -67,7 +67,7 @@ pub struct Peer {
     pub(crate) executor: Executor,
     pub(crate) reports: mpsc::Receiver<Report>,
     pub(crate) blocked: BTreeSet<PeerId>,
-    /// When each peer caught forging was last warned about (warnings are rate-limited).
+    /// When each peer caught forging may next be named in a warning (`admit::warn_due`).
     forgers_warned: HashMap<PeerId, Instant>,
     pub(crate) pending_logs: HashMap<OutboundRequestId, logs::PendingLog>,
     pub(crate) images: Arc<crate::images::ImageService>,

@@ -351,13 +351,7 @@ impl Peer {
     /// and say so, at most once a minute per peer (each rejection is counted by reason in
     /// `omesh_deltas_rejected_total` either way).
     pub(super) fn cut_off_forger(&mut self, peer: PeerId, channel: &str, first: &str) {
-        let now = std::time::Instant::now();
-        let quiet = self
-            .forgers_warned
-            .get(&peer)
-            .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(60));
-        if !quiet {
-            self.forgers_warned.insert(peer, now);
+        if super::admit::warn_due(&mut self.forgers_warned, peer) {
             warn!(%peer, channel, error = first, "peer sent forged or badly signed state; disconnecting it");
         }
         let _ = self.swarm.disconnect_peer_id(peer);
