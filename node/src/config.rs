@@ -106,6 +106,37 @@ pub struct NodeConfig {
     pub debug_corrupt_blobs: bool,
     /// Test-only: cut each blob connection once it has carried this many bytes.
     pub debug_drop_after_bytes: Option<u64>,
+    /// A file holding the API bearer token (first line), so the token never has to be in
+    /// argv, where every local process can read it through /proc.
+    pub api_token_file: Option<PathBuf>,
+    /// CPU limit, in thousandths of a core, of a task whose spec asks for 0.
+    pub task_default_cpu_millis: u32,
+    /// Memory limit, in bytes, of a task whose spec asks for 0.
+    pub task_default_memory_bytes: u64,
+    /// Most processes (and threads) one task instance may have at once.
+    pub task_pids_limit: u32,
+    /// The unprivileged user process tasks run as when the peer runs as root.
+    pub task_user: String,
+    /// Where task cgroups are made, under each controller's root (cgroup v1) or the unified
+    /// root (v2).
+    pub cgroup_parent: String,
+    /// Whether the process executor may run a task whose limits it cannot enforce (no
+    /// writable cgroup controller): `enforce` (refuse such tasks) or `best-effort`.
+    pub process_limits: ProcessLimits,
+    /// How long before the lease could lapse elsewhere each instance's guard kills it, ms
+    /// (see README, "A task instance never outlives its lease").
+    pub guard_margin_ms: u64,
+}
+
+/// What the process executor does with limits it cannot enforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProcessLimits {
+    /// Refuse a task with limits when no cgroup controller is writable.
+    #[default]
+    Enforce,
+    /// Run it without limits (the operator opted out).
+    BestEffort,
 }
 
 impl Default for NodeConfig {
@@ -143,6 +174,14 @@ impl Default for NodeConfig {
             blob_serve_bytes_per_sec: 0,
             debug_corrupt_blobs: false,
             debug_drop_after_bytes: None,
+            api_token_file: None,
+            task_default_cpu_millis: 1_000,
+            task_default_memory_bytes: 512 << 20,
+            task_pids_limit: 512,
+            task_user: "nobody".into(),
+            cgroup_parent: "omesh".into(),
+            process_limits: ProcessLimits::Enforce,
+            guard_margin_ms: 500,
         }
     }
 }
@@ -281,6 +320,54 @@ impl NodeConfig {
         }
         if self.api_token.as_deref().is_some_and(str::is_empty) {
             return Err(value("api_token", "must not be empty"));
+        }
+        if self
+            .api_token_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(value("api_token_file", "must not be an empty path"));
+        }
+        if self.api_token.is_some() && self.api_token_file.is_some() {
+            return Err(value(
+                "api_token_file",
+                "set either api_token or api_token_file, not both",
+            ));
+        }
+        if self.task_default_cpu_millis == 0 {
+            return Err(value(
+                "task_default_cpu_millis",
+                "must be more than 0 (a task is never unlimited)",
+            ));
+        }
+        if self.task_default_memory_bytes < (4 << 20) {
+            return Err(value(
+                "task_default_memory_bytes",
+                "must be at least 4 MiB (a task is never unlimited)",
+            ));
+        }
+        if self.task_pids_limit < 8 {
+            return Err(value("task_pids_limit", "must be at least 8"));
+        }
+        if self.task_user.is_empty() {
+            return Err(value("task_user", "must name a user"));
+        }
+        if self.cgroup_parent.is_empty()
+            || self.cgroup_parent.split('/').any(|c| c == "..")
+        {
+            return Err(value(
+                "cgroup_parent",
+                format!("{:?} must be a relative path without ..", self.cgroup_parent),
+            ));
+        }
+        if self.guard_margin_ms >= self.lease_ttl_ms + self.lease_grace_ms {
+            return Err(value(
+                "guard_margin_ms",
+                format!(
+                    "must be less than lease_ttl_ms + lease_grace_ms ({} ms)",
+                    self.lease_ttl_ms + self.lease_grace_ms
+                ),
+            ));
         }
         if self.target_peers == 0 {
             return Err(value("target_peers", "must be at least 1"));

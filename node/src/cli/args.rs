@@ -260,6 +260,38 @@ pub struct UpArgs {
     #[arg(long, env = "OMESH_DEBUG_DROP_AFTER_BYTES", hide = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub debug_drop_after_bytes: Option<u64>,
+    /// A file holding the API bearer token (keeps the token out of argv).
+    #[arg(long, env = "OMESH_API_TOKEN_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_token_file: Option<PathBuf>,
+    /// CPU limit of a task that asks for 0, thousandths of a core.
+    #[arg(long, env = "OMESH_TASK_DEFAULT_CPU_MILLIS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_default_cpu_millis: Option<u32>,
+    /// Memory limit of a task that asks for 0, bytes.
+    #[arg(long, env = "OMESH_TASK_DEFAULT_MEMORY_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_default_memory_bytes: Option<u64>,
+    /// Most processes one task instance may have.
+    #[arg(long, env = "OMESH_TASK_PIDS_LIMIT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_pids_limit: Option<u32>,
+    /// The unprivileged user process tasks run as when the peer runs as root.
+    #[arg(long, env = "OMESH_TASK_USER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_user: Option<String>,
+    /// Where task cgroups are made under each controller's root.
+    #[arg(long, env = "OMESH_CGROUP_PARENT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_parent: Option<String>,
+    /// Process tasks whose limits cannot be enforced: enforce (refuse them) or best-effort.
+    #[arg(long, env = "OMESH_PROCESS_LIMITS", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_limits: Option<crate::config::ProcessLimits>,
+    /// How long before a lease could lapse elsewhere a guard kills its instance, ms.
+    #[arg(long, env = "OMESH_GUARD_MARGIN_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard_margin_ms: Option<u64>,
 }
 
 #[derive(Debug, Args)]
