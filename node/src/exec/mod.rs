@@ -1,7 +1,9 @@
 //! Executors: run one epoch of a task, as a Docker container or a native process, behind one
 //! interface. The driver starts an instance per `StartTask` and stops it on `StopTask`;
-//! every report carries the epoch it was started with.
+//! every report carries the epoch it was started with. [`cgroup`] holds the task cgroups that
+//! limit and contain an instance's processes.
 
+pub mod cgroup;
 pub mod docker;
 mod error;
 pub mod process;
