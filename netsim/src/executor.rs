@@ -3,7 +3,8 @@
 //!
 //! StartTask → `Started` after a short delay → `Exited` after the task's duration;
 //! StopTask → the instance ends at once and `Stopped` is reported shortly after; a crash ends
-//! every instance of the node.
+//! every instance of the node; a guard whose deadline passed ends every instance of its node
+//! and `Expired` is reported shortly after (see `guard.rs`).
 
 use std::collections::BTreeMap;
 
@@ -12,6 +13,9 @@ use omesh_state::{ExecEvent, Input};
 
 use crate::queue::SimTime;
 use crate::sim::{fold, ix, Event, ExecStep, Sim, Slot};
+
+/// How long after an instance ended (stopped, killed by its guard) the executor reports it.
+pub(crate) const REPORT_US: SimTime = 5_000;
 
 /// One instance of a task, as it ran on one node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,8 +28,10 @@ pub struct Instance {
     pub epoch: Epoch,
     /// When it reported `Started`.
     pub started_at: SimTime,
-    /// When it exited, was stopped, or died with its node.
+    /// When it exited, was stopped, died with its node or was killed by its guard.
     pub ended_at: Option<SimTime>,
+    /// Killed by its guard at the deadline (its node was cut off).
+    pub expired: bool,
 }
 
 /// An owner crash waiting for its task to run elsewhere.
@@ -57,6 +63,7 @@ impl Runs {
             epoch,
             started_at: now,
             ended_at: None,
+            expired: false,
         });
         self.by_task.entry(task).or_default().push(i);
         let mut k = 0;
@@ -76,6 +83,16 @@ impl Runs {
     pub fn end(&mut self, i: usize, now: SimTime) {
         if let Some(inst) = self.instances.get_mut(i) {
             inst.ended_at.get_or_insert(now);
+        }
+    }
+
+    /// Instance `i`'s guard killed it at its deadline.
+    pub fn expire(&mut self, i: usize, now: SimTime) {
+        if let Some(inst) = self.instances.get_mut(i) {
+            if inst.ended_at.is_none() {
+                inst.ended_at = Some(now);
+                inst.expired = true;
+            }
         }
     }
 
@@ -190,6 +207,8 @@ impl Sim {
                 ExecEvent::Exited { code }
             }
             ExecStep::Stopped => ExecEvent::Stopped,
+            // The guard already ended the instance and freed its slot.
+            ExecStep::Expired => ExecEvent::Expired,
         };
         self.feed(
             i,

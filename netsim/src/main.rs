@@ -49,6 +49,10 @@ struct Common {
     /// the steady state of a large mesh without its N² cold start.
     #[arg(long)]
     formed: bool,
+    /// Do not model the per-instance guards (as if `[guard] enabled = false`): instances
+    /// outlive their leases, as before the guards, for before/after comparisons.
+    #[arg(long)]
+    no_guard: bool,
 }
 
 #[derive(Args)]
@@ -90,6 +94,9 @@ fn load(c: &Common) -> anyhow::Result<Scenario> {
         s = s.with_nodes(n)?;
     }
     s.formed |= c.formed;
+    if c.no_guard {
+        s.guard.enabled = false;
+    }
     s.validate()?;
     Ok(s)
 }
@@ -106,6 +113,9 @@ fn reproduce(c: &Common, s: &Scenario, seed: u64) -> String {
     }
     if c.formed {
         line.push_str(" --formed");
+    }
+    if c.no_guard {
+        line.push_str(" --no-guard");
     }
     line
 }

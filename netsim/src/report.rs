@@ -53,6 +53,12 @@ pub struct Outcome {
     pub node_seconds: f64,
     /// Crashes applied.
     pub crashes: u64,
+    /// Whether the per-instance guards were modelled (`[guard] enabled`).
+    pub guard: bool,
+    /// Instances killed by their guard at the deadline (running or still starting).
+    pub guard_expiries: u64,
+    /// Of those, instances that had come up (the rest were still starting).
+    pub guard_expiries_running: usize,
     /// Summed over the replicas up at the end: node records published, suspicions raised,
     /// suspicions refuted, task claims made.
     pub membership: (u64, u64, u64, u64),
@@ -109,6 +115,9 @@ impl Outcome {
             idle: sim.idle.map(|(t, us)| (t, us as f64 / 1e6)),
             node_seconds: sim.node_us as f64 / 1e6,
             crashes: sim.crashes,
+            guard: sim.scenario.guard.enabled,
+            guard_expiries: sim.guard_expiries,
+            guard_expiries_running: sim.runs.instances.iter().filter(|i| i.expired).count(),
             membership: sim
                 .nodes
                 .iter()
@@ -185,6 +194,20 @@ impl Outcome {
                 ms_str(pct(&self.duplicate_ms, 99.0).or(Some(0.0))),
                 self.duplicate_ms.len()
             ),
+        );
+        row(
+            "guard kills",
+            if self.guard {
+                format!(
+                    "{} instances killed at their deadline ({} running, {} still starting)",
+                    self.guard_expiries,
+                    self.guard_expiries_running,
+                    self.guard_expiries
+                        .saturating_sub(self.guard_expiries_running as u64)
+                )
+            } else {
+                "guards not modelled ([guard] enabled = false)".to_owned()
+            },
         );
         let o = &self.tasks;
         row("tasks", format!("{} submitted, {} accepted: {} succeeded, {} failed, {} cancelled, {} running, {} pending with a reason, {} in progress, {} lost",

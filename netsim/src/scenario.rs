@@ -96,6 +96,9 @@ pub struct Scenario {
     /// What is measured and how.
     #[serde(default)]
     pub measure: MeasureSpec,
+    /// The per-instance guards (the peer's `omesh guard`).
+    #[serde(default)]
+    pub guard: GuardSpec,
     /// Bounds the run must stay within, besides the invariants.
     #[serde(default)]
     pub expect: Expect,
@@ -360,6 +363,29 @@ impl Default for MeasureSpec {
     }
 }
 
+/// The guard every task instance has in the peer (`node/src/guard`): it kills the instance
+/// once the node's `Replica::leases_hold_until`, less `margin_ms`, passes on the node's own
+/// clock without being renewed past it, and the peer reports `ExecEvent::Expired`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardSpec {
+    /// Model the guards (`false`: instances outlive their leases, as before the guards, for
+    /// before/after comparisons).
+    pub enabled: bool,
+    /// The peer's `guard_margin_ms`: how long before the leases could be counted lost
+    /// elsewhere the guard kills, in ms.
+    pub margin_ms: u64,
+}
+
+impl Default for GuardSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            margin_ms: 500,
+        }
+    }
+}
+
 /// Bounds a run must stay within (absent: not checked).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -503,9 +529,20 @@ impl Scenario {
                 return Err(bad(format!("faults[{i}]"), "ends before it starts"));
             }
         }
-        self.replica_config(self.nodes)
+        let replica = self.replica_config(self.nodes);
+        replica
             .validate()
             .map_err(|e| bad(format!("replica.{}", e.key), e.reason))?;
+        // As the peer's config checks `guard_margin_ms`: a margin of the whole window would
+        // kill every instance the moment it starts.
+        if self.guard.enabled
+            && self.guard.margin_ms >= replica.lease_ttl_ms + replica.lease_grace_ms
+        {
+            return Err(bad(
+                "guard.margin_ms",
+                "must be below replica.lease_ttl_ms + replica.lease_grace_ms",
+            ));
+        }
         Ok(())
     }
 

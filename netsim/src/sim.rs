@@ -16,6 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::clock::Clock;
 use crate::executor::Runs;
 use crate::gossip::{Floods, Overlay};
+use crate::guard::Guards;
 use crate::network::{mix, Network};
 use crate::propagation::Tracker;
 use crate::queue::{EventQueue, SimTime};
@@ -31,6 +32,8 @@ pub enum ExecStep {
     Exit(i32),
     /// It was stopped.
     Stopped,
+    /// Its guard killed it at the deadline.
+    Expired,
 }
 
 /// A point-to-point anti-entropy message.
@@ -130,6 +133,13 @@ pub enum Event {
         /// What it kept.
         data: DataDir,
     },
+    /// A node's guard deadline may have passed; stale tokens are ignored.
+    Guard {
+        /// Node index.
+        node: u32,
+        /// Check token.
+        token: u32,
+    },
     /// Mesh maintenance and pings.
     Maintain,
     /// Load samples for every node.
@@ -169,6 +179,7 @@ pub struct Node {
     tick: Option<SimTime>,
     tick_token: u32,
     pub(crate) exec: BTreeMap<(u32, Epoch), Slot>,
+    pub(crate) guards: Guards,
     pub(crate) last_load: Option<LoadSample>,
 }
 
@@ -273,6 +284,8 @@ pub struct Sim {
     pub events: u64,
     /// Crashes and restarts applied.
     pub crashes: u64,
+    /// Instances killed by their guard at the deadline (running or still starting).
+    pub guard_expiries: u64,
     pub(crate) maintain_round: u64,
     /// When the last fault healed, and the stamps every live node had written then.
     pub(crate) heal_cut: Option<crate::propagation::HealCut>,
@@ -341,6 +354,7 @@ impl Sim {
             trace: 0xcbf2_9ce4_8422_2325,
             events: 0,
             crashes: 0,
+            guard_expiries: 0,
             maintain_round: 0,
             heal_cut: None,
             heal_converged_us: None,
@@ -485,6 +499,7 @@ impl Sim {
             tick: None,
             tick_token: 0,
             exec: BTreeMap::new(),
+            guards: Guards::default(),
             last_load: None,
         });
         self.by_id.insert(id, i);
@@ -516,6 +531,7 @@ impl Sim {
         replica.set_verifier(self.verify.clone());
         node.replica = Some(replica);
         node.exec.clear();
+        node.guards.reset();
         node.last_load = None;
         node.tick = None;
         self.node_up_changed(now, 1);
@@ -615,6 +631,8 @@ impl Sim {
             );
         }
         self.arm_tick(i);
+        // The peer renews its guards after every drain.
+        self.renew_guards(i);
     }
 
     fn arm_tick(&mut self, i: u32) {
@@ -680,7 +698,7 @@ impl Sim {
                 }
                 let gen = node.gen;
                 self.queue.push(
-                    now + 5_000,
+                    now + crate::executor::REPORT_US,
                     Event::Exec {
                         node: i,
                         gen,
@@ -773,6 +791,7 @@ impl Sim {
             Event::FaultEnd { fault } => self.fault_end(fault),
             Event::Rolling { fault, step } => self.rolling_step(fault, step),
             Event::Restart { node, data } => self.restart(node, data),
+            Event::Guard { node, token } => self.on_guard(node, token),
             Event::Maintain => self.maintain(),
             Event::LoadRound => self.load_round(),
             Event::Probe => self.probe(),
