@@ -1,5 +1,5 @@
 //! Faults on the timeline: crashes and restarts (data directory kept or lost), partitions
-//! (one-way too), raised loss and rolling restarts.
+//! (one-way too), isolated nodes, raised loss and rolling restarts.
 
 use omesh_state::Input;
 use rand::seq::SliceRandom;
@@ -47,6 +47,21 @@ pub enum Fault {
         #[serde(default)]
         one_way: bool,
     },
+    /// Cut each target node off from every other node (from each other too), while its
+    /// process keeps running: an owner unplugged, not crashed.
+    Isolate {
+        /// Start, in seconds.
+        at_s: f64,
+        /// Heal, in seconds.
+        until_s: f64,
+        /// Which nodes, as for a crash: `owner`, `owners:N`, `random:N`, `node:I`,
+        /// `group:NAME:N`.
+        target: String,
+        /// Only messages from the isolated nodes are dropped: they hear the mesh, the mesh
+        /// does not hear them.
+        #[serde(default)]
+        one_way: bool,
+    },
     /// Raise message loss everywhere.
     Loss {
         /// Start, in seconds.
@@ -83,6 +98,7 @@ impl Fault {
         match self {
             Self::Crash { at_s, .. }
             | Self::Partition { at_s, .. }
+            | Self::Isolate { at_s, .. }
             | Self::Loss { at_s, .. }
             | Self::RollingRestart { at_s, .. } => *at_s,
         }
@@ -96,7 +112,9 @@ impl Fault {
                 restart_after_s,
                 ..
             } => at_s + restart_after_s.unwrap_or(0.0),
-            Self::Partition { until_s, .. } | Self::Loss { until_s, .. } => *until_s,
+            Self::Partition { until_s, .. }
+            | Self::Isolate { until_s, .. }
+            | Self::Loss { until_s, .. } => *until_s,
             Self::RollingRestart {
                 at_s,
                 interval_s,
@@ -192,6 +210,27 @@ impl Sim {
                     side,
                     one_way,
                 });
+                self.queue.push(secs(until_s), Event::FaultEnd { fault: f });
+            }
+            Fault::Isolate {
+                until_s,
+                target,
+                one_way,
+                ..
+            } => {
+                let Ok(target) = Target::parse(&target) else {
+                    return;
+                };
+                // One cut per node: isolated nodes do not hear each other either.
+                for node in self.select(&target) {
+                    let mut side = vec![false; self.nodes.len()];
+                    side[ix(node)] = true;
+                    self.network.cut(Partition {
+                        fault: ix(f),
+                        side,
+                        one_way,
+                    });
+                }
                 self.queue.push(secs(until_s), Event::FaultEnd { fault: f });
             }
             Fault::Loss {

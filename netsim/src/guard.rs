@@ -18,6 +18,19 @@ use crate::executor::REPORT_US;
 use crate::queue::SimTime;
 use crate::sim::{fold, ix, Event, ExecStep, Sim, Slot};
 
+/// Guard kills counted over a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuardKills {
+    /// Instances killed at their deadline, running or still starting.
+    pub total: u64,
+    /// Of those, instances that had come up.
+    pub running: u64,
+    /// Of those, kills on a node on the cut-off side of a partition or isolation in force;
+    /// the rest were on nodes no cut had set apart (lossy links, peers gone from the
+    /// probe round).
+    pub cut_off: u64,
+}
+
 /// One node's guards: they share one deadline, as the peer renews them all at once.
 #[derive(Debug, Default)]
 pub(crate) struct Guards {
@@ -91,12 +104,19 @@ impl Sim {
         }
         let gen = node.gen;
         let killed = std::mem::take(&mut node.exec);
+        let cut_off = self.network.cut_off(i);
         for ((task, epoch), slot) in killed {
             // An instance still starting has its guard too: it never comes up.
             if let Slot::Running(inst) = slot {
                 self.runs.expire(inst, now);
             }
-            self.guard_expiries += 1;
+            self.guard_expiries.total += 1;
+            if matches!(slot, Slot::Running(_)) {
+                self.guard_expiries.running += 1;
+            }
+            if cut_off {
+                self.guard_expiries.cut_off += 1;
+            }
             self.queue.push(
                 now + REPORT_US,
                 Event::Exec {

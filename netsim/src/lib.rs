@@ -14,7 +14,7 @@ pub mod conformance;
 pub mod executor;
 pub mod faults;
 pub mod gossip;
-mod guard;
+pub mod guard;
 pub mod invariants;
 pub mod network;
 pub mod plot;

@@ -80,6 +80,15 @@ impl Network {
         })
     }
 
+    /// Whether `node` is on the cut-off side of a partition in force (the minority, the side
+    /// not heard in a one-way cut, or an isolated node).
+    pub fn cut_off(&self, node: u32) -> bool {
+        let i = usize::try_from(node).unwrap_or(usize::MAX);
+        self.partitions
+            .iter()
+            .any(|p| p.side.get(i).copied().unwrap_or(false))
+    }
+
     /// Starts a partition.
     pub fn cut(&mut self, p: Partition) {
         self.partitions.push(p);

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::guard::GuardKills;
 use crate::invariants::{TaskOutcome, Violation};
 use crate::propagation::Kind;
 use crate::sim::{Sim, Traffic};
@@ -55,10 +56,8 @@ pub struct Outcome {
     pub crashes: u64,
     /// Whether the per-instance guards were modelled (`[guard] enabled`).
     pub guard: bool,
-    /// Instances killed by their guard at the deadline (running or still starting).
-    pub guard_expiries: u64,
-    /// Of those, instances that had come up (the rest were still starting).
-    pub guard_expiries_running: usize,
+    /// Instances killed by their guard at the deadline.
+    pub guard_expiries: GuardKills,
     /// Summed over the replicas up at the end: node records published, suspicions raised,
     /// suspicions refuted, task claims made.
     pub membership: (u64, u64, u64, u64),
@@ -117,7 +116,6 @@ impl Outcome {
             crashes: sim.crashes,
             guard: sim.scenario.guard.enabled,
             guard_expiries: sim.guard_expiries,
-            guard_expiries_running: sim.runs.instances.iter().filter(|i| i.expired).count(),
             membership: sim
                 .nodes
                 .iter()
@@ -198,12 +196,14 @@ impl Outcome {
         row(
             "guard kills",
             if self.guard {
+                let k = &self.guard_expiries;
                 format!(
-                    "{} instances killed at their deadline ({} running, {} still starting)",
-                    self.guard_expiries,
-                    self.guard_expiries_running,
-                    self.guard_expiries
-                        .saturating_sub(self.guard_expiries_running as u64)
+                    "{} instances killed at their deadline ({} running, {} still starting; {} on a node a cut set apart, {} elsewhere)",
+                    k.total,
+                    k.running,
+                    k.total - k.running,
+                    k.cut_off,
+                    k.total - k.cut_off
                 )
             } else {
                 "guards not modelled ([guard] enabled = false)".to_owned()

@@ -517,7 +517,7 @@ impl Scenario {
             }
         }
         for (i, f) in self.faults.iter().enumerate() {
-            if let Fault::Crash { target, .. } = f {
+            if let Fault::Crash { target, .. } | Fault::Isolate { target, .. } = f {
                 Target::parse(target).map_err(|why| bad(format!("faults[{i}].target"), why))?;
             }
             if let Fault::Partition { fraction, .. } | Fault::RollingRestart { fraction, .. } = f {

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::clock::Clock;
 use crate::executor::Runs;
 use crate::gossip::{Floods, Overlay};
-use crate::guard::Guards;
+use crate::guard::{GuardKills, Guards};
 use crate::network::{mix, Network};
 use crate::propagation::Tracker;
 use crate::queue::{EventQueue, SimTime};
@@ -284,8 +284,8 @@ pub struct Sim {
     pub events: u64,
     /// Crashes and restarts applied.
     pub crashes: u64,
-    /// Instances killed by their guard at the deadline (running or still starting).
-    pub guard_expiries: u64,
+    /// Instances killed by their guard at the deadline.
+    pub guard_expiries: GuardKills,
     pub(crate) maintain_round: u64,
     /// When the last fault healed, and the stamps every live node had written then.
     pub(crate) heal_cut: Option<crate::propagation::HealCut>,
@@ -354,7 +354,7 @@ impl Sim {
             trace: 0xcbf2_9ce4_8422_2325,
             events: 0,
             crashes: 0,
-            guard_expiries: 0,
+            guard_expiries: GuardKills::default(),
             maintain_round: 0,
             heal_cut: None,
             heal_converged_us: None,
