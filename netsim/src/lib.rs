@@ -3,9 +3,10 @@
 //!
 //! It owns the network model (latency, loss, duplication, reordering, bandwidth, partitions),
 //! a gossipsub-shaped flood over a mesh of D peers, per-node clocks with drift, crashes and
-//! restarts, a fake executor, scenarios as TOML, invariant checks and reports. It never reads
-//! the wall clock or an unseeded random source inside a run: the same seed gives the same
-//! event trace hash. Wall-clock time is read only around a run, to report its speed.
+//! restarts, a fake executor with the peer's per-instance guards, scenarios as TOML, invariant
+//! checks and reports. It never reads the wall clock or an unseeded random source inside a
+//! run: the same seed gives the same event trace hash. Wall-clock time is read only around a
+//! run, to report its speed.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
