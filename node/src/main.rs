@@ -196,7 +196,8 @@ fn up(args: &UpArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(api_addr).await.map_err(|e| {
             anyhow::anyhow!("cannot serve the API on {api_addr} (config key `api_listen`): {e}")
         })?;
-        let docker = omesh::exec::select_docker(cfg.executor)
+        let limits = omesh::exec::TaskLimits::from_config(&cfg);
+        let docker = omesh::exec::select_docker(cfg.executor, limits)
             .await
             .map_err(|e| anyhow::anyhow!("{e} (config key `executor`)"))?;
         let token = cfg.api_token.clone();

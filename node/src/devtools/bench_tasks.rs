@@ -342,7 +342,7 @@ pub async fn run(bin: &Path, cfg: &TaskBench, progress: impl Fn(&str)) -> Result
         ));
     }
     let docker_image = if cfg.docker {
-        match crate::exec::docker::DockerBackend::connect().await {
+        match crate::exec::docker::connect_engine().await {
             Ok(_) => ensure_test_image().map_err(|e| format!("test image: {e}")),
             Err(e) => Err(e.to_string()),
         }

@@ -173,7 +173,7 @@ async fn choose(executor: DemoExecutor) -> Result<Option<DemoImage>, String> {
     if executor == DemoExecutor::Process {
         return Ok(None);
     }
-    let why = match crate::exec::docker::DockerBackend::connect().await {
+    let why = match crate::exec::docker::connect_engine().await {
         Ok(_) => match DemoImage::build() {
             Ok(image) => return Ok(Some(image)),
             Err(e) => format!("cannot build the demo image: {e}"),

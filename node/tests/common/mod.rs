@@ -76,15 +76,24 @@ impl Node {
     }
 
     pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Option<T> {
+        self.get_with(path, None).await
+    }
+
+    /// GET `path` with the bearer `token` if given; the decoded body of a success.
+    pub async fn get_with<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        token: Option<&str>,
+    ) -> Option<T> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
             .ok()?;
-        let resp = client
-            .get(format!("{}{path}", self.api()))
-            .send()
-            .await
-            .ok()?;
+        let mut req = client.get(format!("{}{path}", self.api()));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.ok()?;
         if !resp.status().is_success() {
             return None;
         }
@@ -248,6 +257,26 @@ impl Default for Submitter {
 impl Node {
     pub async fn task(&self, id: &str) -> Option<omesh::api::TaskJson> {
         self.get(&format!("/api/v1/tasks/{id}")).await
+    }
+
+    /// The log chunk of task `id`'s current epoch from `offset`, fetched with `token` (the
+    /// logs endpoint requires it); `None` unless the peer answered 200.
+    pub async fn log_chunk(
+        &self,
+        token: &str,
+        id: &str,
+        offset: u64,
+    ) -> Option<omesh::api::LogChunk> {
+        self.get_with(
+            &format!("/api/v1/tasks/{id}/logs?offset={offset}"),
+            Some(token),
+        )
+        .await
+    }
+
+    /// The text of task `id`'s current log from its start, fetched with `token`.
+    pub async fn logs(&self, token: &str, id: &str) -> Option<String> {
+        self.log_chunk(token, id, 0).await.map(|c| c.data)
     }
 
     pub async fn node_id(&self) -> String {
