@@ -3,6 +3,7 @@
 //! QUIC port and API port. A local mesh is admitted: one operator key (see [`Admission`])
 //! signs a certificate for each peer before it starts.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -171,9 +172,11 @@ impl LocalPeer {
     }
 
     fn spawn(&mut self) -> std::io::Result<()> {
+        // The peer's own log: owner only, like its data directory.
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(self.dir.join("omesh.log"))?;
         let child = Command::new(&self.bin)
             .args(&self.args)

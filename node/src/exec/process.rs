@@ -1,6 +1,7 @@
 //! The process backend: native child processes with the same lifecycle as containers.
 //! The spec's image is not used (hosts without Docker); its command runs as given.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -30,9 +31,11 @@ impl Backend for ProcessBackend {
         let Some((program, args)) = spec.command.split_first() else {
             return Err(ExecError::EmptyCommand);
         };
+        // Logs may hold whatever a task prints (secrets from its env among them): owner only.
         let log = match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&inst.log_path)
         {
             Ok(f) => f,

@@ -165,12 +165,7 @@ impl Peer {
             .map_err(|e| net::BuildError(format!("subscribe: {e}")))?;
         let load = LoadSampler::new(cfg.fake_cpu_percent);
         let (reports_tx, reports) = mpsc::channel(1024);
-        let log_dir = dir.path().join("logs");
-        std::fs::create_dir_all(&log_dir).map_err(|source| crate::datadir::DataDirError::Io {
-            what: "cannot create",
-            path: log_dir.clone(),
-            source,
-        })?;
+        let log_dir = dir.log_dir()?;
         let prefer_docker = cfg.executor != ExecutorChoice::Process;
         let mut executor = Executor::new(
             Arc::new(ProcessBackend),
