@@ -64,6 +64,16 @@ impl Admission {
     }
 }
 
+/// Writes `token` to `dir/api-token` (mode 0600) and returns the flags that make `omesh up`
+/// read it from there: a token given as `--api-token` would be in the peer's argv, which every
+/// local process can read.
+pub fn token_flags(dir: &Path, token: &str) -> std::io::Result<Vec<String>> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("api-token");
+    crate::datadir::write_private_file(&path, format!("{token}\n").as_bytes())?;
+    Ok(vec!["--api-token-file".into(), path.display().to_string()])
+}
+
 /// The address of a QUIC port on 127.0.0.1.
 fn quic_addr(port: u16) -> String {
     format!("/ip4/127.0.0.1/udp/{port}/quic-v1")
@@ -182,6 +192,9 @@ impl LocalPeer {
             .args(&self.args)
             .env_remove("OMESH_CONFIG")
             .env_remove("OMESH_API")
+            // The token comes from the flags given (a token file), not from the caller's shell.
+            .env_remove("OMESH_API_TOKEN")
+            .env_remove("OMESH_API_TOKEN_FILE")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

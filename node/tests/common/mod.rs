@@ -163,24 +163,37 @@ pub mod docker;
 pub struct Submitter {
     pub key: ed25519_dalek::SigningKey,
     pub token: String,
+    /// `--api-token-file FILE`: peers read the token from a file, never from their argv.
+    token_flags: Vec<String>,
+    _token_dir: tempfile::TempDir,
 }
 
 impl Submitter {
     pub fn new() -> Self {
+        let token = "test-token".to_owned();
+        let token_dir = tempfile::tempdir().unwrap();
+        let token_flags = localmesh::token_flags(token_dir.path(), &token).unwrap();
         Self {
             key: ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]),
-            token: "test-token".into(),
+            token,
+            token_flags,
+            _token_dir: token_dir,
         }
     }
 
-    /// Flags for `omesh up`: authorize the key, set the token, and ignore host memory
-    /// pressure (the CI host's memory is not what these tests are about).
+    /// Flags for `omesh up`: authorize the key, read the token from a file, and ignore host
+    /// memory pressure (the CI host's memory is not what these tests are about).
     pub fn flags(&self) -> Vec<String> {
+        let mut f = self.flags_without_token();
+        f.extend(self.token_flags.iter().cloned());
+        f
+    }
+
+    /// [`Self::flags`] without the token, for a peer given it another way (its environment).
+    pub fn flags_without_token(&self) -> Vec<String> {
         vec![
             "--authorized-submitter".into(),
             hex::encode(self.key.verifying_key().to_bytes()),
-            "--api-token".into(),
-            self.token.clone(),
             "--threshold-memory".into(),
             "100".into(),
         ]
