@@ -158,17 +158,19 @@ fn mode(path: &Path) -> u32 {
 async fn the_data_dir_and_task_logs_are_private() {
     let root = tempfile::tempdir().unwrap();
     let sub = Submitter::new();
-    let nodes = mesh(root.path(), 1, |_| sub.flags()).await;
+    // The host's real load is not this test's subject: a busy CI host over the default
+    // threshold would take no work.
+    let mut flags = sub.flags();
+    flags.extend(["--fake-cpu-percent".into(), "10".into()]);
+    let nodes = mesh(root.path(), 1, |_| flags.clone()).await;
     let n = &nodes[0];
     let spec = sub.spec(&["sh", "-c", "echo secret-output"], |_| {});
     let id = sub.submit(n, &spec).await;
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            n.task(&id).await.is_some_and(|t| t.state == "succeeded")
-        })
-        .await,
-        "task did not succeed"
-    );
+    let done = wait_until(Duration::from_secs(60), || async {
+        n.task(&id).await.is_some_and(|t| t.state == "succeeded")
+    })
+    .await;
+    assert!(done, "task did not succeed: {:#?}", n.task(&id).await);
     let data = n.dir.join("data");
     assert_eq!(mode(&data), 0o700, "data dir");
     assert_eq!(mode(&data.join("identity.key")), 0o600, "identity key");
