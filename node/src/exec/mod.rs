@@ -1,7 +1,9 @@
 //! Executors: run one epoch of a task, as a Docker container or a native process, behind one
 //! interface. The driver starts an instance per `StartTask` and stops it on `StopTask`;
-//! every report carries the epoch it was started with.
+//! every report carries the epoch it was started with. [`cgroup`] holds the task cgroups that
+//! limit and contain an instance's processes.
 
+pub mod cgroup;
 pub mod docker;
 mod error;
 pub mod process;
@@ -29,6 +31,9 @@ pub struct Instance {
     pub log_path: PathBuf,
     /// This node (labels, orphan clean-up).
     pub node: NodeId,
+    /// Until when this node's leases hold, less the guard margin: the deadline the
+    /// instance's guard enforces, renewed as it moves.
+    pub lease: watch::Receiver<tokio::time::Instant>,
 }
 
 /// The limits every task instance runs under, from the node's config: a spec that asks for
@@ -163,6 +168,7 @@ impl From<Event> for ExecEvent {
             Event::Started => Self::Started,
             Event::Ended(Ended::Exited { code }) => Self::Exited { code },
             Event::Ended(Ended::Stopped) => Self::Stopped,
+            Event::Failed(ExecError::Expired) => Self::Expired,
             Event::Failed(e) => Self::Failed {
                 error: e.to_string(),
             },
@@ -191,6 +197,8 @@ pub struct Executor {
     running: HashMap<(TaskId, Epoch), watch::Sender<bool>>,
     log_dir: PathBuf,
     images: Option<Arc<dyn ImageProvider>>,
+    /// Until when this node's leases hold, less the guard margin (every guard follows it).
+    lease: watch::Sender<tokio::time::Instant>,
 }
 
 impl Executor {
@@ -211,7 +219,18 @@ impl Executor {
             running: HashMap::new(),
             log_dir,
             images: None,
+            lease: watch::Sender::new(tokio::time::Instant::now()),
         }
+    }
+
+    /// Moves the deadline every guard enforces to `until` (this node's leases hold until
+    /// then, less the margin). Guards are told only when it changes.
+    pub fn renew(&self, until: tokio::time::Instant) {
+        self.lease.send_if_modified(|cur| {
+            let changed = *cur != until;
+            *cur = until;
+            changed
+        });
     }
 
     /// Has Docker instances wait for `images` to provide their image before they start.
@@ -266,6 +285,7 @@ impl Executor {
             spec,
             log_path: self.log_path(&task, epoch),
             node,
+            lease: self.lease.subscribe(),
         };
         let backend = self.backend_for(inst.spec.spec.executor);
         let images = self.images.clone();
