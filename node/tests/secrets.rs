@@ -29,6 +29,48 @@ fn uid() -> u32 {
     std::fs::metadata("/proc/self").unwrap().uid()
 }
 
+/// The command line of process `pid`, arguments separated by spaces.
+fn cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        String::from_utf8_lossy(&raw)
+            .replace('\0', " ")
+            .trim_end()
+            .to_owned(),
+    )
+}
+
+/// Every live process below `ancestor` (children, their children, ...).
+fn descendants(ancestor: u32) -> Vec<u32> {
+    let mut parent_of = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent_of.insert(pid, ppid);
+        }
+    }
+    let below = |mut pid: u32| {
+        while let Some(&parent) = parent_of.get(&pid) {
+            if parent == ancestor {
+                return true;
+            }
+            pid = parent;
+        }
+        false
+    };
+    parent_of.keys().copied().filter(|p| below(*p)).collect()
+}
+
 /// GET `url` with an optional bearer token; the status.
 async fn status_of(url: &str, token: Option<&str>) -> Option<u16> {
     let mut req = reqwest::Client::new().get(url);
@@ -41,6 +83,7 @@ async fn status_of(url: &str, token: Option<&str>) -> Option<u16> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_from_the_environment_stays_out_of_argv_and_the_peer_is_not_dumpable() {
     let root = tempfile::tempdir().unwrap();
+    let sub = Submitter::new();
     let data = root.path().join("data");
     // A non-dumpable process's /proc/PID files belong to root. That only tells something when
     // the peer runs as another user than root: as root, this test runs the peer as nobody.
@@ -79,7 +122,13 @@ async fn the_token_from_the_environment_stays_out_of_argv_and_the_peer_is_not_du
             "true",
             "--executor",
             "process",
+            // Tasks here ask for no limits; nobody has no cgroups to set them with anyway.
+            "--process-limits",
+            "best-effort",
+            "--fake-cpu-percent",
+            "10",
         ])
+        .args(sub.flags_without_token())
         .env_remove("OMESH_CONFIG")
         .env_remove("OMESH_API_TOKEN_FILE")
         .env("OMESH_API_TOKEN", TOKEN)
@@ -109,13 +158,49 @@ async fn the_token_from_the_environment_stays_out_of_argv_and_the_peer_is_not_du
     assert_eq!(status_of(&logs_url, None).await, Some(401));
 
     // It is not in the command line, which every local user can read.
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let argv = cmdline(pid).unwrap();
+    assert!(argv.contains(" up "), "not the peer's cmdline: {argv}");
+    assert!(!argv.contains(TOKEN), "the token is in argv: {argv}");
+
+    // Nothing the peer starts for a task (its guard, the task) carries the token.
+    let spec = sub.spec(&["sleep", "30"], |s| {
+        s.cpu_millis = 0;
+        s.memory_bytes = 0;
+    });
+    let resp = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{api_port}/api/v1/tasks"))
+        .bearer_auth(TOKEN)
+        .json(&omesh::api::SubmitBody::from_signed(&spec))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201, "{:?}", resp.text().await);
+    let mut started = Vec::new();
+    let sleeping = wait_until(Duration::from_secs(60), || {
+        started = descendants(pid);
+        let found = started
+            .iter()
+            .any(|p| cmdline(*p).is_some_and(|c| c.starts_with("sleep 30")));
+        async move { found }
+    })
+    .await;
     assert!(
-        cmdline.contains(" up "),
-        "not the peer's cmdline: {cmdline}"
+        sleeping,
+        "the task never ran under the peer: {:?}\n{}",
+        started.iter().map(|p| (p, cmdline(*p))).collect::<Vec<_>>(),
+        std::fs::read_to_string(root.path().join("peer.log")).unwrap_or_default()
     );
-    assert!(!cmdline.contains(TOKEN), "the token is in argv: {cmdline}");
+    for child in &started {
+        // Read as root (this test) or as the same user; a process gone meanwhile is skipped.
+        let Ok(environ) = std::fs::read(format!("/proc/{child}/environ")) else {
+            continue;
+        };
+        assert!(
+            !String::from_utf8_lossy(&environ).contains(TOKEN),
+            "process {child} ({:?}) started by the peer has the token in its environment",
+            cmdline(*child)
+        );
+    }
 
     // The peer made itself non-dumpable at start: its /proc files now belong to root, so
     // other processes of its own user cannot read its environ (the token) or memory.
