@@ -31,7 +31,9 @@ fn isolate_owner(guards: bool) -> (Mesh, TaskId, NodeId, Epoch, bool) {
     assert!(m.run_until(5_000, |m| m.running_on(owner, task) == Some(epoch)));
     m.isolate(owner);
     let moved = m.run_until(20_000, |m| {
-        m.runners(task).iter().any(|(n, e)| *n != owner && *e > epoch)
+        m.runners(task)
+            .iter()
+            .any(|(n, e)| *n != owner && *e > epoch)
     });
     (m, task, owner, epoch, moved)
 }
@@ -64,7 +66,11 @@ fn without_guards_the_cut_off_owner_runs_beside_its_successor() {
     // The same fault and seed with the guard model off: the overlap the guard removes.
     let (m, task, owner, epoch, moved) = isolate_owner(false);
     assert!(moved);
-    assert_eq!(m.running_on(owner, task), Some(epoch), "two instances at once");
+    assert_eq!(
+        m.running_on(owner, task),
+        Some(epoch),
+        "two instances at once"
+    );
     assert!(m.guard_kills.is_empty());
 }
 
@@ -77,7 +83,10 @@ fn an_expired_instance_hands_its_lease_back_and_counts_no_failed_attempt() {
     assert!(m.run_until(20_000, |m| m.converged()));
     for id in m.ids() {
         let v = m.replica(id).task_view(m.now, &task).unwrap();
-        assert_eq!(v.failed_attempts, 0, "{id}: the expiry counted as a failure");
+        assert_eq!(
+            v.failed_attempts, 0,
+            "{id}: the expiry counted as a failure"
+        );
         assert!(v.epoch > epoch);
     }
     // One instance runs, of the current epoch.
@@ -109,7 +118,10 @@ fn the_deadline_moves_with_round_trips_and_stops_when_cut_off() {
     m.run_for(3 * window);
     // Cut off (no answer can come): the deadline stays where the last round trip put it.
     let later = m.replica(a).leases_hold_until(m.now);
-    assert!(later <= frozen + period, "moved from {frozen} to {later} while cut off");
+    assert!(
+        later <= frozen + period,
+        "moved from {frozen} to {later} while cut off"
+    );
     m.heal();
     assert!(m.run_until(10_000, |m| {
         m.replica(a).leases_hold_until(m.now) > m.now + window / 2
