@@ -34,11 +34,11 @@ pub(super) enum Stopper {
 const POLL: Duration = Duration::from_millis(2);
 
 /// Kills every process listed in any of `procs` (the `cgroup.procs` of each hierarchy) by
-/// `deadline`, never this process itself. Returns how many processes it sent SIGKILL (with
-/// `cgroup.kill`: how many were listed just before).
+/// `deadline`, never this process itself. Returns how many live processes it sent SIGKILL
+/// (with `cgroup.kill`: how many were listed just before); zombies are not counted.
 pub(super) fn kill_all(procs: &[PathBuf], stopper: &Stopper, deadline: Instant) -> usize {
     let me = std::process::id();
-    let listed = list(procs);
+    let listed: Vec<u32> = list(procs).into_iter().filter(|p| !is_dead(*p)).collect();
     if listed.is_empty() {
         return 0;
     }
@@ -64,7 +64,7 @@ pub(super) fn kill_all(procs: &[PathBuf], stopper: &Stopper, deadline: Instant) 
     loop {
         let frozen = freeze(stopper, deadline);
         for pid in list(procs) {
-            if pid != me && sigkill(pid) {
+            if pid != me && !is_dead(pid) && sigkill(pid) {
                 killed.insert(pid);
             }
         }
