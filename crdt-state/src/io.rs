@@ -49,6 +49,11 @@ pub enum ExecEvent {
     },
     /// The instance was stopped after a StopTask.
     Stopped,
+    /// The instance's guard killed it because its deadline passed
+    /// ([`crate::Replica::leases_hold_until`] less a margin, not renewed in time): this node
+    /// was cut off or stalled, and the task may be taken over elsewhere. The replica hands
+    /// the lease back (no failed attempt is counted: the task did nothing wrong).
+    Expired,
 }
 
 /// Everything that can happen to a replica.
@@ -269,6 +274,8 @@ pub struct Stats {
     pub failovers: u64,
     /// Instances stopped because a higher epoch won.
     pub fenced: u64,
+    /// Instances of this node its guards killed at their deadline (`ExecEvent::Expired`).
+    pub guard_expiries: u64,
     /// Leases that changed by merge.
     pub lease_changes: u64,
     /// Probes sent (pings and ping requests).

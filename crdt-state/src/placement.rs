@@ -100,6 +100,16 @@ fn score(
     Some(u32::try_from(s.max(1)).unwrap_or(1))
 }
 
+/// The tag of a node that enforces the cpu and memory limits of process tasks (a cgroup per
+/// instance), or whose operator opted out of enforcing them.
+pub const PROCESS_LIMITS_TAG: &str = "limits:process";
+
+/// Whether a node must carry [`PROCESS_LIMITS_TAG`] to run `spec`: a process task that asks
+/// for cpu or memory.
+pub fn needs_process_limits(spec: &TaskSpec) -> bool {
+    spec.executor == ExecutorKind::Process && (spec.cpu_millis > 0 || spec.memory_bytes > 0)
+}
+
 /// The tag a node carries when it can run tasks with `kind` (`None`: any node can).
 pub fn executor_tag(kind: ExecutorKind) -> Option<&'static str> {
     match kind {
@@ -150,10 +160,12 @@ fn candidates<'a>(
     let mut fitting_but_loaded = 0usize;
     let mut out = Vec::new();
     let executor_tag = executor_tag(spec.executor);
+    let limits_tag = needs_process_limits(spec).then_some(PROCESS_LIMITS_TAG);
     for node in live {
         if node.leaving
             || !spec.required_tags.iter().all(|t| node.tags.contains(t))
             || executor_tag.is_some_and(|t| !node.tags.contains(t))
+            || limits_tag.is_some_and(|t| !node.tags.contains(t))
         {
             continue;
         }
@@ -175,6 +187,7 @@ fn candidates<'a>(
         return Err(if tagged == 0 {
             let mut tags: Vec<String> = spec.required_tags.iter().cloned().collect();
             tags.extend(executor_tag.map(str::to_owned));
+            tags.extend(limits_tag.map(str::to_owned));
             Unplaceable::NoTaggedNode(tags)
         } else if fitting_but_loaded > 0 {
             Unplaceable::AllOverloaded

@@ -72,6 +72,8 @@ pub(crate) enum Answer {
         peer: NodeId,
         /// The round trip, for a direct answer to the first ping.
         rtt_us: Option<u64>,
+        /// When the ping that got this answer was sent: the mesh heard this node then.
+        sent_at: Millis,
     },
     /// A ping request dropped: too many relays at once.
     Dropped,
@@ -196,6 +198,7 @@ impl Prober {
                     Answer::Acked {
                         peer: about,
                         rtt_us,
+                        sent_at: cur.sent_at,
                     }
                 } else if self
                     .relays

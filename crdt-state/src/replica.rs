@@ -106,6 +106,11 @@ pub struct Replica {
     rng: ChaCha8Rng,
     stats: Stats,
     started: bool,
+    /// When the replica started (its first input).
+    started_at: Millis,
+    /// When the latest ping of this node that was answered (directly or through a helper)
+    /// was sent: the last time this node knows the mesh heard it.
+    round_trip: Option<Millis>,
     propagation: Vec<PropagationSample>,
     /// This node's identity key: it signs every delta this node writes.
     key: NodeKey,
@@ -217,6 +222,8 @@ impl Replica {
             rng,
             stats: Stats::default(),
             started: false,
+            started_at: 0,
+            round_trip: None,
             propagation: Vec::new(),
             key,
             verify: Arc::new(Ed25519),
@@ -499,6 +506,7 @@ impl Replica {
             return;
         }
         self.started = true;
+        self.started_at = now;
         self.publish_record(now);
         self.sync.start(now + self.cfg.anti_entropy_ms / 2);
         // Spread the nodes' probe periods (a mesh booted at once would probe in lockstep).

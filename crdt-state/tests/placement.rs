@@ -28,6 +28,7 @@ proptest! {
                 r.load = LoadSample { cpu_permille: cpu * 200, mem_permille: mem * 200 };
                 if *tagged {
                     r.tags.insert("executor:process".into());
+                    r.tags.insert(omesh_state::placement::PROCESS_LIMITS_TAG.into());
                 }
                 r
             })

@@ -26,6 +26,7 @@ pub mod config;
 pub mod datadir;
 pub mod devtools;
 pub mod exec;
+pub mod guard;
 pub mod images;
 pub mod load;
 pub mod metrics;

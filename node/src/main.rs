@@ -75,6 +75,30 @@ enum Command {
     /// Container images: the local blob store, and pulls from peers.
     #[command(subcommand)]
     Image(omesh::cli::image::ImageCommand),
+    /// The guard of one task instance (started by the peer; reads its plan on stdin).
+    #[command(hide = true)]
+    Guard {
+        /// The node it guards for (lets a restarted peer find its guards).
+        #[arg(long)]
+        node: String,
+    },
+    /// The start of a process task (run by its guard): join the cgroup, drop to the task
+    /// user, then execute the command.
+    #[command(hide = true)]
+    GuardExec {
+        /// A cgroup.procs file to join (repeatable).
+        #[arg(long)]
+        join: Vec<std::path::PathBuf>,
+        /// The user id to run as.
+        #[arg(long, requires = "gid")]
+        uid: Option<u32>,
+        /// The group id to run as.
+        #[arg(long, requires = "uid")]
+        gid: Option<u32>,
+        /// The command.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,7 +153,18 @@ enum BenchCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Guard { .. } => return omesh::guard::run::main(),
+        Command::GuardExec {
+            join,
+            uid,
+            gid,
+            command,
+        } => return omesh::guard::run::exec_task(join, uid.zip(*gid), command),
+        _ => {}
+    }
     let result = match cli.command {
+        Command::Guard { .. } | Command::GuardExec { .. } => Ok(()),
         Command::Keygen(args) => keygen(&args),
         Command::Admit(args) => admit(&args),
         Command::Revoke(args) => revoke(&args),

@@ -32,7 +32,10 @@ async fn setup(test: &str) -> Option<(DockerBackend, String)> {
         return None;
     };
     match DockerBackend::connect().await {
-        Ok(b) => Some((b, image)),
+        Ok(b) => Some((
+            b.with_guard(omesh::guard::GuardProgram(env!("CARGO_BIN_EXE_omesh").into())),
+            image,
+        )),
         Err(e) => {
             skip(test, &format!("DockerBackend::connect failed: {e}"));
             None
@@ -74,6 +77,10 @@ fn instance(
         spec: Arc::new(signed),
         log_path: dir.join(format!("{}-7.log", task.to_hex())),
         node: NodeId(rand::random()),
+        lease: watch::channel(
+            tokio::time::Instant::now() + Duration::from_secs(3600),
+        )
+        .1,
     }
 }
 

@@ -536,6 +536,10 @@ impl Replica {
                 self.report(now, task, epoch, TaskState::Failed, None, &error)
             }
             ExecEvent::Stopped => {}
+            ExecEvent::Expired => {
+                self.stats.guard_expiries += 1;
+                self.release(now, task, epoch);
+            }
         }
         self.mark_dirty(now);
     }

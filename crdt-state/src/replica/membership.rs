@@ -99,6 +99,34 @@ impl Replica {
         self.sync.is_isolated(now, quiet_after, self.forget_after())
     }
 
+    /// Until when, on this node's clock, no other node can count this node's leases lost:
+    /// the deadline a guard enforces on this node's instances (less a margin, see the
+    /// README's "A task instance never outlives its lease").
+    ///
+    /// Another node counts a lease lost only once a suspicion of this node has stood there
+    /// for `lease_ttl + grace` (grace at least `lease_grace_ms`), unrefuted and without a
+    /// word from this node since. A suspicion rests on a probe this node failed to answer;
+    /// the last ping of this node that was answered shows the mesh heard it when that ping
+    /// was sent. So the leases hold until that send time plus `lease_ttl + lease_grace`:
+    /// a node that stops answering (dead, hung, cut off either way) reaches it one window
+    /// after its last round trip, while a healthy one moves it forward every period.
+    /// Before the first round trip it counts from start; a node that heard nobody (or nobody
+    /// for longer than the mesh takes to forget it) has no one to lose its leases to, and
+    /// gets a full window from now. A leaving node's leases are gone at once.
+    pub fn leases_hold_until(&self, now: Millis) -> Millis {
+        let window = self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms;
+        if self.me.leaving {
+            return now;
+        }
+        if self.sync.alone(now, self.forget_after()) {
+            return now.saturating_add(window);
+        }
+        self.round_trip
+            .unwrap_or(self.started_at)
+            .max(self.started_at)
+            .saturating_add(window)
+    }
+
     /// Whether this node may claim tasks: alone in the mesh (or the only one left for long),
     /// or hearing peers and synced.
     pub fn may_claim(&self, now: Millis) -> bool {
@@ -195,10 +223,15 @@ impl Replica {
         let relay_ms = RELAY_PERIODS * self.cfg.heartbeat_ms;
         match self.prober.handle(now, self.me.id, from, probe, relay_ms) {
             Answer::Send { to, probe } => self.outbox.push_back(Action::SendProbe { to, probe }),
-            Answer::Acked { peer, rtt_us } => {
+            Answer::Acked {
+                peer,
+                rtt_us,
+                sent_at,
+            } => {
                 if let Some(rtt_us) = rtt_us {
                     self.rtt.entry(peer).or_default().observe(rtt_us);
                 }
+                self.round_trip = Some(self.round_trip.map_or(sent_at, |t| t.max(sent_at)));
                 self.stats.probes_acked += 1;
             }
             Answer::Dropped => self.stats.probes_dropped += 1,

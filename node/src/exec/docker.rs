@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::{Backend, Ended, ExecError, Instance};
+use crate::guard::{FromGuard, Guard, GuardEnd, GuardProgram, Plan, Target, ToGuard};
 
 /// Label carrying the full task id (hex).
 pub const LABEL_TASK: &str = "omesh.task";
@@ -41,6 +42,7 @@ const LOG_DRAIN: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct DockerBackend {
     docker: Docker,
+    guard: GuardProgram,
 }
 
 impl DockerBackend {
@@ -75,7 +77,17 @@ impl DockerBackend {
                 }
                 Err(_) => docker,
             };
-        Ok(Self { docker })
+        Ok(Self {
+            docker,
+            guard: GuardProgram::this_binary(),
+        })
+    }
+
+    /// Guards run as `program` (a test that runs the backend in its own process names the
+    /// `omesh` binary).
+    pub fn with_guard(mut self, program: GuardProgram) -> Self {
+        self.guard = program;
+        self
     }
 
     /// The engine client (image loads share it).
@@ -223,14 +235,28 @@ impl DockerBackend {
         self.create(&name, body, &inst.node).await?;
         // From here on the container exists: remove it whatever happens, also if this future
         // is dropped half-way.
-        let mut guard = Removal::new(self.docker.clone(), name.clone());
+        let mut removal = Removal::new(self.docker.clone(), name.clone());
         if let Err(source) = self.docker.start_container(&name, None).await {
-            guard.remove().await;
+            removal.remove().await;
             return Err(ExecError::Engine {
                 what: format!("start container {name}"),
                 source,
             });
         }
+        // From here on a guard outside this process kills and removes the container if this
+        // peer dies or stops renewing its deadline.
+        let plan = Plan {
+            label: format!("task {} epoch {}", inst.task.short(), inst.epoch),
+            window_ms: 0,
+            target: Target::Container { name: name.clone() },
+        };
+        let mut guard = match Guard::spawn(&self.guard, plan, &inst.node, inst.lease.clone()) {
+            Ok(g) => g,
+            Err(e) => {
+                removal.remove().await;
+                return Err(e);
+            }
+        };
         started();
         let logs = tokio::spawn(pump_logs(self.docker.clone(), name.clone(), log));
 
@@ -243,10 +269,22 @@ impl DockerBackend {
         };
         let deadline = tokio::time::sleep(timeout.min(Duration::from_secs(10 * 365 * 24 * 3600)));
         tokio::pin!(deadline);
-        let (outcome, killed) = tokio::select! {
-            exit = &mut wait => (exit.map(|code| Ended::Exited { code: i32::try_from(code).unwrap_or(-1) }), false),
-            () = &mut deadline => (Err(ExecError::Timeout { ms: spec.timeout_ms }), true),
-            () = super::cancelled(&mut cancel) => (Ok(Ended::Stopped), true),
+        let mut expired = false;
+        let mut guard_done = false;
+        let (mut outcome, killed) = loop {
+            tokio::select! {
+                exit = &mut wait => break (exit.map(|code| Ended::Exited { code: i32::try_from(code).unwrap_or(-1) }), false),
+                () = &mut deadline => break (Err(ExecError::Timeout { ms: spec.timeout_ms }), true),
+                () = super::cancelled(&mut cancel) => break (Ok(Ended::Stopped), true),
+                end = guard.next(), if !guard_done => {
+                    // The guard expired (it removes the container: `wait` ends next) or is gone.
+                    guard_done = true;
+                    expired = end == GuardEnd::Report(FromGuard::Expired);
+                    if !expired {
+                        warn!(container = %name, ?end, "the container's guard ended early");
+                    }
+                }
+            }
         };
         if killed {
             let kill = KillContainerOptionsBuilder::new().signal("SIGKILL").build();
@@ -276,10 +314,22 @@ impl DockerBackend {
                 .await;
             }
         }
+        if !guard_done {
+            // Ended here: the guard may go. If it expired meanwhile, its report is on the way.
+            guard.order(ToGuard::Release);
+            if let Ok(GuardEnd::Report(FromGuard::Expired)) =
+                tokio::time::timeout(STOP_GRACE, guard.next()).await
+            {
+                expired = true;
+            }
+        }
+        if expired {
+            outcome = Err(ExecError::Expired);
+        }
         if matches!(outcome, Ok(Ended::Exited { .. })) && self.oom_killed(&name).await {
             append_note(&inst.log_path, "the container was killed: out of memory").await;
         }
-        guard.remove().await;
+        removal.remove().await;
         outcome
     }
 

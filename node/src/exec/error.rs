@@ -65,6 +65,9 @@ pub enum ExecError {
     /// The process was killed by a signal it was not sent by us.
     #[error("killed by signal ({0})")]
     Killed(std::process::ExitStatus),
+    /// The process died of this signal, not sent by omesh.
+    #[error("killed by signal {0}")]
+    Signal(i32),
     /// The instance ran past the spec's `timeout_ms` and was killed.
     #[error("timed out after {:.1}s", secs(*.ms))]
     Timeout {
@@ -74,6 +77,21 @@ pub enum ExecError {
     /// Leftovers of an earlier run could not all be removed.
     #[error("{0}")]
     Cleanup(String),
+    /// The instance's guard killed it at its deadline: this node was cut off or stalled.
+    #[error("killed by its guard: this node's leases could lapse elsewhere (cut off or stalled)")]
+    Expired,
+    /// The instance's guard could not be started, failed, or went away.
+    #[error("guard: {0}")]
+    Guard(String),
+    /// The kernel killed the instance for going over its memory limit.
+    #[error("killed: out of memory (limit {} MiB)", limit_bytes / (1 << 20))]
+    OutOfMemory {
+        /// The limit, bytes.
+        limit_bytes: u64,
+    },
+    /// The task asks for limits this node cannot enforce.
+    #[error("{0}")]
+    NoLimits(String),
 }
 
 fn secs(ms: u64) -> f64 {

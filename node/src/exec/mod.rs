@@ -31,6 +31,38 @@ pub struct Instance {
     pub log_path: PathBuf,
     /// This node (labels, orphan clean-up).
     pub node: NodeId,
+    /// Until when this node's leases hold, less the guard margin: the deadline the
+    /// instance's guard enforces, renewed as it moves.
+    pub lease: watch::Receiver<tokio::time::Instant>,
+}
+
+/// Limits of task instances: the node's defaults for a spec that asks for 0 (never
+/// unlimited) and the pids limit of every instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLimits {
+    /// CPU of a task that asks for 0, thousandths of a core.
+    pub default_cpu_millis: u32,
+    /// Memory of a task that asks for 0, bytes.
+    pub default_memory_bytes: u64,
+    /// Most processes of one instance.
+    pub pids: u32,
+}
+
+impl TaskLimits {
+    /// The cpu (thousandths of a core) and memory (bytes) limits of a spec asking for these.
+    pub fn resolve(&self, spec_cpu_millis: u32, spec_memory_bytes: u64) -> (u32, u64) {
+        let cpu = if spec_cpu_millis == 0 {
+            self.default_cpu_millis
+        } else {
+            spec_cpu_millis
+        };
+        let mem = if spec_memory_bytes == 0 {
+            self.default_memory_bytes
+        } else {
+            spec_memory_bytes
+        };
+        (cpu, mem)
+    }
 }
 
 /// A way of running instances.
@@ -116,6 +148,7 @@ impl From<Event> for ExecEvent {
             Event::Started => Self::Started,
             Event::Ended(Ended::Exited { code }) => Self::Exited { code },
             Event::Ended(Ended::Stopped) => Self::Stopped,
+            Event::Failed(ExecError::Expired) => Self::Expired,
             Event::Failed(e) => Self::Failed {
                 error: e.to_string(),
             },
@@ -144,6 +177,8 @@ pub struct Executor {
     running: HashMap<(TaskId, Epoch), watch::Sender<bool>>,
     log_dir: PathBuf,
     images: Option<Arc<dyn ImageProvider>>,
+    /// Until when this node's leases hold, less the guard margin (every guard follows it).
+    lease: watch::Sender<tokio::time::Instant>,
 }
 
 impl Executor {
@@ -164,7 +199,18 @@ impl Executor {
             running: HashMap::new(),
             log_dir,
             images: None,
+            lease: watch::Sender::new(tokio::time::Instant::now()),
         }
+    }
+
+    /// Moves the deadline every guard enforces to `until` (this node's leases hold until
+    /// then, less the margin). Guards are told only when it changes.
+    pub fn renew(&self, until: tokio::time::Instant) {
+        self.lease.send_if_modified(|cur| {
+            let changed = *cur != until;
+            *cur = until;
+            changed
+        });
     }
 
     /// Has Docker instances wait for `images` to provide their image before they start.
@@ -219,6 +265,7 @@ impl Executor {
             spec,
             log_path: self.log_path(&task, epoch),
             node,
+            lease: self.lease.subscribe(),
         };
         let backend = self.backend_for(inst.spec.spec.executor);
         let images = self.images.clone();

@@ -172,8 +172,10 @@ impl Peer {
             source,
         })?;
         let prefer_docker = cfg.executor != ExecutorChoice::Process;
+        let confinement = confinement(&cfg, node_id)?;
+        let limits_tag = confinement.enforces_limits();
         let mut executor = Executor::new(
-            Arc::new(ProcessBackend),
+            Arc::new(ProcessBackend::new(confinement)),
             docker,
             prefer_docker,
             reports_tx,
@@ -182,6 +184,9 @@ impl Peer {
         executor.set_image_provider(images.clone());
         let mut rcfg = cfg.replica_config(node_id, incarnation, load.capacity(), gate.own_cert());
         rcfg.tags.extend(executor.tags());
+        if limits_tag {
+            rcfg.tags.insert(omesh_state::placement::PROCESS_LIMITS_TAG.to_owned());
+        }
         let replica = Replica::new(rcfg, node_key)?;
         let now = Instant::now();
         let seeds = plan
@@ -317,6 +322,16 @@ impl Peer {
             node_id: self.node_id,
         };
         self.driver.drain(&mut out);
+        // Every guard's deadline: until when no other node can count this node's leases
+        // lost, less the margin (README, "A task instance never outlives its lease").
+        let now = self.driver.now();
+        let until = self
+            .driver
+            .replica()
+            .leases_hold_until(now)
+            .saturating_sub(self.cfg.guard_margin_ms);
+        self.executor
+            .renew(self.driver.clock().instant_at(until));
         let samples = self.driver.replica_mut().take_propagation_samples();
         if let Ok(mut m) = self.metrics.lock() {
             for s in &samples {
@@ -409,6 +424,62 @@ impl Peer {
             self.feed(Input::Images(held));
         }
     }
+}
+
+/// How process tasks are confined on this node: a cgroup per instance where cgroups are
+/// writable, the unprivileged `task_user` when the peer runs as root.
+fn confinement(
+    cfg: &NodeConfig,
+    node_id: NodeId,
+) -> Result<exec::process::Confinement, StartError> {
+    use crate::config::ProcessLimits;
+    let parent = format!("{}/{}", cfg.cgroup_parent, node_id.short());
+    let cgroup_parent = match exec::cgroup::Hierarchy::detect(&parent) {
+        Ok(h) => {
+            info!(
+                version = h.version(),
+                parent = %parent,
+                "process tasks run in cgroups with their limits"
+            );
+            Some(parent)
+        }
+        Err(e) if cfg.process_limits == ProcessLimits::BestEffort => {
+            warn!(reason = %e, "process tasks run WITHOUT cpu, memory or pids limits (process_limits = \"best-effort\")");
+            None
+        }
+        Err(e) => {
+            warn!(reason = %e, "this node cannot enforce process limits: process tasks that ask for cpu or memory are refused here (placement sends them to nodes tagged limits:process)");
+            None
+        }
+    };
+    let user = if rustix::process::geteuid().is_root() {
+        let (uid, gid) = exec::process::lookup_user(&cfg.task_user).map_err(|reason| {
+            StartError::Config(crate::config::ConfigError::Value {
+                key: "task_user".into(),
+                reason,
+            })
+        })?;
+        if uid == 0 {
+            return Err(StartError::Config(crate::config::ConfigError::Value {
+                key: "task_user".into(),
+                reason: format!("{:?} is root; tasks must run unprivileged", cfg.task_user),
+            }));
+        }
+        Some((uid, gid))
+    } else {
+        warn!("the peer does not run as root: process tasks run as the peer's own user and can read what it can (its data directory included)");
+        None
+    };
+    Ok(exec::process::Confinement {
+        cgroup_parent,
+        limits: exec::TaskLimits {
+            default_cpu_millis: cfg.task_default_cpu_millis,
+            default_memory_bytes: cfg.task_default_memory_bytes,
+            pids: cfg.task_pids_limit,
+        },
+        best_effort: cfg.process_limits == ProcessLimits::BestEffort,
+        user,
+    })
 }
 
 /// The admission gate of a starting node: its keys and certificate. Says loudly when the mesh

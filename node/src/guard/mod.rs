@@ -1,0 +1,148 @@
+//! A guard per task instance: a small process outside the peer (`omesh guard`, started by
+//! the peer for each instance) that kills the whole instance when the peer dies or stops
+//! renewing its deadline, so that an instance never outlives its lease.
+//!
+//! The peer talks to its guard over the guard's stdin and stdout, one JSON object per line:
+//! the first line is the [`Plan`] (what to run or watch, and the first deadline), then
+//! [`ToGuard`] renewals and orders; the guard answers with [`FromGuard`] reports.
+//!
+//! - **Peer dies** (crash, `kill -9`, OOM): the kernel closes the peer's end of the pipe, the
+//!   guard reads end-of-file and kills the instance at once.
+//! - **Peer stops renewing** (hung, stopped, starved, or it renews with a deadline that no
+//!   longer moves because it is cut off): the guard kills the instance when the deadline
+//!   passes and reports [`FromGuard::Expired`]. The deadline is the peer's own view of when
+//!   another node could first count its leases lost (`Replica::leases_hold_until`), less
+//!   `guard_margin_ms`; the guard holds it as a duration on its own monotonic clock.
+//! - **Process tasks** run as the guard's child, in their own cgroup (limits; kill is
+//!   race-free against forking) where one can be made, else in their own process group with
+//!   the guard as child subreaper, so grandchildren that leave the group come back to it.
+//! - **Container tasks** are created and waited for by the peer; the guard only knows the
+//!   container's name and kills and removes it through the engine.
+//!
+//! The guard itself dies only after its instance: SIGTERM, SIGINT and SIGHUP make it kill
+//! the instance first. A guard killed with SIGKILL takes its direct child along (parent-death
+//! signal); what is left (a cgroup, grandchildren, a container) is removed by the peer's
+//! clean-up when it starts again.
+
+pub mod cleanup;
+mod handle;
+pub mod run;
+
+pub use handle::{Guard, GuardEnd, GuardProgram};
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// argv[0] of every guard process, so `ps` and the restart clean-up can tell them.
+pub const GUARD_ARG0: &str = "omesh-guard";
+
+/// What a guard is to do: its first line on stdin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// The instance, for the guard's own messages (`task 1a2b3c4d epoch 3`).
+    pub label: String,
+    /// The first deadline, in ms from when the guard reads the plan.
+    pub window_ms: u64,
+    /// What it guards.
+    pub target: Target,
+}
+
+/// What a guard guards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Target {
+    /// A process the guard starts itself.
+    Process(ProcessPlan),
+    /// A container the peer started, by name.
+    Container {
+        /// The container's name.
+        name: String,
+    },
+}
+
+/// A process task: what to run, where its output goes, as whom and within what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessPlan {
+    /// The program.
+    pub program: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its whole environment (nothing of the peer's is added).
+    pub env: Vec<(String, String)>,
+    /// The log file stdout and stderr are appended to (created 0600).
+    pub log: PathBuf,
+    /// The working directory.
+    pub cwd: PathBuf,
+    /// The user and group to run as (`None`: the guard's own).
+    pub user: Option<(u32, u32)>,
+    /// The cgroup to run in (`None`: no limits could be set up).
+    pub cgroup: Option<CgroupPlan>,
+}
+
+/// A cgroup of one instance, with its limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CgroupPlan {
+    /// The parent path under each controller's root (`omesh/<node>`).
+    pub parent: String,
+    /// This instance's directory name (`<task>-<epoch>`).
+    pub name: String,
+    /// CPU, thousandths of a core.
+    pub cpu_millis: u32,
+    /// Memory, bytes.
+    pub memory_bytes: u64,
+    /// Most processes.
+    pub pids: u32,
+}
+
+/// What the peer tells a running guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToGuard {
+    /// The deadline is now this many ms from when the guard reads this.
+    Renew {
+        /// Milliseconds.
+        ms: u64,
+    },
+    /// Kill the instance now (a stop, a cancel, a timeout) and report `Stopped`.
+    Stop,
+    /// The instance ended by itself and the peer cleans up: exit without killing.
+    Release,
+}
+
+/// What a guard reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum FromGuard {
+    /// The process task runs, with this pid.
+    Started {
+        /// Its pid.
+        pid: u32,
+    },
+    /// The process task exited by itself with this code.
+    Exited {
+        /// The exit code.
+        code: i32,
+    },
+    /// The process task died of a signal it was not sent by the guard.
+    Signaled {
+        /// The signal.
+        signal: i32,
+        /// Whether its cgroup had an OOM kill: the memory limit killed it.
+        oom: bool,
+        /// The memory limit, bytes, when `oom`.
+        memory_limit: Option<u64>,
+    },
+    /// The deadline passed: the instance was killed.
+    Expired,
+    /// Killed on the peer's order.
+    Stopped,
+    /// The guard could not do its job (could not start the process, set up its cgroup...).
+    Failed {
+        /// Why, naming what failed.
+        reason: String,
+    },
+}
