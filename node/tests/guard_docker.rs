@@ -598,7 +598,7 @@ impl Handover {
     }
 
     /// Prints the figures; checks the old container stopped within `budget_ns` of the fault
-    /// and before the successor started.
+    /// and before the successor started (by the engine's event and by the polls).
     fn check(&self, what: &str, fault_ns: i64, budget_ns: i64) {
         let died = self.old_died_ns - fault_ns;
         let gone_by = self.old_gone_by_ns - fault_ns;
@@ -614,11 +614,13 @@ impl Handover {
             ms(gap)
         );
         assert!(died > 0, "{self:?}: stopped before the fault");
+        // The budget is judged by the engine's own time of the stop; the polls, which add
+        // their own latency, bound the order below.
         assert!(
-            gone_by < budget_ns,
+            died < budget_ns,
             "{what}: {} still ran {:.0} ms after the fault (budget {:.0} ms): {self:?}",
             self.old,
-            ms(gone_by),
+            ms(died),
             ms(budget_ns)
         );
         assert!(
