@@ -352,12 +352,13 @@ impl NodeConfig {
         if self.task_user.is_empty() {
             return Err(value("task_user", "must name a user"));
         }
-        if self.cgroup_parent.is_empty()
-            || self.cgroup_parent.split('/').any(|c| c == "..")
-        {
+        if self.cgroup_parent.is_empty() || self.cgroup_parent.split('/').any(|c| c == "..") {
             return Err(value(
                 "cgroup_parent",
-                format!("{:?} must be a relative path without ..", self.cgroup_parent),
+                format!(
+                    "{:?} must be a relative path without ..",
+                    self.cgroup_parent
+                ),
             ));
         }
         if self.guard_margin_ms >= self.lease_ttl_ms + self.lease_grace_ms {

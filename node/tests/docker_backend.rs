@@ -33,7 +33,9 @@ async fn setup(test: &str) -> Option<(DockerBackend, String)> {
     };
     match DockerBackend::connect().await {
         Ok(b) => Some((
-            b.with_guard(omesh::guard::GuardProgram(env!("CARGO_BIN_EXE_omesh").into())),
+            b.with_guard(omesh::guard::GuardProgram(
+                env!("CARGO_BIN_EXE_omesh").into(),
+            )),
             image,
         )),
         Err(e) => {
@@ -77,10 +79,7 @@ fn instance(
         spec: Arc::new(signed),
         log_path: dir.join(format!("{}-7.log", task.to_hex())),
         node: NodeId(rand::random()),
-        lease: watch::channel(
-            tokio::time::Instant::now() + Duration::from_secs(3600),
-        )
-        .1,
+        lease: watch::channel(tokio::time::Instant::now() + Duration::from_secs(3600)).1,
     }
 }
 

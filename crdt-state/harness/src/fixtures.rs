@@ -120,7 +120,8 @@ pub fn config(i: u8) -> ReplicaConfig {
     cfg.authorized_submitters
         .insert(submitter().verifying_key().to_bytes());
     cfg.tags.insert("executor:process".into());
-    cfg.tags.insert(omesh_state::placement::PROCESS_LIMITS_TAG.into());
+    cfg.tags
+        .insert(omesh_state::placement::PROCESS_LIMITS_TAG.into());
     cfg.seed = u64::from(i);
     cfg
 }

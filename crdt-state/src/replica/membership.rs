@@ -106,8 +106,8 @@ impl Replica {
     /// Another node counts a lease lost only once a suspicion of this node has stood there
     /// for `lease_ttl + grace` (grace at least `lease_grace_ms`), unrefuted and without a
     /// word from this node since. A suspicion rests on a probe this node failed to answer;
-    /// the last ping of this node that was answered shows the mesh heard it when that ping
-    /// was sent. So the leases hold until that send time plus `lease_ttl + lease_grace`:
+    /// the last ping (or sync request) of this node that was answered shows the mesh heard
+    /// it when that ping was sent. So the leases hold until that send time plus `lease_ttl + lease_grace`:
     /// a node that stops answering (dead, hung, cut off either way) reaches it one window
     /// after its last round trip, while a healthy one moves it forward every period.
     /// Before the first round trip it counts from start; a node that heard nobody (or nobody
@@ -125,6 +125,12 @@ impl Replica {
             .unwrap_or(self.started_at)
             .max(self.started_at)
             .saturating_add(window)
+    }
+
+    /// A round trip completed: a peer heard this node at `sent` (a ping answered, directly
+    /// or through a helper, or a sync request answered).
+    pub(crate) fn round_trip_at(&mut self, sent: Millis) {
+        self.round_trip = Some(self.round_trip.map_or(sent, |t| t.max(sent)));
     }
 
     /// Whether this node may claim tasks: alone in the mesh (or the only one left for long),
@@ -231,7 +237,7 @@ impl Replica {
                 if let Some(rtt_us) = rtt_us {
                     self.rtt.entry(peer).or_default().observe(rtt_us);
                 }
-                self.round_trip = Some(self.round_trip.map_or(sent_at, |t| t.max(sent_at)));
+                self.round_trip_at(sent_at);
                 self.stats.probes_acked += 1;
             }
             Answer::Dropped => self.stats.probes_dropped += 1,

@@ -25,10 +25,7 @@ pub fn guards_of(node: &NodeId) -> Vec<Pid> {
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
             args.first().is_some_and(|a| *a == GUARD_ARG0.as_bytes())
                 && args.len() >= 4
-                && args[1..4]
-                    .iter()
-                    .zip(want)
-                    .all(|(a, w)| *a == w.as_bytes())
+                && args[1..4].iter().zip(want).all(|(a, w)| *a == w.as_bytes())
         })
         .collect()
 }

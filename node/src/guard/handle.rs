@@ -162,10 +162,5 @@ impl Guard {
 
 /// Milliseconds from now until `until` (0 if past).
 fn remaining_ms(until: Instant) -> u64 {
-    u64::try_from(
-        until
-            .saturating_duration_since(Instant::now())
-            .as_millis(),
-    )
-    .unwrap_or(u64::MAX)
+    u64::try_from(until.saturating_duration_since(Instant::now()).as_millis()).unwrap_or(u64::MAX)
 }

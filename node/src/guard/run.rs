@@ -159,7 +159,9 @@ async fn guard_process(label: &str, p: ProcessPlan, watch: &mut Watch) -> Result
             return Ok(());
         }
     };
-    report(&FromGuard::Started { pid: pid.as_raw_nonzero().get().unsigned_abs() });
+    report(&FromGuard::Started {
+        pid: pid.as_raw_nonzero().get().unsigned_abs(),
+    });
     let mut ended = reaper(pid);
     let cause = watch.until(&mut ended).await;
     let end = match cause {
@@ -263,7 +265,11 @@ const TASK_EXEC_ARG0: &str = "omesh-task-exec";
 /// Joins the cgroup (`join`: cgroup.procs files), takes the task user (`user`), asks for
 /// SIGKILL when the guard dies, then executes `command` with the environment it was given.
 /// Returns only on failure (127, with the reason on stderr, which is the task's log).
-pub fn exec_task(join: &[std::path::PathBuf], user: Option<(u32, u32)>, command: &[String]) -> ExitCode {
+pub fn exec_task(
+    join: &[std::path::PathBuf],
+    user: Option<(u32, u32)>,
+    command: &[String],
+) -> ExitCode {
     use std::os::unix::process::CommandExt;
     let fail = |what: String| {
         eprintln!("[omesh] cannot start the task: {what}");

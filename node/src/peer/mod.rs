@@ -185,7 +185,8 @@ impl Peer {
         let mut rcfg = cfg.replica_config(node_id, incarnation, load.capacity(), gate.own_cert());
         rcfg.tags.extend(executor.tags());
         if limits_tag {
-            rcfg.tags.insert(omesh_state::placement::PROCESS_LIMITS_TAG.to_owned());
+            rcfg.tags
+                .insert(omesh_state::placement::PROCESS_LIMITS_TAG.to_owned());
         }
         let replica = Replica::new(rcfg, node_key)?;
         let now = Instant::now();
@@ -330,8 +331,7 @@ impl Peer {
             .replica()
             .leases_hold_until(now)
             .saturating_sub(self.cfg.guard_margin_ms);
-        self.executor
-            .renew(self.driver.clock().instant_at(until));
+        self.executor.renew(self.driver.clock().instant_at(until));
         let samples = self.driver.replica_mut().take_propagation_samples();
         if let Ok(mut m) = self.metrics.lock() {
             for s in &samples {
