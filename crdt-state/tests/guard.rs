@@ -127,3 +127,27 @@ fn the_deadline_moves_with_round_trips_and_stops_when_cut_off() {
         m.replica(a).leases_hold_until(m.now) > m.now + window / 2
     }));
 }
+
+#[test]
+fn dead_peers_in_the_probe_rotation_cost_no_live_owner_its_instance() {
+    let mut m = harness::joined(5, |_| {});
+    let task = m.submit(node(1), spec(11));
+    assert!(m.run_until(5_000, |m| owner_of(m, task).is_some()));
+    let (owner, epoch) = owner_of(&m, task).unwrap();
+    assert!(m.run_until(5_000, |m| m.running_on(owner, task) == Some(epoch)));
+    // Two of the other four die: the owner's pings to them go unanswered, period after
+    // period, suspected and then gone. Its answered pings to the others, and the extra ping
+    // it sends when a target does not answer, keep its deadline ahead.
+    let dead: Vec<NodeId> = m
+        .ids()
+        .into_iter()
+        .filter(|id| *id != owner)
+        .take(2)
+        .collect();
+    for d in &dead {
+        m.crash(*d);
+    }
+    m.run_for(60_000);
+    assert!(m.guard_kills.is_empty(), "guard kills: {:?}", m.guard_kills);
+    assert_eq!(m.running_on(owner, task), Some(epoch));
+}

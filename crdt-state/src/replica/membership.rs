@@ -204,11 +204,28 @@ impl Replica {
             }
         }
         if let Some((target, nonce)) = self.prober.indirect_due(now) {
-            if self.health(now, &target) == Health::Gone {
+            let gone = self.health(now, &target) == Health::Gone;
+            let helpers = if gone {
+                Vec::new()
+            } else {
+                self.random_peers(now, usize::from(self.cfg.indirect_probes), target)
+            };
+            // The target did not answer: ping one other peer too, so this node still learns
+            // that it is heard (the guard's deadline, `leases_hold_until`, rests on answered
+            // pings; a dead target answers none, period after period).
+            let assured = helpers
+                .first()
+                .copied()
+                .or_else(|| self.random_peers(now, 1, target).first().copied());
+            if let Some(peer) = assured {
+                let probe = self.prober.assurance(now, peer);
+                self.stats.probes_sent += 1;
+                self.outbox.push_back(Action::SendProbe { to: peer, probe });
+            }
+            if gone {
                 // Already judged gone: the direct ping is only to notice it coming back.
                 return;
             }
-            let helpers = self.random_peers(now, usize::from(self.cfg.indirect_probes), target);
             self.prober.asked(&helpers);
             for h in helpers {
                 self.stats.probes_sent += 1;
@@ -240,6 +257,7 @@ impl Replica {
                 self.round_trip_at(sent_at);
                 self.stats.probes_acked += 1;
             }
+            Answer::RoundTrip { sent_at } => self.round_trip_at(sent_at),
             Answer::Dropped => self.stats.probes_dropped += 1,
             Answer::Refused => self.stats.probe_acks_refused += 1,
             Answer::Nothing => {}

@@ -2,6 +2,7 @@
 //! the controllers switched on from the root down to the parent dir.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::mountinfo::{CgroupMount, MountKind};
 use super::{check_parent, dedup_keep_order, files, mountinfo, CgroupError};
@@ -221,10 +222,19 @@ fn prepare_v1_dir(root: &Path, parent: &Path) -> Result<(), CgroupError> {
 }
 
 /// Creates and removes a child cgroup of `dir`: proves we may make task cgroups there.
+///
+/// The name is unique per call, not only per process: threads that detect at the same time
+/// would otherwise remove each other's probe.
 fn probe(dir: &Path) -> Result<(), CgroupError> {
-    let probe = dir.join(format!("omesh-probe-{}", std::process::id()));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let probe = dir.join(format!(
+        "omesh-probe-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     match std::fs::create_dir(&probe) {
         Ok(()) => {}
+        // Left by a process that died between the two calls and had our pid.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(source) => {
             return Err(CgroupError::Create {
