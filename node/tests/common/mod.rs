@@ -165,19 +165,21 @@ pub struct Submitter {
     pub token: String,
     /// `--api-token-file FILE`: peers read the token from a file, never from their argv.
     token_flags: Vec<String>,
-    _token_dir: tempfile::TempDir,
 }
 
 impl Submitter {
     pub fn new() -> Self {
         let token = "test-token".to_owned();
-        let token_dir = tempfile::tempdir().unwrap();
-        let token_flags = localmesh::token_flags(token_dir.path(), &token).unwrap();
+        // In the target dir, not in a temp dir of this Submitter's: a peer restarted after
+        // its test dropped the Submitter still finds it (written atomically, so tests that
+        // write it at once do not see each other's half).
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("omesh-api-token-{}", hex::encode(&token)));
+        let token_flags = localmesh::token_flags(&dir, &token).unwrap();
         Self {
             key: ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]),
             token,
             token_flags,
-            _token_dir: token_dir,
         }
     }
 
