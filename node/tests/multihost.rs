@@ -37,8 +37,15 @@ const APPLETS: &[&str] = &[
 
 /// Runs `docker args...`; stdout, or the error text.
 fn docker(args: &[&str]) -> Result<String, String> {
+    docker_with_env(args, &[])
+}
+
+/// `docker ARGS` with `env` set for the docker CLI (for `-e NAME`, which passes the CLI's
+/// value on: a secret then shows in no command line).
+fn docker_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<String, String> {
     let out = Command::new("docker")
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("docker: {e}"))?;
@@ -223,6 +230,9 @@ impl Mesh {
         .unwrap();
         args.push(self.network.clone().unwrap());
         args.extend(["-v".into(), volume]);
+        // The token goes in through the environment (`-e NAME` takes the value from the
+        // docker CLI's), never in a command line.
+        args.extend(["-e".into(), "OMESH_API_TOKEN".into()]);
         args.push(self.image.clone().unwrap());
         args.extend(
             [
@@ -243,7 +253,7 @@ impl Mesh {
             ]
             .map(String::from),
         );
-        args.extend(sub.flags());
+        args.extend(sub.flags_without_token());
         args.extend(["--admission-key".into(), common::operator().public_hex()]);
         match self.ips.first() {
             Some(seed) => args.extend(["--seed".into(), format!("/ip4/{seed}/udp/7001/quic-v1")]),
@@ -253,7 +263,7 @@ impl Mesh {
         // Recorded first: a `docker run` that fails half-way still leaves a container to remove.
         self.containers.push(name);
         self.ips.push(String::new());
-        docker(&refs).unwrap();
+        docker_with_env(&refs, &[("OMESH_API_TOKEN", &sub.token)]).unwrap();
         self.refresh_ip(i);
     }
 

@@ -80,11 +80,8 @@ async fn a_task_submitted_to_an_overloaded_peer_runs_on_a_target_tagged_peer() {
     // The same state, epoch and owner on every peer.
     let views: Vec<_> = futures::future::join_all(nodes.iter().map(|n| state_on(n, &id))).await;
     assert!(views.windows(2).all(|w| w[0] == w[1]), "{views:?}");
-    let log: serde_json::Value = nodes[2]
-        .get(&format!("/api/v1/tasks/{id}/logs"))
-        .await
-        .unwrap();
-    assert_eq!(log["data"].as_str(), Some("offloaded\n"));
+    let log = nodes[2].logs(&sub.token, &id).await;
+    assert_eq!(log.as_deref(), Some("offloaded\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,5 +461,99 @@ async fn bad_submissions_get_clear_errors_and_change_nothing() {
     assert!(
         text.contains("pending (100)") && text.contains("gpu"),
         "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_logs_need_the_bearer_token() {
+    let root = tempfile::tempdir().unwrap();
+    let sub = Submitter::new();
+    let nodes = mesh(root.path(), 1, |_| flags(&sub, &[])).await;
+    let n = &nodes[0];
+    let spec = sub.spec(&["sh", "-c", "echo the-output"], |_| {});
+    let id = sub.submit(n, &spec).await;
+    assert!(
+        wait_state(&[n], &id, "succeeded", Duration::from_secs(60)).await,
+        "task did not succeed"
+    );
+    let url = format!("{}/api/v1/tasks/{id}/logs", n.api());
+    let get = |token: Option<String>| {
+        let url = url.clone();
+        async move {
+            let mut req = reqwest::Client::new().get(url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let json: serde_json::Value = resp.json().await.unwrap();
+            (status, json)
+        }
+    };
+    // Without the token, or with a wrong one: 401 with a JSON reason, and none of the log.
+    for (token, needle) in [
+        (None, "missing bearer token"),
+        (Some("nope"), "wrong bearer token"),
+    ] {
+        let (status, json) = get(token.map(str::to_owned)).await;
+        assert_eq!(status, 401, "{token:?}: {json}");
+        let reason = json["error"].as_str().unwrap_or_default();
+        assert!(reason.contains(needle), "{token:?}: {json}");
+        assert!(!json.to_string().contains("the-output"), "{json}");
+    }
+    // With it: the log.
+    let (status, json) = get(Some(sub.token.clone())).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["data"], "the-output\n", "{json}");
+
+    // `omesh logs` sends the token from OMESH_API_TOKEN; without one it fails with the reason.
+    let out = std::process::Command::new(common::bin())
+        .args(["logs", "--api", &n.api(), &id])
+        .env("OMESH_API_TOKEN", &sub.token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "the-output\n");
+    let out = std::process::Command::new(common::bin())
+        .args(["logs", "--api", &n.api(), &id])
+        .env_remove("OMESH_API_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("401") && stderr.contains("bearer token"),
+        "{stderr}"
+    );
+
+    // A peer without any token refuses logs, saying why.
+    let mut bare = sub.flags_without_token();
+    bare.extend(["--alone".into(), "true".into()]);
+    let refs: Vec<&str> = bare.iter().map(String::as_str).collect();
+    let lone = Node::start(root.path(), "tokenless", &[], &refs);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            lone.status().await.is_some_and(|s| s.ready)
+        })
+        .await,
+        "the tokenless peer did not start:\n{}",
+        lone.log()
+    );
+    let resp = reqwest::Client::new()
+        .get(format!("{}/api/v1/tasks/{id}/logs", lone.api()))
+        .bearer_auth(&sub.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    let json: serde_json::Value = resp.json().await.unwrap();
+    let reason = json["error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("logs") && reason.contains("no api_token"),
+        "{json}"
     );
 }

@@ -167,12 +167,7 @@ impl Peer {
             .map_err(|e| net::BuildError(format!("subscribe: {e}")))?;
         let load = LoadSampler::new(cfg.fake_cpu_percent);
         let (reports_tx, reports) = mpsc::channel(1024);
-        let log_dir = dir.path().join("logs");
-        std::fs::create_dir_all(&log_dir).map_err(|source| crate::datadir::DataDirError::Io {
-            what: "cannot create",
-            path: log_dir.clone(),
-            source,
-        })?;
+        let log_dir = dir.log_dir()?;
         let prefer_docker = cfg.executor != ExecutorChoice::Process;
         let confinement = confinement(&cfg, node_id)?;
         let limits_tag = confinement.enforces_limits();
@@ -487,11 +482,7 @@ fn confinement(
     };
     Ok(exec::process::Confinement {
         cgroup_parent,
-        limits: exec::TaskLimits {
-            default_cpu_millis: cfg.task_default_cpu_millis,
-            default_memory_bytes: cfg.task_default_memory_bytes,
-            pids: cfg.task_pids_limit,
-        },
+        limits: exec::TaskLimits::from_config(cfg),
         best_effort: cfg.process_limits == ProcessLimits::BestEffort,
         user,
     })
