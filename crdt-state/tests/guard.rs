@@ -100,7 +100,7 @@ fn the_deadline_moves_with_round_trips_and_stops_when_cut_off() {
     let a = node(1);
     let window = {
         let c = m.replica(a).config();
-        c.lease_ttl_ms + c.lease_grace_ms
+        c.heartbeat_ms + c.lease_ttl_ms + c.lease_grace_ms
     };
     let period = m.replica(a).config().heartbeat_ms;
     m.run_for(5_000);

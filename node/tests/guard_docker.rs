@@ -30,9 +30,9 @@ const LONG: Duration = Duration::from_secs(60);
 const TASKS: usize = 4;
 /// How often the test asks the engine which containers run.
 const POLL: Duration = Duration::from_millis(20);
-/// The peers' lease_ttl_ms + lease_grace_ms (defaults): no other peer can count a lease lost
-/// sooner after its owner's last acknowledged probe.
-const LEASE_WINDOW_MS: i64 = 2_000;
+/// The peers' heartbeat_ms + lease_ttl_ms + lease_grace_ms (defaults): no other peer can
+/// count a lease lost sooner after its owner's last acknowledged probe (`leases_hold_until`).
+const LEASE_WINDOW_MS: i64 = 2_500;
 /// How long a `kill -STOP` lasts.
 const STOPPED_FOR: Duration = Duration::from_secs(5);
 /// Labels the docker executor puts on each container.
@@ -670,8 +670,8 @@ async fn a_stopped_owners_containers_go_at_the_guard_deadline_before_any_success
     s.obs.stop_polling();
     for id in &s.judged {
         let h = Handover::of(&s, id, &after[id]).await;
-        // The guard's deadline is at most lease ttl + grace less the margin after the last
-        // acknowledged probe, which was before the stop.
+        // The guard's deadline is at most heartbeat + lease ttl + grace less the margin after
+        // the last acknowledged probe, which was before the stop.
         h.check("kill -STOP", fault_ns, LEASE_WINDOW_MS * 1_000_000);
     }
     // The fault lasts its full length, then the peer runs on.
