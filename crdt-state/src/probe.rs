@@ -66,6 +66,11 @@ pub(crate) enum Answer {
         /// The probe.
         probe: Probe,
     },
+    /// The assurance ping of this period was answered: only a round trip, sent at `sent_at`.
+    RoundTrip {
+        /// When the ping was sent.
+        sent_at: Millis,
+    },
     /// This period's target answered; `rtt_us` is a round trip measured by it, if direct.
     Acked {
         /// The target.
@@ -98,6 +103,10 @@ pub(crate) struct Prober {
     nonce_key: u64,
     current: Option<Outstanding>,
     relays: BTreeMap<u64, Relay>,
+    /// A ping to another peer sent when this period's target did not answer in time: its
+    /// answer shows this node is still heard (the guard's deadline rests on such round
+    /// trips, and a dead or gone target answers none). (peer, nonce, sent at).
+    assure: Option<(NodeId, u64, Millis)>,
 }
 
 impl Prober {
@@ -160,6 +169,13 @@ impl Prober {
         Probe::Ping { nonce }
     }
 
+    /// Pings `peer` now only to learn that this node is still heard (see `assure`).
+    pub(crate) fn assurance(&mut self, now: Millis, peer: NodeId) -> Probe {
+        let nonce = self.next_nonce();
+        self.assure = Some((peer, nonce, now));
+        Probe::Ping { nonce }
+    }
+
     /// This period's target and ping nonce, if it is time to ask others to ping it (once per
     /// period).
     pub(crate) fn indirect_due(&mut self, now: Millis) -> Option<(NodeId, u64)> {
@@ -187,6 +203,13 @@ impl Prober {
                 probe: Probe::Ack { nonce, about: me },
             },
             Probe::Ack { nonce, about } => {
+                if let Some((_, _, sent_at)) = self
+                    .assure
+                    .filter(|(peer, n, _)| *n == nonce && from == *peer && about == *peer)
+                {
+                    self.assure = None;
+                    return Answer::RoundTrip { sent_at };
+                }
                 if let Some(cur) = self.current.as_mut().filter(|o| {
                     o.nonce == nonce
                         && o.target == about

@@ -68,9 +68,9 @@ impl SyncState {
         true
     }
 
-    /// The request to `from` was answered or failed.
-    pub(crate) fn ended(&mut self, from: &NodeId) {
-        self.inflight.remove(from);
+    /// The request to `from` was answered or failed; when it was sent.
+    pub(crate) fn ended(&mut self, from: &NodeId) -> Option<Millis> {
+        self.inflight.remove(from)
     }
 
     /// Whether the last gap-closing sync is still unanswered at `now`.

@@ -59,7 +59,7 @@ pub fn read_cert(path: &Path) -> Result<Option<AdmissionCert>, CertFileError> {
         })
 }
 
-/// Writes an encoded message (a certificate or a revocation) to `path`.
+/// Writes an encoded message (a certificate or a revocation) to `path`, with mode 0600.
 pub fn write_file<T: Wire>(path: &Path, value: &T) -> Result<(), CertFileError> {
     let io = |source| CertFileError::Io {
         what: "write",
@@ -67,7 +67,7 @@ pub fn write_file<T: Wire>(path: &Path, value: &T) -> Result<(), CertFileError> 
         source,
     };
     let bytes = value.to_wire().map_err(|e| io(std::io::Error::other(e)))?;
-    std::fs::write(path, bytes).map_err(io)
+    crate::datadir::write_private_file(path, &bytes).map_err(io)
 }
 
 /// Admits the node whose data directory is `dir` (creating its identity if missing): signs

@@ -333,16 +333,33 @@ pub struct ApiState {
     pub calls: mpsc::Sender<ApiCall>,
     /// The metrics registry.
     pub metrics: Arc<Mutex<Metrics>>,
-    /// Bearer token for mutations (none: mutations refused).
+    /// Bearer token for mutations and task logs (none: both refused).
     pub token: Option<String>,
 }
 
-/// Checks the bearer token of a mutation.
-fn authorize(state: &ApiState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+/// What a bearer token guards: `mutations`, and reads of what tasks print.
+#[derive(Debug, Clone, Copy)]
+enum Guarded {
+    /// Submit, cancel, revoke, pull, block.
+    Mutations,
+    /// Task logs: a task's output may hold its secrets.
+    Logs,
+}
+
+/// Checks the bearer token of a mutation or a logs read.
+fn authorize(
+    state: &ApiState,
+    headers: &axum::http::HeaderMap,
+    what: Guarded,
+) -> Result<(), ApiError> {
     let Some(expected) = &state.token else {
+        let what = match what {
+            Guarded::Mutations => "mutations are",
+            Guarded::Logs => "task logs are",
+        };
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "mutations are disabled on this node: it has no api_token",
+            format!("{what} disabled on this node: it has no api_token (or api_token_file)"),
         ));
     };
     let given = headers
@@ -386,7 +403,7 @@ async fn submit(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers)?;
+    authorize(&s, &headers, Guarded::Mutations)?;
     let body: SubmitBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid task body: {e}")))?;
     let signature = hex::decode(body.signature.trim())
@@ -409,7 +426,7 @@ async fn cancel(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&s, &headers)?;
+    authorize(&s, &headers, Guarded::Mutations)?;
     let id = parse_task_id(&id)?;
     if body.is_empty() {
         return Err(ApiError::new(
@@ -440,7 +457,7 @@ async fn revoke(
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     use omesh_protocol::Wire;
-    authorize(&s, &headers)?;
+    authorize(&s, &headers, Guarded::Mutations)?;
     let body: RevokeBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -472,9 +489,11 @@ pub struct LogQuery {
 
 async fn logs(
     State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
     Path(id): Path<String>,
     axum::extract::Query(q): axum::extract::Query<LogQuery>,
 ) -> Result<Json<LogChunk>, ApiError> {
+    authorize(&s, &headers, Guarded::Logs)?;
     let task = parse_task_id(&id)?;
     let chunk = ask(&s, |tx| ApiCall::Logs {
         task,
@@ -490,7 +509,7 @@ async fn pull_image(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers)?;
+    authorize(&s, &headers, Guarded::Mutations)?;
     let body: PullBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid pull body: {e}")))?;
     let image = omesh_protocol::ImageRef::parse(&body.image)
@@ -508,7 +527,7 @@ async fn block(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&s, &headers)?;
+    authorize(&s, &headers, Guarded::Mutations)?;
     let body: BlockBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid block body: {e}")))?;
     let mut peers = Vec::new();

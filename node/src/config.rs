@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 /// The file name of a node's admission certificate in its data dir.
 pub const ADMISSION_CERT_FILE: &str = "admission.cert";
 
+/// Most bytes read from `api_token_file` (its first line is the token).
+const TOKEN_FILE_MAX_BYTES: u64 = 64 * 1024;
+
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -416,6 +419,46 @@ impl NodeConfig {
         })
     }
 
+    /// The API bearer token, resolved in one place: `api_token` (from the file, the flag or
+    /// `OMESH_API_TOKEN`), or the first line of `api_token_file`, trimmed. `None`: the node
+    /// has no token, and refuses mutations and logs. A token file that other users may read
+    /// is used, with a warning.
+    pub fn resolve_api_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.api_token_file else {
+            return Ok(self.api_token.clone());
+        };
+        let key = "api_token_file";
+        let file = std::fs::File::open(path)
+            .map_err(|e| value(key, format!("cannot read {}: {e}", path.display())))?;
+        #[cfg(unix)]
+        if let Ok(meta) = file.metadata() {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{mode:03o}"),
+                    "the API token file is readable by other users; chmod 600 it"
+                );
+            }
+        }
+        // A token is a line; a file far longer is not a token file (or is /dev/zero).
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(file, TOKEN_FILE_MAX_BYTES),
+            &mut text,
+        )
+        .map_err(|e| value(key, format!("cannot read {}: {e}", path.display())))?;
+        let token = text.lines().next().unwrap_or_default().trim();
+        if token.is_empty() {
+            return Err(value(
+                key,
+                format!("{} has no token: its first line is empty", path.display()),
+            ));
+        }
+        Ok(Some(token.to_owned()))
+    }
+
     /// Where this node's admission certificate is read from.
     pub fn admission_cert_path(&self) -> PathBuf {
         self.admission_cert
@@ -592,6 +635,59 @@ mod tests {
         t.insert("admission_cert".into(), toml::Value::String(String::new()));
         let err = NodeConfig::load(None, t).unwrap_err().to_string();
         assert!(err.contains("admission_cert"), "{err}");
+    }
+
+    #[test]
+    fn the_api_token_comes_from_the_key_or_the_first_line_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |token: Option<&str>, file: Option<&std::path::Path>| NodeConfig {
+            api_token: token.map(str::to_owned),
+            api_token_file: file.map(std::path::Path::to_owned),
+            ..NodeConfig::default()
+        };
+        assert_eq!(cfg(None, None).resolve_api_token().unwrap(), None);
+        assert_eq!(
+            cfg(Some("s3cret"), None).resolve_api_token().unwrap(),
+            Some("s3cret".into())
+        );
+        let file = dir.path().join("token");
+        std::fs::write(&file, "  s3cret \nsecond line\n").unwrap();
+        assert_eq!(
+            cfg(None, Some(&file)).resolve_api_token().unwrap(),
+            Some("s3cret".into())
+        );
+
+        // Errors name the key and the file.
+        std::fs::write(&file, "\n\n").unwrap();
+        let err = cfg(None, Some(&file))
+            .resolve_api_token()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("api_token_file")
+                && err.contains(&file.display().to_string())
+                && err.contains("empty"),
+            "{err}"
+        );
+        let missing = dir.path().join("nope");
+        let err = cfg(None, Some(&missing))
+            .resolve_api_token()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("api_token_file") && err.contains(&missing.display().to_string()),
+            "{err}"
+        );
+
+        // Both at once is refused at load, naming the key.
+        let mut t = toml::Table::new();
+        t.insert("api_token".into(), toml::Value::String("a".into()));
+        t.insert(
+            "api_token_file".into(),
+            toml::Value::String(file.display().to_string()),
+        );
+        let err = NodeConfig::load(None, t).unwrap_err().to_string();
+        assert!(err.contains("api_token_file"), "{err}");
     }
 
     #[test]

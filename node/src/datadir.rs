@@ -1,4 +1,6 @@
-//! The data directory: the node's identity key and its incarnation counter.
+//! The data directory: the node's identity key, its incarnation counter and task logs. The
+//! directory is 0700 and its secret files 0600; what is found more open is tightened, with a
+//! warning.
 //!
 //! A restart with the same directory is the same peer with incarnation + 1; a new directory
 //! is a new peer.
@@ -45,31 +47,96 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-/// Writes `bytes` to `path` atomically with mode 0600.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(dir).map_err(io("cannot create a file in", dir))?;
+/// Writes `bytes` to `path` atomically (a temporary file in the same directory, then a
+/// rename) with mode 0600, whatever mode an earlier file at `path` had.
+pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // tempfile creates the file with mode 0600 on Unix; set it anyway, the umask aside.
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o600))
-            .map_err(io("cannot set permissions of", path))?;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(PRIVATE_FILE))?;
     }
-    tmp.write_all(bytes).map_err(io("cannot write", path))?;
-    tmp.as_file().sync_all().map_err(io("cannot sync", path))?;
-    tmp.persist(path).map_err(|e| DataDirError::Io {
-        what: "cannot replace",
-        path: path.to_owned(),
-        source: e.error,
-    })?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
 
+/// Mode of the data directory and the task log directory: owner only.
+const PRIVATE_DIR: u32 = 0o700;
+/// Mode of secret files (identity key, incarnation, task logs, admission certificate).
+const PRIVATE_FILE: u32 = 0o600;
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
+    write_private_file(path, bytes).map_err(io("cannot write", path))
+}
+
+/// Makes `path` no more open than `mode` (clears group and other bits); warns when it was,
+/// since until now other local users could read what it holds. Unix only.
+fn tighten(path: &Path, mode: u32, what: &str) -> Result<(), DataDirError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let found = std::fs::metadata(path)
+            .map_err(io("cannot read the permissions of", path))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if found & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                found = format!("{found:03o}"),
+                now = format!("{mode:03o}"),
+                "the {what} was readable by other users; tightened its permissions"
+            );
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(io("cannot set the permissions of", path))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode, what);
+    Ok(())
+}
+
+/// Creates directory `path` (and missing parents) with mode 0700; an existing one that is
+/// more open is tightened to 0700, with a warning.
+fn create_private_dir(path: &Path, what: &str) -> Result<(), DataDirError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        // Applies to the leaf and to parents created on the way.
+        builder.mode(PRIVATE_DIR);
+    }
+    let existed = path.is_dir();
+    builder
+        .create(path)
+        .map_err(io("cannot create directory", path))?;
+    if existed {
+        tighten(path, PRIVATE_DIR, what)
+    } else {
+        // The umask may have left it more open than asked; nobody has used it yet.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_DIR))
+                .map_err(io("cannot set the permissions of", path))?;
+        }
+        Ok(())
+    }
+}
+
 impl DataDir {
-    /// Opens (creating if needed) the directory.
+    /// Opens (creating if needed) the directory, with mode 0700: it holds the node's identity
+    /// key and task logs. A directory that exists more open is tightened, with a warning.
     pub fn open(root: &Path) -> Result<Self, DataDirError> {
-        std::fs::create_dir_all(root).map_err(io("cannot create data directory", root))?;
+        create_private_dir(root, "data directory")?;
         Ok(Self {
             root: root.to_owned(),
         })
@@ -80,17 +147,29 @@ impl DataDir {
         &self.root
     }
 
-    /// The node's identity, created on first use.
+    /// The directory of task logs (`<data_dir>/logs`), created with mode 0700 (tightened if it
+    /// is more open): a task's output may hold its secrets.
+    pub fn log_dir(&self) -> Result<PathBuf, DataDirError> {
+        let dir = self.root.join("logs");
+        create_private_dir(&dir, "task log directory")?;
+        Ok(dir)
+    }
+
+    /// The node's identity, created on first use with mode 0600 (an existing key file that is
+    /// more open is tightened, with a warning).
     pub fn identity(&self) -> Result<Keypair, DataDirError> {
         let path = self.root.join("identity.key");
         match std::fs::read(&path) {
             Ok(bytes) => {
-                Keypair::from_protobuf_encoding(&bytes).map_err(|e| DataDirError::Corrupt {
-                    path: path.clone(),
-                    reason: format!(
-                        "not an identity key ({e}); move it away to create a new identity"
-                    ),
-                })
+                let key =
+                    Keypair::from_protobuf_encoding(&bytes).map_err(|e| DataDirError::Corrupt {
+                        path: path.clone(),
+                        reason: format!(
+                            "not an identity key ({e}); move it away to create a new identity"
+                        ),
+                    })?;
+                tighten(&path, PRIVATE_FILE, "identity key")?;
+                Ok(key)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = Keypair::generate_ed25519();
@@ -107,7 +186,8 @@ impl DataDir {
         }
     }
 
-    /// Increments and returns the incarnation counter (1 on first start).
+    /// Increments and returns the incarnation counter (1 on first start). The file is
+    /// rewritten with mode 0600 each time.
     pub fn next_incarnation(&self) -> Result<u64, DataDirError> {
         let path = self.root.join("incarnation");
         let current = match std::fs::read_to_string(&path) {
@@ -144,6 +224,63 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(d.next_incarnation().unwrap(), 1);
         assert_eq!(d.next_incarnation().unwrap(), 2);
+    }
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn secrets_are_private_and_open_ones_are_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let root = parent.path().join("data");
+        let d = DataDir::open(&root).unwrap();
+        assert_eq!(mode(&root), 0o700);
+        d.identity().unwrap();
+        d.next_incarnation().unwrap();
+        let logs = d.log_dir().unwrap();
+        assert_eq!(mode(&root.join("identity.key")), 0o600);
+        assert_eq!(mode(&root.join("incarnation")), 0o600);
+        assert_eq!(mode(&logs), 0o700);
+
+        // Found open (an older version, a careless copy): tightened at the next start.
+        let open = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        };
+        open(&root, 0o755);
+        open(&logs, 0o777);
+        open(&root.join("identity.key"), 0o644);
+        open(&root.join("incarnation"), 0o666);
+        let d = DataDir::open(&root).unwrap();
+        let key = d.identity().unwrap();
+        d.next_incarnation().unwrap();
+        d.log_dir().unwrap();
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&logs), 0o700);
+        assert_eq!(mode(&root.join("identity.key")), 0o600);
+        assert_eq!(mode(&root.join("incarnation")), 0o600);
+        // Tightening is all it does: the same identity.
+        assert_eq!(
+            key.public(),
+            DataDir::open(&root).unwrap().identity().unwrap().public()
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_private_file_replaces_an_open_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admission.cert");
+        std::fs::write(&path, "old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private_file(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(mode(&path), 0o600);
     }
 
     #[test]

@@ -220,10 +220,27 @@ fn main() -> ExitCode {
 }
 
 fn up(args: &UpArgs) -> anyhow::Result<()> {
+    // First, while nothing secret has been read yet beyond the environment: other processes
+    // of the same user may no longer read this one's memory or /proc/PID/environ (the
+    // token), nor attach to it; no core dumps either.
+    let undumpable = forbid_dumps();
     let overrides =
         toml::Table::try_from(args).map_err(|e| anyhow::anyhow!("cannot read flags: {e}"))?;
     let cfg = NodeConfig::load(args.config.as_deref(), overrides)?;
     init_logging(cfg.log_format);
+    if let Err(e) = undumpable {
+        tracing::warn!(error = %e, "cannot make the process undumpable (PR_SET_DUMPABLE); same-user processes can read its memory and environment");
+    }
+    let token = cfg.resolve_api_token()?;
+    if std::env::args_os().any(|a| {
+        a.to_str()
+            .is_some_and(|a| a == "--api-token" || a.starts_with("--api-token="))
+    }) {
+        tracing::warn!("the API token is on the command line, where every local user can read it (ps, /proc); give it in OMESH_API_TOKEN or --api-token-file instead");
+    }
+    if token.is_none() {
+        tracing::info!("no api_token: the API refuses mutations and logs");
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         let metrics = Arc::new(Mutex::new(Metrics::new()));
@@ -231,10 +248,10 @@ fn up(args: &UpArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(api_addr).await.map_err(|e| {
             anyhow::anyhow!("cannot serve the API on {api_addr} (config key `api_listen`): {e}")
         })?;
-        let docker = omesh::exec::select_docker(cfg.executor)
+        let limits = omesh::exec::TaskLimits::from_config(&cfg);
+        let docker = omesh::exec::select_docker(cfg.executor, limits)
             .await
             .map_err(|e| anyhow::anyhow!("{e} (config key `executor`)"))?;
-        let token = cfg.api_token.clone();
         let peer = Peer::start(cfg, Arc::clone(&metrics), docker)?;
         let (calls_tx, calls_rx) = tokio::sync::mpsc::channel(64);
         let router = omesh::api::router(omesh::api::ApiState {
@@ -249,6 +266,18 @@ fn up(args: &UpArgs) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Makes this process not dumpable (prctl `PR_SET_DUMPABLE` 0).
+#[cfg(target_os = "linux")]
+fn forbid_dumps() -> std::io::Result<()> {
+    use rustix::process::{set_dumpable_behavior, DumpableBehavior};
+    set_dumpable_behavior(DumpableBehavior::NotDumpable).map_err(std::io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn forbid_dumps() -> std::io::Result<()> {
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub failovers: Counter,
     /// Local instances fenced by a higher epoch.
     pub fenced: Counter,
+    /// Local instances killed by their guard at the deadline (this node cut off or stalled).
+    pub guard_expiries: Counter,
     /// Tasks known, by state.
     pub tasks: Family<StateLabel, Gauge>,
     /// This node's incarnation.
@@ -105,6 +107,7 @@ impl Metrics {
             claims: Counter::default(),
             failovers: Counter::default(),
             fenced: Counter::default(),
+            guard_expiries: Counter::default(),
             tasks: Family::default(),
             incarnation: Gauge::default(),
             connections_refused: Family::default(),
@@ -177,6 +180,11 @@ impl Metrics {
             "fenced",
             "Local instances stopped by a higher epoch",
             m.fenced.clone(),
+        );
+        registry.register(
+            "guard_expiries",
+            "Local instances killed by their guard at the deadline (this node cut off or stalled)",
+            m.guard_expiries.clone(),
         );
         registry.register("tasks", "Tasks known here, by state", m.tasks.clone());
         registry.register(
@@ -255,6 +263,8 @@ impl Metrics {
         self.claims.inc_by(d(s.claims, l.claims));
         self.failovers.inc_by(d(s.failovers, l.failovers));
         self.fenced.inc_by(d(s.fenced, l.fenced));
+        self.guard_expiries
+            .inc_by(d(s.guard_expiries, l.guard_expiries));
         self.last = s;
     }
 

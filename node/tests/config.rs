@@ -94,3 +94,15 @@ fn ports_in_use_are_named() {
     let out = up(&["--listen", &listen, "--api-listen", &api], dir.path());
     assert_fails_naming(&out, &["api_listen", &api]);
 }
+
+#[test]
+fn an_unusable_api_token_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-token");
+    let out = up(&["--api-token-file", missing.to_str().unwrap()], dir.path());
+    assert_fails_naming(&out, &["api_token_file", missing.to_str().unwrap()]);
+    let empty = dir.path().join("empty-token");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = up(&["--api-token-file", empty.to_str().unwrap()], dir.path());
+    assert_fails_naming(&out, &["api_token_file", empty.to_str().unwrap(), "empty"]);
+}

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::docker::{containers_with_label, docker_or_skip, skip, test_image, RemoveOnDrop};
 use common::wait_until;
 use omesh::exec::docker::DockerBackend;
-use omesh::exec::{Backend, Ended, ExecError, Instance};
+use omesh::exec::{Backend, Ended, ExecError, Instance, TaskLimits};
 use omesh_protocol::{ExecutorKind, NodeId, SignedTaskSpec, TaskSpec};
 use tokio::sync::watch;
 
@@ -31,7 +31,7 @@ async fn setup(test: &str) -> Option<(DockerBackend, String)> {
         skip(test, "the test image could not be built");
         return None;
     };
-    match DockerBackend::connect().await {
+    match DockerBackend::connect(TaskLimits::default()).await {
         Ok(b) => Some((
             b.with_guard(omesh::guard::GuardProgram(
                 env!("CARGO_BIN_EXE_omesh").into(),

@@ -353,6 +353,17 @@ async fn a_stopped_owner_s_instances_are_killed_at_the_deadline_before_the_succe
             "task {id}: epoch {epoch} started before the stopped owner's instance was killed"
         );
     }
+    // The resumed owner counts what its guards did.
+    let expiries = wait_until(Duration::from_secs(20), || async {
+        nodes[victim].text("/metrics").await.is_some_and(|m| {
+            common::metric(&m, "omesh_guard_expiries_total", None) >= owned.len() as f64
+        })
+    })
+    .await;
+    assert!(
+        expiries,
+        "omesh_guard_expiries_total does not count the expiries"
+    );
     // Resumed, the old owner runs none of its lost epochs again, and each task runs once.
     let settled = wait_until(Duration::from_secs(20), || async {
         let mut ok = true;

@@ -3,7 +3,14 @@
 //! libraries and a static busybox: no registry). Tasks are submitted in waves; under each
 //! wave one fault hits the owner of its long task: `docker network disconnect`, `docker
 //! pause`, `docker kill` then `docker start`. Every task must end exactly once, the views and
-//! state digests of all peers must converge, and no stale epoch may keep running.
+//! state digests of all peers must converge, and no instance may outlive its lease (issue
+//! #15): from the failover until the fault ends, every second or so, no peer that can be read
+//! (the cut-off one included) runs an instance of a lost epoch, nor two of one task; a
+//! paused peer still holds its lost instances, frozen, and runs none of them moments after it
+//! thaws; and none runs anywhere after any fault. The peers run tasks with the process
+//! executor, each instance under its guard, as `nobody`, without cgroup limits (read-only in
+//! the peer's container); the test reads instances from the OMESH_TASK_ID and OMESH_EPOCH of
+//! the processes in each peer's container.
 //! Skips without Docker, unless `OMESH_REQUIRE_DOCKER=1`.
 #![allow(clippy::unwrap_used)]
 
@@ -30,8 +37,15 @@ const APPLETS: &[&str] = &[
 
 /// Runs `docker args...`; stdout, or the error text.
 fn docker(args: &[&str]) -> Result<String, String> {
+    docker_with_env(args, &[])
+}
+
+/// `docker ARGS` with `env` set for the docker CLI (for `-e NAME`, which passes the CLI's
+/// value on: a secret then shows in no command line).
+fn docker_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<String, String> {
     let out = Command::new("docker")
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("docker: {e}"))?;
@@ -81,8 +95,20 @@ fn copy_with_libs(file: &Path, root: &Path, dest: &str) -> Result<(), String> {
 /// Builds the rootfs in `dir` and imports it as `tag`.
 fn build_image(dir: &Path, tag: &str) -> Result<(), String> {
     let root = dir.join("rootfs");
-    for d in ["bin", "tmp", "data"] {
+    for d in ["bin", "tmp", "data", "etc"] {
         std::fs::create_dir_all(root.join(d)).map_err(|e| e.to_string())?;
+    }
+    // The peers run as root, so process tasks run as `task_user` (nobody), which the peer
+    // looks up in /etc/passwd.
+    let files = [
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        ),
+        ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
+    ];
+    for (path, text) in files {
+        std::fs::write(root.join(path), text).map_err(|e| format!("{path}: {e}"))?;
     }
     copy_with_libs(Path::new(common::bin()), &root, "omesh")?;
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
@@ -204,6 +230,9 @@ impl Mesh {
         .unwrap();
         args.push(self.network.clone().unwrap());
         args.extend(["-v".into(), volume]);
+        // The token goes in through the environment (`-e NAME` takes the value from the
+        // docker CLI's), never in a command line.
+        args.extend(["-e".into(), "OMESH_API_TOKEN".into()]);
         args.push(self.image.clone().unwrap());
         args.extend(
             [
@@ -216,12 +245,15 @@ impl Mesh {
                 "0.0.0.0:7878",
                 "--executor",
                 "process",
+                // /sys/fs/cgroup is read-only in the peer's container: no task cgroups.
+                "--process-limits",
+                "best-effort",
                 "--fake-cpu-percent",
                 "10",
             ]
             .map(String::from),
         );
-        args.extend(sub.flags());
+        args.extend(sub.flags_without_token());
         args.extend(["--admission-key".into(), common::operator().public_hex()]);
         match self.ips.first() {
             Some(seed) => args.extend(["--seed".into(), format!("/ip4/{seed}/udp/7001/quic-v1")]),
@@ -231,7 +263,7 @@ impl Mesh {
         // Recorded first: a `docker run` that fails half-way still leaves a container to remove.
         self.containers.push(name);
         self.ips.push(String::new());
-        docker(&refs).unwrap();
+        docker_with_env(&refs, &[("OMESH_API_TOKEN", &sub.token)]).unwrap();
         self.refresh_ip(i);
     }
 
@@ -307,10 +339,11 @@ impl Mesh {
     }
 
     /// (task, epoch) of every task instance running in peer `i`'s container, read from the
-    /// OMESH_TASK_ID and OMESH_EPOCH its executor gives each process.
-    fn instances(&self, i: usize) -> Vec<(String, u64)> {
+    /// OMESH_TASK_ID and OMESH_EPOCH its executor gives each process; `None` when the
+    /// container cannot be read (paused, or not running).
+    fn instances(&self, i: usize) -> Option<Vec<(String, u64)>> {
         let script = r#"cd /proc; for p in [0-9]*; do cat $p/environ 2>/dev/null | tr '\000' ' '; echo; done"#;
-        let out = docker(&["exec", &self.containers[i], "sh", "-c", script]).unwrap_or_default();
+        let out = docker(&["exec", &self.containers[i], "sh", "-c", script]).ok()?;
         let mut found: Vec<(String, u64)> = out
             .lines()
             .filter_map(|l| {
@@ -323,27 +356,106 @@ impl Mesh {
             .collect();
         found.sort();
         found.dedup();
-        found
+        Some(found)
     }
 
-    /// Instances that run although the mesh (peer `view`'s table) gave their task a higher
-    /// epoch or another owner: (peer, task, epoch).
-    async fn stale_instances(&self, view: usize) -> Vec<(usize, String, u64)> {
-        let Some(table) = self.tasks(view).await else {
-            return vec![(view, "unreachable".into(), 0)];
-        };
-        let mut stale = Vec::new();
-        for i in self.live() {
-            for (task, epoch) in self.instances(i) {
-                let current = table.get(&task).is_some_and(|t| {
-                    t.epoch == epoch && t.owner.as_deref() == Some(self.node_ids[i].as_str())
-                });
-                if !current {
-                    stale.push((i, task, epoch));
+    /// (task, epoch) of the task instances in peer `i`'s paused container, seen from the
+    /// host: its pids from `docker top`, their environments from /proc. `None` if that
+    /// cannot be read (the test does not run as root, or the engine is on another host).
+    fn frozen_instances(&self, i: usize) -> Option<Vec<(String, u64)>> {
+        let out = docker(&["top", &self.containers[i], "-o", "pid"]).ok()?;
+        let mut found = Vec::new();
+        for pid in out.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            let env = match std::fs::read(format!("/proc/{pid}/environ")) {
+                Ok(env) => env,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(_) => return None,
+            };
+            let var = |k: &str| {
+                env.split(|b| *b == 0)
+                    .find_map(|kv| kv.strip_prefix(k.as_bytes()))
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            if let (Some(task), Some(epoch)) = (var("OMESH_TASK_ID="), var("OMESH_EPOCH=")) {
+                if let Ok(epoch) = epoch.parse() {
+                    found.push((task, epoch));
                 }
             }
         }
-        stale
+        found.sort();
+        found.dedup();
+        Some(found)
+    }
+
+    /// Instances of lost epochs, as (peer, task, epoch): those running in any of `peers`
+    /// that can be read although peer `view`'s table, read before the scan, gave their task
+    /// a higher epoch or gave this epoch to another peer, and a (task, epoch) running on two
+    /// peers. Instances newer than the table are not judged. So, for each task, at most one
+    /// instance runs and it is of the task's current epoch. Also which of `peers` could be
+    /// read. `Err` if `view` does not answer.
+    async fn lost_instances(
+        &self,
+        view: usize,
+        peers: &[usize],
+    ) -> Result<(Vec<(usize, String, u64)>, Vec<usize>), String> {
+        let table = self
+            .tasks(view)
+            .await
+            .ok_or_else(|| format!("peer {view} does not answer"))?;
+        let found: Vec<(usize, Vec<(String, u64)>)> = peers
+            .iter()
+            .filter_map(|&i| Some((i, self.instances(i)?)))
+            .collect();
+        let read = found.iter().map(|(i, _)| *i).collect();
+        Ok((self.lost_among(&table, &found), read))
+    }
+
+    /// Which of `found` (per peer, its (task, epoch) instances) are of lost epochs by
+    /// `table` (see [`Self::lost_instances`]).
+    fn lost_among(
+        &self,
+        table: &BTreeMap<String, TaskJson>,
+        found: &[(usize, Vec<(String, u64)>)],
+    ) -> Vec<(usize, String, u64)> {
+        let mut lost = Vec::new();
+        let mut seen: BTreeMap<(&str, u64), usize> = BTreeMap::new();
+        for (i, instances) in found {
+            for (task, epoch) in instances {
+                if let Some(other) = seen.insert((task, *epoch), *i) {
+                    lost.push((other, task.clone(), *epoch));
+                    lost.push((*i, task.clone(), *epoch));
+                    continue;
+                }
+                let Some(t) = table.get(task) else { continue };
+                let superseded = t.epoch > *epoch
+                    || (t.epoch == *epoch
+                        && t.owner.as_deref() != Some(self.node_ids[*i].as_str()));
+                if superseded {
+                    lost.push((*i, task.clone(), *epoch));
+                }
+            }
+        }
+        lost
+    }
+
+    /// Waits until no instance of a lost epoch runs on any peer; how long that took.
+    async fn wait_no_lost(&self, view: usize, limit: Duration, what: &str) -> Duration {
+        let start = Instant::now();
+        let all: Vec<usize> = (0..self.containers.len()).collect();
+        let last = RefCell::new(Ok(Vec::new()));
+        let clean = wait_until(limit, || async {
+            let found = self.lost_instances(view, &all).await.map(|(lost, _)| lost);
+            let ok = found.as_ref().is_ok_and(Vec::is_empty);
+            *last.borrow_mut() = found;
+            ok
+        })
+        .await;
+        assert!(
+            clean,
+            "{what}: instances of lost epochs still run after {limit:?}: {:?}",
+            last.borrow()
+        );
+        start.elapsed()
     }
 }
 
@@ -471,30 +583,81 @@ async fn tasks_survive_partition_pause_and_kill_of_peers_in_containers() {
             failover,
             "wave {w}: no failover of {long} away from peer {target}"
         );
-        tokio::time::sleep(HOLD.saturating_sub(fault_at.elapsed())).await;
-        // A cut-off owner keeps running its superseded epoch until it hears of the new one.
-        let old_ran = matches!(fault, Fault::Disconnect)
-            .then(|| mesh.instances(target).contains(&(long.clone(), epoch0)));
+        // While the fault holds, no instance of a lost epoch runs anywhere, the faulted peer
+        // included: its guards killed its instances when it could no longer show that its
+        // leases held, before the others took over. A paused peer cannot be read (nothing in
+        // it runs), a killed one has nothing left; a cut-off one is read.
+        let all: Vec<usize> = (0..PEERS).collect();
+        let (mut checks, mut target_read) = (0, 0);
+        loop {
+            let (lost, read) = mesh.lost_instances(observer, &all).await.unwrap();
+            assert!(
+                lost.is_empty(),
+                "wave {w}: during {fault:?} of peer {target}, {:?} after the fault, instances \
+                 of lost epochs run (peer, task, epoch): {lost:?}",
+                fault_at.elapsed()
+            );
+            checks += 1;
+            target_read += usize::from(read.contains(&target));
+            if fault_at.elapsed() >= HOLD {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if matches!(fault, Fault::Disconnect) {
+            assert!(target_read > 0, "wave {w}: the cut-off peer was never read");
+        }
+        // A paused peer's instances are frozen with its guards: those of lost epochs are
+        // still there, to be killed the moment it thaws (seen from the host, where it can).
+        let frozen_lost = match fault {
+            Fault::Pause => {
+                let table = mesh.tasks(observer).await.unwrap();
+                mesh.frozen_instances(target)
+                    .map(|found| mesh.lost_among(&table, &[(target, found)]).len())
+            }
+            _ => None,
+        };
+        assert_ne!(
+            frozen_lost,
+            Some(0),
+            "wave {w}: the paused peer held no lost instance (its long task's epoch {epoch0} \
+             should be there, frozen)"
+        );
         match fault {
             Fault::Disconnect => docker(&["network", "connect", &net, &c]).unwrap(),
             Fault::Pause => docker(&["unpause", &c]).unwrap(),
             Fault::KillRestart => docker(&["start", &c]).unwrap(),
         };
         let held = fault_at.elapsed();
+        let healed_at = Instant::now();
         mesh.refresh_ip(target);
         mesh.down = None;
-        // Fencing: no instance of a superseded epoch keeps running once the fault is over.
-        let stale = RefCell::new(Vec::new());
-        let fenced = wait_until(Duration::from_secs(30), || async {
-            *stale.borrow_mut() = mesh.stale_instances(observer).await;
-            stale.borrow().is_empty()
-        })
-        .await;
-        assert!(
-            fenced,
-            "wave {w}: stale instances still run after {fault:?}: {stale:?}"
-        );
-        let fenced_after = fault_at.elapsed().saturating_sub(held);
+        // The faulted peer runs no lost epoch within moments of the heal (each look is a
+        // `docker exec`, 50-100 ms).
+        let mut looks = 0;
+        let target_clean = loop {
+            let (lost, read) = mesh.lost_instances(observer, &[target]).await.unwrap();
+            looks += 1;
+            if lost.is_empty() && read == [target] {
+                break healed_at.elapsed();
+            }
+            assert!(
+                healed_at.elapsed() < Duration::from_secs(10),
+                "wave {w}: peer {target} still runs lost epochs {:?} after {fault:?} ended: \
+                 {lost:?}",
+                healed_at.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Once the fault is over, still none: a paused peer's guards wake past their
+        // deadline and kill at once; a restarted peer starts with nothing of its old run.
+        let clean_after = mesh
+            .wait_no_lost(
+                observer,
+                Duration::from_secs(10),
+                &format!("wave {w}: after {fault:?} of peer {target}"),
+            )
+            .await;
         mesh.wait_healed(&format!("after {fault:?} of peer {target}"))
             .await;
         let healed_after = fault_at.elapsed();
@@ -508,10 +671,11 @@ async fn tasks_survive_partition_pause_and_kill_of_peers_in_containers() {
         }
         println!(
             "wave {w}: {fault:?} of peer {target} (owner of the long task, epoch {epoch0}): \
-             failover after {failover_after:?}, fault held {held:?}; the cut-off owner still ran \
-             epoch {epoch0} before the heal: {old_ran:?}; no stale instance {fenced_after:?} \
-             after the heal; \
-             all peers alive again {healed_after:?} after the fault"
+             failover after {failover_after:?}, fault held {held:?}; no instance of a lost \
+             epoch in {checks} checks during the fault (the faulted peer read in \
+             {target_read}); lost instances frozen in the paused peer: {frozen_lost:?}; the \
+             faulted peer ran none {target_clean:?} after the heal ({looks} look(s)), and a scan of every peer \
+             ({clean_after:?}) found none; all peers alive again {healed_after:?} after the fault"
         );
         faults.push(format!("{fault:?} p{target}"));
         faulted.push(target);
@@ -596,7 +760,9 @@ async fn tasks_survive_partition_pause_and_kill_of_peers_in_containers() {
     }
     let mut duplicates = 0;
     for i in 0..PEERS {
-        let left = mesh.instances(i);
+        let left = mesh
+            .instances(i)
+            .unwrap_or_else(|| panic!("peer {i} cannot be read"));
         duplicates += left.len();
         assert!(
             left.is_empty(),

@@ -92,9 +92,9 @@ async fn index_of(nodes: &[Node], owner: &str) -> usize {
     panic!("owner {owner} is none of the peers");
 }
 
-/// The whole log of the task's current epoch, as served by `node`.
-async fn log_text(node: &Node, id: &str) -> Option<LogChunk> {
-    node.get(&format!("/api/v1/tasks/{id}/logs?offset=0")).await
+/// The whole log of the task's current epoch, as served by `node` (with the token).
+async fn log_text(node: &Node, sub: &Submitter, id: &str) -> Option<LogChunk> {
+    node.log_chunk(&sub.token, id, 0).await
 }
 
 fn inspect(container: &str) -> serde_json::Value {
@@ -168,7 +168,7 @@ async fn a_running_container_has_limits_and_labels_serves_logs_and_cancels() {
     // The peer that does not run it fetches both streams from the owner.
     let end = Instant::now() + LONG;
     let chunk = loop {
-        let c = log_text(other, &id).await;
+        let c = log_text(other, &sub, &id).await;
         match c {
             Some(c) if c.data.contains("out\n") && c.data.contains("err\n") => break c,
             _ if Instant::now() >= end => panic!("logs on the non-owner: {c:#?}"),
@@ -257,7 +257,7 @@ async fn a_container_that_exits_zero_succeeds_and_keeps_its_log() {
         assert_eq!(t.failed_attempts, 0, "{t:#?}");
     }
     for n in &nodes {
-        let chunk = log_text(n, &id).await;
+        let chunk = log_text(n, &sub, &id).await;
         let chunk = chunk.unwrap_or_else(|| panic!("no log from {}", n.name));
         assert_eq!(chunk.data, "done\n", "{chunk:?}");
         assert!(!chunk.running, "{chunk:?}");

@@ -76,6 +76,12 @@ pub struct Mesh {
     pub jitter_ms: Millis,
     /// Nodes whose incoming liveness probes are dropped (everything else reaches them).
     pub deaf_to_probes: BTreeSet<NodeId>,
+    /// The guards of the instances, as the peer runs them: an instance is killed (and its
+    /// node fed `ExecEvent::Expired`) once its node's `leases_hold_until`, less this margin,
+    /// has passed. `None`: no guards (instances live until stopped or crashed).
+    pub guard_margin: Option<Millis>,
+    /// Instances killed by their guard: (node, task, epoch, when).
+    pub guard_kills: Vec<(NodeId, TaskId, Epoch, Millis)>,
     rng: rand_chacha::ChaCha8Rng,
 }
 
@@ -120,6 +126,8 @@ impl Mesh {
             dup_permille: 0,
             jitter_ms: 0,
             deaf_to_probes: BTreeSet::new(),
+            guard_margin: Some(500),
+            guard_kills: Vec::new(),
             rng: rand::SeedableRng::seed_from_u64(seed),
         }
     }
@@ -413,6 +421,37 @@ impl Mesh {
                 self.feed(id, Input::Tick).expect("a tick is never refused");
                 self.drain(id);
             }
+        }
+        self.guards();
+    }
+
+    /// Kills the instances whose guard's deadline passed, as the peer's guards do.
+    fn guards(&mut self) {
+        let Some(margin) = self.guard_margin else {
+            return;
+        };
+        let now = self.now;
+        let expired: Vec<(NodeId, TaskId, Epoch)> = self
+            .instances
+            .iter()
+            .filter(|i| i.stopped_at.is_none() && !self.down.contains(&i.node))
+            .filter(|i| {
+                self.replicas[&i.node]
+                    .leases_hold_until(now)
+                    .saturating_sub(margin)
+                    <= now
+            })
+            .map(|i| (i.node, i.task, i.epoch))
+            .collect();
+        for (id, task, epoch) in expired {
+            self.mark_stopped(id, task, epoch);
+            self.guard_kills.push((id, task, epoch, now));
+            let event = Input::Executor {
+                task,
+                epoch,
+                event: ExecEvent::Expired,
+            };
+            let _ = self.input(id, event);
         }
     }
 

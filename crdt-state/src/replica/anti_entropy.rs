@@ -118,7 +118,10 @@ impl Replica {
         from: NodeId,
         reply: SyncReply,
     ) -> Result<(), InputError> {
-        self.sync.ended(&from);
+        if let Some(sent) = self.sync.ended(&from) {
+            // An answer proves `from` heard this node when the request was sent.
+            self.round_trip_at(sent);
+        }
         self.touch(now, from);
         let SyncReply {
             deltas,

@@ -512,6 +512,11 @@ impl Replica {
         if !matches!(event, ExecEvent::Started) && ours {
             self.tasks.forget(&task);
         }
+        if matches!(event, ExecEvent::Expired) && ours {
+            // Counted whether or not the lease is still this node's (a successor may have
+            // been merged before the report came).
+            self.stats.guard_expiries += 1;
+        }
         if !ours || !current {
             self.stats.stale_reports += 1;
             self.mark_dirty(now);
@@ -536,10 +541,7 @@ impl Replica {
                 self.report(now, task, epoch, TaskState::Failed, None, &error)
             }
             ExecEvent::Stopped => {}
-            ExecEvent::Expired => {
-                self.stats.guard_expiries += 1;
-                self.release(now, task, epoch);
-            }
+            ExecEvent::Expired => self.release(now, task, epoch),
         }
         self.mark_dirty(now);
     }

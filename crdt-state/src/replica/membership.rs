@@ -105,16 +105,19 @@ impl Replica {
     ///
     /// Another node counts a lease lost only once a suspicion of this node has stood there
     /// for `lease_ttl + grace` (grace at least `lease_grace_ms`), unrefuted and without a
-    /// word from this node since. A suspicion rests on a probe this node failed to answer;
-    /// the last ping of this node that was answered shows the mesh heard it when that ping
-    /// was sent. So the leases hold until that send time plus `lease_ttl + lease_grace`:
-    /// a node that stops answering (dead, hung, cut off either way) reaches it one window
-    /// after its last round trip, while a healthy one moves it forward every period.
+    /// word from this node since. A suspicion is raised at the end of a probe period whose
+    /// ping this node did not answer, one period (`heartbeat_ms`) after that ping was sent;
+    /// the last ping (or sync request) of this node that was answered, sent at `s`, shows the
+    /// mesh heard it then, so a node that dies, hangs or is cut off after `s` fails only
+    /// pings sent after about `s` (less one round trip, which the caller's margin covers).
+    /// So its leases hold until `s + heartbeat + lease_ttl + lease_grace`: a node that stops
+    /// answering reaches it that long after its last round trip, while a healthy one moves
+    /// it forward every period.
     /// Before the first round trip it counts from start; a node that heard nobody (or nobody
     /// for longer than the mesh takes to forget it) has no one to lose its leases to, and
     /// gets a full window from now. A leaving node's leases are gone at once.
     pub fn leases_hold_until(&self, now: Millis) -> Millis {
-        let window = self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms;
+        let window = self.cfg.heartbeat_ms + self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms;
         if self.me.leaving {
             return now;
         }
@@ -127,11 +130,25 @@ impl Replica {
             .saturating_add(window)
     }
 
+    /// When the latest answered ping (or sync request) of this node was sent.
+    pub fn last_round_trip(&self) -> Option<Millis> {
+        self.round_trip
+    }
+
+    /// A round trip completed: a peer heard this node at `sent` (a ping answered, directly
+    /// or through a helper, or a sync request answered).
+    pub(crate) fn round_trip_at(&mut self, sent: Millis) {
+        self.round_trip = Some(self.round_trip.map_or(sent, |t| t.max(sent)));
+    }
+
     /// Whether this node may claim tasks: alone in the mesh (or the only one left for long),
     /// or hearing peers and synced.
     pub fn may_claim(&self, now: Millis) -> bool {
         let synced_or_alone = self.sync.alone(now, self.forget_after()) || self.sync.is_synced();
-        synced_or_alone && !self.is_isolated(now)
+        // A node that has not been heard for long (its guards' deadline is near) would only
+        // start instances its guards end at once.
+        let heard = self.leases_hold_until(now) > now + self.cfg.lease_ttl_ms;
+        synced_or_alone && !self.is_isolated(now) && heard
     }
 
     /// Silence from every peer for this long means the rest of the mesh is gone.
@@ -198,11 +215,28 @@ impl Replica {
             }
         }
         if let Some((target, nonce)) = self.prober.indirect_due(now) {
-            if self.health(now, &target) == Health::Gone {
+            let gone = self.health(now, &target) == Health::Gone;
+            let helpers = if gone {
+                Vec::new()
+            } else {
+                self.random_peers(now, usize::from(self.cfg.indirect_probes), target)
+            };
+            // The target did not answer: ping one other peer too, so this node still learns
+            // that it is heard (the guard's deadline, `leases_hold_until`, rests on answered
+            // pings; a dead target answers none, period after period).
+            let assured = helpers
+                .first()
+                .copied()
+                .or_else(|| self.random_peers(now, 1, target).first().copied());
+            if let Some(peer) = assured {
+                let probe = self.prober.assurance(now, peer);
+                self.stats.probes_sent += 1;
+                self.outbox.push_back(Action::SendProbe { to: peer, probe });
+            }
+            if gone {
                 // Already judged gone: the direct ping is only to notice it coming back.
                 return;
             }
-            let helpers = self.random_peers(now, usize::from(self.cfg.indirect_probes), target);
             self.prober.asked(&helpers);
             for h in helpers {
                 self.stats.probes_sent += 1;
@@ -231,9 +265,10 @@ impl Replica {
                 if let Some(rtt_us) = rtt_us {
                     self.rtt.entry(peer).or_default().observe(rtt_us);
                 }
-                self.round_trip = Some(self.round_trip.map_or(sent_at, |t| t.max(sent_at)));
+                self.round_trip_at(sent_at);
                 self.stats.probes_acked += 1;
             }
+            Answer::RoundTrip { sent_at } => self.round_trip_at(sent_at),
             Answer::Dropped => self.stats.probes_dropped += 1,
             Answer::Refused => self.stats.probe_acks_refused += 1,
             Answer::Nothing => {}

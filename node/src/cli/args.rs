@@ -96,6 +96,9 @@ pub struct LogsArgs {
     /// Keep printing as the log grows, until the task ends.
     #[arg(long, short)]
     pub follow: bool,
+    /// API bearer token (task logs need it: a task's output may hold its secrets).
+    #[arg(long, env = "OMESH_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// The local peer's API address.
     #[arg(long, env = "OMESH_API", default_value = "127.0.0.1:7878")]
     pub api: String,

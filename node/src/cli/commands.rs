@@ -117,7 +117,12 @@ pub fn logs(args: &LogsArgs) -> anyhow::Result<()> {
         let mut epoch = None;
         loop {
             let chunk: crate::api::LogChunk = client
-                .get(&format!("/api/v1/tasks/{id}/logs?offset={offset}"))
+                .send(
+                    reqwest::Method::GET,
+                    &format!("/api/v1/tasks/{id}/logs?offset={offset}"),
+                    args.token.as_deref(),
+                    None,
+                )
                 .await?;
             if epoch.is_some_and(|e| e != chunk.epoch) {
                 // The task moved to a new epoch (failover or retry): start its log from the top.

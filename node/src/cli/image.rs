@@ -133,10 +133,9 @@ fn import(a: &ImportArgs) -> anyhow::Result<()> {
     let imported: Vec<Imported> = match (&a.file, &a.from_docker) {
         (Some(file), _) => import::import_archive(&store, file)?,
         (None, Some(name)) => runtime()?.block_on(async {
-            let docker = crate::exec::docker::DockerBackend::connect()
+            let docker = crate::exec::docker::connect_engine()
                 .await
-                .map_err(anyhow::Error::msg)?
-                .engine();
+                .map_err(anyhow::Error::msg)?;
             Ok::<_, anyhow::Error>(import::import_from_docker(&store, &docker, name).await?)
         })?,
         (None, None) => anyhow::bail!("give an archive file or --from-docker NAME"),

@@ -181,10 +181,12 @@ pub async fn blob_bytes(api: &str, what: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
-fn flags() -> Vec<String> {
-    ["--api-token", TOKEN, "--executor", "process"]
-        .map(String::from)
-        .to_vec()
+/// The flags of every bench peer; the token goes into a file under `root`.
+fn flags(root: &Path) -> Result<Vec<String>, String> {
+    let mut f = crate::devtools::localmesh::token_flags(root, TOKEN)
+        .map_err(|e| format!("API token file: {e}"))?;
+    f.extend(["--executor".into(), "process".into()]);
+    Ok(f)
 }
 
 /// Runs the benchmark; progress lines go to `log`.
@@ -225,8 +227,9 @@ async fn single(
     fig.bytes = std::fs::metadata(&blob_path)
         .map_err(|e| e.to_string())?
         .len();
-    let mut mesh =
-        LocalMesh::start(bin, &root.join("single"), 2, |_| flags()).map_err(|e| e.to_string())?;
+    let flags = flags(root)?;
+    let mut mesh = LocalMesh::start(bin, &root.join("single"), 2, |_| flags.clone())
+        .map_err(|e| e.to_string())?;
     mesh.wait_converged(Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await; // A's record, republished, carries the image
     let b = mesh.peers.get(1).map(|p| p.client()).ok_or("no peer B")?;
@@ -293,8 +296,9 @@ async fn fanout(
     fig.fanout_peers = cfg.fanout_peers;
     fig.link_mbps = cfg.link_mbps;
     let rate = (cfg.link_mbps * 1e6) as u64;
+    let flags = flags(root)?;
     let mut mesh = LocalMesh::start(bin, &dir, cfg.fanout_peers + 1, |_| {
-        let mut f = flags();
+        let mut f = flags.clone();
         if rate > 0 {
             f.extend(["--blob-serve-bytes-per-sec".into(), rate.to_string()]);
         }

@@ -342,7 +342,7 @@ pub async fn run(bin: &Path, cfg: &TaskBench, progress: impl Fn(&str)) -> Result
         ));
     }
     let docker_image = if cfg.docker {
-        match crate::exec::docker::DockerBackend::connect().await {
+        match crate::exec::docker::connect_engine().await {
             Ok(_) => ensure_test_image().map_err(|e| format!("test image: {e}")),
             Err(e) => Err(e.to_string()),
         }
@@ -351,18 +351,18 @@ pub async fn run(bin: &Path, cfg: &TaskBench, progress: impl Fn(&str)) -> Result
     };
     let key = crate::cli::keys::generate();
     let root = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-    let flags = vec![
+    let mut flags = crate::devtools::localmesh::token_flags(root.path(), TOKEN)
+        .map_err(|e| format!("API token file: {e}"))?;
+    flags.extend([
         "--authorized-submitter".to_owned(),
         crate::cli::keys::public_hex(&key),
-        "--api-token".into(),
-        TOKEN.into(),
         "--threshold-memory".into(),
         "100".into(),
         // Time the mesh, not this host's load: a busy 2-core host crosses the default 75%
         // and its peers would then claim nothing.
         "--threshold-cpu".into(),
         "100".into(),
-    ];
+    ]);
     let mesh = LocalMesh::start(bin, root.path(), cfg.peers, |_| flags.clone())
         .map_err(|e| format!("start: {e}"))?;
     let mut bench = Bench {

@@ -173,7 +173,7 @@ async fn choose(executor: DemoExecutor) -> Result<Option<DemoImage>, String> {
     if executor == DemoExecutor::Process {
         return Ok(None);
     }
-    let why = match crate::exec::docker::DockerBackend::connect().await {
+    let why = match crate::exec::docker::connect_engine().await {
         Ok(_) => match DemoImage::build() {
             Ok(image) => return Ok(Some(image)),
             Err(e) => format!("cannot build the demo image: {e}"),
@@ -202,12 +202,16 @@ pub async fn run(bin: &Path, root: &Path, opts: &DemoOptions) -> Result<(), Stri
     let submitter = hex::encode(key.verifying_key().to_bytes());
     say("starting 3 peers on 127.0.0.1 (child processes)");
     let docker = image.is_some();
+    let token = crate::devtools::localmesh::token_flags(root, TOKEN).map_err(|e| {
+        format!(
+            "cannot write the API token file under {}: {e}",
+            root.display()
+        )
+    })?;
     let started_mesh = LocalMesh::start(bin, root, 3, |i| {
         let mut f: Vec<String> = vec![
             "--authorized-submitter".into(),
             submitter.clone(),
-            "--api-token".into(),
-            TOKEN.into(),
             "--target-node-tag".into(),
             "edge".into(),
             // The demo shows CPU-driven offload; the host's memory is not its subject.
@@ -221,6 +225,7 @@ pub async fn run(bin: &Path, root: &Path, opts: &DemoOptions) -> Result<(), Stri
         if i > 0 {
             f.extend(["--tag".into(), "edge".into()]);
         }
+        f.extend(token.iter().cloned());
         f
     });
     let mut mesh = match started_mesh {

@@ -3,6 +3,7 @@
 //! QUIC port and API port. A local mesh is admitted: one operator key (see [`Admission`])
 //! signs a certificate for each peer before it starts.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -61,6 +62,16 @@ impl Admission {
         .map_err(std::io::Error::other)?;
         Ok(vec!["--admission-key".into(), self.public_hex()])
     }
+}
+
+/// Writes `token` to `dir/api-token` (mode 0600) and returns the flags that make `omesh up`
+/// read it from there: a token given as `--api-token` would be in the peer's argv, which every
+/// local process can read.
+pub fn token_flags(dir: &Path, token: &str) -> std::io::Result<Vec<String>> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("api-token");
+    crate::datadir::write_private_file(&path, format!("{token}\n").as_bytes())?;
+    Ok(vec!["--api-token-file".into(), path.display().to_string()])
 }
 
 /// The address of a QUIC port on 127.0.0.1.
@@ -171,14 +182,19 @@ impl LocalPeer {
     }
 
     fn spawn(&mut self) -> std::io::Result<()> {
+        // The peer's own log: owner only, like its data directory.
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(self.dir.join("omesh.log"))?;
         let child = Command::new(&self.bin)
             .args(&self.args)
             .env_remove("OMESH_CONFIG")
             .env_remove("OMESH_API")
+            // The token comes from the flags given (a token file), not from the caller's shell.
+            .env_remove("OMESH_API_TOKEN")
+            .env_remove("OMESH_API_TOKEN_FILE")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

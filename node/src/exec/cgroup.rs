@@ -17,31 +17,47 @@
 //! it), `pids.max`.
 //!
 //! A host may have both: in systemd's hybrid mode a `cgroup2` mount (`…/unified`) exists
-//! with every controller bound to v1, so its `cgroup.controllers` is empty. [`Hierarchy::
-//! detect`] uses v2 only when it offers cpu, memory and pids, and v1 otherwise.
+//! with every controller bound to v1, so its `cgroup.controllers` is empty.
+//! [`Hierarchy::detect`] uses v2 only when it offers cpu, memory and pids, and v1 otherwise.
 //!
-//! # Joining and killing
+//! # Joining
 //! A child joins between `fork` and `exec` ([`TaskCgroup::join_on_spawn`]), before it runs a
-//! line of the task, so nothing the task forks escapes. Killing freezes first (see the
-//! `kill` module): a plain read-and-kill loop races with `fork`.
+//! line of the task, so nothing the task forks is outside it. Joining late (writing the
+//! child's pid after spawn) would let a fast child fork out of reach first.
+//!
+//! # Why freeze, then kill
+//! `cgroup.procs` is a snapshot: between reading it and sending SIGKILL to each pid, a
+//! process may fork (the child is not in the snapshot) or exit having forked (its pid is stale,
+//! the child unseen). A fork bomb, or a chain of processes that each start the next and exit,
+//! can stay ahead of such a loop. A frozen group cannot fork, so the pids read while it is
+//! frozen are all there are; each gets SIGKILL, and the thaw lets them die. v2 `cgroup.kill`
+//! does the same inside the kernel. Where no freezer is mounted the loop repeats until the
+//! group is empty, which `pids.max` keeps finite.
+//!
+//! Killed processes become zombies until their parent reaps them (the task's own children:
+//! the caller; orphans: init or the nearest subreaper). They count against `pids.max` until
+//! then, and on some kernels keep a cgroup dir busy, hence the rmdir retry in
+//! [`TaskCgroup::remove`]. A guard that is a child subreaper (`PR_SET_CHILD_SUBREAPER`) and
+//! reaps everything does not depend on init for that.
 //!
 //! # What this module never does
 //! It never moves the calling process into a cgroup and never freezes or kills it; it
 //! creates and removes only `<parent>/<name>` dirs under the parent it is given.
 
+mod error;
 mod files;
+mod hierarchy;
 mod kill;
 mod mountinfo;
+
+pub use error::CgroupError;
+pub use hierarchy::Hierarchy;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use mountinfo::{CgroupMount, MountKind};
-
-/// The controllers a task cgroup needs.
-const REQUIRED: [&str; 3] = ["cpu", "memory", "pids"];
 /// The CFS period, µs: quotas are given per 100 ms.
 const CPU_PERIOD_US: u64 = 100_000;
 /// The smallest CFS quota we write, µs (1% of a core; the kernel's minimum is 1 ms).
@@ -67,234 +83,6 @@ impl Limits {
     fn cpu_quota_us(&self) -> u64 {
         (u64::from(self.cpu_millis) * 100).max(MIN_CPU_QUOTA_US)
     }
-}
-
-/// The cgroup hierarchies usable here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Hierarchy {
-    /// The unified hierarchy, with cpu, memory and pids enabled down to the parent.
-    V2 {
-        /// Its mount point, e.g. `/sys/fs/cgroup`.
-        root: PathBuf,
-    },
-    /// One mount point per controller (the same path twice for joint mounts).
-    V1 {
-        /// The cpu controller's mount point.
-        cpu: PathBuf,
-        /// The cpuacct controller's (CPU time used), if mounted and writable.
-        cpuacct: Option<PathBuf>,
-        /// The memory controller's.
-        memory: PathBuf,
-        /// The pids controller's.
-        pids: PathBuf,
-        /// The freezer's (race-free kills), if mounted and writable.
-        freezer: Option<PathBuf>,
-    },
-}
-
-impl Hierarchy {
-    /// Finds the hierarchy to use from `/proc/self/mountinfo`: a v2 mount whose
-    /// `cgroup.controllers` lists cpu, memory and pids and that lets them be enabled from its
-    /// root down to `parent` (a relative path like `omesh`, created as needed), else v1
-    /// mounts of cpu, memory and pids. Checks each is writable by creating and removing a
-    /// probe dir under `parent`. The error says, for v2 and for v1, what is missing or not
-    /// writable.
-    pub fn detect(parent: &str) -> Result<Self, CgroupError> {
-        let path = Path::new("/proc/self/mountinfo");
-        let text = std::fs::read_to_string(path).map_err(|source| CgroupError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::detect_in(&mountinfo::parse(&text), parent)
-    }
-
-    /// [`Self::detect`] over parsed mounts.
-    fn detect_in(mounts: &[CgroupMount], parent: &str) -> Result<Self, CgroupError> {
-        let parent = check_parent(parent)?;
-        let mut v2 = Vec::new();
-        for mount in mounts.iter().filter(|m| m.kind == MountKind::V2) {
-            match prepare_v2(&mount.mount_point, parent) {
-                Ok(()) => {
-                    return Ok(Self::V2 {
-                        root: mount.mount_point.clone(),
-                    })
-                }
-                Err(why) => v2.push(why),
-            }
-        }
-        let v1 = match prepare_v1(mounts, parent) {
-            Ok(h) => return Ok(h),
-            Err(why) => why,
-        };
-        Err(CgroupError::Unavailable {
-            v2: if v2.is_empty() {
-                "no cgroup2 mount".into()
-            } else {
-                v2.join("; ")
-            },
-            v1,
-        })
-    }
-
-    /// 2 or 1.
-    pub fn version(&self) -> u8 {
-        match self {
-            Self::V2 { .. } => 2,
-            Self::V1 { .. } => 1,
-        }
-    }
-
-    /// The mount points in use, each once.
-    fn roots(&self) -> Vec<&Path> {
-        let mut roots: Vec<&Path> = match self {
-            Self::V2 { root } => vec![root],
-            Self::V1 {
-                cpu,
-                cpuacct,
-                memory,
-                pids,
-                freezer,
-            } => [
-                Some(memory),
-                Some(cpu),
-                cpuacct.as_ref(),
-                Some(pids),
-                freezer.as_ref(),
-            ]
-            .into_iter()
-            .flatten()
-            .map(PathBuf::as_path)
-            .collect(),
-        };
-        dedup_keep_order(&mut roots);
-        roots
-    }
-}
-
-/// Whether v2 at `root` offers cpu, memory and pids and lets them be enabled down to
-/// `parent`; why not otherwise.
-fn prepare_v2(root: &Path, parent: &Path) -> Result<(), String> {
-    let offered_file = root.join("cgroup.controllers");
-    let offered = files::read(&offered_file)
-        .ok_or_else(|| format!("cannot read {}", offered_file.display()))?;
-    let missing: Vec<&str> = REQUIRED
-        .into_iter()
-        .filter(|c| !files::controllers(&offered).contains(c))
-        .collect();
-    if !missing.is_empty() {
-        return Err(format!(
-            "{} lacks the {} controller{} (it offers {:?}; on a hybrid host they are bound \
-             to v1)",
-            offered_file.display(),
-            missing.join(", "),
-            if missing.len() > 1 { "s" } else { "" },
-            offered.trim(),
-        ));
-    }
-    let top = enable_v2(root, parent).map_err(|e| match &e {
-        CgroupError::Write { source, .. } if source.raw_os_error() == Some(libc_ebusy()) => {
-            format!(
-                "{e} (that cgroup holds processes, and v2 lets no cgroup with processes \
-                 enable controllers for its children)"
-            )
-        }
-        _ => e.to_string(),
-    })?;
-    probe(&top).map_err(|e| format!("{e}"))
-}
-
-/// Enables cpu, memory and pids for the children of every dir from `root` down to
-/// `root/parent` (creating dirs): writes those not yet enabled, e.g. `+cpu +memory +pids`, to
-/// each `cgroup.subtree_control` (the kernel takes all or none). Returns `root/parent`.
-fn enable_v2(root: &Path, parent: &Path) -> Result<PathBuf, CgroupError> {
-    let mut dir = root.to_owned();
-    let mut chain = vec![dir.clone()];
-    for component in parent.components() {
-        dir.push(component);
-        chain.push(dir.clone());
-    }
-    for dir in &chain {
-        if !dir.exists() {
-            std::fs::create_dir(dir).map_err(|source| CgroupError::Create {
-                path: dir.clone(),
-                source,
-            })?;
-        }
-        let control = dir.join("cgroup.subtree_control");
-        let enabled = files::read(&control).unwrap_or_default();
-        let missing: Vec<String> = REQUIRED
-            .into_iter()
-            .filter(|c| !files::controllers(&enabled).contains(c))
-            .map(|c| format!("+{c}"))
-            .collect();
-        if !missing.is_empty() {
-            files::write(&control, &missing.join(" "))?;
-        }
-    }
-    Ok(dir)
-}
-
-/// Finds the v1 mounts of cpu, memory and pids (cpuacct and freezer if there), creates
-/// `parent` in each and probes it; why not otherwise.
-fn prepare_v1(mounts: &[CgroupMount], parent: &Path) -> Result<Hierarchy, String> {
-    let find = |c: &str| {
-        mounts
-            .iter()
-            .find(|m| m.has_v1(c))
-            .map(|m| m.mount_point.clone())
-    };
-    let (Some(cpu), Some(memory), Some(pids)) = (find("cpu"), find("memory"), find("pids")) else {
-        let missing: Vec<&str> = REQUIRED.into_iter().filter(|c| find(c).is_none()).collect();
-        return Err(format!("no cgroup v1 mount of {}", missing.join(", ")));
-    };
-    for (controller, root) in [("cpu", &cpu), ("memory", &memory), ("pids", &pids)] {
-        prepare_v1_dir(root, parent).map_err(|e| format!("{controller} controller: {e}"))?;
-    }
-    let optional = |controller: &str| {
-        let root = find(controller)?;
-        match prepare_v1_dir(&root, parent) {
-            Ok(()) => Some(root),
-            Err(error) => {
-                tracing::warn!(controller, %error, "cgroup controller not usable; going without it");
-                None
-            }
-        }
-    };
-    Ok(Hierarchy::V1 {
-        cpuacct: optional("cpuacct"),
-        freezer: optional("freezer"),
-        cpu,
-        memory,
-        pids,
-    })
-}
-
-fn prepare_v1_dir(root: &Path, parent: &Path) -> Result<(), CgroupError> {
-    let dir = root.join(parent);
-    std::fs::create_dir_all(&dir).map_err(|source| CgroupError::Create {
-        path: dir.clone(),
-        source,
-    })?;
-    probe(&dir)
-}
-
-/// Creates and removes a child cgroup of `dir`: proves we may make task cgroups there.
-fn probe(dir: &Path) -> Result<(), CgroupError> {
-    let probe = dir.join(format!("omesh-probe-{}", std::process::id()));
-    match std::fs::create_dir(&probe) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(source) => {
-            return Err(CgroupError::Create {
-                path: probe,
-                source,
-            })
-        }
-    }
-    std::fs::remove_dir(&probe).map_err(|source| CgroupError::Remove {
-        path: probe,
-        source,
-    })
 }
 
 /// A task instance's cgroup: its dir in each hierarchy.
@@ -377,8 +165,9 @@ impl TaskCgroup {
     /// present), `pids.max`.
     ///
     /// A cgroup of the same name left by an earlier run is emptied (its processes killed)
-    /// and made anew, so the OOM count, peaks and CPU time start from zero. On error nothing
-    /// of the new cgroup is left.
+    /// and made anew, so the OOM count, peaks and CPU time start from zero; if it cannot be
+    /// removed (`Remove`: a process in it not yet reaped), that is the error. On any other
+    /// error nothing of the new cgroup is left.
     pub fn create(
         h: &Hierarchy,
         parent: &str,
@@ -389,7 +178,7 @@ impl TaskCgroup {
         check_name(name)?;
         if let Hierarchy::V2 { root } = h {
             // Cheap when detect already did it; needed if someone turned them off since.
-            enable_v2(root, parent)?;
+            hierarchy::enable_v2(root, parent)?;
         }
         let layout = Layout::of(h, parent, name);
         if let Some(old) = Self::with_existing(layout.clone()) {
@@ -651,65 +440,6 @@ pub fn join_in_child(paths: &[CString]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Why a cgroup could not be set up, used or removed. Messages name the file or controller
-/// and carry the OS error.
-#[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
-    /// The parent or name is not a plain relative path (nothing was touched).
-    #[error("bad cgroup {what} {value:?}: must be a relative path of plain names")]
-    BadName {
-        /// `parent` or `name`.
-        what: &'static str,
-        /// What was given.
-        value: String,
-    },
-    /// A file needed to find the hierarchies could not be read (nothing was touched).
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        /// The file, e.g. `/proc/self/mountinfo`.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// Neither hierarchy can hold task cgroups here. Probe dirs were removed; parent dirs
-    /// and v2 `subtree_control` settings made on the way stay.
-    #[error("no usable cgroup hierarchy: v2: {v2}; v1: {v1}")]
-    Unavailable {
-        /// Why not cgroup v2.
-        v2: String,
-        /// Why not cgroup v1.
-        v1: String,
-    },
-    /// A cgroup dir could not be made (the task cgroup's dirs made before it were removed).
-    #[error("cannot create cgroup {}: {source}", path.display())]
-    Create {
-        /// The dir.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// A control file could not be written: a limit (the task cgroup was removed again), or
-    /// a v2 `cgroup.subtree_control` (EBUSY: that cgroup holds processes).
-    #[error("cannot write {value:?} to {}: {source}", path.display())]
-    Write {
-        /// The control file.
-        path: PathBuf,
-        /// What was written.
-        value: String,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// A cgroup dir could not be removed, e.g. a process in it not yet reaped (its
-    /// processes were sent SIGKILL; the dir stays).
-    #[error("cannot remove cgroup {}: {source}", path.display())]
-    Remove {
-        /// The dir.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-}
-
 /// `parent` as a relative path of plain names (no `..`, `.`, root or empty parts).
 fn check_parent(parent: &str) -> Result<&Path, CgroupError> {
     let path = Path::new(parent);
@@ -748,10 +478,6 @@ fn dedup_keep_order<T: PartialEq>(items: &mut Vec<T>) {
             i += 1;
         }
     }
-}
-
-fn libc_ebusy() -> i32 {
-    rustix::io::Errno::BUSY.raw_os_error()
 }
 
 #[cfg(test)]

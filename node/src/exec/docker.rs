@@ -21,7 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::{Backend, Ended, ExecError, Instance};
+use super::{Backend, Ended, ExecError, Instance, TaskLimits};
 use crate::guard::{FromGuard, Guard, GuardEnd, GuardProgram, Plan, Target, ToGuard};
 
 /// Label carrying the full task id (hex).
@@ -38,47 +38,57 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 /// How long the log stream may take to deliver the rest once the container stopped.
 const LOG_DRAIN: Duration = Duration::from_secs(10);
 
-/// Runs tasks as containers of the local Docker engine.
+/// Runs tasks as containers of the local Docker engine, each confined: no capabilities, no
+/// privilege gain through setuid binaries, no network, and CPU, memory (no swap beyond it)
+/// and process-count limits that are never unlimited.
 #[derive(Debug, Clone)]
 pub struct DockerBackend {
     docker: Docker,
+    limits: TaskLimits,
     guard: GuardProgram,
 }
 
-impl DockerBackend {
-    /// Connects to the local engine (`DOCKER_HOST` if set, else the default unix socket) and
-    /// checks that it answers.
-    pub async fn connect() -> Result<Self, ExecError> {
-        let docker = Docker::connect_with_defaults().map_err(|e| {
-            ExecError::EngineUnreachable(format!("cannot connect to the Docker engine: {e}"))
-        })?;
-        match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                return Err(ExecError::EngineUnreachable(format!(
-                    "Docker engine ping failed: {e}"
-                )))
-            }
-            Err(_) => {
-                return Err(ExecError::EngineUnreachable(format!(
-                    "Docker engine did not answer within {}s",
-                    PING_TIMEOUT.as_secs()
-                )))
-            }
+/// Connects to the local engine (`DOCKER_HOST` if set, else the default unix socket) and
+/// checks that it answers. For callers that need the engine only (image imports and loads);
+/// tasks run through [`DockerBackend`].
+pub async fn connect_engine() -> Result<Docker, ExecError> {
+    let docker = Docker::connect_with_defaults().map_err(|e| {
+        ExecError::EngineUnreachable(format!("cannot connect to the Docker engine: {e}"))
+    })?;
+    match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            return Err(ExecError::EngineUnreachable(format!(
+                "Docker engine ping failed: {e}"
+            )))
         }
-        // Talk to older engines in their own API version. If the engine does not say, keep
-        // the client as it is: the ping answered.
-        let docker =
-            match tokio::time::timeout(PING_TIMEOUT, docker.clone().negotiate_version()).await {
-                Ok(Ok(negotiated)) => negotiated,
-                Ok(Err(e)) => {
-                    debug!(error = %e, "Docker API version negotiation failed; using the default");
-                    docker
-                }
-                Err(_) => docker,
-            };
+        Err(_) => {
+            return Err(ExecError::EngineUnreachable(format!(
+                "Docker engine did not answer within {}s",
+                PING_TIMEOUT.as_secs()
+            )))
+        }
+    }
+    // Talk to older engines in their own API version. If the engine does not say, keep
+    // the client as it is: the ping answered.
+    let docker = match tokio::time::timeout(PING_TIMEOUT, docker.clone().negotiate_version()).await
+    {
+        Ok(Ok(negotiated)) => negotiated,
+        Ok(Err(e)) => {
+            debug!(error = %e, "Docker API version negotiation failed; using the default");
+            docker
+        }
+        Err(_) => docker,
+    };
+    Ok(docker)
+}
+
+impl DockerBackend {
+    /// Connects to the local engine (see [`connect_engine`]); containers run under `limits`.
+    pub async fn connect(limits: TaskLimits) -> Result<Self, ExecError> {
         Ok(Self {
-            docker,
+            docker: connect_engine().await?,
+            limits,
             guard: GuardProgram::this_binary(),
         })
     }
@@ -93,11 +103,6 @@ impl DockerBackend {
     /// The engine client (image loads share it).
     pub fn engine(&self) -> Docker {
         self.docker.clone()
-    }
-
-    /// Whether a Docker engine answers here (for `executor = "auto"`).
-    pub async fn available() -> bool {
-        Self::connect().await.is_ok()
     }
 
     /// The container name of an instance.
@@ -195,6 +200,25 @@ impl DockerBackend {
             .is_some_and(|l| l.get(LABEL_NODE) == Some(&node))
     }
 
+    /// The confinement of a task container whose spec asks for `cpu_millis` and
+    /// `memory_bytes` (0: this node's default).
+    fn host_config(&self, cpu_millis: u32, memory_bytes: u64) -> HostConfig {
+        let (cpu_millis, memory_bytes) = self.limits.resolve(cpu_millis, memory_bytes);
+        let memory = i64::try_from(memory_bytes).unwrap_or(i64::MAX);
+        HostConfig {
+            nano_cpus: Some(i64::from(cpu_millis) * 1_000_000),
+            memory: Some(memory),
+            // Memory plus swap: equal to the memory limit, so no swap beyond it.
+            memory_swap: Some(memory),
+            pids_limit: Some(i64::from(self.limits.pids)),
+            cap_drop: Some(vec!["ALL".into()]),
+            // The form every engine since 1.13 accepts (`:true` came later).
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            network_mode: Some("none".into()),
+            ..Default::default()
+        }
+    }
+
     /// Runs an instance whose image and log file are ready; returns how it ended.
     async fn run_container(
         &self,
@@ -214,13 +238,7 @@ impl DockerBackend {
             (LABEL_EPOCH.to_owned(), inst.epoch.to_string()),
             (LABEL_NODE.to_owned(), inst.node.to_hex()),
         ]);
-        let host_config = HostConfig {
-            nano_cpus: (spec.cpu_millis > 0).then(|| i64::from(spec.cpu_millis) * 1_000_000),
-            memory: (spec.memory_bytes > 0)
-                .then(|| i64::try_from(spec.memory_bytes).unwrap_or(i64::MAX)),
-            network_mode: Some("none".into()),
-            ..Default::default()
-        };
+        let host_config = self.host_config(spec.cpu_millis, spec.memory_bytes);
         let body = ContainerCreateBody {
             image: Some(image_id),
             cmd: Some(spec.command.clone()),
@@ -363,9 +381,11 @@ impl Backend for DockerBackend {
         }
         let image = ImageRef::parse(&spec.image).map_err(|e| ExecError::BadImage(e.to_string()))?;
         let image_id = self.resolve_image(&image).await?;
+        // Logs may hold whatever a task prints (secrets from its env among them): owner only.
         let log = match tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&inst.log_path)
             .await
         {
@@ -535,6 +555,7 @@ async fn append_note(path: &std::path::Path, note: &str) {
         let mut f = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)
             .await?;
         f.write_all(line.as_bytes()).await?;

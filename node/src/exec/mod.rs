@@ -36,32 +36,52 @@ pub struct Instance {
     pub lease: watch::Receiver<tokio::time::Instant>,
 }
 
-/// Limits of task instances: the node's defaults for a spec that asks for 0 (never
-/// unlimited) and the pids limit of every instance.
+/// The limits every task instance runs under, from the node's config: a spec that asks for
+/// 0 CPU or 0 memory gets the node's default, never "unlimited". Shared by the executors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskLimits {
-    /// CPU of a task that asks for 0, thousandths of a core.
+    /// CPU limit, thousandths of a core, of a task whose spec asks for 0
+    /// (`task_default_cpu_millis`).
     pub default_cpu_millis: u32,
-    /// Memory of a task that asks for 0, bytes.
+    /// Memory limit, bytes, of a task whose spec asks for 0 (`task_default_memory_bytes`).
     pub default_memory_bytes: u64,
-    /// Most processes of one instance.
+    /// Most processes and threads one instance may have at once (`task_pids_limit`).
     pub pids: u32,
 }
 
 impl TaskLimits {
-    /// The cpu (thousandths of a core) and memory (bytes) limits of a spec asking for these.
+    /// The limits the config asks for.
+    pub fn from_config(cfg: &crate::config::NodeConfig) -> Self {
+        Self {
+            default_cpu_millis: cfg.task_default_cpu_millis,
+            default_memory_bytes: cfg.task_default_memory_bytes,
+            pids: cfg.task_pids_limit,
+        }
+    }
+
+    /// The CPU (thousandths of a core) and memory (bytes) limits of an instance whose spec
+    /// asks for `spec_cpu_millis` and `spec_memory_bytes`: the spec's values, with 0 meaning
+    /// this node's default.
     pub fn resolve(&self, spec_cpu_millis: u32, spec_memory_bytes: u64) -> (u32, u64) {
         let cpu = if spec_cpu_millis == 0 {
             self.default_cpu_millis
         } else {
             spec_cpu_millis
         };
-        let mem = if spec_memory_bytes == 0 {
+        let memory = if spec_memory_bytes == 0 {
             self.default_memory_bytes
         } else {
             spec_memory_bytes
         };
-        (cpu, mem)
+        (cpu, memory)
+    }
+}
+
+impl Default for TaskLimits {
+    /// The documented defaults of `task_default_cpu_millis`, `task_default_memory_bytes` and
+    /// `task_pids_limit`.
+    fn default() -> Self {
+        Self::from_config(&crate::config::NodeConfig::default())
     }
 }
 
@@ -349,15 +369,16 @@ impl Executor {
 }
 
 /// The Docker backend for an executor choice: `auto` uses it when the engine answers,
-/// `docker` requires it, `process` never uses it.
+/// `docker` requires it, `process` never uses it. Its containers run under `limits`.
 pub async fn select_docker(
     choice: crate::config::ExecutorChoice,
+    limits: TaskLimits,
 ) -> Result<Option<Arc<dyn Backend>>, String> {
     use crate::config::ExecutorChoice;
     match choice {
         ExecutorChoice::Process => Ok(None),
         ExecutorChoice::Auto | ExecutorChoice::Docker => {
-            match docker::DockerBackend::connect().await {
+            match docker::DockerBackend::connect(limits).await {
                 Ok(d) => Ok(Some(Arc::new(d))),
                 Err(e) if choice == ExecutorChoice::Docker => Err(format!(
                     "executor = \"docker\" but the Docker engine does not answer: {e}"
@@ -380,5 +401,28 @@ pub async fn cancelled(cancel: &mut watch::Receiver<bool>) {
         if cancel.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_in_the_spec_means_the_nodes_default_never_unlimited() {
+        let limits = TaskLimits {
+            default_cpu_millis: 750,
+            default_memory_bytes: 96 << 20,
+            pids: 64,
+        };
+        assert_eq!(limits.resolve(0, 0), (750, 96 << 20));
+        assert_eq!(limits.resolve(250, 0), (250, 96 << 20));
+        assert_eq!(limits.resolve(0, 48 << 20), (750, 48 << 20));
+        assert_eq!(limits.resolve(2_000, 1 << 30), (2_000, 1 << 30));
+        let d = TaskLimits::default();
+        assert_eq!(
+            (d.default_cpu_millis, d.default_memory_bytes, d.pids),
+            (1_000, 512 << 20, 512)
+        );
     }
 }

@@ -70,6 +70,9 @@ impl Guard {
         let mut cmd = std::process::Command::new(&program.0);
         cmd.arg0(GUARD_ARG0)
             .args(["guard", "--node", &node.to_hex()])
+            // The guard is dumpable (a fresh exec) and, for a peer that is not root, runs as
+            // the tasks' own user: it must not carry the API token.
+            .env_remove("OMESH_API_TOKEN")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -353,8 +353,8 @@ impl ImageService {
         }
         self.docker
             .get_or_init(|| async {
-                match crate::exec::docker::DockerBackend::connect().await {
-                    Ok(b) => Some(b.engine()),
+                match crate::exec::docker::connect_engine().await {
+                    Ok(engine) => Some(engine),
                     Err(e) => {
                         warn!(error = %e, "no Docker engine to load images into");
                         None

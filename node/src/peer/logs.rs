@@ -121,6 +121,10 @@ impl Peer {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
+                    // Logs go to admitted members only: with admission keys (or
+                    // allowed_peers) no other peer gets a connection past the allow list,
+                    // and this re-checks one whose admission lapsed or was revoked since.
+                    // (The API's own logs endpoint needs the bearer token.)
                     if !self.permits(&peer) {
                         return;
                     }

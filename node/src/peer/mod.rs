@@ -88,6 +88,8 @@ pub struct Peer {
     pub(crate) refusal_warned: HashMap<PeerId, Instant>,
     /// The replica's applied-delta count and the time at the last `refresh_admitted`.
     pub(crate) admission_refreshed: (u64, Instant),
+    /// When the guards' deadline may next be warned about.
+    deadline_warned: Instant,
 }
 
 /// Why the peer could not start.
@@ -165,12 +167,7 @@ impl Peer {
             .map_err(|e| net::BuildError(format!("subscribe: {e}")))?;
         let load = LoadSampler::new(cfg.fake_cpu_percent);
         let (reports_tx, reports) = mpsc::channel(1024);
-        let log_dir = dir.path().join("logs");
-        std::fs::create_dir_all(&log_dir).map_err(|source| crate::datadir::DataDirError::Io {
-            what: "cannot create",
-            path: log_dir.clone(),
-            source,
-        })?;
+        let log_dir = dir.log_dir()?;
         let prefer_docker = cfg.executor != ExecutorChoice::Process;
         let confinement = confinement(&cfg, node_id)?;
         let limits_tag = confinement.enforces_limits();
@@ -240,6 +237,7 @@ impl Peer {
             next_known_contact: HashMap::new(),
             refusal_warned: HashMap::new(),
             admission_refreshed: (0, Instant::now()),
+            deadline_warned: Instant::now(),
         };
         peer.sync_allow_list();
         Ok(peer)
@@ -332,6 +330,18 @@ impl Peer {
             .leases_hold_until(now)
             .saturating_sub(self.cfg.guard_margin_ms);
         self.executor.renew(self.driver.clock().instant_at(until));
+        if until < now + self.cfg.heartbeat_ms
+            && self.executor.running() > 0
+            && self.deadline_warned.elapsed() >= Duration::from_secs(5)
+        {
+            self.deadline_warned = Instant::now();
+            let last = self.driver.replica().last_round_trip();
+            warn!(
+                in_ms = until.saturating_sub(now),
+                last_round_trip_ms_ago = ?last.map(|t| now.saturating_sub(t)),
+                "no peer has answered this node lately: its guards end its instances when the deadline passes"
+            );
+        }
         let samples = self.driver.replica_mut().take_propagation_samples();
         if let Ok(mut m) = self.metrics.lock() {
             for s in &samples {
@@ -472,11 +482,7 @@ fn confinement(
     };
     Ok(exec::process::Confinement {
         cgroup_parent,
-        limits: exec::TaskLimits {
-            default_cpu_millis: cfg.task_default_cpu_millis,
-            default_memory_bytes: cfg.task_default_memory_bytes,
-            pids: cfg.task_pids_limit,
-        },
+        limits: exec::TaskLimits::from_config(cfg),
         best_effort: cfg.process_limits == ProcessLimits::BestEffort,
         user,
     })

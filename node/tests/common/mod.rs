@@ -76,15 +76,24 @@ impl Node {
     }
 
     pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Option<T> {
+        self.get_with(path, None).await
+    }
+
+    /// GET `path` with the bearer `token` if given; the decoded body of a success.
+    pub async fn get_with<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        token: Option<&str>,
+    ) -> Option<T> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
             .ok()?;
-        let resp = client
-            .get(format!("{}{path}", self.api()))
-            .send()
-            .await
-            .ok()?;
+        let mut req = client.get(format!("{}{path}", self.api()));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.ok()?;
         if !resp.status().is_success() {
             return None;
         }
@@ -154,24 +163,39 @@ pub mod docker;
 pub struct Submitter {
     pub key: ed25519_dalek::SigningKey,
     pub token: String,
+    /// `--api-token-file FILE`: peers read the token from a file, never from their argv.
+    token_flags: Vec<String>,
 }
 
 impl Submitter {
     pub fn new() -> Self {
+        let token = "test-token".to_owned();
+        // In the target dir, not in a temp dir of this Submitter's: a peer restarted after
+        // its test dropped the Submitter still finds it (written atomically, so tests that
+        // write it at once do not see each other's half).
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("omesh-api-token-{}", hex::encode(&token)));
+        let token_flags = localmesh::token_flags(&dir, &token).unwrap();
         Self {
             key: ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]),
-            token: "test-token".into(),
+            token,
+            token_flags,
         }
     }
 
-    /// Flags for `omesh up`: authorize the key, set the token, and ignore host memory
-    /// pressure (the CI host's memory is not what these tests are about).
+    /// Flags for `omesh up`: authorize the key, read the token from a file, and ignore host
+    /// memory pressure (the CI host's memory is not what these tests are about).
     pub fn flags(&self) -> Vec<String> {
+        let mut f = self.flags_without_token();
+        f.extend(self.token_flags.iter().cloned());
+        f
+    }
+
+    /// [`Self::flags`] without the token, for a peer given it another way (its environment).
+    pub fn flags_without_token(&self) -> Vec<String> {
         vec![
             "--authorized-submitter".into(),
             hex::encode(self.key.verifying_key().to_bytes()),
-            "--api-token".into(),
-            self.token.clone(),
             "--threshold-memory".into(),
             "100".into(),
         ]
@@ -248,6 +272,26 @@ impl Default for Submitter {
 impl Node {
     pub async fn task(&self, id: &str) -> Option<omesh::api::TaskJson> {
         self.get(&format!("/api/v1/tasks/{id}")).await
+    }
+
+    /// The log chunk of task `id`'s current epoch from `offset`, fetched with `token` (the
+    /// logs endpoint requires it); `None` unless the peer answered 200.
+    pub async fn log_chunk(
+        &self,
+        token: &str,
+        id: &str,
+        offset: u64,
+    ) -> Option<omesh::api::LogChunk> {
+        self.get_with(
+            &format!("/api/v1/tasks/{id}/logs?offset={offset}"),
+            Some(token),
+        )
+        .await
+    }
+
+    /// The text of task `id`'s current log from its start, fetched with `token`.
+    pub async fn logs(&self, token: &str, id: &str) -> Option<String> {
+        self.log_chunk(token, id, 0).await.map(|c| c.data)
     }
 
     pub async fn node_id(&self) -> String {

@@ -34,11 +34,11 @@ pub(super) enum Stopper {
 const POLL: Duration = Duration::from_millis(2);
 
 /// Kills every process listed in any of `procs` (the `cgroup.procs` of each hierarchy) by
-/// `deadline`, never this process itself. Returns how many processes it sent SIGKILL (with
-/// `cgroup.kill`: how many were listed just before).
+/// `deadline`, never this process itself. Returns how many live processes it sent SIGKILL
+/// (with `cgroup.kill`: how many were listed just before); zombies are not counted.
 pub(super) fn kill_all(procs: &[PathBuf], stopper: &Stopper, deadline: Instant) -> usize {
     let me = std::process::id();
-    let listed = list(procs);
+    let listed: Vec<u32> = list(procs).into_iter().filter(|p| !is_dead(*p)).collect();
     if listed.is_empty() {
         return 0;
     }
@@ -64,7 +64,7 @@ pub(super) fn kill_all(procs: &[PathBuf], stopper: &Stopper, deadline: Instant) 
     loop {
         let frozen = freeze(stopper, deadline);
         for pid in list(procs) {
-            if pid != me && sigkill(pid) {
+            if pid != me && !is_dead(pid) && sigkill(pid) {
                 killed.insert(pid);
             }
         }
@@ -76,10 +76,8 @@ pub(super) fn kill_all(procs: &[PathBuf], stopper: &Stopper, deadline: Instant) 
             break;
         }
         if Instant::now() >= deadline {
-            tracing::warn!(
-                left = list(procs).len(),
-                "cgroup not empty by the kill deadline"
-            );
+            let left = list(procs).into_iter().filter(|p| !is_dead(*p)).count();
+            tracing::warn!(left, "cgroup not empty by the kill deadline");
             break;
         }
     }
@@ -94,9 +92,11 @@ pub(super) fn list(procs: &[PathBuf]) -> Vec<u32> {
     pids
 }
 
+/// Waits until no live process is left: a zombie is dead but, on some kernels, listed until
+/// its parent reaps it, which is the caller's job, not something to wait for here.
 fn wait_empty(procs: &[PathBuf], until: Instant) -> bool {
     loop {
-        if procs.iter().all(|p| files::read_pids(p).is_empty()) {
+        if list(procs).into_iter().all(is_dead) {
             return true;
         }
         if Instant::now() >= until {
@@ -104,6 +104,18 @@ fn wait_empty(procs: &[PathBuf], until: Instant) -> bool {
         }
         std::thread::sleep(POLL);
     }
+}
+
+/// Whether `pid` is a zombie or gone: the state in `/proc/<pid>/stat`, after the command name
+/// in parentheses (which may itself hold spaces and parentheses).
+fn is_dead(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    matches!(state, Some('Z' | 'X' | 'x'))
 }
 
 fn sigkill(pid: u32) -> bool {

@@ -7,6 +7,7 @@
 use std::fs;
 
 use super::mountinfo::fixtures::{HYBRID, UNIFIED};
+use super::mountinfo::{CgroupMount, MountKind};
 use super::*;
 
 /// `fixture` with `/sys/fs/cgroup` moved to `root`, and every cgroup mount point made.
