@@ -137,6 +137,31 @@ impl Runs {
         self.by_task.keys().copied()
     }
 
+    /// Per instance of `task` that outlived its lease, by how long, in µs, up to `end`: an
+    /// instance still running when a later epoch of the task started on another node (which
+    /// could only do so once it counted this one's lease lost). A same-epoch claim race is
+    /// not counted here, only in [`Runs::duplicate_window`].
+    pub fn outlived_leases(&self, task: u32, end: SimTime) -> Vec<SimTime> {
+        let Some(ids) = self.by_task.get(&task) else {
+            return Vec::new();
+        };
+        let all: Vec<&Instance> = ids.iter().filter_map(|i| self.instances.get(*i)).collect();
+        let mut out = Vec::new();
+        for old in &all {
+            let ended = old.ended_at.unwrap_or(end);
+            let overrun = all
+                .iter()
+                .filter(|n| n.epoch > old.epoch && n.node != old.node)
+                .filter(|n| n.started_at >= old.started_at && n.started_at < ended)
+                .map(|n| ended - n.started_at)
+                .max();
+            if let Some(o) = overrun {
+                out.push(o);
+            }
+        }
+        out
+    }
+
     /// How long two or more instances of `task` ran at once, in µs, up to `end`.
     pub fn duplicate_window(&self, task: u32, end: SimTime) -> SimTime {
         let Some(ids) = self.by_task.get(&task) else {
@@ -236,6 +261,23 @@ mod tests {
         r.end(c, 600);
         assert_eq!(r.duplicate_window(7, 1_000), 250);
         assert_eq!(r.duplicate_window(8, 1_000), 0);
+    }
+
+    #[test]
+    fn an_instance_outlives_its_lease_only_past_a_later_epoch_elsewhere() {
+        let mut r = Runs::default();
+        let a = r.start(0, 7, 1, 100);
+        let _same_epoch = r.start(1, 7, 1, 150);
+        let _later_same_node = r.start(0, 7, 2, 200);
+        let _later = r.start(2, 7, 3, 300);
+        r.end(a, 450);
+        assert_eq!(r.outlived_leases(7, 1_000).len(), 3);
+        assert_eq!(r.outlived_leases(7, 1_000)[0], 150);
+        let mut r = Runs::default();
+        let a = r.start(0, 8, 1, 100);
+        r.expire(a, 250);
+        let _next = r.start(2, 8, 2, 300);
+        assert!(r.outlived_leases(8, 1_000).is_empty());
     }
 
     #[test]

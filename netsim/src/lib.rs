@@ -89,6 +89,11 @@ pub fn expectations(s: &Scenario, o: &Outcome) -> Vec<invariants::Violation> {
         e.max_duplicate_ms,
     );
     over(
+        "expect.max_outlived_lease_ms",
+        pct(&o.outlived_ms, 100.0).or(Some(0.0)),
+        e.max_outlived_lease_ms,
+    );
+    over(
         "expect.heal_converge_ms",
         Some(o.heal_converged_ms.unwrap_or(f64::INFINITY)),
         e.heal_converge_ms,

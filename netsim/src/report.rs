@@ -44,6 +44,9 @@ pub struct Outcome {
     pub failover_ms: Vec<f64>,
     /// Per task that ran twice at once, the time it did, in ms.
     pub duplicate_ms: Vec<f64>,
+    /// Per instance that outlived its lease (still running when a later epoch of its task
+    /// started on another node), by how long, in ms.
+    pub outlived_ms: Vec<f64>,
     /// Task outcomes.
     pub tasks: TaskOutcome,
     /// Traffic.
@@ -92,6 +95,12 @@ impl Outcome {
             .filter(|w| *w > 0)
             .map(ms)
             .collect();
+        let outlived_ms = sim
+            .runs
+            .tasks()
+            .flat_map(|t| sim.runs.outlived_leases(t, end))
+            .map(ms)
+            .collect();
         Self {
             scenario: sim.scenario.name.clone(),
             seed: sim.seed,
@@ -109,6 +118,7 @@ impl Outcome {
             heal_converged_ms: sim.heal_converged_us.map(ms),
             failover_ms: sim.runs.failovers.iter().map(|us| ms(*us)).collect(),
             duplicate_ms,
+            outlived_ms,
             tasks,
             traffic: sim.traffic,
             idle: sim.idle.map(|(t, us)| (t, us as f64 / 1e6)),
@@ -191,6 +201,14 @@ impl Outcome {
                 ms_str(pct(&self.duplicate_ms, 100.0).or(Some(0.0))),
                 ms_str(pct(&self.duplicate_ms, 99.0).or(Some(0.0))),
                 self.duplicate_ms.len()
+            ),
+        );
+        row(
+            "outlived their lease",
+            format!(
+                "{} instances (max {}): still running when a later epoch started elsewhere",
+                self.outlived_ms.len(),
+                ms_str(pct(&self.outlived_ms, 100.0).or(Some(0.0)))
             ),
         );
         row(

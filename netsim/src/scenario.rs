@@ -396,6 +396,9 @@ pub struct Expect {
     pub failover_p99_ms: Option<f64>,
     /// Longest time two instances of one task ran at once, in ms.
     pub max_duplicate_ms: Option<f64>,
+    /// Longest time an instance ran on after a later epoch of its task started on another
+    /// node (it outlived its lease), in ms.
+    pub max_outlived_lease_ms: Option<f64>,
     /// Time from the last heal until every live node holds everything written before it, in ms.
     pub heal_converge_ms: Option<f64>,
     /// At least this many failovers must be measured.

@@ -106,40 +106,17 @@ fn a_healed_partition_converges_and_bounds_the_duplicate_window() {
     assert!(o.heal_converged_ms.is_some());
 }
 
-/// Instances still running when a later epoch of their task started on another node: an
-/// instance that outlived its lease (the other node could count it lost only after it
-/// passed).
-fn outlived_leases(sim: &Sim) -> Vec<String> {
-    let end = sim.end_time();
-    let mut out = Vec::new();
-    for old in &sim.runs.instances {
-        for next in sim.runs.instances.iter().filter(|n| {
-            n.task == old.task
-                && n.epoch > old.epoch
-                && n.node != old.node
-                && n.started_at > old.started_at
-        }) {
-            if old.ended_at.unwrap_or(end) > next.started_at {
-                out.push(format!(
-                    "task #{} epoch {} on node {} ran until {:?} µs; epoch {} started on node {} at {} µs",
-                    old.task, old.epoch, old.node, old.ended_at, next.epoch, next.node, next.started_at
-                ));
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn an_owner_isolated_from_everyone_is_killed_by_its_guard_before_any_successor_starts() {
-    // The two-way cut only (30 s to 50 s), and the run ends soon after it heals.
+    // The two-way cut only (30 s to 45 s); arrivals stop at 40 s so every task has settled
+    // when the run ends, soon after the heal.
     let mut s = small("isolated_owner", 20);
     s.faults.truncate(1);
-    s.duration_s = 65.0;
+    s.tasks[0].until_s = 40.0;
+    s.duration_s = 60.0;
     let (sim, o) = run_sim(s.clone(), 8);
     assert_holds(&o);
-    let outlived = outlived_leases(&sim);
-    assert!(outlived.is_empty(), "{outlived:#?}\n{}", o.table());
+    assert!(o.outlived_ms.is_empty(), "{}", o.table());
     // The cut-off owners' instances were killed by their guards and run again elsewhere.
     let taken_over = sim
         .runs
@@ -153,16 +130,20 @@ fn an_owner_isolated_from_everyone_is_killed_by_its_guard_before_any_successor_s
                 .any(|n| n.task == k.task && n.epoch > k.epoch && n.node != k.node)
         })
         .count();
-    assert!(taken_over > 0, "no guard kill was taken over: {}", o.table());
+    assert!(
+        taken_over > 0,
+        "no guard kill was taken over: {}",
+        o.table()
+    );
     assert!(o.guard_expiries.cut_off > 0, "{}", o.table());
     // The same seed without the guards: the cut-off owners run on past their leases, so the
     // check above can fail.
     let mut unguarded = s;
     unguarded.guard.enabled = false;
-    let (sim, o) = run_sim(unguarded, 8);
+    let o = run(unguarded, 8);
     assert_eq!(o.guard_expiries.total, 0);
     assert!(
-        !outlived_leases(&sim).is_empty(),
+        !o.outlived_ms.is_empty(),
         "without guards the cut-off owners should run on: {}",
         o.table()
     );
