@@ -257,6 +257,32 @@ async fn successors(
     out
 }
 
+/// Every node but `victim`.
+fn others(nodes: &[Node], victim: usize) -> Vec<&Node> {
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, n)| n)
+        .collect()
+}
+
+/// Waits for each lost task's successor epoch and asserts it started after `gone` (when the
+/// last process of the lost epochs was seen gone).
+async fn successors_start_after(nodes: &[&Node], dir: &Path, owned: &[(String, u64)], gone: u128) {
+    for (id, epoch, started) in successors(nodes, dir, owned).await {
+        eprintln!(
+            "task {}: epoch {epoch} started {} ms after the lost epoch's last process was gone",
+            &id[..12],
+            (started.saturating_sub(gone)) / 1_000_000
+        );
+        assert!(
+            started > gone,
+            "task {id}: epoch {epoch} started before the lost epoch's processes were gone"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_an_owner_ends_every_process_of_its_instances_before_anyone_claims_them() {
     if !cgroups_or_skip("kill_9_of_an_owner_ends_every_process") {
@@ -285,23 +311,8 @@ async fn kill_9_of_an_owner_ends_every_process_of_its_instances_before_anyone_cl
         owned.len()
     );
     assert!(took_ms <= 1_000, "took {took_ms} ms (more than 1 s)");
-    let survivors: Vec<&Node> = nodes
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != victim)
-        .map(|(_, n)| n)
-        .collect();
-    for (id, epoch, started) in successors(&survivors, dir.path(), &owned).await {
-        eprintln!(
-            "task {}: epoch {epoch} started {} ms after the lost epoch's last process was gone",
-            &id[..12],
-            (started.saturating_sub(gone)) / 1_000_000
-        );
-        assert!(
-            started > gone,
-            "task {id}: epoch {epoch} started before the lost epoch's processes were gone"
-        );
-    }
+    let survivors = others(&nodes, victim);
+    successors_start_after(&survivors, dir.path(), &owned, gone).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,12 +339,7 @@ async fn a_stopped_owner_s_instances_are_killed_at_the_deadline_before_the_succe
     };
     signal("-STOP");
     let gone = gone_at(&owned, Duration::from_secs(5)).await;
-    let survivors: Vec<&Node> = nodes
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != victim)
-        .map(|(_, n)| n)
-        .collect();
+    let survivors = others(&nodes, victim);
     // Let the stop last its 5 s, whatever happened.
     let resume_at = stopped + 5_000_000_000;
     let wait = resume_at.saturating_sub(now_ns());
@@ -342,17 +348,7 @@ async fn a_stopped_owner_s_instances_are_killed_at_the_deadline_before_the_succe
     let gone = gone.expect("the stopped owner's instances were still running after 5 s");
     let took_ms = (gone - stopped) / 1_000_000;
     eprintln!("kill -STOP of the owner: its instances were killed {took_ms} ms after");
-    for (id, epoch, started) in successors(&survivors, dir.path(), &owned).await {
-        eprintln!(
-            "task {}: epoch {epoch} started {} ms after the lost epoch was killed",
-            &id[..12],
-            (started.saturating_sub(gone)) / 1_000_000
-        );
-        assert!(
-            started > gone,
-            "task {id}: epoch {epoch} started before the stopped owner's instance was killed"
-        );
-    }
+    successors_start_after(&survivors, dir.path(), &owned, gone).await;
     // The resumed owner counts what its guards did.
     let expiries = wait_until(Duration::from_secs(20), || async {
         nodes[victim].text("/metrics").await.is_some_and(|m| {

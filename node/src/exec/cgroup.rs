@@ -140,17 +140,9 @@ impl Layout {
                 memory,
                 pids,
                 freezer,
-            } => [
-                Some(memory),
-                Some(cpu),
-                cpuacct.as_ref(),
-                Some(pids),
-                freezer.as_ref(),
-            ]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect(),
+            } => v1_in_order(cpu, cpuacct.as_ref(), memory, pids, freezer.as_ref())
+                .cloned()
+                .collect(),
         };
         dedup_keep_order(&mut dirs);
         dirs
@@ -467,6 +459,20 @@ fn check_name(name: &str) -> Result<(), CgroupError> {
             value: name.to_owned(),
         })
     }
+}
+
+/// The v1 controllers' paths in the order they are joined and removed: memory first (a
+/// process is charged from the moment it joins), then cpu, cpuacct, pids, freezer.
+fn v1_in_order<'a, T>(
+    cpu: &'a T,
+    cpuacct: Option<&'a T>,
+    memory: &'a T,
+    pids: &'a T,
+    freezer: Option<&'a T>,
+) -> impl Iterator<Item = &'a T> {
+    [Some(memory), Some(cpu), cpuacct, Some(pids), freezer]
+        .into_iter()
+        .flatten()
 }
 
 fn dedup_keep_order<T: PartialEq>(items: &mut Vec<T>) {

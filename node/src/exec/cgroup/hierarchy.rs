@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::mountinfo::{CgroupMount, MountKind};
-use super::{check_parent, dedup_keep_order, files, mountinfo, CgroupError};
+use super::{check_parent, dedup_keep_order, files, mountinfo, v1_in_order, CgroupError};
 
 /// The controllers a task cgroup needs.
 const REQUIRED: [&str; 3] = ["cpu", "memory", "pids"];
@@ -95,17 +95,9 @@ impl Hierarchy {
                 memory,
                 pids,
                 freezer,
-            } => [
-                Some(memory),
-                Some(cpu),
-                cpuacct.as_ref(),
-                Some(pids),
-                freezer.as_ref(),
-            ]
-            .into_iter()
-            .flatten()
-            .map(PathBuf::as_path)
-            .collect(),
+            } => v1_in_order(cpu, cpuacct.as_ref(), memory, pids, freezer.as_ref())
+                .map(PathBuf::as_path)
+                .collect(),
         };
         dedup_keep_order(&mut roots);
         roots
