@@ -31,3 +31,4 @@ pub mod images;
 pub mod load;
 pub mod metrics;
 pub mod peer;
+pub mod procfs;

@@ -100,11 +100,6 @@ impl DockerBackend {
         self
     }
 
-    /// The engine client (image loads share it).
-    pub fn engine(&self) -> Docker {
-        self.docker.clone()
-    }
-
     /// The container name of an instance.
     pub fn container_name(inst: &Instance) -> String {
         format!("omesh-{}-{}", inst.task.short(), inst.epoch)

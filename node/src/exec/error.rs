@@ -62,9 +62,6 @@ pub enum ExecError {
     /// Waiting for the process failed.
     #[error("wait failed: {0}")]
     Wait(std::io::Error),
-    /// The process was killed by a signal it was not sent by us.
-    #[error("killed by signal ({0})")]
-    Killed(std::process::ExitStatus),
     /// The process died of this signal, not sent by omesh.
     #[error("killed by signal {0}")]
     Signal(i32),

@@ -9,6 +9,7 @@ use tracing::info;
 
 use super::GUARD_ARG0;
 use crate::exec::cgroup::{self, Hierarchy, TaskCgroup};
+use crate::procfs::{self, processes};
 
 /// How long leftover guards get to kill their instances after SIGTERM before SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(5);
@@ -74,30 +75,11 @@ pub fn remove_leftover_cgroups(parent: &str) -> usize {
     n
 }
 
-/// Every process on the host, from /proc.
-fn processes() -> impl Iterator<Item = Pid> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
-        .filter_map(Pid::from_raw)
-}
-
 /// Processes whose process group is `pgid`.
 pub fn group_members(pgid: i32) -> Vec<i32> {
     processes()
         .map(|p| p.as_raw_nonzero().get())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    // pid (comm) state ppid pgrp ...
-                    let rest = s.rsplit_once(')')?.1.to_owned();
-                    rest.split_whitespace().nth(2)?.parse::<i32>().ok()
-                })
-                == Some(pgid)
-        })
+        .filter(|pid| procfs::stat(pid.unsigned_abs()).is_some_and(|s| s.pgrp == pgid))
         .collect()
 }
 

@@ -367,37 +367,13 @@ fn kill_instance(main: Pid, cgroup: Option<&TaskCgroup>) {
 
 /// Living (not zombie) children of `parent`, from /proc.
 fn children_of(parent: Pid) -> Vec<Pid> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let parent = parent.as_raw_nonzero().get();
-    let mut out = Vec::new();
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces and parentheses; split after the
-        // last ')'.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next();
-        let ppid = fields.next().and_then(|s| s.parse::<i32>().ok());
-        if ppid == Some(parent) && state != Some("Z") {
-            if let Some(p) = Pid::from_raw(pid) {
-                out.push(p);
-            }
-        }
-    }
-    out
+    crate::procfs::processes()
+        .filter(|pid| {
+            crate::procfs::stat(pid.as_raw_nonzero().get().unsigned_abs())
+                .is_some_and(|s| s.ppid == parent && !s.is_dead())
+        })
+        .collect()
 }
 
 async fn guard_container(label: &str, name: &str, watch: &mut Watch) -> Result<(), String> {

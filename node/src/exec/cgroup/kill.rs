@@ -109,13 +109,7 @@ fn wait_empty(procs: &[PathBuf], until: Instant) -> bool {
 /// Whether `pid` is a zombie or gone: the state in `/proc/<pid>/stat`, after the command name
 /// in parentheses (which may itself hold spaces and parentheses).
 fn is_dead(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return true;
-    };
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next());
-    matches!(state, Some('Z' | 'X' | 'x'))
+    crate::procfs::stat(pid).is_none_or(|s| s.is_dead())
 }
 
 fn sigkill(pid: u32) -> bool {
