@@ -99,6 +99,7 @@ fn spec(key: &SigningKey, j: usize) -> SignedTaskSpec {
         executor: ExecutorKind::Docker,
         nonce: j as u64,
         submitter: [0; 32],
+        disconnect: Default::default(),
     }
     .sign(key)
 }

@@ -133,6 +133,17 @@ pub enum Input {
     },
     /// This node is shutting down gracefully.
     Leave,
+    /// An instance this node's earlier incarnation started still runs here (found through
+    /// its guard after a restart). Once synced, the replica takes the task over at a new
+    /// epoch and answers [`Action::AdoptTask`], so the instance keeps running under a
+    /// fencing token that moved forward; or [`Action::StopTask`] for `epoch` when the task
+    /// moved on meanwhile (taken over, cancelled, ended).
+    Adopt {
+        /// The task.
+        task: TaskId,
+        /// The epoch the instance was started for.
+        epoch: Epoch,
+    },
 }
 
 /// Why a StopTask was emitted.
@@ -186,6 +197,16 @@ pub enum Action {
         epoch: Epoch,
         /// What to run.
         spec: Arc<SignedTaskSpec>,
+    },
+    /// The instance of epoch `from` (announced by [`Input::Adopt`]) keeps running as epoch
+    /// `epoch`: every later report about it carries `epoch`.
+    AdoptTask {
+        /// The task.
+        task: TaskId,
+        /// The epoch it was started for.
+        from: Epoch,
+        /// The epoch it runs under from now on.
+        epoch: Epoch,
     },
     /// Stop the instance of this epoch at once.
     StopTask {
@@ -276,6 +297,14 @@ pub struct Stats {
     pub fenced: u64,
     /// Instances of this node its guards killed at their deadline (`ExecEvent::Expired`).
     pub guard_expiries: u64,
+    /// Instances left running by an earlier incarnation that this one took over.
+    pub adopted: u64,
+    /// Polls sent about an unreachable owner of an at-most-once task.
+    pub polls: u64,
+    /// Claims of at-most-once tasks a majority confirmed.
+    pub confirms: u64,
+    /// Claims of at-most-once tasks handed back because no majority confirmed them.
+    pub confirms_refused: u64,
     /// Leases that changed by merge.
     pub lease_changes: u64,
     /// Probes sent (pings and ping requests).

@@ -70,6 +70,8 @@ pub(crate) enum Answer {
     RoundTrip {
         /// When the ping was sent.
         sent_at: Millis,
+        /// Whether the peer granted contact (see `Probe::Ack::grant`).
+        grant: bool,
     },
     /// This period's target answered; `rtt_us` is a round trip measured by it, if direct.
     Acked {
@@ -79,6 +81,8 @@ pub(crate) enum Answer {
         rtt_us: Option<u64>,
         /// When the ping that got this answer was sent: the mesh heard this node then.
         sent_at: Millis,
+        /// Whether the target itself answered and granted contact.
+        grant: bool,
     },
     /// A ping request dropped: too many relays at once.
     Dropped,
@@ -200,15 +204,25 @@ impl Prober {
         match probe {
             Probe::Ping { nonce } => Answer::Send {
                 to: from,
-                probe: Probe::Ack { nonce, about: me },
+                probe: Probe::Ack {
+                    nonce,
+                    about: me,
+                    grant: true,
+                },
             },
-            Probe::Ack { nonce, about } => {
+            Probe::Ack {
+                nonce,
+                about,
+                grant,
+            } => {
+                // Only the pinged node's own ack grants (a helper's relay never does).
+                let grant = grant && from == about;
                 if let Some((_, _, sent_at)) = self
                     .assure
                     .filter(|(peer, n, _)| *n == nonce && from == *peer && about == *peer)
                 {
                     self.assure = None;
-                    return Answer::RoundTrip { sent_at };
+                    return Answer::RoundTrip { sent_at, grant };
                 }
                 if let Some(cur) = self.current.as_mut().filter(|o| {
                     o.nonce == nonce
@@ -222,6 +236,7 @@ impl Prober {
                         peer: about,
                         rtt_us,
                         sent_at: cur.sent_at,
+                        grant,
                     }
                 } else if self
                     .relays
@@ -234,6 +249,7 @@ impl Prober {
                             probe: Probe::Ack {
                                 nonce: r.their_nonce,
                                 about,
+                                grant: false,
                             },
                         },
                         None => Answer::Nothing,
@@ -244,11 +260,20 @@ impl Prober {
                     Answer::Refused
                 }
             }
+            // At-most-once traffic: the replica answers these itself (see `quorum.rs`).
+            Probe::Poll { .. }
+            | Probe::Vote { .. }
+            | Probe::Confirm { .. }
+            | Probe::Confirmed { .. } => Answer::Nothing,
             Probe::PingReq { nonce, target } => {
                 if target == me {
                     return Answer::Send {
                         to: from,
-                        probe: Probe::Ack { nonce, about: me },
+                        probe: Probe::Ack {
+                            nonce,
+                            about: me,
+                            grant: false,
+                        },
                     };
                 }
                 if self.relays.len() >= MAX_RELAYS {
@@ -354,7 +379,7 @@ impl Prober {
 
     /// A fresh nonce: a bijection of a counter keyed by a secret, so nonces never repeat
     /// within a run and cannot be predicted from the ones seen.
-    fn next_nonce(&mut self) -> u64 {
+    pub(crate) fn next_nonce(&mut self) -> u64 {
         self.nonce = self.nonce.wrapping_add(1);
         crate::digest::splitmix64(self.nonce ^ self.nonce_key)
     }

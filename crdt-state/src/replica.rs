@@ -364,6 +364,10 @@ impl Replica {
             }
             Input::Submit(spec) => self.submit(now, spec).map(|_| ()),
             Input::Cancel(order) => self.cancel(now, order),
+            Input::Adopt { task, epoch } => {
+                self.adopt(now, task, epoch);
+                Ok(())
+            }
             Input::Revoke(r) => {
                 if !r.holds(&self.cfg.admission_keys) {
                     return Err(InputError::BadRevocation(r.node.short()));

@@ -317,7 +317,11 @@ fn a_probe_ack_from_neither_target_nor_helper_is_refused() {
                     to,
                     Input::Probe {
                         from: node(HOSTILE),
-                        probe: Probe::Ack { nonce, about },
+                        probe: Probe::Ack {
+                            nonce,
+                            about,
+                            grant: true,
+                        },
                     },
                 );
             }

@@ -669,6 +669,9 @@ impl Sim {
                 self.send_sync(i, to, bytes, SyncMsg::Reply(reply));
             }
             Action::SendProbe { to, probe } => self.send_probe(i, to, probe),
+            // The simulator never feeds `Input::Adopt`: a crash ends every instance of the
+            // node (see `Sim::crash`), so there is nothing to take over.
+            Action::AdoptTask { .. } => {}
             Action::StartTask { task, epoch, .. } => {
                 let Some(t) = self.task_index.get(&task).copied() else {
                     return;

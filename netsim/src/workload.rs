@@ -80,6 +80,7 @@ impl Sim {
             executor: ExecutorKind::Any,
             nonce,
             submitter: [0; 32],
+            disconnect: Default::default(),
         }
         .sign(&self.submitter);
         let id = spec.id();

@@ -65,6 +65,8 @@ fn instance(
         executor: ExecutorKind::Docker,
         nonce: rand::random(),
         submitter: [0; 32],
+        disconnect: Default::default(),
+        disconnect: Default::default(),
     };
     edit(&mut spec);
     // The backend does not check signatures; the driver does.

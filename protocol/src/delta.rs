@@ -216,6 +216,10 @@ pub enum Probe {
         nonce: u64,
         /// The node whose liveness this confirms.
         about: NodeId,
+        /// Set by the pinged node itself when it counts towards the pinger's majority
+        /// contact (the `stop_after` tasks' deadline): not after it voted the pinger out
+        /// (see `Vote`), and never on an ack passed on by a helper.
+        grant: bool,
     },
     /// "Please ping `target` for me, and pass its ack on with my nonce."
     PingReq {
@@ -223,6 +227,49 @@ pub enum Probe {
         nonce: u64,
         /// The node to ping.
         target: NodeId,
+    },
+    /// "Do you still hear `about`? If not, stop granting it contact for `hold_ms`": asked of
+    /// every member by a node that would take over an at-most-once task of `about`.
+    Poll {
+        /// The poller's nonce.
+        nonce: u64,
+        /// The owner asked about.
+        about: NodeId,
+        /// How long a yes binds the voter to withhold grants from `about`.
+        hold_ms: u32,
+    },
+    /// The answer to a `Poll`. `silent_ms` is `Some(d)` when the voter has granted `about`
+    /// nothing for `d` ms (and now withholds grants for the poll's `hold_ms`), `None` when it
+    /// still hears `about` (no vote).
+    Vote {
+        /// The poll's nonce.
+        nonce: u64,
+        /// The owner asked about.
+        about: NodeId,
+        /// How long since the voter last granted `about` contact.
+        silent_ms: Option<u32>,
+    },
+    /// "I claimed `task` at `epoch`: promise no other claimant of that epoch." Asked of every
+    /// member before an at-most-once task starts.
+    Confirm {
+        /// The claimant's nonce.
+        nonce: u64,
+        /// The task.
+        task: TaskId,
+        /// The claimed epoch.
+        epoch: Epoch,
+    },
+    /// The answer to a `Confirm`: `ok` when the member promised this claimant that epoch (or
+    /// had already), false when it promised another claimant that epoch or a later one.
+    Confirmed {
+        /// The claimant's nonce.
+        nonce: u64,
+        /// The task.
+        task: TaskId,
+        /// The epoch.
+        epoch: Epoch,
+        /// Whether the promise was given.
+        ok: bool,
     },
 }
 

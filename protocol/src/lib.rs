@@ -24,7 +24,8 @@ pub use delta::{
 pub use ids::{Digest, IdParseError, NodeId, Sig, TaskId};
 pub use node::{Capacity, LoadSample, NodeRecord};
 pub use task::{
-    ExecutorKind, ImageRef, Lease, SignedTaskSpec, SpecError, StatusEntry, TaskSpec, TaskState,
+    Disconnect, ExecutorKind, ImageRef, Lease, SignedTaskSpec, SpecError, StatusEntry, TaskSpec,
+    TaskState, MAX_DISCONNECT_MS, MIN_DISCONNECT_MS,
 };
 
 /// Milliseconds on some clock. The replica never reads a clock: callers pass `now`.

@@ -73,6 +73,75 @@ pub struct TaskSpec {
     pub nonce: u64,
     /// The submitter's ed25519 public key.
     pub submitter: [u8; 32],
+    /// What happens when the owner drops out of contact (default: at least once, fastest
+    /// failover).
+    #[serde(default)]
+    pub disconnect: Disconnect,
+}
+
+/// The longest `stop_after` or `lost_after` a spec may set: 7 days.
+pub const MAX_DISCONNECT_MS: u32 = 7 * 24 * 3_600_000;
+/// The shortest: 1 s (a window shorter than a probe round trip could never be held).
+pub const MIN_DISCONNECT_MS: u32 = 1_000;
+
+/// A task's disconnect policy: what its owner does, and what the rest of the mesh waits for,
+/// when the owner drops out of contact. Both unset is the default: the owner's guard stops
+/// the instance once the mesh could count its lease lost, and another node takes the task
+/// over as soon as it does (at least once; a cut-off owner runs on until its guard's
+/// deadline, see the README's "Disconnect policies").
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub struct Disconnect {
+    /// At most once: the owner's guard stops the instance once the owner has not been in
+    /// contact with a majority of the mesh for this long, and another node claims the task
+    /// only on a majority side, after a majority confirmed the owner unreachable and this
+    /// long (plus grace and drift) has passed since any of them last heard it.
+    pub stop_after_ms: Option<u32>,
+    /// The task is not replaced until its owner has been unreachable for this long; an owner
+    /// back within it keeps its instance (same epoch, no restart), and a restarted owner
+    /// re-attaches to the instance it left running.
+    pub lost_after_ms: Option<u32>,
+}
+
+impl Disconnect {
+    /// Whether this is the default policy.
+    pub fn is_default(&self) -> bool {
+        self.stop_after_ms.is_none() && self.lost_after_ms.is_none()
+    }
+
+    /// Whether the task must run at most once.
+    pub fn at_most_once(&self) -> bool {
+        self.stop_after_ms.is_some()
+    }
+
+    /// Checks both windows are within [`MIN_DISCONNECT_MS`]..=[`MAX_DISCONNECT_MS`].
+    pub fn check(&self) -> Result<(), SpecError> {
+        for (key, v) in [
+            ("stop_after", self.stop_after_ms),
+            ("lost_after", self.lost_after_ms),
+        ] {
+            if let Some(ms) = v {
+                if !(MIN_DISCONNECT_MS..=MAX_DISCONNECT_MS).contains(&ms) {
+                    return Err(SpecError::BadDisconnect(format!(
+                        "{key} of {ms} ms is outside {MIN_DISCONNECT_MS} ms..={MAX_DISCONNECT_MS} ms"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Disconnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.stop_after_ms, self.lost_after_ms) {
+            (None, None) => write!(f, "replace (at least once)"),
+            (Some(s), None) => write!(f, "stop_after {s} ms (at most once)"),
+            (None, Some(l)) => write!(f, "lost_after {l} ms"),
+            (Some(s), Some(l)) => write!(f, "stop_after {s} ms (at most once), lost_after {l} ms"),
+        }
+    }
 }
 
 /// A parsed, digest-pinned image reference.
@@ -154,6 +223,9 @@ pub enum SpecError {
     /// An executor name this build does not know.
     #[error("unknown executor {0:?} (expected any, docker or process)")]
     UnknownExecutor(String),
+    /// A disconnect window out of range.
+    #[error("bad disconnect policy: {0}")]
+    BadDisconnect(String),
 }
 
 impl TaskSpec {
@@ -178,6 +250,7 @@ impl TaskSpec {
                 self.memory_bytes, MAX_MEMORY_BYTES
             )));
         }
+        self.disconnect.check()?;
         Ok(image)
     }
 

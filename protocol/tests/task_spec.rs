@@ -34,6 +34,7 @@ fn spec() -> TaskSpec {
         executor: ExecutorKind::Any,
         nonce: 1,
         submitter: [0; 32],
+        disconnect: Default::default(),
     }
 }
 

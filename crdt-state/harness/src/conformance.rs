@@ -431,5 +431,6 @@ fn kind(input: &Input) -> &'static str {
         Input::Revoke(_) => "Revoke",
         Input::Executor { .. } => "Executor",
         Input::Leave => "Leave",
+        Input::Adopt { .. } => "Adopt",
     }
 }

@@ -109,6 +109,7 @@ pub fn spec_with(nonce: u64, f: impl FnOnce(&mut TaskSpec)) -> SignedTaskSpec {
         executor: ExecutorKind::Process,
         nonce,
         submitter: [0; 32],
+        disconnect: Default::default(),
     };
     f(&mut s);
     s.sign(&submitter())

@@ -287,6 +287,14 @@ impl Mesh {
                             .expect("a report of an epoch just started");
                     }
                 }
+                Action::AdoptTask { task, from, epoch } => {
+                    // The instance keeps running; it is now known by its new epoch.
+                    if let Some(i) = self.instances.iter_mut().find(|i| {
+                        i.node == id && i.task == task && i.epoch == from && i.stopped_at.is_none()
+                    }) {
+                        i.epoch = epoch;
+                    }
+                }
                 Action::StopTask {
                     task,
                     epoch,

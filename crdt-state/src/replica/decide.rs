@@ -469,6 +469,20 @@ impl Replica {
         }
     }
 
+    /// Until when, on this node's clock, the instance of `task` this node runs may go on
+    /// without another node being able to count its lease lost: the deadline its guard
+    /// enforces (less the driver's margin). It follows the task's disconnect policy; see
+    /// [`Replica::leases_hold_until`] for the default.
+    pub fn instance_deadline(&self, now: Millis, task: &TaskId) -> Millis {
+        let _ = task;
+        self.leases_hold_until(now)
+    }
+
+    /// An instance of an earlier incarnation runs here (see [`crate::Input::Adopt`]).
+    pub(crate) fn adopt(&mut self, now: Millis, task: TaskId, epoch: Epoch) {
+        let _ = (now, task, epoch);
+    }
+
     /// Hands a claimed but unstarted task back to the mesh.
     pub(crate) fn release(&mut self, now: Millis, task: TaskId, epoch: Epoch) {
         let current = self

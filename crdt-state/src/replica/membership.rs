@@ -261,6 +261,7 @@ impl Replica {
                 peer,
                 rtt_us,
                 sent_at,
+                grant: _,
             } => {
                 if let Some(rtt_us) = rtt_us {
                     self.rtt.entry(peer).or_default().observe(rtt_us);
@@ -268,7 +269,7 @@ impl Replica {
                 self.round_trip_at(sent_at);
                 self.stats.probes_acked += 1;
             }
-            Answer::RoundTrip { sent_at } => self.round_trip_at(sent_at),
+            Answer::RoundTrip { sent_at, grant: _ } => self.round_trip_at(sent_at),
             Answer::Dropped => self.stats.probes_dropped += 1,
             Answer::Refused => self.stats.probe_acks_refused += 1,
             Answer::Nothing => {}

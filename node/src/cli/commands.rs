@@ -36,6 +36,7 @@ pub fn submit(args: &SubmitArgs) -> anyhow::Result<()> {
         executor,
         nonce,
         submitter: [0; 32],
+        disconnect: Default::default(),
     };
     spec.check_shape()?;
     let signed = spec.sign(&key);

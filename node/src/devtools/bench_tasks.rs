@@ -179,6 +179,7 @@ impl Bench {
             executor,
             nonce: rand::random(),
             submitter: [0; 32],
+            disconnect: Default::default(),
         };
         SubmitBody::from_signed(&spec.sign(&self.key))
     }

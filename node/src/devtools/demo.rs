@@ -344,6 +344,7 @@ async fn show(
             executor,
             nonce: rand::random(),
             submitter: [0; 32],
+            disconnect: Default::default(),
         }
         .sign(key);
         let body =

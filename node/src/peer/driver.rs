@@ -86,6 +86,11 @@ pub trait Outputs {
     /// Stops the instance of `(task, epoch)`. `false`: nothing was running, and the driver
     /// answers `ExecEvent::Stopped` at once.
     fn stop_task(&mut self, task: TaskId, epoch: Epoch) -> bool;
+    /// Re-keys the adopted instance of `(task, from)` to `epoch`. `false`: it is gone, and
+    /// the driver reports the new epoch `Failed` at once.
+    fn adopt_task(&mut self, _task: TaskId, _from: Epoch, _epoch: Epoch) -> bool {
+        false
+    }
     /// The driver answered the replica itself with `input` while draining (a `SyncFailed`
     /// or a `Stopped`): nothing to do in production; a test records it.
     fn answered(&mut self, _input: &Input) {}
@@ -144,6 +149,20 @@ impl<C: TimeSource> ReplicaDriver<C> {
                 Action::StartTask { task, epoch, spec } => {
                     info!(task = %task.short(), epoch, "starting task");
                     out.start_task(task, epoch, spec);
+                }
+                Action::AdoptTask { task, from, epoch } => {
+                    info!(task = %task.short(), from, epoch, "adopting task instance");
+                    if !out.adopt_task(task, from, epoch) {
+                        let gone = Input::Executor {
+                            task,
+                            epoch,
+                            event: ExecEvent::Failed {
+                                error: "the instance left by the previous incarnation is gone"
+                                    .into(),
+                            },
+                        };
+                        self.answer(out, gone);
+                    }
                 }
                 Action::StopTask {
                     task,

@@ -220,6 +220,7 @@ impl Submitter {
             executor: omesh_protocol::ExecutorKind::Process,
             nonce: rand::random(),
             submitter: [0; 32],
+            disconnect: Default::default(),
         };
         f(&mut spec);
         spec.sign(&self.key)

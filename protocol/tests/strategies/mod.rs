@@ -144,6 +144,7 @@ fn task_spec_with(
                 executor,
                 nonce,
                 submitter,
+                disconnect: Default::default(),
             },
         )
 }
