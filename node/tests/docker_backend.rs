@@ -66,7 +66,6 @@ fn instance(
         nonce: rand::random(),
         submitter: [0; 32],
         disconnect: Default::default(),
-        disconnect: Default::default(),
     };
     edit(&mut spec);
     // The backend does not check signatures; the driver does.

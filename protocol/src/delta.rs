@@ -237,6 +237,8 @@ pub enum Probe {
         about: NodeId,
         /// How long a yes binds the voter to withhold grants from `about`.
         hold_ms: u32,
+        /// A voter says yes only when it has neither heard nor granted `about` for this long.
+        quiet_ms: u32,
     },
     /// The answer to a `Poll`. `silent_ms` is `Some(d)` when the voter has granted `about`
     /// nothing for `d` ms (and now withholds grants for the poll's `hold_ms`), `None` when it

@@ -243,8 +243,40 @@ pub(crate) fn delta_body() -> impl Strategy<Value = DeltaBody> {
 pub(crate) fn probe() -> impl Strategy<Value = Probe> {
     prop_oneof![
         any::<u64>().prop_map(|nonce| Probe::Ping { nonce }),
-        (any::<u64>(), node_id()).prop_map(|(nonce, about)| Probe::Ack { nonce, about }),
+        (any::<u64>(), node_id(), any::<bool>()).prop_map(|(nonce, about, grant)| Probe::Ack {
+            nonce,
+            about,
+            grant
+        }),
         (any::<u64>(), node_id()).prop_map(|(nonce, target)| Probe::PingReq { nonce, target }),
+        (any::<u64>(), node_id(), any::<u32>(), any::<u32>()).prop_map(
+            |(nonce, about, hold_ms, quiet_ms)| Probe::Poll {
+                nonce,
+                about,
+                hold_ms,
+                quiet_ms
+            }
+        ),
+        (any::<u64>(), node_id(), any::<Option<u32>>()).prop_map(|(nonce, about, silent_ms)| {
+            Probe::Vote {
+                nonce,
+                about,
+                silent_ms,
+            }
+        }),
+        (any::<u64>(), task_id(), any::<u64>()).prop_map(|(nonce, task, epoch)| Probe::Confirm {
+            nonce,
+            task,
+            epoch
+        }),
+        (any::<u64>(), task_id(), any::<u64>(), any::<bool>()).prop_map(
+            |(nonce, task, epoch, ok)| Probe::Confirmed {
+                nonce,
+                task,
+                epoch,
+                ok
+            }
+        ),
     ]
 }
 
