@@ -123,7 +123,7 @@ impl Hostile {
                             // Answer pings as a member does, so it stays alive (and is synced
                             // with) rather than suspected.
                             if let Ok(Probe::Ping { nonce }) = Probe::from_wire(&request) {
-                                let ack = Probe::Ack { nonce, about: me };
+                                let ack = Probe::Ack { nonce, about: me, grant: true };
                                 swarm.behaviour_mut().probe.send_request(&peer, ack.to_wire().unwrap());
                             }
                         }
@@ -321,7 +321,14 @@ async fn a_hostile_member_changes_nothing_and_every_attempt_is_counted() {
         for m in &nodes {
             let about: NodeId = m.node_id().await.parse().unwrap();
             for nonce in 0..20 {
-                let _ = h.cmd.send(Cmd::Probe(to, Probe::Ack { nonce, about }));
+                let _ = h.cmd.send(Cmd::Probe(
+                    to,
+                    Probe::Ack {
+                        nonce,
+                        about,
+                        grant: true,
+                    },
+                ));
             }
         }
     }
