@@ -124,6 +124,38 @@ pub struct TaskJson {
     /// owner's API knows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
+    /// The task's disconnect policy.
+    #[serde(default)]
+    pub disconnect: DisconnectJson,
+}
+
+/// A task's disconnect policy as the API shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisconnectJson {
+    /// `replace` (default, at least once), `stop_after` (at most once) or `lost_after`, or
+    /// both of the last two.
+    pub policy: String,
+    /// At most once: the owner stops its instance after this long out of contact with a
+    /// majority.
+    pub stop_after_ms: Option<u32>,
+    /// Not replaced until the owner has been unreachable this long.
+    pub lost_after_ms: Option<u32>,
+}
+
+impl From<omesh_protocol::Disconnect> for DisconnectJson {
+    fn from(d: omesh_protocol::Disconnect) -> Self {
+        let policy = match (d.stop_after_ms, d.lost_after_ms) {
+            (None, None) => "replace",
+            (Some(_), None) => "stop_after",
+            (None, Some(_)) => "lost_after",
+            (Some(_), Some(_)) => "stop_after+lost_after",
+        };
+        Self {
+            policy: policy.into(),
+            stop_after_ms: d.stop_after_ms,
+            lost_after_ms: d.lost_after_ms,
+        }
+    }
 }
 
 /// What one epoch of a task reached.

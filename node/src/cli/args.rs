@@ -38,6 +38,16 @@ pub struct SubmitArgs {
     /// Priority (higher first).
     #[arg(long, default_value_t = 0)]
     pub priority: i32,
+    /// At most once: the owner stops the task after this long out of contact with a
+    /// majority of the mesh, and no other node starts it before then (10s, 5m). Default:
+    /// replace at once (at least once).
+    #[arg(long, value_parser = client::parse_duration_ms)]
+    pub stop_after: Option<u64>,
+    /// Keep the task on its owner through drops shorter than this (30s, 5m): it is not
+    /// replaced until the owner has been unreachable this long, and a restarted owner
+    /// re-attaches to it.
+    #[arg(long, value_parser = client::parse_duration_ms)]
+    pub lost_after: Option<u64>,
     /// Submitter secret key file (from `omesh keygen`).
     #[arg(long, env = "OMESH_KEY", default_value = DEFAULT_KEY_FILE)]
     pub key: PathBuf,

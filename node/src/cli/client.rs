@@ -320,6 +320,31 @@ impl Client {
 }
 
 /// One task in detail.
+/// A disconnect policy in words: `replace (at least once)`, `stop after 10s (at most once)`.
+pub fn disconnect_text(d: &crate::api::DisconnectJson) -> String {
+    let mut parts = Vec::new();
+    if let Some(ms) = d.stop_after_ms {
+        parts.push(format!("stop after {} (at most once)", duration_text(ms)));
+    }
+    if let Some(ms) = d.lost_after_ms {
+        parts.push(format!("lost after {}", duration_text(ms)));
+    }
+    if parts.is_empty() {
+        "replace (at least once)".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn duration_text(ms: u32) -> String {
+    match ms {
+        m if m % 3_600_000 == 0 => format!("{}h", m / 3_600_000),
+        m if m % 60_000 == 0 => format!("{}m", m / 60_000),
+        m if m % 1_000 == 0 => format!("{}s", m / 1_000),
+        m => format!("{m}ms"),
+    }
+}
+
 pub fn task_text(t: &TaskJson) -> String {
     let mut out = String::new();
     out.push_str(&format!("id          {}\n", t.id));
@@ -348,6 +373,7 @@ pub fn task_text(t: &TaskJson) -> String {
         t.image.as_deref().unwrap_or("-")
     ));
     out.push_str(&format!("command     {}\n", t.command.join(" ")));
+    out.push_str(&format!("disconnect  {}\n", disconnect_text(&t.disconnect)));
     if !t.history.is_empty() {
         out.push_str("timeline\n");
         let rows: Vec<Vec<String>> = t

@@ -23,6 +23,16 @@ pub fn submit(args: &SubmitArgs) -> anyhow::Result<()> {
     let nonce = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let window = |flag: &str, v: Option<u64>| -> anyhow::Result<Option<u32>> {
+        v.map(|ms| {
+            u32::try_from(ms).map_err(|_| anyhow::anyhow!("--{flag} of {ms} ms is too long"))
+        })
+        .transpose()
+    };
+    let disconnect = omesh_protocol::Disconnect {
+        stop_after_ms: window("stop-after", args.stop_after)?,
+        lost_after_ms: window("lost-after", args.lost_after)?,
+    };
     let spec = omesh_protocol::TaskSpec {
         image: args.image.clone(),
         command: args.command.clone(),
@@ -36,7 +46,7 @@ pub fn submit(args: &SubmitArgs) -> anyhow::Result<()> {
         executor,
         nonce,
         submitter: [0; 32],
-        disconnect: Default::default(),
+        disconnect,
     };
     spec.check_shape()?;
     let signed = spec.sign(&key);

@@ -171,6 +171,8 @@ impl Peer {
     }
 }
 
+use crate::api::DisconnectJson;
+
 fn task_json(v: &omesh_state::TaskView) -> TaskJson {
     TaskJson {
         id: v.id.to_hex(),
@@ -202,5 +204,10 @@ fn task_json(v: &omesh_state::TaskView) -> TaskJson {
             .collect(),
         compacted: v.compacted,
         progress: None,
+        disconnect: v
+            .spec
+            .as_ref()
+            .map(|s| DisconnectJson::from(s.spec.disconnect))
+            .unwrap_or_default(),
     }
 }
