@@ -319,7 +319,6 @@ impl Client {
     }
 }
 
-/// One task in detail.
 /// A disconnect policy in words: `replace (at least once)`, `stop after 10s (at most once)`.
 pub fn disconnect_text(d: &crate::api::DisconnectJson) -> String {
     let mut parts = Vec::new();
@@ -345,6 +344,7 @@ fn duration_text(ms: u32) -> String {
     }
 }
 
+/// One task in detail.
 pub fn task_text(t: &TaskJson) -> String {
     let mut out = String::new();
     out.push_str(&format!("id          {}\n", t.id));
