@@ -244,3 +244,34 @@ fn an_adopted_instance_of_a_task_that_moved_on_is_stopped() {
         .any(|(n, t, e, _)| (*n, *t, *e) == (owner, task, epoch))));
     assert_eq!(m.replica(owner).stats().adopted, 0);
 }
+
+#[test]
+fn polls_about_an_owner_the_members_hear_cut_nothing_off() {
+    let (mut m, ids) = five();
+    let task = m.submit(ids[0], at_most_once(7, 3_000));
+    assert!(m.run_until(30_000, |m| running_one(m, task).is_some()));
+    let (owner, epoch) = running_one(&m, task).unwrap();
+    let hostile = *ids.iter().find(|n| **n != owner).unwrap();
+    // A member (say, a hostile one) polls everyone about the healthy owner, asking for no
+    // quiet at all and the longest hold, again and again.
+    for round in 0..20u64 {
+        for to in ids.iter().filter(|n| **n != owner && **n != hostile) {
+            let probe = omesh_protocol::Probe::Poll {
+                nonce: round,
+                about: owner,
+                hold_ms: u32::MAX,
+                quiet_ms: 0,
+            };
+            let _ = m.input(
+                *to,
+                Input::Probe {
+                    from: hostile,
+                    probe,
+                },
+            );
+        }
+        m.run_for(1_000);
+    }
+    assert_eq!(running_one(&m, task), Some((owner, epoch)));
+    assert!(m.guard_kills.is_empty(), "{:?}", m.guard_kills);
+}

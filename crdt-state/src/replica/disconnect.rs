@@ -294,14 +294,22 @@ impl Replica {
                 quiet_ms,
             } => {
                 if about != self.me.id && member(self, &from) {
-                    let v = self.quorum.vote(
-                        now,
-                        about,
-                        Millis::from(quiet_ms),
-                        Millis::from(hold_ms),
-                        self.started_at,
-                        self.state.heard(&about),
-                    );
+                    // Only an owner this node itself suspects can be voted out here: a poll
+                    // (say, a hostile member's) cannot make it withhold grants from an owner it
+                    // hears.
+                    let suspected = self.health(now, &about) != crate::Health::Alive;
+                    let v = if suspected {
+                        self.quorum.vote(
+                            now,
+                            about,
+                            Millis::from(quiet_ms),
+                            Millis::from(hold_ms),
+                            self.started_at,
+                            self.state.heard(&about),
+                        )
+                    } else {
+                        crate::quorum::VoteAnswer { silent_ms: None }
+                    };
                     self.outbox.push_back(Action::SendProbe {
                         to: from,
                         probe: Probe::Vote {
