@@ -233,6 +233,13 @@ impl Replica {
         let overloaded = self.is_overloaded();
         let may_claim = self.may_claim(now);
 
+        // Majority contact, worked out once per pass and only if an at-most-once task asks.
+        let majority = std::cell::OnceCell::new();
+        let has_majority = |d: Millis| {
+            majority
+                .get_or_init(|| self.majority_contact(now))
+                .is_some_and(|t| t.saturating_add(d) > now.saturating_add(self.cfg.lease_ttl_ms))
+        };
         // A restarted node decides about the instances it adopted only once its view is the
         // mesh's (or it has been alone for long).
         let synced = self.sync.is_synced()
@@ -279,7 +286,7 @@ impl Replica {
                     None => steps.push(Step::Start(*task, run.epoch)),
                     Some(d) => match self.quorum.confirmation(task, run.epoch) {
                         None => steps.push(Step::Confirm(*task, run.epoch)),
-                        Some(Ok(())) if self.has_majority(now, Millis::from(d)) => {
+                        Some(Ok(())) if has_majority(Millis::from(d)) => {
                             steps.push(Step::Start(*task, run.epoch))
                         }
                         Some(Ok(())) => steps.push(Step::Refused(*task, run.epoch)),
@@ -396,7 +403,7 @@ impl Replica {
                 continue;
             }
             if let Some(d) = disc.stop_after_ms {
-                if !self.has_majority(now, Millis::from(d)) {
+                if !has_majority(Millis::from(d)) {
                     pass.pending(
                         *id,
                         "at most once: this node is not in contact with a majority of the mesh"
@@ -578,13 +585,6 @@ impl Replica {
                 self.write(now, DeltaBody::Compact { task, outcome, end });
             }
         }
-    }
-
-    /// Whether this node has had majority contact recently enough to run an at-most-once
-    /// task of window `d`: its guard's deadline is more than a lease ttl away.
-    pub(crate) fn has_majority(&self, now: Millis, d: Millis) -> bool {
-        self.majority_contact(now)
-            .is_some_and(|t| t.saturating_add(d) > now.saturating_add(self.cfg.lease_ttl_ms))
     }
 
     /// Hands a claimed but unstarted task back to the mesh.
