@@ -114,7 +114,7 @@ fn an_at_most_once_task_cut_off_in_a_minority_stops_before_the_majority_starts_i
 #[test]
 fn an_at_most_once_task_runs_nowhere_in_a_three_way_split_and_once_after_it_heals() {
     let (mut m, ids) = five();
-    let task = m.submit(ids[0], at_most_once(2, 3_000));
+    let task = m.submit(ids[0], at_most_once(2, 4_000));
     assert!(m.run_until(30_000, |m| running_one(m, task).is_some()));
     split(&mut m, &[&ids[0..2], &ids[2..4], &ids[4..5]]);
     let none = m.run_until(30_000, |m| m.runners(task).is_empty());
@@ -246,9 +246,20 @@ fn an_adopted_instance_of_a_task_that_moved_on_is_stopped() {
 }
 
 #[test]
+fn a_stop_after_shorter_than_the_mesh_can_hold_stays_pending_with_the_reason() {
+    let (mut m, ids) = five();
+    let task = m.submit(ids[0], at_most_once(8, 2_000));
+    m.run_for(15_000);
+    assert!(m.runners(task).is_empty());
+    let view = m.replica(ids[0]).task_view(m.now, &task).unwrap();
+    let why = view.pending_reason.unwrap_or_default();
+    assert!(why.contains("stop_after of 2000 ms"), "{why}");
+}
+
+#[test]
 fn polls_about_an_owner_the_members_hear_cut_nothing_off() {
     let (mut m, ids) = five();
-    let task = m.submit(ids[0], at_most_once(7, 3_000));
+    let task = m.submit(ids[0], at_most_once(7, 4_000));
     assert!(m.run_until(30_000, |m| running_one(m, task).is_some()));
     let (owner, epoch) = running_one(&m, task).unwrap();
     let hostile = *ids.iter().find(|n| **n != owner).unwrap();

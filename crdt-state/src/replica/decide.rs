@@ -403,6 +403,16 @@ impl Replica {
                 continue;
             }
             if let Some(d) = disc.stop_after_ms {
+                let least = self.min_stop_after();
+                if Millis::from(d) < least {
+                    pass.pending(
+                        *id,
+                        format!(
+                            "stop_after of {d} ms is shorter than this mesh can hold (at least {least} ms: twice lease_ttl_ms + heartbeat_ms, plus heartbeat_ms)"
+                        ),
+                    );
+                    continue;
+                }
                 if !has_majority(Millis::from(d)) {
                     pass.pending(
                         *id,

@@ -46,6 +46,13 @@ impl Replica {
             .majority_contact(now, &self.me.id, &self.members())
     }
 
+    /// The shortest `stop_after` this mesh can hold: majority contact lags by up to half the
+    /// window plus a period (every member is pinged within half of it), and a claim needs it
+    /// more than `lease_ttl_ms` from running out.
+    pub fn min_stop_after(&self) -> Millis {
+        2 * (self.cfg.lease_ttl_ms + self.cfg.heartbeat_ms) + self.cfg.heartbeat_ms
+    }
+
     /// How long a poll or a confirmation waits for answers.
     pub(crate) fn answer_ms(&self) -> Millis {
         ANSWER_PERIODS * self.cfg.heartbeat_ms
