@@ -152,6 +152,12 @@ fn an_at_most_once_task_of_a_crashed_owner_moves_only_after_its_window() {
         next.started_at - crashed_at
     );
     assert_eq!(overlap(&m, task), 0);
+    // Only the node that would take it over polls (each poll reaches every member).
+    let pollers = ids
+        .iter()
+        .filter(|n| **n != owner && m.replica(**n).stats().polls > 0)
+        .count();
+    assert!((1..=2).contains(&pollers), "{pollers} nodes polled");
 }
 
 #[test]

@@ -355,7 +355,31 @@ impl Replica {
                     let d = Millis::from(d);
                     window = Some(window.map_or(d, |w: Millis| w.min(d)));
                 }
-                if holds.is_some() && self.wants_poll(now, rec, &l) {
+                // Only the node that would take the task over polls (one poll reaches every
+                // member: a poll from every node would cost N² messages per lost owner).
+                let first = holds.is_some()
+                    && self.wants_poll(now, rec, &l)
+                    && !overloaded
+                    && may_claim
+                    && {
+                        let image = ImageRef::parse(&spec.spec.image).ok().map(|r| r.digest);
+                        let via = rec
+                            .spec
+                            .as_ref()
+                            .and_then(|s| self.state.node(&s.at.origin));
+                        let placing = placement::Placing {
+                            committed: &committed,
+                            spec: &spec.spec,
+                            image: image.as_ref(),
+                            via,
+                            policy: &policy,
+                        };
+                        matches!(
+                            placement::place(&self.me.id, live().iter().copied(), &placing),
+                            Ok(Some((0, _)))
+                        )
+                    };
+                if first {
                     let e = wanted.entry(l.owner).or_insert_with(|| Wanted {
                         leases: BTreeSet::new(),
                         shortest: d.into(),
