@@ -92,6 +92,7 @@ impl Driver for SimDriver {
             cpu_millis: spec.spec.cpu_millis,
             fail_permille: 0,
             accepted: false,
+            disconnect: spec.spec.disconnect,
         });
         self.sim.task_index.insert(id, t);
         let accepted = self.sim.feed(via, Input::Submit(spec));

@@ -1,5 +1,6 @@
 //! Faults on the timeline: crashes and restarts (data directory kept or lost), partitions
-//! (one-way too), isolated nodes, raised loss and rolling restarts.
+//! (one-way too), splits into several parts, cuts that flap on and off, isolated nodes,
+//! raised loss and rolling restarts.
 
 use omesh_state::Input;
 use rand::seq::SliceRandom;
@@ -46,6 +47,21 @@ pub enum Fault {
         /// Only messages from the minority to the rest are dropped.
         #[serde(default)]
         one_way: bool,
+        /// Flap: the cut is in force for this many seconds, then lifted for as many, and so
+        /// on until `until_s` (the same nodes each time).
+        flap_s: Option<f64>,
+    },
+    /// Split the mesh into `parts` parts of (nearly) equal size, each cut off from every
+    /// other: with three or more, no part holds a majority.
+    Split {
+        /// Start, in seconds.
+        at_s: f64,
+        /// Heal, in seconds.
+        until_s: f64,
+        /// How many parts (at least 2).
+        parts: u32,
+        /// Flap, as for a partition.
+        flap_s: Option<f64>,
     },
     /// Cut each target node off from every other node (from each other too), while its
     /// process keeps running: an owner unplugged, not crashed.
@@ -98,6 +114,7 @@ impl Fault {
         match self {
             Self::Crash { at_s, .. }
             | Self::Partition { at_s, .. }
+            | Self::Split { at_s, .. }
             | Self::Isolate { at_s, .. }
             | Self::Loss { at_s, .. }
             | Self::RollingRestart { at_s, .. } => *at_s,
@@ -113,6 +130,7 @@ impl Fault {
                 ..
             } => at_s + restart_after_s.unwrap_or(0.0),
             Self::Partition { until_s, .. }
+            | Self::Split { until_s, .. }
             | Self::Isolate { until_s, .. }
             | Self::Loss { until_s, .. } => *until_s,
             Self::RollingRestart {
@@ -196,6 +214,7 @@ impl Sim {
                 until_s,
                 fraction,
                 one_way,
+                flap_s,
                 ..
             } => {
                 let mut all: Vec<u32> = (0..u32::try_from(self.nodes.len()).unwrap_or(0)).collect();
@@ -205,12 +224,35 @@ impl Sim {
                 for n in all.into_iter().take(count.max(1)) {
                     side[ix(n)] = true;
                 }
-                self.network.cut(Partition {
+                let cut = Partition {
                     fault: ix(f),
                     side,
                     one_way,
-                });
-                self.queue.push(secs(until_s), Event::FaultEnd { fault: f });
+                };
+                self.cut_for(f, vec![cut], until_s, flap_s);
+            }
+            Fault::Split {
+                until_s,
+                parts,
+                flap_s,
+                ..
+            } => {
+                let mut all: Vec<u32> = (0..u32::try_from(self.nodes.len()).unwrap_or(0)).collect();
+                all.shuffle(&mut self.rng);
+                let parts = usize::try_from(parts.max(1)).unwrap_or(1);
+                let mut sides = vec![vec![false; self.nodes.len()]; parts];
+                for (k, n) in all.into_iter().enumerate() {
+                    sides[k % parts][ix(n)] = true;
+                }
+                let cuts = sides
+                    .into_iter()
+                    .map(|side| Partition {
+                        fault: ix(f),
+                        side,
+                        one_way: false,
+                    })
+                    .collect();
+                self.cut_for(f, cuts, until_s, flap_s);
             }
             Fault::Isolate {
                 until_s,
@@ -222,16 +264,20 @@ impl Sim {
                     return;
                 };
                 // One cut per node: isolated nodes do not hear each other either.
-                for node in self.select(&target) {
-                    let mut side = vec![false; self.nodes.len()];
-                    side[ix(node)] = true;
-                    self.network.cut(Partition {
-                        fault: ix(f),
-                        side,
-                        one_way,
-                    });
-                }
-                self.queue.push(secs(until_s), Event::FaultEnd { fault: f });
+                let cuts = self
+                    .select(&target)
+                    .into_iter()
+                    .map(|node| {
+                        let mut side = vec![false; self.nodes.len()];
+                        side[ix(node)] = true;
+                        Partition {
+                            fault: ix(f),
+                            side,
+                            one_way,
+                        }
+                    })
+                    .collect();
+                self.cut_for(f, cuts, until_s, None);
             }
             Fault::Loss {
                 until_s, permille, ..
@@ -245,10 +291,66 @@ impl Sim {
         }
     }
 
+    /// Puts fault `f`'s cuts in force until `until_s`; a flapping fault keeps them to lift
+    /// and restore them every `flap_s`.
+    fn cut_for(&mut self, f: u32, cuts: Vec<Partition>, until_s: f64, flap_s: Option<f64>) {
+        let now = self.queue.now();
+        if let Some(flap) = flap_s {
+            self.flapping.insert(f, cuts.clone());
+            self.queue.push(
+                now + secs(flap),
+                Event::Flap {
+                    fault: f,
+                    on: false,
+                },
+            );
+        }
+        for cut in cuts {
+            self.network.cut(cut);
+        }
+        self.queue.push(secs(until_s), Event::FaultEnd { fault: f });
+        self.cuts_changed();
+    }
+
+    /// A flapping fault's cuts are lifted (`on = false`) or restored, until the fault ends.
+    pub(crate) fn flap(&mut self, f: u32, on: bool) {
+        let now = self.queue.now();
+        self.trace = fold(self.trace, 15 << 32 | u64::from(f) << 1 | u64::from(on));
+        let Some(cuts) = self.flapping.get(&f) else {
+            return;
+        };
+        let (until_s, flap_s) = match &self.scenario.faults[ix(f)] {
+            Fault::Partition {
+                until_s, flap_s, ..
+            }
+            | Fault::Split {
+                until_s, flap_s, ..
+            } => (*until_s, flap_s.unwrap_or(0.0)),
+            _ => return,
+        };
+        if self.frozen || now >= secs(until_s) {
+            return;
+        }
+        if on {
+            for cut in cuts.clone() {
+                self.network.cut(cut);
+            }
+        } else {
+            self.network.heal(ix(f));
+        }
+        let next = now + secs(flap_s);
+        if next < secs(until_s) {
+            self.queue.push(next, Event::Flap { fault: f, on: !on });
+        }
+        self.cuts_changed();
+    }
+
     pub(crate) fn fault_end(&mut self, f: u32) {
         self.trace = fold(self.trace, 10 << 32 | u64::from(f));
         self.network.heal(ix(f));
         self.network.end_loss(ix(f));
+        self.flapping.remove(&f);
+        self.cuts_changed();
     }
 
     pub(crate) fn rolling_step(&mut self, f: u32, step: u32) {

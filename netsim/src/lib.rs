@@ -12,6 +12,7 @@
 
 pub mod clock;
 pub mod conformance;
+pub mod disconnect;
 pub mod executor;
 pub mod faults;
 pub mod gossip;
@@ -98,6 +99,69 @@ pub fn expectations(s: &Scenario, o: &Outcome) -> Vec<invariants::Violation> {
         Some(o.heal_converged_ms.unwrap_or(f64::INFINITY)),
         e.heal_converge_ms,
     );
+    let d = &o.disconnect;
+    for (p, key, limit) in [
+        (
+            disconnect::Policy::Default,
+            "expect.max_duplicate_default_ms",
+            e.max_duplicate_default_ms,
+        ),
+        (
+            disconnect::Policy::StopAfter,
+            "expect.max_duplicate_stop_after_ms",
+            e.max_duplicate_stop_after_ms,
+        ),
+        (
+            disconnect::Policy::LostAfter,
+            "expect.max_duplicate_lost_after_ms",
+            e.max_duplicate_lost_after_ms,
+        ),
+    ] {
+        over(key, Some(d.of(p).max_duplicate_ms), limit);
+    }
+    over(
+        "expect.minority_downtime_p99_ms",
+        pct(&d.minority_downtime_ms, 99.0),
+        e.minority_downtime_p99_ms,
+    );
+    if let Some(min) = e.min_long_drop_failover_ms {
+        if let Some(first) = pct(&d.long_drop_failover_ms, 0.0).filter(|f| *f < min) {
+            out.push(invariants::Violation {
+                invariant: "expect.min_long_drop_failover_ms",
+                detail: format!(
+                    "a lost_after task failed over {first:.0} ms after its owner dropped, sooner than the expected {min:.0} ms"
+                ),
+            });
+        }
+    }
+    let counts = [
+        (
+            "expect.max_majority_stops",
+            "stop_after instances stopped off any minority side",
+            d.majority_stops,
+            e.max_majority_stops,
+        ),
+        (
+            "expect.max_short_drop_failovers",
+            "lost_after failovers during drops shorter than the window",
+            d.short_drop_failovers,
+            e.max_short_drop_failovers,
+        ),
+        (
+            "expect.max_long_drops_kept",
+            "lost_after drops at least as long as the window without a failover",
+            d.long_drops - d.long_drop_failover_ms.len(),
+            e.max_long_drops_kept,
+        ),
+    ];
+    for (key, what, got, limit) in counts {
+        if let Some(limit) = limit.filter(|l| got > *l) {
+            out.push(invariants::Violation {
+                invariant: key,
+                detail: format!("{got} {what}, expected at most {limit}"),
+            });
+        }
+    }
     if let Some(min) = e.min_failovers {
         if o.failover_ms.len() < min {
             out.push(invariants::Violation {

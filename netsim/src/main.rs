@@ -3,9 +3,10 @@
 //! ```text
 //! omesh-netsim --scenario netsim/scenarios/steady.toml --seed 1 [--nodes 1000] [--plot out.svg]
 //! omesh-netsim sweep --scenario netsim/scenarios/partition.toml --seeds 1000 --nodes 50
+//! omesh-netsim sweep --seeds 1000 --jobs 2 --scenario netsim/scenarios/disc_*.toml
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -30,15 +31,16 @@ struct Cli {
 enum Command {
     /// Run one scenario with one seed and print the report table (the default).
     Run(RunArgs),
-    /// Run one scenario over many seeds and report every invariant break with its seed.
+    /// Run one or more scenarios over many seeds, report every invariant break with its
+    /// seed and, per scenario and disconnect policy, the duplicate-run and downtime figures.
     Sweep(SweepArgs),
 }
 
 #[derive(Args)]
 struct Common {
-    /// The scenario file (TOML).
-    #[arg(long)]
-    scenario: PathBuf,
+    /// The scenario file (TOML); a sweep takes several (`--scenario a.toml b.toml`).
+    #[arg(long = "scenario", required = true, num_args = 1..)]
+    scenarios: Vec<PathBuf>,
     /// Override the scenario's node count.
     #[arg(long)]
     nodes: Option<u32>,
@@ -85,8 +87,8 @@ struct SweepArgs {
     jobs: usize,
 }
 
-fn load(c: &Common) -> anyhow::Result<Scenario> {
-    let mut s = Scenario::load(&c.scenario)?;
+fn load(c: &Common, path: &Path) -> anyhow::Result<Scenario> {
+    let mut s = Scenario::load(path)?;
     if let Some(d) = c.duration {
         s.duration_s = d;
     }
@@ -101,11 +103,11 @@ fn load(c: &Common) -> anyhow::Result<Scenario> {
     Ok(s)
 }
 
-/// The command line that reruns `s` (as loaded from `c`) with `seed`.
-fn reproduce(c: &Common, s: &Scenario, seed: u64) -> String {
+/// The command line that reruns `s` (as loaded from `path` with `c`) with `seed`.
+fn reproduce(c: &Common, path: &Path, s: &Scenario, seed: u64) -> String {
     let mut line = format!(
         "cargo run --release -p omesh-netsim -- --scenario {} --nodes {} --seed {seed}",
-        c.scenario.display(),
+        path.display(),
         s.nodes
     );
     if let Some(d) = c.duration {
@@ -145,14 +147,17 @@ fn run_one(a: &RunArgs) -> anyhow::Result<bool> {
         .common
         .as_ref()
         .context("--scenario FILE is required (see --help)")?;
-    let s = load(common)?;
+    let [path] = common.scenarios.as_slice() else {
+        anyhow::bail!("a run takes one --scenario (a sweep takes several)");
+    };
+    let s = load(common, path)?;
     let name = s.name.clone();
     let nodes = s.nodes;
     eprintln!(
         "running {name} with {nodes} nodes for {} s simulated, seed {}",
         s.duration_s, a.seed
     );
-    let again = reproduce(common, &s, a.seed);
+    let again = reproduce(common, path, &s, a.seed);
     let o = run(s, a.seed);
     println!("{}", o.table());
     if !a.no_plot {
@@ -170,48 +175,79 @@ fn run_one(a: &RunArgs) -> anyhow::Result<bool> {
 }
 
 fn run_sweep(a: &SweepArgs) -> anyhow::Result<bool> {
-    let s = load(&a.common)?;
-    let started = std::time::Instant::now();
-    eprintln!(
-        "sweeping {} with {} nodes over seeds {}..{} on {} thread(s)",
-        s.name,
-        s.nodes,
-        a.first,
-        a.first + a.seeds,
-        a.jobs
-    );
-    let progress = |o: &omesh_netsim::Outcome| {
-        if o.violations.is_empty() {
-            eprint!(".");
-        } else {
-            eprintln!("\nseed {}: {} broken", o.seed, o.violations.len());
-            for v in &o.violations {
-                eprintln!("  {v}");
+    let loaded = a
+        .common
+        .scenarios
+        .iter()
+        .map(|path| Ok((path.as_path(), load(&a.common, path)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let all_started = std::time::Instant::now();
+    let mut results = Vec::with_capacity(loaded.len());
+    for (path, s) in &loaded {
+        let started = std::time::Instant::now();
+        eprintln!(
+            "sweeping {} with {} nodes over seeds {}..{} on {} thread(s)",
+            s.name,
+            s.nodes,
+            a.first,
+            a.first + a.seeds,
+            a.jobs
+        );
+        let progress = |o: &omesh_netsim::Outcome| {
+            if o.violations.is_empty() {
+                eprint!(".");
+            } else {
+                eprintln!("\nseed {}: {} broken", o.seed, o.violations.len());
+                for v in &o.violations {
+                    eprintln!("  {v}");
+                }
+            }
+        };
+        let r = sweep::sweep(s, a.first, a.seeds, a.jobs, &progress);
+        let wall = started.elapsed().as_secs_f64();
+        eprintln!();
+        println!(
+            "{} seeds of {} ({} nodes) in {wall:.1} s: {} with broken invariants",
+            r.runs,
+            s.name,
+            s.nodes,
+            r.breaks.len()
+        );
+        println!(
+            "worst over all seeds: convergence p99 {:.0} ms, failover {:.0} ms, duplicate-run window {:.0} ms",
+            r.worst_spread_p99_ms, r.worst_failover_ms, r.worst_duplicate_ms
+        );
+        if r.stale_wakes > 0 {
+            println!(
+                "{} ticks after which a replica still asked to be woken no later than the tick",
+                r.stale_wakes
+            );
+        }
+        for (seed, vs) in &r.breaks {
+            println!(
+                "seed {seed}: reproduce with `{}`",
+                reproduce(&a.common, path, s, *seed)
+            );
+            for v in vs {
+                println!("  {v}");
             }
         }
-    };
-    let r = sweep::sweep(&s, a.first, a.seeds, a.jobs, &progress);
-    eprintln!();
-    println!(
-        "{} seeds of {} ({} nodes) in {:.1} s: {} with broken invariants",
-        r.runs,
-        s.name,
-        s.nodes,
-        started.elapsed().as_secs_f64(),
-        r.breaks.len()
-    );
-    println!(
-        "worst over all seeds: convergence p99 {:.0} ms, failover {:.0} ms, duplicate-run window {:.0} ms",
-        r.worst_spread_p99_ms, r.worst_failover_ms, r.worst_duplicate_ms
-    );
-    for (seed, vs) in &r.breaks {
-        println!(
-            "seed {seed}: reproduce with `{}`",
-            reproduce(&a.common, &s, *seed)
-        );
-        for v in vs {
-            println!("  {v}");
-        }
+        results.push((s.name.clone(), r));
     }
-    Ok(r.breaks.is_empty())
+    let rows: Vec<(String, u64, &sweep::SweepResult)> = results
+        .iter()
+        .map(|(name, r)| (name.clone(), r.runs, r))
+        .collect();
+    if rows.iter().any(|(_, _, r)| r.disconnect.any_policy()) {
+        println!();
+        println!("{}", sweep::policy_table(&rows));
+    }
+    println!(
+        "{} scenario(s) x {} seeds in {:.1} s on {} thread(s)",
+        loaded.len(),
+        a.seeds,
+        all_started.elapsed().as_secs_f64(),
+        a.jobs
+    );
+    Ok(results.iter().all(|(_, r)| r.breaks.is_empty()))
 }

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::disconnect::DisconnectFigures;
 use crate::guard::GuardKills;
 use crate::invariants::{TaskOutcome, Violation};
 use crate::propagation::Kind;
@@ -47,6 +48,8 @@ pub struct Outcome {
     /// Per instance that outlived its lease (still running when a later epoch of its task
     /// started on another node), by how long, in ms.
     pub outlived_ms: Vec<f64>,
+    /// Per disconnect policy: duplicate runs, minority-side downtime, dropouts.
+    pub disconnect: DisconnectFigures,
     /// Task outcomes.
     pub tasks: TaskOutcome,
     /// Traffic.
@@ -61,6 +64,9 @@ pub struct Outcome {
     pub guard: bool,
     /// Instances killed by their guard at the deadline.
     pub guard_expiries: GuardKills,
+    /// Ticks after which a replica still asked to be woken no later than the tick (a peer
+    /// would spin on each until its clock moved on).
+    pub stale_wakes: u64,
     /// Summed over the replicas up at the end: node records published, suspicions raised,
     /// suspicions refuted, task claims made.
     pub membership: (u64, u64, u64, u64),
@@ -119,6 +125,7 @@ impl Outcome {
             failover_ms: sim.runs.failovers.iter().map(|us| ms(*us)).collect(),
             duplicate_ms,
             outlived_ms,
+            disconnect: DisconnectFigures::collect(sim),
             tasks,
             traffic: sim.traffic,
             idle: sim.idle.map(|(t, us)| (t, us as f64 / 1e6)),
@@ -126,6 +133,7 @@ impl Outcome {
             crashes: sim.crashes,
             guard: sim.scenario.guard.enabled,
             guard_expiries: sim.guard_expiries,
+            stale_wakes: sim.stale_wakes,
             membership: sim
                 .nodes
                 .iter()
@@ -227,6 +235,11 @@ impl Outcome {
                 "guards not modelled ([guard] enabled = false)".to_owned()
             },
         );
+        if self.disconnect.any_policy() {
+            for (p, line) in self.disconnect.lines() {
+                row(&format!("policy {}", p.name()), line);
+            }
+        }
         let o = &self.tasks;
         row("tasks", format!("{} submitted, {} accepted: {} succeeded, {} failed, {} cancelled, {} running, {} pending with a reason, {} in progress, {} lost",
             o.submitted, o.accepted, o.succeeded, o.failed, o.cancelled, o.running, o.pending_with_reason, o.pending_in_progress, o.lost));
@@ -262,6 +275,15 @@ impl Outcome {
                     bytes_str(per(t.gossip_bytes)),
                     bytes_str(per(t.sync_bytes)),
                     bytes_str(per(t.probe_bytes))
+                ),
+            );
+        }
+        if self.stale_wakes > 0 {
+            row(
+                "wakes already past",
+                format!(
+                    "{} ticks after which the replica still asked to be woken no later than the tick (a peer spins on each until its clock moves on)",
+                    self.stale_wakes
                 ),
             );
         }

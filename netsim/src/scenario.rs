@@ -321,6 +321,22 @@ pub struct TaskStream {
     /// Runs before a task fails for good.
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
+    /// The spec's `disconnect.stop_after_ms` (at most once: the owner stops once it has not
+    /// been in contact with a majority for this long; only a majority side claims).
+    pub stop_after_ms: Option<u32>,
+    /// The spec's `disconnect.lost_after_ms` (not replaced until the owner has been
+    /// unreachable for this long).
+    pub lost_after_ms: Option<u32>,
+}
+
+impl TaskStream {
+    /// The disconnect policy its tasks' specs carry.
+    pub fn disconnect(&self) -> omesh_protocol::Disconnect {
+        omesh_protocol::Disconnect {
+            stop_after_ms: self.stop_after_ms,
+            lost_after_ms: self.lost_after_ms,
+        }
+    }
 }
 
 fn default_task_cpu() -> u32 {
@@ -406,6 +422,27 @@ pub struct Expect {
     /// At least this share of the accepted tasks must succeed, in thousandths; tasks still
     /// running at the end count neither way.
     pub min_succeeded_permille: Option<u32>,
+    /// Longest time two instances of one default-policy task ran at once, in ms.
+    pub max_duplicate_default_ms: Option<f64>,
+    /// Longest time two instances of one `stop_after` task ran at once, in ms (at most
+    /// once: 0).
+    pub max_duplicate_stop_after_ms: Option<f64>,
+    /// Longest time two instances of one `lost_after` task ran at once, in ms.
+    pub max_duplicate_lost_after_ms: Option<f64>,
+    /// p99 of how long a `stop_after` task stopped on a minority side ran nowhere, in ms.
+    pub minority_downtime_p99_ms: Option<f64>,
+    /// At most this many `stop_after` instances may be stopped early on a node that was
+    /// not on a minority side.
+    pub max_majority_stops: Option<usize>,
+    /// At most this many `lost_after` tasks may fail over during a drop of their owner
+    /// shorter than their window (none: 0).
+    pub max_short_drop_failovers: Option<usize>,
+    /// At most this many `lost_after` drops at least as long as the window may end without
+    /// the task failing over (none: 0).
+    pub max_long_drops_kept: Option<usize>,
+    /// No `lost_after` task may fail over sooner than this after its owner's drop began, in
+    /// ms (the window).
+    pub min_long_drop_failover_ms: Option<f64>,
 }
 
 impl Scenario {
@@ -512,6 +549,18 @@ impl Scenario {
                     "need rate_per_s > 0 and duration_s = [min, max]",
                 ));
             }
+            use omesh_protocol::{MAX_DISCONNECT_MS, MIN_DISCONNECT_MS};
+            for (key, window) in [
+                ("stop_after_ms", t.stop_after_ms),
+                ("lost_after_ms", t.lost_after_ms),
+            ] {
+                if window.is_some_and(|ms| !(MIN_DISCONNECT_MS..=MAX_DISCONNECT_MS).contains(&ms)) {
+                    return Err(bad(
+                        format!("tasks[{i}].{key}"),
+                        format!("must be within {MIN_DISCONNECT_MS}..={MAX_DISCONNECT_MS} ms"),
+                    ));
+                }
+            }
             if t.max_attempts == 0 {
                 return Err(bad(
                     format!("tasks[{i}].max_attempts"),
@@ -526,6 +575,25 @@ impl Scenario {
             if let Fault::Partition { fraction, .. } | Fault::RollingRestart { fraction, .. } = f {
                 if !(*fraction > 0.0 && *fraction <= 1.0) {
                     return Err(bad(format!("faults[{i}].fraction"), "must be in (0, 1]"));
+                }
+            }
+            if let Fault::Split { parts, .. } = f {
+                if *parts < 2 || *parts > self.nodes {
+                    return Err(bad(
+                        format!("faults[{i}].parts"),
+                        "need 2 <= parts <= nodes",
+                    ));
+                }
+            }
+            if let Fault::Partition {
+                flap_s: Some(flap), ..
+            }
+            | Fault::Split {
+                flap_s: Some(flap), ..
+            } = f
+            {
+                if !positive(*flap) {
+                    return Err(bad(format!("faults[{i}].flap_s"), "must be above 0"));
                 }
             }
             if f.healed_s(self.nodes) < f.start_s() {

@@ -14,10 +14,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::clock::Clock;
+use crate::disconnect::DisconnectLog;
 use crate::executor::Runs;
 use crate::gossip::{Floods, Overlay};
 use crate::guard::{GuardKills, Guards};
-use crate::network::{mix, Network};
+use crate::network::{mix, Network, Partition};
 use crate::propagation::Tracker;
 use crate::queue::{EventQueue, SimTime};
 use crate::scenario::{DataDir, GroupSpec, Scenario};
@@ -119,6 +120,13 @@ pub enum Event {
         /// Fault index.
         fault: u32,
     },
+    /// A flapping cut is lifted or restored.
+    Flap {
+        /// Fault index.
+        fault: u32,
+        /// Restored (`true`) or lifted.
+        on: bool,
+    },
     /// The `step`-th restart of a rolling restart.
     Rolling {
         /// Fault index.
@@ -178,6 +186,8 @@ pub struct Node {
     pub replaced_by: Option<u32>,
     tick: Option<SimTime>,
     tick_token: u32,
+    /// Set while a tick is being fed.
+    in_tick: bool,
     pub(crate) exec: BTreeMap<(u32, Epoch), Slot>,
     pub(crate) guards: Guards,
     pub(crate) last_load: Option<LoadSample>,
@@ -286,6 +296,13 @@ pub struct Sim {
     pub crashes: u64,
     /// Instances killed by their guard at the deadline.
     pub guard_expiries: GuardKills,
+    /// Ticks after which the replica still asked for a wake no later than the tick's own
+    /// millisecond (each one a peer would spin on; see `arm_tick`).
+    pub stale_wakes: u64,
+    /// The cuts of each flapping fault in force, to restore when it flaps back on.
+    pub(crate) flapping: BTreeMap<u32, Vec<Partition>>,
+    /// What the disconnect-policy figures are read from.
+    pub disconnect: DisconnectLog,
     pub(crate) maintain_round: u64,
     /// When the last fault healed, and the stamps every live node had written then.
     pub(crate) heal_cut: Option<crate::propagation::HealCut>,
@@ -355,6 +372,9 @@ impl Sim {
             events: 0,
             crashes: 0,
             guard_expiries: GuardKills::default(),
+            stale_wakes: 0,
+            flapping: BTreeMap::new(),
+            disconnect: DisconnectLog::default(),
             maintain_round: 0,
             heal_cut: None,
             heal_converged_us: None,
@@ -498,6 +518,7 @@ impl Sim {
             replaced_by: None,
             tick: None,
             tick_token: 0,
+            in_tick: false,
             exec: BTreeMap::new(),
             guards: Guards::default(),
             last_load: None,
@@ -641,7 +662,15 @@ impl Sim {
         let Some(want) = node.replica.as_ref().and_then(Replica::poll_timeout) else {
             return;
         };
-        let at = node.clock.sim_at(want, now);
+        let mut at = node.clock.sim_at(want, now);
+        if at <= now && node.in_tick {
+            // Ticked at this instant, the replica still asks for a wake no later than it: a
+            // peer's timer fires again at once and keeps firing until its clock reaches the
+            // next millisecond, so the next tick is then (simulated time would never move).
+            let local = node.clock.local_ms(now);
+            at = node.clock.sim_at(local + 1, now);
+            self.stale_wakes += 1;
+        }
         if node.tick.is_some_and(|t| t <= at) {
             return;
         }
@@ -696,10 +725,11 @@ impl Sim {
                     return;
                 };
                 let node = &mut self.nodes[ix(i)];
+                let gen = node.gen;
                 if let Some(Slot::Running(inst)) = node.exec.remove(&(t, epoch)) {
                     self.runs.end(inst, now);
+                    self.stopped_early(i, t, inst, false);
                 }
-                let gen = node.gen;
                 self.queue.push(
                     now + crate::executor::REPORT_US,
                     Event::Exec {
@@ -765,7 +795,9 @@ impl Sim {
                     return;
                 }
                 n.tick = None;
+                n.in_tick = true;
                 self.feed(node, Input::Tick);
+                self.nodes[ix(node)].in_tick = false;
             }
             Event::Gossip { to, from, flood } => self.on_gossip(to, from, flood),
             Event::Sync { to, from, msg } => self.on_sync(to, from, *msg),
@@ -792,6 +824,7 @@ impl Sim {
             Event::Arrival { stream } => self.on_arrival(stream),
             Event::FaultStart { fault } => self.fault_start(fault),
             Event::FaultEnd { fault } => self.fault_end(fault),
+            Event::Flap { fault, on } => self.flap(fault, on),
             Event::Rolling { fault, step } => self.rolling_step(fault, step),
             Event::Restart { node, data } => self.restart(node, data),
             Event::Guard { node, token } => self.on_guard(node, token),

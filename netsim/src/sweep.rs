@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::disconnect::DisconnectFigures;
 use crate::invariants::Violation;
 use crate::report::{pct, Outcome};
 use crate::scenario::Scenario;
@@ -21,8 +22,12 @@ pub struct SweepResult {
     pub worst_failover_ms: f64,
     /// Worst duplicate-run window over all seeds, ms.
     pub worst_duplicate_ms: f64,
-    /// Simulated seconds per wall second, over the sweep.
+    /// Events processed over the sweep.
     pub events: u64,
+    /// The disconnect-policy figures of every run, merged.
+    pub disconnect: DisconnectFigures,
+    /// Ticks after which a replica asked for a wake already past, over every run.
+    pub stale_wakes: u64,
 }
 
 /// Runs `scenario` for seeds `first..first + count` on `jobs` threads; `progress` is called
@@ -50,6 +55,8 @@ pub fn sweep(
                 };
                 r.runs += 1;
                 r.events += o.events;
+                r.disconnect.merge(&o.disconnect);
+                r.stale_wakes += o.stale_wakes;
                 r.worst_spread_p99_ms = r
                     .worst_spread_p99_ms
                     .max(pct(&o.spread_ms(), 99.0).unwrap_or(0.0));
@@ -67,5 +74,68 @@ pub fn sweep(
     });
     let mut r = result.into_inner().unwrap_or_default();
     r.breaks.sort_by_key(|(seed, _)| *seed);
+    // Merged in the order runs finished: sorted, the figures do not depend on the threads.
+    r.disconnect.minority_downtime_ms.sort_by(f64::total_cmp);
+    r.disconnect.long_drop_failover_ms.sort_by(f64::total_cmp);
     r
+}
+
+/// The disconnect-policy table of a sweep over several scenarios: per scenario and policy,
+/// the worst duplicate-run window, the `stop_after` tasks' minority-side downtime and the
+/// `lost_after` tasks' failovers by drop length.
+pub fn policy_table(rows: &[(String, u64, &SweepResult)]) -> String {
+    use std::fmt::Write as _;
+
+    use crate::disconnect::Policy;
+    use crate::report::ms_str;
+    let mut out = String::from(
+        "| scenario | seeds | policy | tasks | ran twice | worst duplicate window | stopped on a minority side (elsewhere) | minority downtime p50 / p99 / max (not restarted) | lost_after drops < window: failed over | drops >= window: failed over (after p50 / min) |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (name, seeds, r) in rows {
+        let d = &r.disconnect;
+        for p in Policy::ALL {
+            let runs = d.of(p);
+            if runs.tasks == 0 {
+                continue;
+            }
+            let dash = || "–".to_owned();
+            let (stops, down) = if p == Policy::StopAfter {
+                (
+                    format!("{} ({})", d.minority_downtime_ms.len(), d.majority_stops),
+                    format!(
+                        "{} / {} / {} ({})",
+                        ms_str(pct(&d.minority_downtime_ms, 50.0)),
+                        ms_str(pct(&d.minority_downtime_ms, 99.0)),
+                        ms_str(pct(&d.minority_downtime_ms, 100.0)),
+                        d.minority_not_restarted
+                    ),
+                )
+            } else {
+                (dash(), dash())
+            };
+            let (short, long) = if p == Policy::LostAfter {
+                (
+                    format!("{} of {}", d.short_drop_failovers, d.short_drops),
+                    format!(
+                        "{} of {} ({} / {})",
+                        d.long_drop_failover_ms.len(),
+                        d.long_drops,
+                        ms_str(pct(&d.long_drop_failover_ms, 50.0)),
+                        ms_str(pct(&d.long_drop_failover_ms, 0.0))
+                    ),
+                )
+            } else {
+                (dash(), dash())
+            };
+            let _ = writeln!(
+                out,
+                "| {name} | {seeds} | {} | {} | {} | {} | {stops} | {down} | {short} | {long} |",
+                p.name(),
+                runs.tasks,
+                runs.ran_twice,
+                ms_str(Some(runs.max_duplicate_ms)),
+            );
+        }
+    }
+    out
 }

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use omesh_protocol::{Digest, Epoch, ExecutorKind, LoadSample, TaskId, TaskSpec};
+use omesh_protocol::{Digest, Disconnect, Epoch, ExecutorKind, LoadSample, TaskId, TaskSpec};
 use omesh_state::Input;
 use rand::Rng;
 
@@ -32,6 +32,8 @@ pub struct TaskInfo {
     pub fail_permille: u32,
     /// Whether the replica accepted it.
     pub accepted: bool,
+    /// The disconnect policy its spec carries.
+    pub disconnect: Disconnect,
 }
 
 impl TaskInfo {
@@ -80,7 +82,7 @@ impl Sim {
             executor: ExecutorKind::Any,
             nonce,
             submitter: [0; 32],
-            disconnect: Default::default(),
+            disconnect: st.disconnect(),
         }
         .sign(&self.submitter);
         let id = spec.id();
@@ -100,6 +102,7 @@ impl Sim {
             cpu_millis: st.cpu_millis,
             fail_permille: st.fail_permille,
             accepted: false,
+            disconnect: st.disconnect(),
         });
         self.task_index.insert(id, t);
         let accepted = self.feed(via, Input::Submit(spec));
