@@ -340,10 +340,13 @@ impl Mesh {
 
     /// (task, epoch) of every task instance running in peer `i`'s container, read from the
     /// OMESH_TASK_ID and OMESH_EPOCH its executor gives each process; `None` when the
-    /// container cannot be read (paused, or not running).
+    /// container cannot be read (paused, or not running). Read as `nobody`, the tasks' user:
+    /// the container's root lacks CAP_SYS_PTRACE, without which another user's
+    /// /proc/PID/environ cannot be read (read as root, it saw no instance at all).
     fn instances(&self, i: usize) -> Option<Vec<(String, u64)>> {
         let script = r#"cd /proc; for p in [0-9]*; do cat $p/environ 2>/dev/null | tr '\000' ' '; echo; done"#;
-        let out = docker(&["exec", &self.containers[i], "sh", "-c", script]).ok()?;
+        let c = &self.containers[i];
+        let out = docker(&["exec", "-u", "65534:65534", c, "sh", "-c", script]).ok()?;
         let mut found: Vec<(String, u64)> = out
             .lines()
             .filter_map(|l| {
@@ -560,6 +563,13 @@ async fn tasks_survive_partition_pause_and_kill_of_peers_in_containers() {
         let t: TaskJson = mesh.get(0, &format!("/api/v1/tasks/{long}")).await.unwrap();
         let target = t.owner.as_deref().and_then(|o| mesh.peer_of(o)).unwrap();
         let (epoch0, c) = (t.epoch, mesh.containers[target].clone());
+        // The instance reader sees what runs (else every check of it below would pass
+        // vacuously).
+        let seen = mesh.instances(target).unwrap_or_default();
+        assert!(
+            seen.contains(&(long.clone(), epoch0)),
+            "wave {w}: the instances running on peer {target} were not read: {seen:?}"
+        );
         let net = mesh.network.clone().unwrap();
         let incarnation0 = mesh.status(target).await.unwrap().incarnation;
         mesh.down = Some(target);
