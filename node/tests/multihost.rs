@@ -17,6 +17,10 @@
 //! ran at one instant, by the host's clock (issue #16), and it moved to another peer under
 //! the disconnect and the kill.
 //!
+//! Three peers whose `omesh` can be restarted inside its running container: a `lost_after`
+//! task keeps its processes across SIGTERM and SIGKILL of its peer, which re-attaches to it
+//! at a new epoch (issue #16).
+//!
 //! Skips without Docker, unless `OMESH_REQUIRE_DOCKER=1`.
 #![allow(clippy::unwrap_used)]
 
@@ -33,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use common::docker::docker_or_skip;
 use common::{wait_until, Submitter};
-use mesh::{docker, Mesh, LONG};
+use mesh::{docker, Mesh, Stop, LONG};
 use omesh::api::TaskJson;
 
 const PEERS: usize = 4;
@@ -42,6 +46,11 @@ const PEERS: usize = 4;
 const HOLD: Duration = Duration::from_secs(12);
 /// The at-most-once tasks' window (the shortest the mesh holds is 3.5 s).
 const STOP_AFTER_MS: u32 = 4_000;
+/// The `lost_after` of the task kept across restarts of its peer.
+const LOST_AFTER_MS: u32 = 60_000;
+
+/// The tests' meshes run one at a time: two at once on a 2-core host would starve both.
+static SUITE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[derive(Clone, Copy, Debug)]
 enum Fault {
@@ -56,9 +65,10 @@ async fn tasks_survive_partition_pause_and_kill_of_peers_in_containers() {
     if !docker_or_skip(test) {
         return;
     }
+    let _serial = SUITE.lock().await;
     let started = Instant::now();
     let sub = Submitter::new();
-    let Some(mut mesh) = Mesh::up(test, PEERS, &sub).await else {
+    let Some(mut mesh) = Mesh::up(test, PEERS, false, &sub).await else {
         return;
     };
 
@@ -444,4 +454,150 @@ async fn once_never_ran_twice(
     }
     println!("wave {w}: at-most-once task {}: runs {runs:?}", &once[..12]);
     next.map(|n| n.first_us as i64 - runs[old].last_us as i64)
+}
+
+/// Peers in the restart test: the restarted one and two that must never run its task.
+const RESTART_PEERS: usize = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_after_task_keeps_its_processes_across_a_peer_restarted_in_place() {
+    let test = "multihost-restart";
+    if !docker_or_skip(test) {
+        return;
+    }
+    let _serial = SUITE.lock().await;
+    let started = Instant::now();
+    let sub = Submitter::new();
+    let Some(mesh) = Mesh::up(test, RESTART_PEERS, true, &sub).await else {
+        return;
+    };
+    let id = mesh
+        .submit_with(1, &sub, markers::SCRIPT, |s| {
+            s.disconnect.lost_after_ms = Some(LOST_AFTER_MS);
+        })
+        .await;
+    let last = RefCell::new(None);
+    let running = wait_until(LONG, || async {
+        let t = mesh.task(0, &id).await;
+        let ok = t.as_ref().is_some_and(|t| {
+            t.state == "running"
+                && t.owner.is_some()
+                && !markers::read(&mesh.markers, &id).is_empty()
+        });
+        *last.borrow_mut() = t;
+        ok
+    })
+    .await;
+    let t = last.borrow().clone();
+    assert!(running, "the lost_after task never ran: {t:?}");
+    let t = t.unwrap();
+    let target = t.owner.as_deref().and_then(|o| mesh.peer_of(o)).unwrap();
+    let node = mesh.node_ids[target].clone();
+    // The instance's long-lived processes: in two looks a second apart (its loop's `ts` and
+    // `sleep` come and go within 100 ms).
+    let pids = |i: usize| -> Vec<u32> {
+        mesh.task_processes(i)
+            .unwrap_or_else(|| panic!("peer {i} cannot be read"))
+            .into_iter()
+            .filter(|(_, task, _)| *task == id)
+            .map(|(pid, _, _)| pid)
+            .collect()
+    };
+    let first = pids(target);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let kept: Vec<u32> = pids(target)
+        .into_iter()
+        .filter(|p| first.contains(p))
+        .collect();
+    assert!(
+        kept.len() >= 2,
+        "the instance's shell and marker loop not found on peer {target}: {kept:?}"
+    );
+    let mut epoch = t.epoch;
+    let mut rows = Vec::new();
+    for stop in [Stop::Term, Stop::Kill] {
+        let sig = stop.signal();
+        let incarnation0 = mesh.status(target).await.unwrap().incarnation;
+        let at = Instant::now();
+        let omesh_pid = mesh.restart_in_place(target, stop);
+        let restarted = at.elapsed();
+        // Every peer sees the task running at a higher epoch on the same node, and the peer
+        // back at a higher incarnation.
+        let view = RefCell::new(Vec::new());
+        let adopted = wait_until(LONG, || async {
+            let mut tasks = Vec::new();
+            for i in 0..RESTART_PEERS {
+                tasks.push(mesh.task(i, &id).await.map(|t| (t.state, t.epoch, t.owner)));
+            }
+            let ok = tasks.iter().all(|t| {
+                t.as_ref().is_some_and(|(state, e, owner)| {
+                    state == "running" && *e > epoch && owner.as_deref() == Some(node.as_str())
+                })
+            });
+            *view.borrow_mut() = tasks;
+            ok && mesh
+                .status(target)
+                .await
+                .is_some_and(|s| s.incarnation > incarnation0)
+        })
+        .await;
+        assert!(
+            adopted,
+            "after SIG{sig} of peer {target}'s omesh, the task was not re-attached at a \
+             higher epoch than {epoch} on the same node: (state, epoch, owner) per peer {:?}",
+            view.borrow()
+        );
+        let adopted_after = at.elapsed();
+        let now = pids(target);
+        assert!(
+            kept.iter().all(|p| now.contains(p)),
+            "after SIG{sig} of peer {target}'s omesh, the instance's processes {kept:?} \
+             are gone (now {now:?})"
+        );
+        for j in (0..RESTART_PEERS).filter(|j| *j != target) {
+            let there = pids(j);
+            assert!(
+                there.is_empty(),
+                "after SIG{sig} of peer {target}'s omesh, peer {j} runs the task too: \
+                 {there:?}"
+            );
+        }
+        let new_epoch = view.borrow()[target].as_ref().unwrap().1;
+        rows.push(format!(
+            "SIG{sig}: omesh back as pid {omesh_pid} after {restarted:.1?}, task re-attached \
+             at epoch {epoch} -> {new_epoch} after {adopted_after:.1?}, processes {kept:?} kept"
+        ));
+        epoch = new_epoch;
+        mesh.wait_healed(&format!("after SIG{sig} of peer {target}"))
+            .await;
+    }
+    // The re-attached instance still reports its end: it succeeds at the last epoch.
+    markers::end(&mesh.markers, &id);
+    let ended = wait_until(LONG, || async {
+        mesh.task(0, &id)
+            .await
+            .is_some_and(|t| t.state == "succeeded" && t.epoch == epoch)
+    })
+    .await;
+    assert!(
+        ended,
+        "the re-attached task did not succeed at epoch {epoch}: {:?}",
+        mesh.task(0, &id).await
+    );
+    // One instance wrote every marker, before, during and after the restarts.
+    let runs = markers::read(&mesh.markers, &id);
+    assert_eq!(runs.len(), 1, "more than one instance ran: {runs:?}");
+    let summary = format!(
+        "multihost restart in place: lost_after {LOST_AFTER_MS} ms task on peer {target}: {}; \
+         one instance throughout ({} markers, longest gap between two {} ms); test time {:?}",
+        rows.join("; "),
+        runs[0].markers,
+        runs[0].max_gap_us / 1000,
+        started.elapsed()
+    );
+    println!("{summary}");
+    let _ = std::fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("multihost-restart-summary.txt"),
+        format!("{summary}\n"),
+    );
 }

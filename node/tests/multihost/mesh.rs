@@ -18,7 +18,8 @@ use omesh::api::{StatusView, SubmitBody, TaskJson};
 pub(crate) const LONG: Duration = Duration::from_secs(90);
 /// Busybox applets linked into the image (`ts` and `hostname` for the instances' markers).
 const APPLETS: &[&str] = &[
-    "sh", "sleep", "echo", "kill", "ps", "cat", "tr", "true", "false", "ts", "hostname",
+    "sh", "sleep", "echo", "kill", "ps", "cat", "tr", "true", "false", "ts", "hostname", "touch",
+    "rm",
 ];
 
 /// Runs `docker args...`; stdout, or the error text.
@@ -143,11 +144,44 @@ pub(crate) struct Mesh {
     /// A directory of the host's, bind-mounted at `/markers` in every peer (writable by the
     /// tasks' user): what instances write there is stamped by one clock, the host's.
     pub(crate) markers: PathBuf,
+    /// Whether each peer's `omesh up` runs under a shell that starts it again when it exits
+    /// after [`Self::restart_in_place`] asked for it (the container keeps running).
+    restartable: bool,
     /// A peer its fault makes unreachable right now.
     pub(crate) down: Option<usize>,
     http: reqwest::Client,
     /// The host directory holding the rootfs, the key and the markers.
     _dir: tempfile::TempDir,
+}
+
+/// The shell that runs `omesh "$@"` as a restartable peer: it records the peer's pid, and
+/// starts it again after it exits only when `/tmp/omesh.restart` asks for that (a peer that
+/// dies on its own still ends the container, as without this shell).
+const RESTART_LOOP: &str = r#"while :; do
+    /omesh "$@" &
+    echo $! > /tmp/omesh.pid
+    wait $!
+    status=$?
+    [ -e /tmp/omesh.restart ] || exit $status
+    rm -f /tmp/omesh.restart
+    echo "omesh exited with $status, started again"
+done"#;
+
+/// A signal [`Mesh::restart_in_place`] ends a peer's `omesh` process with.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Stop {
+    Term,
+    Kill,
+}
+
+impl Stop {
+    /// The signal's name, as `kill -s` takes it.
+    pub(crate) fn signal(self) -> &'static str {
+        match self {
+            Self::Term => "TERM",
+            Self::Kill => "KILL",
+        }
+    }
 }
 
 impl Drop for Mesh {
@@ -175,7 +209,12 @@ impl Mesh {
     /// Builds the image, starts `peers` peers on a network of their own and waits until all
     /// see each other alive; `None` (with `SKIP <test>: <reason>` printed) when the image
     /// cannot be built here.
-    pub(crate) async fn up(test: &str, peers: usize, sub: &Submitter) -> Option<Self> {
+    pub(crate) async fn up(
+        test: &str,
+        peers: usize,
+        restartable: bool,
+        sub: &Submitter,
+    ) -> Option<Self> {
         let started = Instant::now();
         for tool in ["tar", "ldd"] {
             if Command::new(tool).arg("--version").output().is_err() {
@@ -197,6 +236,7 @@ impl Mesh {
             node_ids: Vec::new(),
             operator_key: dir.path().join("operator.key"),
             markers,
+            restartable,
             down: None,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(4))
@@ -290,7 +330,13 @@ impl Mesh {
         // The token goes in through the environment (`-e NAME` takes the value from the
         // docker CLI's), never in a command line.
         args.extend(["-e".into(), "OMESH_API_TOKEN".into()]);
-        args.push(self.image.clone().unwrap());
+        if self.restartable {
+            args.extend(["--entrypoint".into(), "/bin/sh".into()]);
+            args.push(self.image.clone().unwrap());
+            args.extend(["-c".into(), RESTART_LOOP.into(), "sh".into()]);
+        } else {
+            args.push(self.image.clone().unwrap());
+        }
         args.extend(
             [
                 "up",
@@ -322,6 +368,38 @@ impl Mesh {
         self.ips.push(String::new());
         docker_with_env(&refs, &[("OMESH_API_TOKEN", &sub.token)]).unwrap();
         self.refresh_ip(i);
+    }
+
+    /// Ends the `omesh` process of restartable peer `i` with `stop` and has its shell start
+    /// it again in the same container (whatever else runs there keeps running); waits until
+    /// the old process is gone and a new one runs. The new process's pid.
+    pub(crate) fn restart_in_place(&self, i: usize, stop: Stop) -> u32 {
+        assert!(self.restartable, "peer {i} is not restartable in place");
+        let c = &self.containers[i];
+        let pid = || -> Option<u32> {
+            docker(&["exec", c, "cat", "/tmp/omesh.pid"])
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let old = pid().unwrap_or_else(|| panic!("peer {i}: no /tmp/omesh.pid"));
+        let signal = stop.signal();
+        docker(&["exec", c, "touch", "/tmp/omesh.restart"]).unwrap();
+        docker(&["exec", c, "kill", "-s", signal, &old.to_string()]).unwrap();
+        let end = Instant::now() + LONG;
+        loop {
+            let alive = docker(&["exec", c, "kill", "-0", &old.to_string()]).is_ok();
+            match pid() {
+                Some(new) if new != old && !alive => return new,
+                _ => {}
+            }
+            assert!(
+                Instant::now() < end,
+                "peer {i}: omesh {old} did not end and start again after SIG{signal}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Reads peer `i`'s address on the network again (it may change on restart or reconnect).
