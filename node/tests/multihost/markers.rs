@@ -34,13 +34,26 @@ pub(crate) struct Run {
     pub(crate) max_gap_us: u64,
 }
 
-/// Reads the markers `task`'s instances wrote under `dir` (none yet: no runs).
-pub(crate) fn read(dir: &Path, task: &str) -> Vec<Run> {
+/// One marker: when (microseconds of the host's realtime clock), and which instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Marker {
+    pub(crate) at_us: u64,
+    pub(crate) epoch: u64,
+    pub(crate) node: String,
+}
+
+/// The markers `task`'s instances wrote under `dir`, in file order (none yet: empty).
+pub(crate) fn read(dir: &Path, task: &str) -> Vec<Marker> {
     match std::fs::read_to_string(dir.join(task)) {
-        Ok(text) => runs(&text, task),
+        Ok(text) => parse(&text, task),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => panic!("markers of {task}: {e}"),
     }
+}
+
+/// The runs of `task`'s instances from their markers under `dir`.
+pub(crate) fn read_runs(dir: &Path, task: &str) -> Vec<Run> {
+    runs(&read(dir, task))
 }
 
 /// Asks every instance of `task` to end (the marker loop exits, the task succeeds).
@@ -48,10 +61,18 @@ pub(crate) fn end(dir: &Path, task: &str) {
     std::fs::write(dir.join(format!("{task}.end")), b"").unwrap();
 }
 
-/// The runs of `task` in a marker file's `text`, by their first marker. A line cut short
-/// (an instance killed while it wrote) is skipped.
-pub(crate) fn runs(text: &str, task: &str) -> Vec<Run> {
-    let mut by_instance: BTreeMap<(u64, String), Vec<u64>> = BTreeMap::new();
+/// Now on the host's realtime clock, in microseconds (the markers' clock).
+pub(crate) fn now_us() -> u64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    u64::try_from(since.as_micros()).unwrap()
+}
+
+/// The markers of `task` in a marker file's `text`. A line cut short (an instance killed
+/// while it wrote) is skipped.
+pub(crate) fn parse(text: &str, task: &str) -> Vec<Marker> {
+    let mut out = Vec::new();
     for line in text.lines() {
         let mut words = line.split_whitespace();
         let (Some(stamp), Some(t), Some(epoch), Some(node), None) = (
@@ -63,15 +84,28 @@ pub(crate) fn runs(text: &str, task: &str) -> Vec<Run> {
         ) else {
             continue;
         };
-        let (Some(us), Ok(epoch)) = (micros(stamp), epoch.parse()) else {
+        let (Some(at_us), Ok(epoch)) = (micros(stamp), epoch.parse()) else {
             continue;
         };
         if t == task {
-            by_instance
-                .entry((epoch, node.to_owned()))
-                .or_default()
-                .push(us);
+            out.push(Marker {
+                at_us,
+                epoch,
+                node: node.to_owned(),
+            });
         }
+    }
+    out
+}
+
+/// The runs the `markers` show, one per instance (epoch, node), by their first marker.
+pub(crate) fn runs(markers: &[Marker]) -> Vec<Run> {
+    let mut by_instance: BTreeMap<(u64, &str), Vec<u64>> = BTreeMap::new();
+    for m in markers {
+        by_instance
+            .entry((m.epoch, m.node.as_str()))
+            .or_default()
+            .push(m.at_us);
     }
     let mut runs: Vec<Run> = by_instance
         .into_iter()
@@ -79,7 +113,7 @@ pub(crate) fn runs(text: &str, task: &str) -> Vec<Run> {
             stamps.sort_unstable();
             Run {
                 epoch,
-                node,
+                node: node.to_owned(),
                 first_us: stamps[0],
                 last_us: stamps[stamps.len() - 1],
                 markers: stamps.len(),
@@ -124,7 +158,7 @@ fn runs_and_overlaps_are_read_from_marker_lines() {
         105.000000 t 2 p3\n\
         105.1000\n\
         105.100000 t 2 p3\n";
-    let r = runs(text, "t");
+    let r = runs(&parse(text, "t"));
     assert_eq!(r.len(), 2);
     assert_eq!(
         (r[0].epoch, r[0].node.as_str(), r[0].first_us, r[0].last_us),
@@ -138,6 +172,6 @@ fn runs_and_overlaps_are_read_from_marker_lines() {
     assert!(overlaps(&r).is_empty());
     // A stale instance that wrote once more after its successor started.
     let late = format!("{text}105.050000 t 1 p1\n");
-    let r = runs(&late, "t");
+    let r = runs(&parse(&late, "t"));
     assert_eq!(overlaps(&r), vec![(0, 1)]);
 }
