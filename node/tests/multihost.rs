@@ -132,6 +132,7 @@ async fn tasks_survive_partition_pause_and_kill_of_peers_in_containers() {
         let incarnation0 = mesh.status(target).await.unwrap().incarnation;
         mesh.down = Some(target);
         let fault_at = Instant::now();
+        let fault_us = markers::now_us();
         match fault {
             Fault::Disconnect => docker(&["network", "disconnect", &net, &c]).unwrap(),
             Fault::Pause => docker(&["pause", &c]).unwrap(),
@@ -248,8 +249,16 @@ async fn tasks_survive_partition_pause_and_kill_of_peers_in_containers() {
                 "peer {target} restarted without incarnation+1"
             );
         }
-        let once_seen =
-            once_never_ran_twice(&mesh, &once, target, once_epoch0, fault, thaw, w).await;
+        let once_seen = once_never_ran_twice(
+            &mesh,
+            &once,
+            target,
+            once_epoch0,
+            fault,
+            (fault_us, thaw),
+            w,
+        )
+        .await;
         println!(
             "wave {w}: {fault:?} of peer {target} (owner of the long task, epoch {epoch0}): \
              failover after {failover_after:?}, fault held {held:?}; no instance of a lost \
@@ -406,6 +415,9 @@ async fn once_runs(mesh: &Mesh, once: &str, w: usize) -> (usize, u64) {
 
 /// What the markers of an at-most-once task showed under one fault.
 struct OnceSeen {
+    /// From the fault to the last marker of the faulted instance (before any thaw),
+    /// microseconds.
+    ran_on_us: i64,
     /// From the last marker of the faulted instance (before any thaw) to the first of its
     /// successor, microseconds; none if it did not move.
     gap_us: Option<i64>,
@@ -415,8 +427,14 @@ struct OnceSeen {
 
 impl std::fmt::Display for OnceSeen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = |us: i64| us as f64 / 1e6;
+        write!(
+            f,
+            "last marker {:.3} s after the fault, ",
+            s(self.ran_on_us)
+        )?;
         match self.gap_us {
-            Some(g) => write!(f, "gap between instances {:.3} s", g as f64 / 1e6)?,
+            Some(g) => write!(f, "gap to the next instance {:.3} s", s(g))?,
             None => write!(f, "did not move")?,
         }
         if !self.after_thaw_us.is_empty() {
@@ -443,17 +461,17 @@ const THAW_KILL_US: u64 = 500_000;
 
 /// Ends wave `w`'s at-most-once task and checks, from its markers, that no two of its
 /// instances ran at one instant, and that it moved off peer `target` (where it ran at
-/// `epoch0`) under a disconnect or a kill. Under a pause (`thaw`: host clock before the
-/// unpause and after it returned, microseconds), the instance's guard is frozen with it:
-/// the markers it writes once thawed are left out of that check and reported; they must
-/// stop within [`THAW_KILL_US`] of the thaw.
+/// `epoch0`) under a disconnect or a kill. `fault_us` is the host's clock (microseconds)
+/// when the fault began; `thaw`, under a pause, before the unpause and after it returned.
+/// A paused instance's guard is frozen with it: the markers it writes once thawed are left
+/// out of the check and reported, and must stop within [`THAW_KILL_US`] of the thaw.
 async fn once_never_ran_twice(
     mesh: &Mesh,
     once: &str,
     target: usize,
     epoch0: u64,
     fault: Fault,
-    thaw: Option<(u64, u64)>,
+    (fault_us, thaw): (u64, Option<(u64, u64)>),
     w: usize,
 ) -> OnceSeen {
     markers::end(&mesh.markers, once);
@@ -512,6 +530,7 @@ async fn once_never_ran_twice(
         &once[..12]
     );
     OnceSeen {
+        ran_on_us: runs[old].last_us as i64 - fault_us as i64,
         gap_us: next.map(|n| n.first_us as i64 - runs[old].last_us as i64),
         after_thaw_us,
     }
