@@ -1,7 +1,9 @@
 //! Executors: run one epoch of a task, as a Docker container or a native process, behind one
 //! interface. The driver starts an instance per `StartTask` and stops it on `StopTask`;
-//! every report carries the epoch it was started with. [`cgroup`] holds the task cgroups that
-//! limit and contain an instance's processes.
+//! every report carries the epoch it was started with, or the epoch the replica adopted it
+//! under (`AdoptTask`, for an instance an earlier incarnation of this peer left running; see
+//! [`Executor::reattach`]). [`cgroup`] holds the task cgroups that limit and contain an
+//! instance's processes.
 
 pub mod cgroup;
 pub mod docker;
@@ -31,9 +33,67 @@ pub struct Instance {
     pub log_path: PathBuf,
     /// This node (labels, orphan clean-up).
     pub node: NodeId,
-    /// Until when this node's leases hold, less the guard margin: the deadline the
+    /// Until when this instance's lease holds, less the guard margin: the deadline the
     /// instance's guard enforces, renewed as it moves.
     pub lease: watch::Receiver<tokio::time::Instant>,
+    /// The socket its guard listens on for this peer's next incarnation when the instance
+    /// outlives the peer (a task with `lost_after` and no `stop_after`); `None`: the
+    /// instance ends with the peer.
+    pub survive: Option<PathBuf>,
+}
+
+/// An instance an earlier incarnation of this peer left running, re-attached through its
+/// guard: what [`Backend::resume`] follows to its end.
+#[derive(Debug)]
+pub struct Adopted {
+    /// The task.
+    pub task: TaskId,
+    /// The epoch it runs under (the replica may re-key it later).
+    pub epoch: Epoch,
+    /// What its guard said it watches.
+    pub info: crate::guard::Attached,
+    /// Its guard.
+    pub guard: crate::guard::Guard,
+    /// Its log (the current epoch's file).
+    pub log_path: PathBuf,
+    /// The file remembering its process group (`<task>-<started epoch>.pgid`), removed when
+    /// it ends.
+    pub group_file: PathBuf,
+}
+
+impl Adopted {
+    /// What is left of the task's run-time limit (`None`: it has none).
+    pub fn timeout_left(&self) -> Option<std::time::Duration> {
+        (self.info.timeout_ms > 0).then(|| {
+            std::time::Duration::from_millis(
+                self.info.timeout_ms.saturating_sub(self.info.running_ms),
+            )
+        })
+    }
+}
+
+/// What a restarted peer found of its earlier incarnation's surviving instances, and what the
+/// start-up clean-up must therefore spare.
+#[derive(Debug, Default, Clone)]
+pub struct Reattached {
+    /// The instances re-attached: `(task, epoch)` for `Input::Adopt`.
+    pub adopted: Vec<(TaskId, Epoch)>,
+    /// What the clean-up of leftovers must not end.
+    pub keep: Keep,
+}
+
+/// Leftovers of an earlier incarnation that are not leftovers: the guards, process groups,
+/// cgroups and containers of re-attached instances.
+#[derive(Debug, Default, Clone)]
+pub struct Keep {
+    /// Guard pids.
+    pub guards: Vec<u32>,
+    /// Process groups (the main pid of a process task).
+    pub groups: Vec<i32>,
+    /// Cgroup directory names under the node's parent.
+    pub cgroups: Vec<String>,
+    /// Container names.
+    pub containers: Vec<String>,
 }
 
 /// The limits every task instance runs under, from the node's config: a spec that asks for
@@ -115,9 +175,18 @@ pub trait Backend: Send + Sync + 'static {
         cancel: watch::Receiver<bool>,
     ) -> Result<Ended, ExecError>;
 
-    /// Removes what earlier runs of this node left (containers of epochs it no longer owns).
-    /// Returns how many were removed.
-    async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, ExecError>;
+    /// Follows an instance an earlier incarnation started (re-attached through its guard) to
+    /// its end, as [`Self::run`] does for one it starts. Does not call a `started`: the
+    /// instance runs already.
+    async fn resume(
+        &self,
+        adopted: Adopted,
+        cancel: watch::Receiver<bool>,
+    ) -> Result<Ended, ExecError>;
+
+    /// Removes what earlier runs of this node left (containers of epochs it no longer owns),
+    /// sparing what `keep` names. Returns how many were removed.
+    async fn cleanup_orphans(&self, node: &NodeId, keep: &Keep) -> Result<usize, ExecError>;
 }
 
 /// Makes a task's image available to the Docker engine before its container starts (the
@@ -187,6 +256,33 @@ pub struct Report {
     pub event: Event,
 }
 
+/// An instance this executor runs, as the executor holds it.
+struct Running {
+    /// Turns true to stop it.
+    cancel: watch::Sender<bool>,
+    /// Its guard's deadline.
+    lease: watch::Sender<tokio::time::Instant>,
+    /// The epoch its reports carry (moved once, by an adoption).
+    epoch: watch::Sender<Epoch>,
+    /// Whether it outlives this peer (left running on shutdown).
+    survives: bool,
+    /// Re-attached and not yet adopted by the replica: its guard keeps the deadline the
+    /// earlier incarnation set (this one renews nothing it does not own yet).
+    adopting: bool,
+}
+
+impl Running {
+    fn new(epoch: Epoch, until: tokio::time::Instant, survives: bool) -> Self {
+        Self {
+            cancel: watch::Sender::new(false),
+            lease: watch::Sender::new(until),
+            epoch: watch::Sender::new(epoch),
+            survives,
+            adopting: false,
+        }
+    }
+}
+
 /// Runs instances on the backends of this node and routes their reports.
 pub struct Executor {
     process: Arc<dyn Backend>,
@@ -194,11 +290,14 @@ pub struct Executor {
     /// Which backend runs tasks that accept any.
     prefer_docker: bool,
     reports: mpsc::Sender<Report>,
-    running: HashMap<(TaskId, Epoch), watch::Sender<bool>>,
+    running: HashMap<(TaskId, Epoch), Running>,
     log_dir: PathBuf,
     images: Option<Arc<dyn ImageProvider>>,
-    /// Until when this node's leases hold, less the guard margin (every guard follows it).
-    lease: watch::Sender<tokio::time::Instant>,
+    /// The deadline a new instance's guard starts with, until the next renewal sets its own:
+    /// this node's leases hold until then, less the guard margin.
+    lease: tokio::time::Instant,
+    /// Where guards of instances that outlive this peer listen (`None`: none outlives it).
+    guard_dir: Option<PathBuf>,
 }
 
 impl Executor {
@@ -219,18 +318,39 @@ impl Executor {
             running: HashMap::new(),
             log_dir,
             images: None,
-            lease: watch::Sender::new(tokio::time::Instant::now()),
+            lease: tokio::time::Instant::now(),
+            guard_dir: None,
         }
     }
 
-    /// Moves the deadline every guard enforces to `until` (this node's leases hold until
-    /// then, less the margin). Guards are told only when it changes.
-    pub fn renew(&self, until: tokio::time::Instant) {
-        self.lease.send_if_modified(|cur| {
-            let changed = *cur != until;
-            *cur = until;
-            changed
-        });
+    /// Lets instances of tasks with `lost_after` (and no `stop_after`) outlive this peer:
+    /// their guards listen in `dir` (private to the peer's user) for its next incarnation.
+    pub fn set_guard_dir(&mut self, dir: PathBuf) {
+        self.guard_dir = Some(dir);
+    }
+
+    /// Renews every guard's deadline: a new instance's guard starts with `shared` (this
+    /// node's leases hold until then, less the margin); each running instance's guard moves
+    /// to `deadline(task)` (its task's lease, less the margin). Guards are told only when
+    /// theirs changes. Instances re-attached but not yet adopted keep the deadline the
+    /// earlier incarnation set.
+    pub fn renew(
+        &mut self,
+        shared: tokio::time::Instant,
+        mut deadline: impl FnMut(&TaskId) -> tokio::time::Instant,
+    ) {
+        self.lease = shared;
+        for ((task, _), r) in &self.running {
+            if r.adopting {
+                continue;
+            }
+            let until = deadline(task);
+            r.lease.send_if_modified(|cur| {
+                let changed = *cur != until;
+                *cur = until;
+                changed
+            });
+        }
     }
 
     /// Has Docker instances wait for `images` to provide their image before they start.
@@ -275,18 +395,46 @@ impl Executor {
         self.log_dir.join(format!("{}-{epoch}.log", task.to_hex()))
     }
 
+    /// Where the guard of `(task, epoch)` listens when the instance is to outlive this peer:
+    /// a task with `lost_after` and no `stop_after`, on a peer with a guard directory whose
+    /// path leaves room for the socket's name.
+    fn survival_socket(
+        &self,
+        task: &TaskId,
+        epoch: Epoch,
+        spec: &SignedTaskSpec,
+    ) -> Option<PathBuf> {
+        let policy = &spec.spec.disconnect;
+        if policy.lost_after_ms.is_none() || policy.stop_after_ms.is_some() {
+            return None;
+        }
+        let dir = self.guard_dir.as_ref()?;
+        let socket = dir.join(format!("{}-{epoch}.sock", task.short()));
+        if socket.as_os_str().len() > crate::guard::MAX_SOCKET_PATH {
+            tracing::warn!(
+                socket = %socket.display(),
+                "the data directory's path is too long for a guard's socket: this instance ends with the peer"
+            );
+            return None;
+        }
+        Some(socket)
+    }
+
     /// Starts an instance; reports arrive on the channel given to `new`.
     pub fn start(&mut self, task: TaskId, epoch: Epoch, spec: Arc<SignedTaskSpec>, node: NodeId) {
-        let (cancel_tx, cancel_rx) = watch::channel(false);
-        self.running.insert((task, epoch), cancel_tx);
+        let survive = self.survival_socket(&task, epoch, &spec);
+        let running = Running::new(epoch, self.lease, survive.is_some());
+        let cancel_rx = running.cancel.subscribe();
         let inst = Instance {
             task,
             epoch,
             spec,
             log_path: self.log_path(&task, epoch),
             node,
-            lease: self.lease.subscribe(),
+            lease: running.lease.subscribe(),
+            survive,
         };
+        self.running.insert((task, epoch), running);
         let backend = self.backend_for(inst.spec.spec.executor);
         let images = self.images.clone();
         let reports = self.reports.clone();
@@ -335,9 +483,35 @@ impl Executor {
 
     /// Stops the instance of `(task, epoch)` if it runs.
     pub fn stop(&mut self, task: TaskId, epoch: Epoch) {
-        if let Some(cancel) = self.running.get(&(task, epoch)) {
-            let _ = cancel.send(true);
+        if let Some(r) = self.running.get(&(task, epoch)) {
+            let _ = r.cancel.send(true);
         }
+    }
+
+    /// The replica adopted the re-attached instance of `(task, from)` under `epoch`: its
+    /// reports, renewals and log follow the new epoch from now on. `false` if no re-attached
+    /// instance of `(task, from)` waits for adoption (it ended, or was never found).
+    pub fn adopt(&mut self, task: TaskId, from: Epoch, epoch: Epoch) -> bool {
+        if !self.running.get(&(task, from)).is_some_and(|r| r.adopting) {
+            return false;
+        }
+        let Some(mut r) = self.running.remove(&(task, from)) else {
+            return false;
+        };
+        // The log follows (an open descriptor keeps writing to the renamed file).
+        let (old, new) = (self.log_path(&task, from), self.log_path(&task, epoch));
+        if let Err(e) = std::fs::rename(&old, &new) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(task = %task.short(), from, epoch, error = %e, "cannot move the adopted instance's log");
+            }
+        }
+        r.adopting = false;
+        // Renewed from now on: the deadline a new instance starts with, then (at the next
+        // renewal) its task's own.
+        r.lease.send_replace(self.lease);
+        r.epoch.send_replace(epoch);
+        self.running.insert((task, epoch), r);
+        true
     }
 
     /// Forgets an instance that reported its end.
@@ -352,17 +526,121 @@ impl Executor {
 
     /// Stops every instance (shutdown).
     pub fn stop_all(&mut self) {
-        for cancel in self.running.values() {
-            let _ = cancel.send(true);
+        for r in self.running.values() {
+            let _ = r.cancel.send(true);
         }
     }
 
-    /// Removes leftovers of earlier runs.
-    pub async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, ExecError> {
-        let mut n = process::kill_leftover_groups(&self.log_dir);
-        n += self.process.cleanup_orphans(node).await?;
+    /// Lets go of the instances that outlive this peer (graceful shutdown, before the leave):
+    /// they are neither renewed nor stopped any more, and their guards keep them until the
+    /// deadline last set, waiting for this peer's next incarnation. Returns how many.
+    pub fn detach_survivors(&mut self) -> usize {
+        let before = self.running.len();
+        // Dropping the senders ends renewals; the runs see no stop, and end (dropping their
+        // guards' links) when the process does.
+        self.running.retain(|_, r| !r.survives);
+        before - self.running.len()
+    }
+
+    /// Re-attaches to the guards an earlier incarnation of `node` left running (instances
+    /// that outlive their peer): each answering guard's instance is followed again as
+    /// running under the epoch the guard names, not renewed until [`Self::adopt`] (its guard
+    /// keeps the deadline it was given), and held to its report until adopted or stopped.
+    /// Stale sockets are removed; a guard that does not answer, or whose backend this peer
+    /// lacks, is left to [`Self::cleanup_orphans`] like any leftover.
+    pub async fn reattach(&mut self, node: &NodeId) -> Reattached {
+        let mut found = Reattached::default();
+        let Some(dir) = self.guard_dir.clone() else {
+            return found;
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return found;
+        };
+        let ours: Vec<u32> = crate::guard::cleanup::guards_of(node)
+            .into_iter()
+            .map(|p| p.as_raw_nonzero().get().unsigned_abs())
+            .collect();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("sock") {
+                continue;
+            }
+            let attaching = match crate::guard::Guard::attach(&path).await {
+                Ok(a) => a,
+                Err(crate::guard::AttachError::Stale(p)) => {
+                    let _ = std::fs::remove_file(p);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot re-attach to a guard of an earlier run");
+                    continue;
+                }
+            };
+            if !attaching.pid().is_some_and(|p| ours.contains(&p)) {
+                tracing::warn!(socket = %path.display(), "a process that is not a guard of this node listens in its guard directory");
+                continue;
+            }
+            let info = attaching.info.clone();
+            let backend = match info.target {
+                crate::guard::AttachedTarget::Process { .. } => Some(Arc::clone(&self.process)),
+                crate::guard::AttachedTarget::Container { .. } => self.docker.clone(),
+            };
+            let Some(backend) = backend else {
+                tracing::warn!(task = %info.task.short(), epoch = info.epoch, "an instance of an earlier run is a container, and this peer has no Docker engine: it is ended");
+                continue;
+            };
+            let (task, epoch) = (info.task, info.epoch);
+            if self.running.contains_key(&(task, epoch)) {
+                continue;
+            }
+            let mut running = Running::new(epoch, tokio::time::Instant::now(), true);
+            running.adopting = true;
+            let guard = attaching.follow(running.lease.subscribe(), running.epoch.subscribe());
+            found.keep.guards.extend(guard.pid());
+            match &info.target {
+                crate::guard::AttachedTarget::Process { pid, cgroup, .. } => {
+                    found
+                        .keep
+                        .groups
+                        .extend(pid.and_then(|p| i32::try_from(p).ok()));
+                    found.keep.cgroups.extend(cgroup.clone());
+                }
+                crate::guard::AttachedTarget::Container { name } => {
+                    found.keep.containers.push(name.clone());
+                }
+            }
+            let adopted = Adopted {
+                task,
+                epoch,
+                guard,
+                log_path: self.log_path(&task, epoch),
+                group_file: self
+                    .log_path(&task, info.started_epoch)
+                    .with_extension("pgid"),
+                info,
+            };
+            tracing::info!(task = %task.short(), epoch, "re-attached to an instance of an earlier run");
+            let cancel = running.cancel.subscribe();
+            let epochs = running.epoch.subscribe();
+            self.running.insert((task, epoch), running);
+            tokio::spawn(follow_adopted(
+                backend,
+                adopted,
+                cancel,
+                epochs,
+                self.reports.clone(),
+            ));
+            found.adopted.push((task, epoch));
+        }
+        found
+    }
+
+    /// Removes leftovers of earlier runs, sparing what `keep` names (re-attached instances).
+    pub async fn cleanup_orphans(&self, node: &NodeId, keep: &Keep) -> Result<usize, ExecError> {
+        let mut n = process::kill_leftover_groups(&self.log_dir, keep);
+        n += self.process.cleanup_orphans(node, keep).await?;
         if let Some(d) = &self.docker {
-            n += d.cleanup_orphans(node).await?;
+            n += d.cleanup_orphans(node, keep).await?;
         }
         Ok(n)
     }
@@ -390,6 +668,54 @@ pub async fn select_docker(
             }
         }
     }
+}
+
+/// Follows a re-attached instance to its end. Its reports wait until the replica decides:
+/// adopted (the epoch moves: `Started` for the new epoch, then the end under it) or stopped
+/// (the end is `Stopped` under the old epoch, whatever it was).
+async fn follow_adopted(
+    backend: Arc<dyn Backend>,
+    adopted: Adopted,
+    mut cancel: watch::Receiver<bool>,
+    mut epochs: watch::Receiver<Epoch>,
+    reports: mpsc::Sender<Report>,
+) {
+    let task = adopted.task;
+    let resume = backend.resume(adopted, cancel.clone());
+    tokio::pin!(resume);
+    let mut end = None;
+    let adopted_as = loop {
+        tokio::select! {
+            changed = epochs.changed() => match changed {
+                Ok(()) => break Some(*epochs.borrow_and_update()),
+                // Let go of (this peer shuts down): nobody reads reports any more.
+                Err(_) => break None,
+            },
+            () = cancelled(&mut cancel) => break None,
+            e = &mut resume, if end.is_none() => end = Some(e),
+        }
+    };
+    if let (Some(epoch), None) = (adopted_as, &end) {
+        let _ = reports
+            .send(Report {
+                task,
+                epoch,
+                event: Event::Started,
+            })
+            .await;
+    }
+    let stopped_first = adopted_as.is_none() && *cancel.borrow();
+    let end = match end {
+        Some(e) => e,
+        None => resume.await,
+    };
+    let event = if stopped_first {
+        Event::Ended(Ended::Stopped)
+    } else {
+        end.into()
+    };
+    let epoch = *epochs.borrow();
+    let _ = reports.send(Report { task, epoch, event }).await;
 }
 
 /// Resolves once `cancel` turns true; never if its sender is dropped without it.

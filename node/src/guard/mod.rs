@@ -28,10 +28,11 @@ pub mod cleanup;
 mod handle;
 pub mod run;
 
-pub use handle::{Guard, GuardEnd, GuardProgram};
+pub use handle::{AttachError, Attaching, Guard, GuardEnd, GuardProgram, MAX_SOCKET_PATH};
 
 use std::path::PathBuf;
 
+use omesh_protocol::{Epoch, TaskId};
 use serde::{Deserialize, Serialize};
 
 /// argv[0] of every guard process, so `ps` and the restart clean-up can tell them.
@@ -47,6 +48,26 @@ pub struct Plan {
     pub window_ms: u64,
     /// What it guards.
     pub target: Target,
+    /// Set for an instance that outlives its peer (a task with `lost_after` and no
+    /// `stop_after`): the guard keeps it through the peer's end and waits for the peer's next
+    /// incarnation to re-attach. `None`: the guard ends the instance with its peer.
+    #[serde(default)]
+    pub survive: Option<Survival>,
+}
+
+/// How a guard whose instance outlives its peer is found again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Survival {
+    /// The unix socket the guard listens on (in the peer's private data dir, made 0600).
+    pub socket: PathBuf,
+    /// The task.
+    pub task: TaskId,
+    /// The epoch the instance was started for.
+    pub epoch: Epoch,
+    /// The task's run-time limit in ms (0: none), counted from the instance's start, so the
+    /// incarnation that re-attaches still enforces it.
+    pub timeout_ms: u64,
 }
 
 /// What a guard guards.
@@ -111,6 +132,14 @@ pub enum ToGuard {
     Stop,
     /// The instance ended by itself and the peer cleans up: exit without killing.
     Release,
+    /// The first line a restarted peer writes on a surviving guard's socket; the guard
+    /// answers [`FromGuard::Attached`].
+    Attach,
+    /// The peer's replica adopted the instance under this epoch: later attaches report it.
+    Rekey {
+        /// The epoch the instance runs under now.
+        epoch: Epoch,
+    },
 }
 
 /// What a guard reports.
@@ -144,5 +173,47 @@ pub enum FromGuard {
     Failed {
         /// Why, naming what failed.
         reason: String,
+    },
+    /// The answer to [`ToGuard::Attach`]: what the guard watches. If the instance ended while
+    /// no peer was attached, the report of that end follows at once.
+    Attached(Attached),
+}
+
+/// What a surviving guard tells the peer that re-attaches to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attached {
+    /// The task.
+    pub task: TaskId,
+    /// The epoch the instance runs under (its start epoch, or the last [`ToGuard::Rekey`]).
+    pub epoch: Epoch,
+    /// The epoch it was started for (its cgroup, log and container names carry it).
+    pub started_epoch: Epoch,
+    /// How long ago the guard started the instance (or began to watch it), ms.
+    pub running_ms: u64,
+    /// The task's run-time limit, ms (0: none).
+    pub timeout_ms: u64,
+    /// What it guards.
+    pub target: AttachedTarget,
+}
+
+/// What a surviving guard watches, as far as a re-attaching peer needs to know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum AttachedTarget {
+    /// A process task.
+    Process {
+        /// The pid of its main process, which is also its process group (`None`: it never
+        /// started).
+        pid: Option<u32>,
+        /// Its cgroup's directory name under the node's parent, if it has one.
+        cgroup: Option<String>,
+        /// Its private working directory (the peer removes it once the instance ended).
+        cwd: PathBuf,
+    },
+    /// A container, by name.
+    Container {
+        /// The container's name.
+        name: String,
     },
 }

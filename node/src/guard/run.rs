@@ -9,12 +9,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use rustix::process::{Pid, Signal, WaitOptions};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{CgroupPlan, FromGuard, Plan, ProcessPlan, Target, ToGuard};
+use super::{
+    Attached, AttachedTarget, CgroupPlan, FromGuard, Plan, ProcessPlan, Survival, Target, ToGuard,
+};
 use crate::exec::cgroup::{Hierarchy, Limits, TaskCgroup};
 
 /// How long killing an instance may take before the guard gives up on it and says so.
@@ -41,19 +45,13 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Reports to the peer; a peer that is gone is not an error (the guard still does its job).
-fn report(msg: &FromGuard) {
-    if let Ok(mut line) = serde_json::to_vec(msg) {
-        line.push(b'\n');
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(&line);
-        let _ = out.flush();
-    }
-}
+/// How long a peer that connected to a surviving guard's socket may take to say `Attach`.
+const ATTACH_WITHIN: Duration = Duration::from_secs(1);
 
 /// What ends a guard's watch.
 enum Cause {
-    /// The peer closed the pipe (it died) or sent garbage.
+    /// The peer closed the pipe (it died) or sent garbage, and the instance does not survive
+    /// its peer.
     PeerGone,
     /// The deadline passed.
     Expired,
@@ -63,18 +61,198 @@ enum Cause {
     Released,
 }
 
+/// The guard's line to its peer: the pipe it was started with, then (for an instance that
+/// survives its peer) the socket a later incarnation attached through.
+enum Link {
+    /// The guard's stdin; reports go to its stdout.
+    Pipe(tokio::io::Lines<BufReader<tokio::io::Stdin>>),
+    /// A re-attached peer.
+    Socket {
+        lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+        out: OwnedWriteHalf,
+    },
+    /// No peer: waiting on the socket for the next incarnation.
+    Detached,
+}
+
+/// What happened on the link.
+enum LinkEvent {
+    /// An order.
+    Order(ToGuard),
+    /// The peer went away (end-of-file, an error, or a line that is no order).
+    Closed,
+    /// A peer connected to the socket while the guard was detached.
+    Connected(UnixStream),
+}
+
+/// A guard whose instance outlives its peer: its socket and what it tells whoever attaches.
+struct Survivor {
+    listener: UnixListener,
+    path: std::path::PathBuf,
+    info: Attached,
+    since: Instant,
+}
+
+impl Survivor {
+    /// Listens on `s.socket` (a stale file there is replaced), made 0600.
+    fn bind(s: &Survival, target: AttachedTarget) -> Result<Self, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::remove_file(&s.socket);
+        let listener = std::os::unix::net::UnixListener::bind(&s.socket)
+            .map_err(|e| format!("cannot listen on {}: {e}", s.socket.display()))?;
+        std::fs::set_permissions(&s.socket, std::fs::Permissions::from_mode(0o600))
+            .and_then(|()| listener.set_nonblocking(true))
+            .map_err(|e| format!("cannot set up {}: {e}", s.socket.display()))?;
+        let listener = UnixListener::from_std(listener)
+            .map_err(|e| format!("cannot listen on {}: {e}", s.socket.display()))?;
+        Ok(Self {
+            listener,
+            path: s.socket.clone(),
+            info: Attached {
+                task: s.task,
+                epoch: s.epoch,
+                started_epoch: s.epoch,
+                running_ms: 0,
+                timeout_ms: s.timeout_ms,
+                target,
+            },
+            since: Instant::now(),
+        })
+    }
+
+    /// The answer to an attach, now.
+    fn answer(&self) -> FromGuard {
+        let mut info = self.info.clone();
+        info.running_ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        FromGuard::Attached(info)
+    }
+}
+
+impl Drop for Survivor {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// The peer's orders, the deadline and the signals, until one of them ends the watch, or
 /// `ended` resolves (the instance ended by itself).
 struct Watch {
-    lines: tokio::io::Lines<BufReader<tokio::io::Stdin>>,
+    link: Link,
     deadline: Instant,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    survivor: Option<Survivor>,
+}
+
+/// One line from the peer, as an order.
+async fn read_order<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut tokio::io::Lines<R>,
+) -> LinkEvent {
+    match lines.next_line().await {
+        Ok(Some(l)) => match serde_json::from_str::<ToGuard>(&l) {
+            Ok(order) => LinkEvent::Order(order),
+            Err(e) => {
+                eprintln!("omesh guard: unreadable order from the peer ({e})");
+                LinkEvent::Closed
+            }
+        },
+        Ok(None) | Err(_) => LinkEvent::Closed,
+    }
+}
+
+/// The next thing on `link`; a detached link waits for a connection on `listener`.
+async fn link_event(link: &mut Link, listener: Option<&UnixListener>) -> LinkEvent {
+    match link {
+        Link::Pipe(lines) => read_order(lines).await,
+        Link::Socket { lines, .. } => read_order(lines).await,
+        Link::Detached => loop {
+            let Some(l) = listener else {
+                return std::future::pending().await;
+            };
+            match l.accept().await {
+                Ok((stream, _)) => return LinkEvent::Connected(stream),
+                // Out of descriptors and the like: try again a little later.
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        },
+    }
 }
 
 impl Watch {
-    /// Waits for the next thing that ends the watch; `None` if `ended` came first.
+    /// Reports to the peer; a peer that is gone is not an error (the guard still does its
+    /// job). A surviving guard whose re-attached peer went away is detached again.
+    async fn report(&mut self, msg: &FromGuard) {
+        let Ok(mut line) = serde_json::to_vec(msg) else {
+            return;
+        };
+        line.push(b'\n');
+        match &mut self.link {
+            Link::Pipe(_) => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&line);
+                let _ = out.flush();
+            }
+            Link::Socket { out, .. } => {
+                if out.write_all(&line).await.is_err() || out.flush().await.is_err() {
+                    self.link = Link::Detached;
+                }
+            }
+            Link::Detached => {}
+        }
+    }
+
+    /// Reports how the instance ended. A surviving guard with no peer attached waits for the
+    /// next incarnation to attach (until the deadline or a signal) to tell it.
+    async fn report_end(&mut self, end: &FromGuard) {
+        while matches!(self.link, Link::Detached) && self.survivor.is_some() {
+            tokio::select! {
+                ev = link_event(&mut self.link, self.survivor.as_ref().map(|s| &s.listener)) => {
+                    if let LinkEvent::Connected(stream) = ev {
+                        self.attach(stream).await;
+                    }
+                }
+                () = tokio::time::sleep_until(self.deadline) => return,
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => return,
+            }
+        }
+        self.report(end).await;
+    }
+
+    /// A peer connected to the socket: if it runs as this guard's user and says `Attach` in
+    /// time, answer what the guard watches and take orders from it from now on.
+    async fn attach(&mut self, stream: UnixStream) {
+        let Some(survivor) = &self.survivor else {
+            return;
+        };
+        let me = rustix::process::geteuid().as_raw();
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == me => {}
+            Ok(cred) => {
+                eprintln!(
+                    "omesh guard: {}: refused an attach from uid {}",
+                    survivor.info.task.short(),
+                    cred.uid()
+                );
+                return;
+            }
+            Err(_) => return,
+        }
+        let (read, out) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let by = (Instant::now() + ATTACH_WITHIN).min(self.deadline);
+        match tokio::time::timeout_at(by, read_order(&mut lines)).await {
+            Ok(LinkEvent::Order(ToGuard::Attach)) => {}
+            _ => return,
+        }
+        self.link = Link::Socket { lines, out };
+        let answer = survivor.answer();
+        self.report(&answer).await;
+    }
+
+    /// Waits for the next thing that ends the watch; `Err` if `ended` came first.
     async fn until<T>(&mut self, ended: &mut mpsc::UnboundedReceiver<T>) -> Result<Cause, T> {
         loop {
             tokio::select! {
@@ -84,19 +262,29 @@ impl Watch {
                     // The reaper is gone without the status: treat it as the peer's loss.
                     None => return Ok(Cause::PeerGone),
                 },
-                line = self.lines.next_line() => match line {
-                    Ok(Some(l)) => match serde_json::from_str::<ToGuard>(&l) {
-                        Ok(ToGuard::Renew { ms }) => {
-                            self.deadline = Instant::now() + Duration::from_millis(ms);
+                ev = link_event(&mut self.link, self.survivor.as_ref().map(|s| &s.listener)) => match ev {
+                    LinkEvent::Order(ToGuard::Renew { ms }) => {
+                        self.deadline = Instant::now() + Duration::from_millis(ms);
+                    }
+                    LinkEvent::Order(ToGuard::Stop) => return Ok(Cause::Stopped),
+                    LinkEvent::Order(ToGuard::Release) => return Ok(Cause::Released),
+                    LinkEvent::Order(ToGuard::Rekey { epoch }) => {
+                        if let Some(s) = &mut self.survivor {
+                            s.info.epoch = epoch;
                         }
-                        Ok(ToGuard::Stop) => return Ok(Cause::Stopped),
-                        Ok(ToGuard::Release) => return Ok(Cause::Released),
-                        Err(e) => {
-                            eprintln!("omesh guard: unreadable order from the peer ({e}): ending the instance");
-                            return Ok(Cause::PeerGone);
+                    }
+                    LinkEvent::Order(ToGuard::Attach) => {
+                        if let Some(answer) = self.survivor.as_ref().map(Survivor::answer) {
+                            self.report(&answer).await;
                         }
-                    },
-                    Ok(None) | Err(_) => return Ok(Cause::PeerGone),
+                    }
+                    LinkEvent::Closed if self.survivor.is_some() => {
+                        // The instance outlives its peer: keep it until the deadline the
+                        // peer last set, and wait for its next incarnation.
+                        self.link = Link::Detached;
+                    }
+                    LinkEvent::Closed => return Ok(Cause::PeerGone),
+                    LinkEvent::Connected(stream) => self.attach(stream).await,
                 },
                 () = tokio::time::sleep_until(self.deadline) => return Ok(Cause::Expired),
                 _ = self.term.recv() => return Ok(Cause::Stopped),
@@ -116,12 +304,31 @@ async fn guard() -> Result<(), String> {
         .ok_or("no plan on stdin (the guard is started by the peer, not by hand)")?;
     let plan: Plan = serde_json::from_str(&first).map_err(|e| format!("bad plan: {e}"))?;
     let sig = |kind| signal(kind).map_err(|e| format!("cannot watch signals: {e}"));
+    let survivor = plan.survive.as_ref().and_then(|s| {
+        let target = match &plan.target {
+            Target::Process(p) => AttachedTarget::Process {
+                pid: None,
+                cgroup: p.cgroup.as_ref().map(|c| c.name.clone()),
+                cwd: p.cwd.clone(),
+            },
+            Target::Container { name } => AttachedTarget::Container { name: name.clone() },
+        };
+        Survivor::bind(s, target)
+            .map_err(|e| {
+                eprintln!(
+                    "omesh guard: {}: {e}; the instance ends with its peer",
+                    plan.label
+                );
+            })
+            .ok()
+    });
     let mut watch = Watch {
-        lines,
+        link: Link::Pipe(lines),
         deadline: Instant::now() + Duration::from_millis(plan.window_ms),
         term: sig(SignalKind::terminate())?,
         int: sig(SignalKind::interrupt())?,
         hup: sig(SignalKind::hangup())?,
+        survivor,
     };
     match plan.target {
         Target::Process(p) => guard_process(&plan.label, p, &mut watch).await,
@@ -145,7 +352,7 @@ async fn guard_process(label: &str, p: ProcessPlan, watch: &mut Watch) -> Result
     let cgroup = match p.cgroup.as_ref().map(make_cgroup).transpose() {
         Ok(c) => c,
         Err(reason) => {
-            report(&FromGuard::Failed { reason });
+            watch.report(&FromGuard::Failed { reason }).await;
             return Ok(());
         }
     };
@@ -155,15 +362,26 @@ async fn guard_process(label: &str, p: ProcessPlan, watch: &mut Watch) -> Result
             if let Some(c) = cgroup {
                 let _ = c.remove();
             }
-            report(&FromGuard::Failed { reason });
+            watch.report(&FromGuard::Failed { reason }).await;
             return Ok(());
         }
     };
-    report(&FromGuard::Started {
-        pid: pid.as_raw_nonzero().get().unsigned_abs(),
-    });
+    let raw_pid = pid.as_raw_nonzero().get().unsigned_abs();
+    if let Some(Survivor {
+        info:
+            Attached {
+                target: AttachedTarget::Process { pid, .. },
+                ..
+            },
+        ..
+    }) = &mut watch.survivor
+    {
+        *pid = Some(raw_pid);
+    }
+    watch.report(&FromGuard::Started { pid: raw_pid }).await;
     let mut ended = reaper(pid);
     let cause = watch.until(&mut ended).await;
+    let by_itself = cause.is_err();
     let end = match cause {
         Err(end) => {
             // Ended by itself: whatever it left behind goes too.
@@ -196,8 +414,11 @@ async fn guard_process(label: &str, p: ProcessPlan, watch: &mut Watch) -> Result
             eprintln!("omesh guard: {label}: {e}");
         }
     }
-    if let Some(end) = end {
-        report(&end);
+    match end {
+        // Worth waiting for a peer to attach: how the task ended is its outcome.
+        Some(end) if by_itself => watch.report_end(&end).await,
+        Some(end) => watch.report(&end).await,
+        None => {}
     }
     Ok(())
 }
@@ -389,8 +610,8 @@ async fn guard_container(label: &str, name: &str, watch: &mut Watch) -> Result<(
         eprintln!("omesh guard: {label}: cannot remove container {name}: {e}");
     }
     match cause {
-        Cause::Expired => report(&FromGuard::Expired),
-        Cause::Stopped => report(&FromGuard::Stopped),
+        Cause::Expired => watch.report(&FromGuard::Expired).await,
+        Cause::Stopped => watch.report(&FromGuard::Stopped).await,
         Cause::PeerGone | Cause::Released => {}
     }
     Ok(())
