@@ -17,6 +17,7 @@ pub mod liveness;
 pub mod merge;
 pub mod placement;
 mod probe;
+pub mod quorum;
 mod record;
 pub mod replica;
 mod runs;
@@ -33,5 +34,5 @@ pub use io::{
 };
 pub use liveness::{Health, RttEstimate};
 pub use merge::{Crdt, DeltaError, Merged, Stamp, State, TaskRecord};
-pub use replica::{NodeKey, Replica};
+pub use replica::{survives_restart, NodeKey, Replica};
 pub use verify::{Ed25519, Verify};

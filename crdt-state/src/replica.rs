@@ -23,6 +23,7 @@ use crate::early::Early;
 use crate::liveness::{Health, RttEstimate};
 use crate::merge::State;
 use crate::probe::Prober;
+use crate::quorum::Quorum;
 use crate::record::RecordPublisher;
 use crate::runs::{LocalRun, Phase, TaskBook};
 use crate::suspicion::Suspicions;
@@ -33,7 +34,10 @@ use crate::verify::{Ed25519, Verify};
 mod anti_entropy;
 mod decide;
 mod deltas;
+mod disconnect;
 mod membership;
+
+pub use disconnect::survives_restart;
 
 pub use crate::io::{Action, ExecEvent, Input, InputError, PropagationSample, Stats, StopReason};
 
@@ -121,6 +125,11 @@ pub struct Replica {
     admitted: BTreeMap<NodeId, AdmissionCert>,
     /// Deltas that came before what they build on, tried again as the rest arrives.
     early: Early,
+    /// At-most-once tasks: grants, votes, promises; and when restarts and leaves were seen.
+    quorum: Quorum,
+    /// The shortest `stop_after` window among the tasks this node runs or may claim, while
+    /// there are any: it then pings members for majority contact (see `quorum.rs`).
+    contact_window: Option<Millis>,
 }
 
 /// Mixed into the replica's seed to key its probe nonces ("nonce").
@@ -229,6 +238,8 @@ impl Replica {
             verify: Arc::new(Ed25519),
             admitted: BTreeMap::new(),
             early: Early::default(),
+            quorum: Quorum::default(),
+            contact_window: None,
             cfg,
         })
     }
@@ -609,7 +620,17 @@ impl Replica {
                     self.release(now, task, run.epoch);
                     self.tasks.forget(&task);
                 }
-                Phase::Started => {
+                Phase::Started | Phase::Adopted => {
+                    let survives = self
+                        .state
+                        .task(&task)
+                        .and_then(|r| r.spec.as_ref())
+                        .is_some_and(|s| survives_restart(&s.value.spec.disconnect));
+                    if survives && run.phase == Phase::Started {
+                        // `lost_after`: kept through a restart; the guard holds it until the
+                        // node is back (or its window passes).
+                        continue;
+                    }
                     self.outbox.push_back(Action::StopTask {
                         task,
                         epoch: run.epoch,

@@ -20,6 +20,9 @@ pub(crate) enum Phase {
     Started,
     /// StopTask emitted; waiting for the executor.
     Stopping,
+    /// Started by an earlier incarnation of this node and still running (`Input::Adopt`):
+    /// taken over at a new epoch once this node is synced, or stopped.
+    Adopted,
 }
 
 /// A task this node owns: the epoch it claimed and how far it got.
@@ -129,6 +132,26 @@ impl TaskBook {
             },
         );
         self.claimable.remove(&task);
+    }
+
+    /// An earlier incarnation's instance of `task` at `epoch` runs here.
+    pub(crate) fn adopted(&mut self, task: TaskId, epoch: Epoch) {
+        self.local.insert(
+            task,
+            LocalRun {
+                epoch,
+                phase: Phase::Adopted,
+            },
+        );
+        self.claimable.remove(&task);
+    }
+
+    /// Moves the run of `task` to `epoch`, started.
+    pub(crate) fn restarted_as(&mut self, task: &TaskId, epoch: Epoch) {
+        if let Some(r) = self.local.get_mut(task) {
+            r.epoch = epoch;
+            r.phase = Phase::Started;
+        }
     }
 
     /// The claimable entry of `task` from an earlier pass.

@@ -24,6 +24,13 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// How an at-most-once claim's confirmation ended: `confirmed` or `refused`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `confirmed` or `refused`.
+    pub result: &'static str,
+}
+
 /// A task state label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
@@ -70,6 +77,12 @@ pub struct Metrics {
     pub fenced: Counter,
     /// Local instances killed by their guard at the deadline (this node cut off or stalled).
     pub guard_expiries: Counter,
+    /// Instances left by an earlier incarnation that this one took over.
+    pub adopted: Counter,
+    /// Polls sent about an unreachable owner of at-most-once tasks.
+    pub quorum_polls: Counter,
+    /// At-most-once claims a majority confirmed, and ones handed back unconfirmed.
+    pub quorum_confirms: Family<ResultLabel, Counter>,
     /// Tasks known, by state.
     pub tasks: Family<StateLabel, Gauge>,
     /// This node's incarnation.
@@ -108,6 +121,9 @@ impl Metrics {
             failovers: Counter::default(),
             fenced: Counter::default(),
             guard_expiries: Counter::default(),
+            adopted: Counter::default(),
+            quorum_polls: Counter::default(),
+            quorum_confirms: Family::default(),
             tasks: Family::default(),
             incarnation: Gauge::default(),
             connections_refused: Family::default(),
@@ -185,6 +201,21 @@ impl Metrics {
             "guard_expiries",
             "Local instances killed by their guard at the deadline (this node cut off or stalled)",
             m.guard_expiries.clone(),
+        );
+        registry.register(
+            "instances_adopted",
+            "Instances left running by an earlier incarnation that this one took over",
+            m.adopted.clone(),
+        );
+        registry.register(
+            "quorum_polls",
+            "Polls of the members about an unreachable owner of at-most-once tasks",
+            m.quorum_polls.clone(),
+        );
+        registry.register(
+            "quorum_confirms",
+            "At-most-once claims confirmed by a majority (result=confirmed) or handed back (result=refused)",
+            m.quorum_confirms.clone(),
         );
         registry.register("tasks", "Tasks known here, by state", m.tasks.clone());
         registry.register(
@@ -265,6 +296,16 @@ impl Metrics {
         self.fenced.inc_by(d(s.fenced, l.fenced));
         self.guard_expiries
             .inc_by(d(s.guard_expiries, l.guard_expiries));
+        self.adopted.inc_by(d(s.adopted, l.adopted));
+        self.quorum_polls.inc_by(d(s.polls, l.polls));
+        self.quorum_confirms
+            .get_or_create(&ResultLabel {
+                result: "confirmed",
+            })
+            .inc_by(d(s.confirms, l.confirms));
+        self.quorum_confirms
+            .get_or_create(&ResultLabel { result: "refused" })
+            .inc_by(d(s.confirms_refused, l.confirms_refused));
         self.last = s;
     }
 

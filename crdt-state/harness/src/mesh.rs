@@ -77,7 +77,7 @@ pub struct Mesh {
     /// Nodes whose incoming liveness probes are dropped (everything else reaches them).
     pub deaf_to_probes: BTreeSet<NodeId>,
     /// The guards of the instances, as the peer runs them: an instance is killed (and its
-    /// node fed `ExecEvent::Expired`) once its node's `leases_hold_until`, less this margin,
+    /// node fed `ExecEvent::Expired`) once its node's `instance_deadline`, less this margin,
     /// has passed. `None`: no guards (instances live until stopped or crashed).
     pub guard_margin: Option<Millis>,
     /// Instances killed by their guard: (node, task, epoch, when).
@@ -445,7 +445,7 @@ impl Mesh {
             .filter(|i| i.stopped_at.is_none() && !self.down.contains(&i.node))
             .filter(|i| {
                 self.replicas[&i.node]
-                    .leases_hold_until(now)
+                    .instance_deadline(now, &i.task)
                     .saturating_sub(margin)
                     <= now
             })

@@ -10,11 +10,14 @@ use omesh_protocol::{
     DeltaBody, Epoch, ImageRef, Lease, Millis, NodeId, NodeRecord, StatusEntry, TaskId, TaskState,
 };
 
+use super::disconnect;
 use super::Replica;
 use crate::decide::TaskView;
 use crate::io::{Action, ExecEvent, StopReason};
 use crate::merge::TaskRecord;
 use crate::placement::{self, Committed, PlacementPolicy};
+use crate::quorum::Wanted;
+use crate::replica::survives_restart;
 use crate::runs::{Pass, Phase};
 
 /// The longest settle delay, however slow the links look.
@@ -22,6 +25,9 @@ const MAX_SETTLE_MS: Millis = 5_000;
 
 enum Step {
     Start(TaskId, Epoch),
+    Confirm(TaskId, Epoch),
+    Adopt(TaskId, Epoch),
+    Refused(TaskId, Epoch),
     Stop(TaskId, Epoch, StopReason),
     Forget(TaskId),
     Release(TaskId, Epoch),
@@ -73,13 +79,13 @@ impl Replica {
         Some(at.saturating_add(u64::from(lease.ttl_ms) + self.grace_ms(&lease.owner) + 1))
     }
 
-    fn derive_state(&self, now: Millis, rec: &TaskRecord) -> TaskState {
+    fn derive_state(&self, now: Millis, id: &TaskId, rec: &TaskRecord) -> TaskState {
         if let Some(ended) = rec.ended() {
             return ended;
         }
         match rec.lease() {
             Some(l)
-                if self.lease_live(now, &l.value)
+                if self.lease_holds(now, id, rec, &l.value)
                     && rec.status(l.value.epoch).map(|s| s.state) == Some(TaskState::Running) =>
             {
                 TaskState::Running
@@ -95,7 +101,7 @@ impl Replica {
         }
         let rec = self.state.task(id)?;
         rec.spec.as_ref()?;
-        Some(self.derive_state(now, rec))
+        Some(self.derive_state(now, id, rec))
     }
 
     /// A task as an operator sees it from here.
@@ -121,7 +127,7 @@ impl Replica {
         let spec = rec.spec.as_ref().map(|s| Arc::clone(&s.value));
         let state = spec
             .as_ref()
-            .map_or(TaskState::Pending, |_| self.derive_state(now, rec));
+            .map_or(TaskState::Pending, |_| self.derive_state(now, id, rec));
         let lease = rec.lease().map(|l| l.value);
         let last_ended = rec
             .statuses
@@ -134,7 +140,7 @@ impl Replica {
             state,
             epoch: rec.max_epoch(),
             owner: lease.map(|l| l.owner),
-            lease_live: lease.is_some_and(|l| self.lease_live(now, &l)),
+            lease_live: lease.is_some_and(|l| self.lease_holds(now, id, rec, &l)),
             failed_attempts: rec.failed_attempts(),
             exit_code: last_ended.and_then(|s| s.value.exit_code),
             error: last_ended
@@ -163,7 +169,13 @@ impl Replica {
     pub fn local_runs(&self) -> Vec<(TaskId, Epoch, bool)> {
         self.tasks
             .runs()
-            .map(|(t, r)| (*t, r.epoch, r.phase == Phase::Started))
+            .map(|(t, r)| {
+                (
+                    *t,
+                    r.epoch,
+                    matches!(r.phase, Phase::Started | Phase::Adopted),
+                )
+            })
             .collect()
     }
 
@@ -194,11 +206,11 @@ impl Replica {
 
     fn committed(&self, now: Millis) -> BTreeMap<NodeId, Committed> {
         let mut out: BTreeMap<NodeId, Committed> = BTreeMap::new();
-        for (_, rec) in self.state.tasks() {
+        for (id, rec) in self.state.tasks() {
             let (Some(spec), Some(lease)) = (&rec.spec, rec.lease()) else {
                 continue;
             };
-            if !self.lease_live(now, &lease.value)
+            if !self.lease_holds(now, id, rec, &lease.value)
                 || rec
                     .status(lease.value.epoch)
                     .is_some_and(|s| s.state.is_terminal())
@@ -221,9 +233,21 @@ impl Replica {
         let overloaded = self.is_overloaded();
         let may_claim = self.may_claim(now);
 
+        // Majority contact, worked out once per pass and only if an at-most-once task asks.
+        let majority = std::cell::OnceCell::new();
+        let has_majority = |d: Millis| {
+            majority
+                .get_or_init(|| self.majority_contact(now))
+                .is_some_and(|t| t.saturating_add(d) > now.saturating_add(self.cfg.lease_ttl_ms))
+        };
+        // A restarted node decides about the instances it adopted only once its view is the
+        // mesh's (or it has been alone for long).
+        let synced = self.sync.is_synced()
+            || (now >= self.started_at.saturating_add(self.forget_after())
+                && self.sync.alone(now, self.forget_after()));
         for (task, run) in self.tasks.runs() {
             let Some(rec) = self.state.task(task) else {
-                if run.phase == Phase::Started {
+                if run.phase == Phase::Started || (run.phase == Phase::Adopted && synced) {
                     steps.push(Step::Stop(*task, run.epoch, StopReason::Compacted));
                 } else if matches!(run.phase, Phase::Settling { .. }) {
                     steps.push(Step::Forget(*task));
@@ -234,8 +258,19 @@ impl Replica {
             let mine =
                 lease.is_some_and(|l| l.epoch == run.epoch && l.owner == self.me.id && !l.released);
             let by = lease.map_or(run.epoch, |l| l.epoch);
+            let disc = disconnect::policy_of(rec);
             match run.phase {
                 Phase::Stopping => {}
+                Phase::Adopted if !synced => {}
+                Phase::Adopted => {
+                    let ended = rec.is_cancelled()
+                        || rec.status(run.epoch).is_some_and(|s| s.state.is_terminal());
+                    if mine && !ended && survives_restart(&disc) {
+                        steps.push(Step::Adopt(*task, run.epoch));
+                    } else {
+                        steps.push(Step::Stop(*task, run.epoch, StopReason::Fenced { by }));
+                    }
+                }
                 Phase::Settling { .. } if !mine => steps.push(Step::Forget(*task)),
                 Phase::Started if !mine => {
                     steps.push(Step::Stop(*task, run.epoch, StopReason::Fenced { by }));
@@ -247,9 +282,20 @@ impl Replica {
                     steps.push(Step::Stop(*task, run.epoch, StopReason::Cancelled));
                 }
                 Phase::Settling { .. } if overloaded => steps.push(Step::Release(*task, run.epoch)),
-                Phase::Settling { until } if now >= until => {
-                    steps.push(Step::Start(*task, run.epoch))
-                }
+                Phase::Settling { until } if now >= until => match disc.stop_after_ms {
+                    None => steps.push(Step::Start(*task, run.epoch)),
+                    Some(d) => match self.quorum.confirmation(task, run.epoch) {
+                        None => steps.push(Step::Confirm(*task, run.epoch)),
+                        Some(Ok(())) if has_majority(Millis::from(d)) => {
+                            steps.push(Step::Start(*task, run.epoch))
+                        }
+                        Some(Ok(())) => steps.push(Step::Refused(*task, run.epoch)),
+                        Some(Err(sent)) if now >= sent + self.answer_ms() => {
+                            steps.push(Step::Refused(*task, run.epoch))
+                        }
+                        Some(Err(sent)) => at(sent + self.answer_ms()),
+                    },
+                },
                 Phase::Settling { until } => at(until),
                 Phase::Started => {
                     if rec.status(run.epoch).is_some_and(|s| s.state.is_terminal()) {
@@ -267,12 +313,15 @@ impl Replica {
             || -> &Vec<&NodeRecord> { live_nodes.get_or_init(|| self.alive_nodes(now).collect()) };
         let policy = self.policy();
         let mut pass = Pass::default();
+        let mut window: Option<Millis> = None;
+        let mut wanted: BTreeMap<NodeId, Wanted> = BTreeMap::new();
         for (id, rec) in self.state.tasks() {
             let Some(spec) = rec.spec.as_ref().map(|s| &s.value) else {
                 continue;
             };
-            let state = self.derive_state(now, rec);
+            let state = self.derive_state(now, id, rec);
             let lease = rec.lease().map(|l| l.value);
+            let disc = disconnect::policy_of(rec);
             if state.is_terminal() {
                 let since = pass.terminal(&self.tasks, now, *id);
                 let last_owner = lease.is_some_and(|l| l.owner == self.me.id);
@@ -299,10 +348,58 @@ impl Replica {
                 .next_back()
                 .filter(|(_, s)| s.value.state == TaskState::Failed)
                 .map(|(e, _)| *e);
-            if let Some(l) = lease.filter(|l| self.lease_live(now, l)) {
+            let holds = lease.filter(|l| self.lease_holds(now, id, rec, l));
+            if let (Some(d), Some(l)) = (disc.stop_after_ms, lease) {
+                if holds.is_none() || !self.lease_live(now, &l) {
+                    // Wanted by whoever may claim it: keep majority contact.
+                    let d = Millis::from(d);
+                    window = Some(window.map_or(d, |w: Millis| w.min(d)));
+                }
+                // Only the node that would take the task over polls (one poll reaches every
+                // member: a poll from every node would cost N² messages per lost owner).
+                let first = holds.is_some()
+                    && self.wants_poll(now, rec, &l)
+                    && !overloaded
+                    && may_claim
+                    && {
+                        let image = ImageRef::parse(&spec.spec.image).ok().map(|r| r.digest);
+                        let via = rec
+                            .spec
+                            .as_ref()
+                            .and_then(|s| self.state.node(&s.at.origin));
+                        let placing = placement::Placing {
+                            committed: &committed,
+                            spec: &spec.spec,
+                            image: image.as_ref(),
+                            via,
+                            policy: &policy,
+                        };
+                        matches!(
+                            placement::place(&self.me.id, live().iter().copied(), &placing),
+                            Ok(Some((0, _)))
+                        )
+                    };
+                if first {
+                    let e = wanted.entry(l.owner).or_insert_with(|| Wanted {
+                        leases: BTreeSet::new(),
+                        shortest: d.into(),
+                        longest: d.into(),
+                    });
+                    e.leases.insert((*id, l.epoch));
+                    e.shortest = e.shortest.min(d.into());
+                    e.longest = e.longest.max(d.into());
+                }
+            } else if let (Some(d), None) = (disc.stop_after_ms, lease) {
+                let d = Millis::from(d);
+                window = Some(window.map_or(d, |w: Millis| w.min(d)));
+            }
+            if let Some(l) = holds {
                 if top_failed != Some(l.epoch) {
                     if l.owner != self.me.id {
                         if let Some(t) = self.lease_expiry(&l) {
+                            at(t);
+                        }
+                        if let Some(t) = self.policy_wake(id, rec, &l) {
                             at(t);
                         }
                     }
@@ -328,6 +425,27 @@ impl Replica {
                 // A node that hears nobody, or has not synced since it did, may hold a stale
                 // view (a task compacted or finished elsewhere): it claims nothing until synced.
                 continue;
+            }
+            if let Some(d) = disc.stop_after_ms {
+                let least = self.min_stop_after();
+                if Millis::from(d) < least {
+                    pass.pending(
+                        *id,
+                        format!(
+                            "stop_after of {d} ms is shorter than this mesh can hold (at least {least} ms: twice lease_ttl_ms + heartbeat_ms, plus heartbeat_ms)"
+                        ),
+                    );
+                    continue;
+                }
+                if !has_majority(Millis::from(d)) {
+                    pass.pending(
+                        *id,
+                        "at most once: this node is not in contact with a majority of the mesh"
+                            .to_owned(),
+                    );
+                    at(now + self.cfg.heartbeat_ms);
+                    continue;
+                }
             }
             if let Some(c) = self.tasks.claimable(id).filter(|c| now < c.recheck) {
                 // Placed in an earlier pass and not yet due: no need to rank every live
@@ -387,6 +505,20 @@ impl Replica {
 
         let held: BTreeSet<TaskId> = self.state.tasks().map(|(id, _)| *id).collect();
         self.tasks.end_pass(now, pass, &held);
+        self.quorum.retain_tasks(|t| held.contains(t));
+        // Owning a task at most once needs majority contact too.
+        for (task, _) in self.tasks.runs() {
+            if let Some(d) = self
+                .state
+                .task(task)
+                .and_then(|r| disconnect::policy_of(r).stop_after_ms)
+            {
+                let d = Millis::from(d);
+                window = Some(window.map_or(d, |w: Millis| w.min(d)));
+            }
+        }
+        self.contact_window = window;
+        self.send_polls(now, wanted);
 
         for step in steps {
             self.apply_step(now, step);
@@ -399,6 +531,10 @@ impl Replica {
     fn apply_step(&mut self, now: Millis, step: Step) {
         match step {
             Step::Start(task, epoch) => {
+                if self.quorum.confirmation(&task, epoch).is_some() {
+                    self.stats.confirms += 1;
+                    self.quorum.forget_confirm(&task);
+                }
                 let spec = self
                     .state
                     .task(&task)
@@ -409,6 +545,14 @@ impl Replica {
                         .push_back(Action::StartTask { task, epoch, spec });
                     self.tasks.set_phase(&task, Phase::Started);
                 }
+            }
+            Step::Confirm(task, epoch) => self.send_confirm(now, task, epoch),
+            Step::Adopt(task, from) => self.take_over_adopted(now, task, from),
+            Step::Refused(task, epoch) => {
+                self.stats.confirms_refused += 1;
+                self.quorum.forget_confirm(&task);
+                self.release(now, task, epoch);
+                self.tasks.forget(&task);
             }
             Step::Stop(task, epoch, reason) => {
                 if matches!(reason, StopReason::Fenced { .. }) {
@@ -456,6 +600,14 @@ impl Replica {
                 self.write(now, DeltaBody::Lease { task, lease });
                 let until = now + self.settle_ms();
                 self.tasks.claimed(task, epoch, until);
+                let at_most_once = self
+                    .state
+                    .task(&task)
+                    .is_some_and(|r| disconnect::policy_of(r).at_most_once());
+                if at_most_once {
+                    // Asked at once: the promises take a round trip, as the settle delay does.
+                    self.send_confirm(now, task, epoch);
+                }
                 self.wake_at(until);
                 self.stats.claims += 1;
                 if failover {
@@ -467,20 +619,6 @@ impl Replica {
                 self.write(now, DeltaBody::Compact { task, outcome, end });
             }
         }
-    }
-
-    /// Until when, on this node's clock, the instance of `task` this node runs may go on
-    /// without another node being able to count its lease lost: the deadline its guard
-    /// enforces (less the driver's margin). It follows the task's disconnect policy; see
-    /// [`Replica::leases_hold_until`] for the default.
-    pub fn instance_deadline(&self, now: Millis, task: &TaskId) -> Millis {
-        let _ = task;
-        self.leases_hold_until(now)
-    }
-
-    /// An instance of an earlier incarnation runs here (see [`crate::Input::Adopt`]).
-    pub(crate) fn adopt(&mut self, now: Millis, task: TaskId, epoch: Epoch) {
-        let _ = (now, task, epoch);
     }
 
     /// Hands a claimed but unstarted task back to the mesh.
@@ -554,6 +692,9 @@ impl Replica {
             ExecEvent::Failed { error } => {
                 self.report(now, task, epoch, TaskState::Failed, None, &error)
             }
+            // Stopped because this node leaves: hand the task back at once (an at-most-once
+            // task waits for this rather than for the leave itself).
+            ExecEvent::Stopped if self.me.leaving => self.release(now, task, epoch),
             ExecEvent::Stopped => {}
             ExecEvent::Expired => self.release(now, task, epoch),
         }

@@ -171,6 +171,8 @@ impl Replica {
                         }
                         let newer = held.is_none_or(|v| rec.version() > v);
                         if newer {
+                            self.quorum
+                                .incarnation_seen(now, rec.id, rec.incarnation, rec.leaving);
                             self.state.hear(&rec.id, now);
                             self.sync.heard(now);
                             if self.suspicions.holds(&rec.id) {

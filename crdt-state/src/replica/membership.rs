@@ -152,7 +152,7 @@ impl Replica {
     }
 
     /// Silence from every peer for this long means the rest of the mesh is gone.
-    fn forget_after(&self) -> Millis {
+    pub(crate) fn forget_after(&self) -> Millis {
         10 * (self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms)
     }
 
@@ -201,6 +201,7 @@ impl Replica {
             let next = self
                 .prober
                 .next_target(&self.state, &self.me.id, &mut self.rng);
+            self.contact_tick(now);
             if let Some(target) = next {
                 let wait = self
                     .rtt
@@ -254,22 +255,36 @@ impl Replica {
             return;
         }
         self.contact(now, from);
+        if self.on_quorum_probe(now, from, probe) {
+            return;
+        }
         let relay_ms = RELAY_PERIODS * self.cfg.heartbeat_ms;
         match self.prober.handle(now, self.me.id, from, probe, relay_ms) {
-            Answer::Send { to, probe } => self.outbox.push_back(Action::SendProbe { to, probe }),
+            Answer::Send { to, probe } => {
+                let probe = self.grant_ack(now, to, probe);
+                self.outbox.push_back(Action::SendProbe { to, probe });
+            }
             Answer::Acked {
                 peer,
                 rtt_us,
                 sent_at,
-                grant: _,
+                grant,
             } => {
                 if let Some(rtt_us) = rtt_us {
                     self.rtt.entry(peer).or_default().observe(rtt_us);
                 }
                 self.round_trip_at(sent_at);
+                if grant {
+                    self.quorum.granted_by(peer, sent_at);
+                }
                 self.stats.probes_acked += 1;
             }
-            Answer::RoundTrip { sent_at, grant: _ } => self.round_trip_at(sent_at),
+            Answer::RoundTrip { sent_at, grant } => {
+                self.round_trip_at(sent_at);
+                if grant {
+                    self.quorum.granted_by(from, sent_at);
+                }
+            }
             Answer::Dropped => self.stats.probes_dropped += 1,
             Answer::Refused => self.stats.probe_acks_refused += 1,
             Answer::Nothing => {}
