@@ -15,6 +15,7 @@ pub use error::ExecError;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use omesh_protocol::{Epoch, ExecutorKind, NodeId, SignedTaskSpec, TaskId};
 use omesh_state::ExecEvent;
@@ -63,11 +64,9 @@ pub struct Adopted {
 
 impl Adopted {
     /// What is left of the task's run-time limit (`None`: it has none).
-    pub fn timeout_left(&self) -> Option<std::time::Duration> {
+    pub fn timeout_left(&self) -> Option<Duration> {
         (self.info.timeout_ms > 0).then(|| {
-            std::time::Duration::from_millis(
-                self.info.timeout_ms.saturating_sub(self.info.running_ms),
-            )
+            Duration::from_millis(self.info.timeout_ms.saturating_sub(self.info.running_ms))
         })
     }
 }
@@ -266,9 +265,10 @@ struct Running {
     epoch: watch::Sender<Epoch>,
     /// Whether it outlives this peer (left running on shutdown).
     survives: bool,
-    /// Re-attached and not yet adopted by the replica: its guard keeps the deadline the
-    /// earlier incarnation set (this one renews nothing it does not own yet).
-    adopting: bool,
+    /// Re-attached and not yet adopted by the replica: renewals never bring its guard's
+    /// deadline before this, the one the earlier incarnation set (until the replica knows the
+    /// task, the deadline it gives is only this node's shared one).
+    adopting: Option<tokio::time::Instant>,
 }
 
 impl Running {
@@ -278,7 +278,7 @@ impl Running {
             lease: watch::Sender::new(until),
             epoch: watch::Sender::new(epoch),
             survives,
-            adopting: false,
+            adopting: None,
         }
     }
 }
@@ -332,8 +332,8 @@ impl Executor {
     /// Renews every guard's deadline: a new instance's guard starts with `shared` (this
     /// node's leases hold until then, less the margin); each running instance's guard moves
     /// to `deadline(task)` (its task's lease, less the margin). Guards are told only when
-    /// theirs changes. Instances re-attached but not yet adopted keep the deadline the
-    /// earlier incarnation set.
+    /// theirs changes. An instance re-attached but not yet adopted keeps at least the
+    /// deadline the earlier incarnation set.
     pub fn renew(
         &mut self,
         shared: tokio::time::Instant,
@@ -341,10 +341,10 @@ impl Executor {
     ) {
         self.lease = shared;
         for ((task, _), r) in &self.running {
-            if r.adopting {
-                continue;
+            let mut until = deadline(task);
+            if let Some(floor) = r.adopting {
+                until = until.max(floor);
             }
-            let until = deadline(task);
             r.lease.send_if_modified(|cur| {
                 let changed = *cur != until;
                 *cur = until;
@@ -492,7 +492,11 @@ impl Executor {
     /// reports, renewals and log follow the new epoch from now on. `false` if no re-attached
     /// instance of `(task, from)` waits for adoption (it ended, or was never found).
     pub fn adopt(&mut self, task: TaskId, from: Epoch, epoch: Epoch) -> bool {
-        if !self.running.get(&(task, from)).is_some_and(|r| r.adopting) {
+        if self
+            .running
+            .get(&(task, from))
+            .is_none_or(|r| r.adopting.is_none())
+        {
             return false;
         }
         let Some(mut r) = self.running.remove(&(task, from)) else {
@@ -505,10 +509,7 @@ impl Executor {
                 tracing::warn!(task = %task.short(), from, epoch, error = %e, "cannot move the adopted instance's log");
             }
         }
-        r.adopting = false;
-        // Renewed from now on: the deadline a new instance starts with, then (at the next
-        // renewal) its task's own.
-        r.lease.send_replace(self.lease);
+        r.adopting = None;
         r.epoch.send_replace(epoch);
         self.running.insert((task, epoch), r);
         true
@@ -593,8 +594,9 @@ impl Executor {
             if self.running.contains_key(&(task, epoch)) {
                 continue;
             }
-            let mut running = Running::new(epoch, tokio::time::Instant::now(), true);
-            running.adopting = true;
+            let now = tokio::time::Instant::now();
+            let mut running = Running::new(epoch, now, true);
+            running.adopting = Some(now + Duration::from_millis(info.deadline_ms));
             let guard = attaching.follow(running.lease.subscribe(), running.epoch.subscribe());
             found.keep.guards.extend(guard.pid());
             match &info.target {
@@ -670,9 +672,10 @@ pub async fn select_docker(
     }
 }
 
-/// Follows a re-attached instance to its end. Its reports wait until the replica decides:
-/// adopted (the epoch moves: `Started` for the new epoch, then the end under it) or stopped
-/// (the end is `Stopped` under the old epoch, whatever it was).
+/// Follows a re-attached instance to its end. Its report waits until the replica decides:
+/// adopted (the epoch moves, and the end is reported under the new one; the replica marks the
+/// new epoch running itself, so no `Started` is sent) or stopped (the end is `Stopped` under
+/// the old epoch, whatever it was).
 async fn follow_adopted(
     backend: Arc<dyn Backend>,
     adopted: Adopted,
@@ -684,27 +687,15 @@ async fn follow_adopted(
     let resume = backend.resume(adopted, cancel.clone());
     tokio::pin!(resume);
     let mut end = None;
-    let adopted_as = loop {
+    let adopted = loop {
         tokio::select! {
-            changed = epochs.changed() => match changed {
-                Ok(()) => break Some(*epochs.borrow_and_update()),
-                // Let go of (this peer shuts down): nobody reads reports any more.
-                Err(_) => break None,
-            },
-            () = cancelled(&mut cancel) => break None,
+            // Moved (adopted), or let go of (this peer shuts down: nobody reads reports).
+            changed = epochs.changed() => break changed.is_ok(),
+            () = cancelled(&mut cancel) => break false,
             e = &mut resume, if end.is_none() => end = Some(e),
         }
     };
-    if let (Some(epoch), None) = (adopted_as, &end) {
-        let _ = reports
-            .send(Report {
-                task,
-                epoch,
-                event: Event::Started,
-            })
-            .await;
-    }
-    let stopped_first = adopted_as.is_none() && *cancel.borrow();
+    let stopped_first = !adopted && *cancel.borrow();
     let end = match end {
         Some(e) => e,
         None => resume.await,

@@ -7,17 +7,29 @@
 //! [`ToGuard`] renewals and orders; the guard answers with [`FromGuard`] reports.
 //!
 //! - **Peer dies** (crash, `kill -9`, OOM): the kernel closes the peer's end of the pipe, the
-//!   guard reads end-of-file and kills the instance at once.
+//!   guard reads end-of-file and kills the instance at once (unless it outlives its peer,
+//!   below).
 //! - **Peer stops renewing** (hung, stopped, starved, or it renews with a deadline that no
 //!   longer moves because it is cut off): the guard kills the instance when the deadline
 //!   passes and reports [`FromGuard::Expired`]. The deadline is the peer's own view of when
-//!   another node could first count its leases lost (`Replica::leases_hold_until`), less
-//!   `guard_margin_ms`; the guard holds it as a duration on its own monotonic clock.
+//!   another node could first count the instance's lease lost (`Replica::instance_deadline`,
+//!   which follows the task's disconnect policy), less `guard_margin_ms`; the guard holds it
+//!   as a duration on its own monotonic clock.
 //! - **Process tasks** run as the guard's child, in their own cgroup (limits; kill is
 //!   race-free against forking) where one can be made, else in their own process group with
 //!   the guard as child subreaper, so grandchildren that leave the group come back to it.
 //! - **Container tasks** are created and waited for by the peer; the guard only knows the
 //!   container's name and kills and removes it through the engine.
+//! - **Instances that outlive their peer** (tasks with `lost_after` and no `stop_after`: an
+//!   upgrade restarts the peer, not the work): the plan carries a [`Survival`], and the guard
+//!   listens on a unix socket in the peer's private data dir (`<data>/guards/<task>-<epoch>.sock`,
+//!   0600, attaches only from its own uid). End-of-file from the peer does not end such an
+//!   instance: the guard keeps it until the deadline last set (which still kills it, and the
+//!   guard exits) and waits for the peer's next incarnation, which says [`ToGuard::Attach`],
+//!   is told what runs ([`FromGuard::Attached`]; if the instance ended meanwhile, how follows at
+//!   once) and then speaks the same protocol over the socket, [`ToGuard::Rekey`] included once
+//!   its replica adopted the instance under a new epoch. A restarted peer spares these guards
+//!   and their cgroups, process groups and containers when it ends what its earlier run left.
 //!
 //! The guard itself dies only after its instance: SIGTERM, SIGINT and SIGHUP make it kill
 //! the instance first. A guard killed with SIGKILL takes its direct child along (parent-death
@@ -191,6 +203,8 @@ pub struct Attached {
     pub started_epoch: Epoch,
     /// How long ago the guard started the instance (or began to watch it), ms.
     pub running_ms: u64,
+    /// How long from the answer until the guard's deadline (the last one set), ms.
+    pub deadline_ms: u64,
     /// The task's run-time limit, ms (0: none).
     pub timeout_ms: u64,
     /// What it guards.

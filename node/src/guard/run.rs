@@ -113,6 +113,7 @@ impl Survivor {
                 epoch: s.epoch,
                 started_epoch: s.epoch,
                 running_ms: 0,
+                deadline_ms: 0,
                 timeout_ms: s.timeout_ms,
                 target,
             },
@@ -120,10 +121,12 @@ impl Survivor {
         })
     }
 
-    /// The answer to an attach, now.
-    fn answer(&self) -> FromGuard {
+    /// The answer to an attach, now, with the guard's `deadline`.
+    fn answer(&self, deadline: Instant) -> FromGuard {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let mut info = self.info.clone();
-        info.running_ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        info.running_ms = ms(self.since.elapsed());
+        info.deadline_ms = ms(deadline.saturating_duration_since(Instant::now()));
         FromGuard::Attached(info)
     }
 }
@@ -248,7 +251,7 @@ impl Watch {
             _ => return,
         }
         self.link = Link::Socket { lines, out };
-        let answer = survivor.answer();
+        let answer = survivor.answer(self.deadline);
         self.report(&answer).await;
     }
 
@@ -274,7 +277,8 @@ impl Watch {
                         }
                     }
                     LinkEvent::Order(ToGuard::Attach) => {
-                        if let Some(answer) = self.survivor.as_ref().map(Survivor::answer) {
+                        let deadline = self.deadline;
+                        if let Some(answer) = self.survivor.as_ref().map(|s| s.answer(deadline)) {
                             self.report(&answer).await;
                         }
                     }
