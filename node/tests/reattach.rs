@@ -3,11 +3,16 @@
 //! a new epoch owned by the restarted node), while the instances of default tasks end with
 //! the old process as before (`kill -9`) or are stopped by its leave (SIGTERM).
 //!
+//! The same with a container (skipped without a Docker engine, unless
+//! `OMESH_REQUIRE_DOCKER=1`), and the surviving guard on its own: it still ends its instance
+//! at the deadline with no peer attached, and tells the next attach how an instance that
+//! ended meanwhile ended.
+//!
 //! Each instance writes a start marker (`<epoch> <ns>`, see `common::instances`) and then
 //! `exec`s a long `sleep`, so its one process is its main pid; the test reads every process
 //! of a task from /proc (`OMESH_TASK_ID`, `OMESH_EPOCH` in its environment). "No second
-//! instance" means: one start marker for the task in the whole test, and no process of it
-//! but the original one.
+//! instance" means: no start marker of the task written after its placement settled, and no
+//! process of it but the original one.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -338,11 +343,16 @@ async fn started(guard: &mut omesh::guard::Guard) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_detached_guard_keeps_its_instance_until_the_deadline_and_no_longer() {
     let dir = tempfile::tempdir().unwrap();
-    let window = Duration::from_secs(4);
+    let window = Duration::from_secs(6);
     let (mut guard, task, socket) = surviving_guard(dir.path(), &["sleep", "600"], window);
     let deadline = std::time::Instant::now() + window;
     let _cleanup = KillOnDrop(vec![task.clone()]);
     let pid = started(&mut guard).await;
+    let seen = wait_until(Duration::from_secs(5), || async {
+        instance_pids(&task, None) == vec![pid]
+    })
+    .await;
+    assert!(seen, "the instance does not run");
     // The peer goes away: the instance stays, and a later peer can attach.
     drop(guard);
     let attaching = omesh::guard::Guard::attach(&socket).await.unwrap();
@@ -403,4 +413,111 @@ async fn an_instance_that_ended_while_detached_is_reported_to_the_next_attach() 
     );
     let gone = wait_until(Duration::from_secs(20), || async { !socket.exists() }).await;
     assert!(gone, "the guard stayed after it reported the end");
+}
+
+/// The containers of `task` the engine holds: (id, running).
+async fn containers_of(docker: &bollard::Docker, task: &str) -> Vec<(String, bool)> {
+    use bollard::query_parameters::ListContainersOptionsBuilder;
+    let filters = std::collections::HashMap::from([("label", vec![format!("omesh.task={task}")])]);
+    let options = ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    docker
+        .list_containers(Some(options))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|c| {
+            let running = matches!(
+                c.state,
+                Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
+            );
+            Some((c.id?, running))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_of_an_owner_keeps_its_lost_after_container() {
+    let test = "kill_9_and_restart_of_an_owner_keeps_its_lost_after_container";
+    if !common::docker::docker_or_skip(test) {
+        return;
+    }
+    let Some(image) = common::docker::test_image() else {
+        common::docker::skip(test, "the test image could not be built");
+        return;
+    };
+    let docker = bollard::Docker::connect_with_defaults().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let sub = Submitter::new();
+    let spec = sub.spec(&["sleep", "600"], |s| {
+        s.executor = omesh_protocol::ExecutorKind::Docker;
+        s.image = image.clone();
+        s.timeout_ms = 0;
+        s.disconnect.lost_after_ms = Some(60_000);
+    });
+    let task = spec.id().to_hex();
+    let _remove = common::docker::RemoveOnDrop(format!("omesh.task={task}"));
+    let mut nodes = mesh(root.path(), 2, |_| {
+        let mut f = sub.flags();
+        f.extend(["--executor", "docker", "--threshold-cpu", "100"].map(String::from));
+        f
+    })
+    .await;
+    sub.submit(&nodes[1], &spec).await;
+    let placed = wait_until(Duration::from_secs(60), || async {
+        let found = containers_of(&docker, &task).await;
+        nodes[0]
+            .task(&task)
+            .await
+            .is_some_and(|t| t.state == "running")
+            && found.len() == 1
+            && found[0].1
+    })
+    .await;
+    let before = containers_of(&docker, &task).await;
+    assert!(placed, "the task does not run as one container: {before:?}");
+    let t = nodes[0].task(&task).await.unwrap();
+    let (epoch, owner) = (t.epoch, t.owner.unwrap());
+    let victim = if nodes[1].node_id().await == owner {
+        1
+    } else {
+        0
+    };
+    let container = before[0].0.clone();
+
+    nodes[victim].kill9();
+    assert_eq!(
+        containers_of(&docker, &task).await,
+        vec![(container.clone(), true)],
+        "the container did not outlive its peer"
+    );
+    nodes[victim].restart();
+    let adopted = wait_until(Duration::from_secs(60), || async {
+        nodes[1 - victim]
+            .task(&task)
+            .await
+            .is_some_and(|t| t.state == "running" && t.epoch > epoch)
+    })
+    .await;
+    if !adopted {
+        dump(&nodes.iter().collect::<Vec<_>>());
+    }
+    assert!(adopted, "the task did not move to a new epoch");
+    let t = nodes[1 - victim].task(&task).await.unwrap();
+    assert_eq!(t.owner.as_deref(), Some(owner.as_str()));
+    assert_eq!(
+        containers_of(&docker, &task).await,
+        vec![(container.clone(), true)],
+        "the task does not run as the same, one container"
+    );
+    // Followed again: a cancel through the new epoch removes it.
+    let status = sub.cancel(&nodes[1 - victim], &task).await;
+    assert!((200..300).contains(&status), "cancel answered {status}");
+    let gone = wait_until(Duration::from_secs(60), || async {
+        containers_of(&docker, &task).await.is_empty()
+    })
+    .await;
+    assert!(gone, "the adopted container outlived its cancel");
 }

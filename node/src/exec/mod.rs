@@ -265,9 +265,8 @@ struct Running {
     epoch: watch::Sender<Epoch>,
     /// Whether it outlives this peer (left running on shutdown).
     survives: bool,
-    /// Re-attached and not yet adopted by the replica: renewals never bring its guard's
-    /// deadline before this, the one the earlier incarnation set (until the replica knows the
-    /// task, the deadline it gives is only this node's shared one).
+    /// Re-attached and not yet adopted by the replica: the deadline the earlier incarnation
+    /// set its guard, which renewals never move past (see [`Executor::renew`]).
     adopting: Option<tokio::time::Instant>,
 }
 
@@ -331,20 +330,24 @@ impl Executor {
 
     /// Renews every guard's deadline: a new instance's guard starts with `shared` (this
     /// node's leases hold until then, less the margin); each running instance's guard moves
-    /// to `deadline(task)` (its task's lease, less the margin). Guards are told only when
-    /// theirs changes. An instance re-attached but not yet adopted keeps at least the
-    /// deadline the earlier incarnation set.
+    /// to `deadline(task)` (its task's lease, less the margin; `None` while the replica does
+    /// not know the task: then `shared`). An instance re-attached but not yet adopted is held
+    /// to the earlier of the deadline the earlier incarnation set and its task's, and keeps
+    /// the former while the replica does not know the task (its deadline would only be the
+    /// shared one, not the task's). Guards are told only when theirs changes.
     pub fn renew(
         &mut self,
         shared: tokio::time::Instant,
-        mut deadline: impl FnMut(&TaskId) -> tokio::time::Instant,
+        mut deadline: impl FnMut(&TaskId) -> Option<tokio::time::Instant>,
     ) {
         self.lease = shared;
         for ((task, _), r) in &self.running {
-            let mut until = deadline(task);
-            if let Some(floor) = r.adopting {
-                until = until.max(floor);
-            }
+            let until = match (r.adopting, deadline(task)) {
+                (Some(earlier), Some(d)) => d.min(earlier),
+                (Some(earlier), None) => earlier,
+                (None, Some(d)) => d,
+                (None, None) => shared,
+            };
             r.lease.send_if_modified(|cur| {
                 let changed = *cur != until;
                 *cur = until;
@@ -545,8 +548,8 @@ impl Executor {
 
     /// Re-attaches to the guards an earlier incarnation of `node` left running (instances
     /// that outlive their peer): each answering guard's instance is followed again as
-    /// running under the epoch the guard names, not renewed until [`Self::adopt`] (its guard
-    /// keeps the deadline it was given), and held to its report until adopted or stopped.
+    /// running under the epoch the guard names, never renewed past the deadline its guard
+    /// was given until [`Self::adopt`], and held to its report until adopted or stopped.
     /// Stale sockets are removed; a guard that does not answer, or whose backend this peer
     /// lacks, is left to [`Self::cleanup_orphans`] like any leftover.
     pub async fn reattach(&mut self, node: &NodeId) -> Reattached {

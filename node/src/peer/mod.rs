@@ -358,9 +358,10 @@ impl Peer {
         let shared = replica.leases_hold_until(now).saturating_sub(margin);
         let mut earliest: Option<u64> = None;
         self.executor.renew(clock.instant_at(shared), |task| {
+            replica.state().task(task)?;
             let until = replica.instance_deadline(now, task).saturating_sub(margin);
             earliest = Some(earliest.map_or(until, |e| e.min(until)));
-            clock.instant_at(until)
+            Some(clock.instant_at(until))
         });
         if let Some(until) = earliest.filter(|u| *u < now + self.cfg.heartbeat_ms) {
             if self.deadline_warned.elapsed() >= Duration::from_secs(5) {
