@@ -39,6 +39,7 @@
 pub mod cleanup;
 mod handle;
 pub mod run;
+mod watch;
 
 pub use handle::{AttachError, Attaching, Guard, GuardEnd, GuardProgram, MAX_SOCKET_PATH};
 
