@@ -66,7 +66,11 @@ impl Replica {
         let Some(rec) = self.state.node(&lease.owner) else {
             return false;
         };
-        if rec.leaving || rec.incarnation > lease.incarnation {
+        // A leave ends the leases of the incarnation that announced it; a lease of a later one
+        // (the owner came back, and its new record has not arrived yet) is not touched by it.
+        if (rec.leaving && rec.incarnation >= lease.incarnation)
+            || rec.incarnation > lease.incarnation
+        {
             return false;
         }
         // Leases ride on membership: they hold until a suspicion of the owner has been held
