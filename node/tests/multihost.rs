@@ -15,7 +15,9 @@
 //! a paused peer still holds its lost instances, frozen, and runs none of them moments after
 //! it thaws; and none runs anywhere after any fault. The at-most-once task's instances never
 //! ran at one instant, by the host's clock (issue #16), and it moved to another peer under
-//! the disconnect and the kill.
+//! the disconnect and the kill. One exception, reported as overlap in the summary: a paused
+//! instance thaws with its guard and may write a marker before the guard kills it (it must
+//! be gone within 500 ms of the thaw).
 //!
 //! Three peers whose `omesh` can be restarted inside its running container: a `lost_after`
 //! task keeps its processes across SIGTERM and SIGKILL of its peer, which re-attaches to it
