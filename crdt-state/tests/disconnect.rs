@@ -388,3 +388,17 @@ fn polls_about_an_owner_the_members_hear_cut_nothing_off() {
     assert_eq!(running_one(&m, task), Some((owner, epoch)));
     assert!(m.guard_kills.is_empty(), "{:?}", m.guard_kills);
 }
+
+#[test]
+fn a_fresh_mesh_claims_its_first_at_most_once_task_once_its_nodes_may_promise() {
+    let (mut m, ids) = five();
+    // Submitted while every node is in its first 8 s, when it promises nothing.
+    let task = m.submit(ids[0], at_most_once(9, 4_000));
+    assert!(m.run_until(30_000, |m| running_one(m, task).is_some()));
+    let refused: u64 = ids
+        .iter()
+        .map(|n| m.replica(*n).stats().confirms_refused)
+        .sum();
+    assert_eq!(refused, 0, "claims were handed back unconfirmed");
+    assert_eq!(running_one(&m, task).map(|(_, e)| e), Some(1));
+}
