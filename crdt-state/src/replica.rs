@@ -236,7 +236,14 @@ impl Replica {
             propagation: Vec::new(),
             key,
             verify: Arc::new(Ed25519),
-            admitted: BTreeMap::new(),
+            // This node's own certificate admits it: what its earlier incarnations wrote comes
+            // back in syncs, possibly before any record of it (a leave's record is its last).
+            admitted: cfg
+                .cert
+                .clone()
+                .map(|c| (cfg.node_id, c))
+                .into_iter()
+                .collect(),
             early: Early::default(),
             quorum: Quorum::default(),
             contact_window: None,

@@ -231,6 +231,102 @@ fn a_restarted_owner_adopts_its_lost_after_instance_at_a_new_epoch() {
 }
 
 #[test]
+fn an_owner_that_left_and_came_back_at_once_adopts_its_lost_after_instance_alone() {
+    let (mut m, ids) = five();
+    let task = m.submit(ids[0], kept_through_drops(7, 30_000));
+    assert!(m.run_until(30_000, |m| running_one(m, task).is_some()));
+    let (owner, epoch) = running_one(&m, task).unwrap();
+    let instances = m.instances.len();
+    // SIGTERM: the peer leaves (the instance is left to its guard) and an upgraded binary
+    // starts at once, its lease at the new epoch racing its new record to the others, who
+    // still hold the record that announced the leave.
+    m.input(owner, Input::Leave).unwrap();
+    m.run_for(300);
+    m.down.insert(owner);
+    m.restart(owner, 2, |_| {});
+    m.input(owner, Input::Adopt { task, epoch }).unwrap();
+    assert!(
+        m.run_until(30_000, |m| m.replica(owner).stats().adopted == 1),
+        "the restarted owner did not take its instance over"
+    );
+    m.run_for(10_000);
+    assert_eq!(
+        running_one(&m, task).map(|(n, _)| n),
+        Some(owner),
+        "another node took the adopted task over"
+    );
+    assert_eq!(
+        m.instances.len(),
+        instances,
+        "a second instance was started"
+    );
+    assert!(m.converged());
+}
+
+/// The owner of a task leaves (a default task is handed over, a lost_after one stays) and its
+/// next incarnation's lease at a new epoch reaches the others before its new record does:
+/// each must count the lease held (the leave was the earlier incarnation's), and nobody
+/// claims the task from it.
+fn lease_of_the_next_incarnation_after_a_leave(spec: omesh_protocol::SignedTaskSpec) {
+    use omesh_protocol::{DeltaBody, GossipMessage, Lease};
+    let (mut m, ids) = five();
+    let task = m.submit(ids[0], spec);
+    assert!(m.run_until(30_000, |m| running_one(m, task).is_some()));
+    let (owner, epoch) = running_one(&m, task).unwrap();
+    m.input(owner, Input::Leave).unwrap();
+    let witnesses: Vec<NodeId> = ids.iter().copied().filter(|n| *n != owner).collect();
+    assert!(m.run_until(5_000, |m| witnesses.iter().all(|w| m
+        .replica(*w)
+        .state()
+        .node(&owner)
+        .is_some_and(|r| r.leaving))));
+    m.crash(owner);
+    let epoch = m
+        .replica(witnesses[0])
+        .task_view(m.now, &task)
+        .unwrap()
+        .epoch
+        .max(epoch);
+    let i = (1..=5).find(|i| harness::node(*i) == owner).unwrap();
+    let lease = Lease {
+        epoch: epoch + 1,
+        owner,
+        incarnation: 2,
+        score: 0,
+        ttl_ms: 3_000,
+        released: false,
+    };
+    let delta = harness::fixtures::signed(i, 2 << 32 | 1, DeltaBody::Lease { task, lease });
+    for w in &witnesses {
+        m.input(
+            *w,
+            Input::Gossip {
+                via: owner,
+                msg: GossipMessage {
+                    deltas: vec![delta.clone()],
+                },
+            },
+        )
+        .unwrap();
+    }
+    for w in &witnesses {
+        let view = m.replica(*w).task_view(m.now, &task).unwrap();
+        assert_eq!((view.owner, view.epoch), (Some(owner), epoch + 1));
+        assert!(view.lease_live, "{w:?} counts the new lease lost");
+    }
+    // Well within the owner's ttl: nobody claims the task from it.
+    m.run_for(300);
+    let runners = m.runners(task);
+    assert!(runners.iter().all(|(_, e)| *e <= epoch), "{runners:?}");
+}
+
+#[test]
+fn a_lease_of_the_incarnation_after_a_leave_holds_before_its_record_arrives() {
+    lease_of_the_next_incarnation_after_a_leave(kept_through_drops(8, 30_000));
+    lease_of_the_next_incarnation_after_a_leave(spec_with(9, |s| s.timeout_ms = 0));
+}
+
+#[test]
 fn an_adopted_instance_of_a_task_that_moved_on_is_stopped() {
     let (mut m, ids) = five();
     let task = m.submit(ids[0], kept_through_drops(6, 2_000));
@@ -291,4 +387,18 @@ fn polls_about_an_owner_the_members_hear_cut_nothing_off() {
     }
     assert_eq!(running_one(&m, task), Some((owner, epoch)));
     assert!(m.guard_kills.is_empty(), "{:?}", m.guard_kills);
+}
+
+#[test]
+fn a_fresh_mesh_claims_its_first_at_most_once_task_once_its_nodes_may_promise() {
+    let (mut m, ids) = five();
+    // Submitted while every node is in its first 8 s, when it promises nothing.
+    let task = m.submit(ids[0], at_most_once(9, 4_000));
+    assert!(m.run_until(30_000, |m| running_one(m, task).is_some()));
+    let refused: u64 = ids
+        .iter()
+        .map(|n| m.replica(*n).stats().confirms_refused)
+        .sum();
+    assert_eq!(refused, 0, "claims were handed back unconfirmed");
+    assert_eq!(running_one(&m, task).map(|(_, e)| e), Some(1));
 }

@@ -380,6 +380,46 @@ fn with_admission_keys_only_certified_nodes_are_heard() {
     assert!(r.state().suspicion(&node(2)).is_none());
 }
 
+#[test]
+fn a_restarted_node_is_admitted_by_its_own_certificate_and_takes_back_its_earlier_writes() {
+    use omesh_protocol::AdmissionCert;
+    let operator = ed25519_dalek::SigningKey::from_bytes(&[99u8; 32]);
+    let keys = std::iter::once(operator.verifying_key().to_bytes()).collect();
+    let mut m = Mesh::new(3, |c| {
+        c.admission_keys.clone_from(&keys);
+        c.cert = Some(AdmissionCert::sign(
+            &operator,
+            c.node_id,
+            Default::default(),
+            0,
+            u64::MAX,
+        ));
+    });
+    assert!(m.run_until(10_000, |m| m.converged()
+        && m.replica(node(1)).state().node_count() == 3));
+    m.crash(node(1));
+    m.restart(node(1), 2, |_| {});
+    assert!(m.replica(node(1)).is_admitted(&node(1)));
+    // A write of its earlier incarnation comes back before any record of it (the others
+    // hold its newer record, which it takes for its own echo).
+    let old = harness::fixtures::signed(
+        1,
+        1 << 32 | 1_000,
+        DeltaBody::Suspect {
+            node: node(2),
+            version: (1, 1),
+        },
+    );
+    let _ = m.input(
+        node(1),
+        Input::Gossip {
+            via: node(2),
+            msg: GossipMessage { deltas: vec![old] },
+        },
+    );
+    assert_eq!(m.replica(node(1)).stats().rejections.get("not_admitted"), 0);
+}
+
 /// Counts the signature checks a replica asks for.
 #[derive(Debug, Default)]
 struct Counting(std::sync::atomic::AtomicU64);

@@ -155,6 +155,15 @@ impl DataDir {
         Ok(dir)
     }
 
+    /// The directory where guards of instances that outlive the peer listen for its next
+    /// incarnation (`<data_dir>/guards`), created with mode 0700 (tightened if it is more
+    /// open): whoever connects to a guard's socket can renew, stop or re-attach its instance.
+    pub fn guard_dir(&self) -> Result<PathBuf, DataDirError> {
+        let dir = self.root.join("guards");
+        create_private_dir(&dir, "guard directory")?;
+        Ok(dir)
+    }
+
     /// The node's identity, created on first use with mode 0600 (an existing key file that is
     /// more open is tightened, with a warning).
     pub fn identity(&self) -> Result<Keypair, DataDirError> {

@@ -81,6 +81,7 @@ fn instance(
         log_path: dir.join(format!("{}-7.log", task.to_hex())),
         node: NodeId(rand::random()),
         lease: watch::channel(tokio::time::Instant::now() + Duration::from_secs(3600)).1,
+        survive: None,
     }
 }
 
@@ -333,7 +334,7 @@ async fn cleanup_orphans_removes_only_this_nodes_containers() {
     }
     assert_eq!(containers_with_label(&our_label).len(), 2);
 
-    let removed = tokio::time::timeout(LONG, backend.cleanup_orphans(&ours))
+    let removed = tokio::time::timeout(LONG, backend.cleanup_orphans(&ours, &Default::default()))
         .await
         .unwrap()
         .unwrap();
@@ -345,7 +346,7 @@ async fn cleanup_orphans_removes_only_this_nodes_containers() {
         "another node's container was touched"
     );
     // Nothing left: a second pass finds nothing.
-    let again = tokio::time::timeout(LONG, backend.cleanup_orphans(&ours))
+    let again = tokio::time::timeout(LONG, backend.cleanup_orphans(&ours, &Default::default()))
         .await
         .unwrap()
         .unwrap();

@@ -16,7 +16,7 @@ use crate::decide::TaskView;
 use crate::io::{Action, ExecEvent, StopReason};
 use crate::merge::TaskRecord;
 use crate::placement::{self, Committed, PlacementPolicy};
-use crate::quorum::Wanted;
+use crate::quorum::{Wanted, PROMISE_QUIET_MS};
 use crate::replica::survives_restart;
 use crate::runs::{Pass, Phase};
 
@@ -66,7 +66,11 @@ impl Replica {
         let Some(rec) = self.state.node(&lease.owner) else {
             return false;
         };
-        if rec.leaving || rec.incarnation > lease.incarnation {
+        // A leave ends the leases of the incarnation that announced it; a lease of a later one
+        // (the owner came back, and its new record has not arrived yet) is not touched by it.
+        if (rec.leaving && rec.incarnation >= lease.incarnation)
+            || rec.incarnation > lease.incarnation
+        {
             return false;
         }
         // Leases ride on membership: they hold until a suspicion of the owner has been held
@@ -427,6 +431,18 @@ impl Replica {
                 continue;
             }
             if let Some(d) = disc.stop_after_ms {
+                let quiet_until = self.started_at.saturating_add(PROMISE_QUIET_MS);
+                if now < quiet_until {
+                    // Its own promise would be refused: a claim now would be handed back and
+                    // spend an epoch for nothing.
+                    pass.pending(
+                        *id,
+                        "at most once: this node promises nothing in its first 8 s (it does not remember promises made before a restart)"
+                            .to_owned(),
+                    );
+                    at(quiet_until);
+                    continue;
+                }
                 let least = self.min_stop_after();
                 if Millis::from(d) < least {
                     pass.pending(

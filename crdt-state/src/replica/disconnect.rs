@@ -151,7 +151,11 @@ impl Replica {
         let Some(node) = self.state.node(&lease.owner) else {
             return false;
         };
-        if node.incarnation > lease.incarnation || node.leaving {
+        // A leave counts for the incarnation that announced it, not for a lease the owner
+        // wrote after it came back (its new record may not have arrived yet).
+        if node.incarnation > lease.incarnation
+            || (node.leaving && node.incarnation >= lease.incarnation)
+        {
             return self
                 .quorum
                 .lapsed_since(&lease.owner, lease.incarnation)

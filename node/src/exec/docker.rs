@@ -21,8 +21,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::{Backend, Ended, ExecError, Instance, TaskLimits};
-use crate::guard::{FromGuard, Guard, GuardEnd, GuardProgram, Plan, Target, ToGuard};
+use super::{Adopted, Backend, Ended, ExecError, Instance, Keep, TaskLimits};
+use crate::guard::{FromGuard, Guard, GuardEnd, GuardProgram, Plan, Survival, Target, ToGuard};
 
 /// Label carrying the full task id (hex).
 pub const LABEL_TASK: &str = "omesh.task";
@@ -221,7 +221,7 @@ impl DockerBackend {
         image_id: String,
         log: tokio::fs::File,
         started: &(dyn Fn() + Send + Sync),
-        mut cancel: watch::Receiver<bool>,
+        cancel: watch::Receiver<bool>,
     ) -> Result<Ended, ExecError> {
         let spec = &inst.spec.spec;
         let name = Self::container_name(inst);
@@ -247,8 +247,9 @@ impl DockerBackend {
         };
         self.create(&name, body, &inst.node).await?;
         // From here on the container exists: remove it whatever happens, also if this future
-        // is dropped half-way.
-        let mut removal = Removal::new(self.docker.clone(), name.clone());
+        // is dropped half-way; unless it outlives this peer (then a dropped future means the
+        // peer ends, and the container's guard keeps it for the next incarnation).
+        let mut removal = Removal::new(self.docker.clone(), name.clone(), inst.survive.is_none());
         if let Err(source) = self.docker.start_container(&name, None).await {
             removal.remove().await;
             return Err(ExecError::Engine {
@@ -262,8 +263,14 @@ impl DockerBackend {
             label: format!("task {} epoch {}", inst.task.short(), inst.epoch),
             window_ms: 0,
             target: Target::Container { name: name.clone() },
+            survive: inst.survive.as_ref().map(|socket| Survival {
+                socket: socket.clone(),
+                task: inst.task,
+                epoch: inst.epoch,
+                timeout_ms: spec.timeout_ms,
+            }),
         };
-        let mut guard = match Guard::spawn(&self.guard, plan, &inst.node, inst.lease.clone()) {
+        let guard = match Guard::spawn(&self.guard, plan, &inst.node, inst.lease.clone()) {
             Ok(g) => g,
             Err(e) => {
                 removal.remove().await;
@@ -271,23 +278,49 @@ impl DockerBackend {
             }
         };
         started();
-        let logs = tokio::spawn(pump_logs(self.docker.clone(), name.clone(), log));
+        let logs = tokio::spawn(pump_logs(self.docker.clone(), name.clone(), log, 0));
+        let timeout = (spec.timeout_ms > 0).then(|| Duration::from_millis(spec.timeout_ms));
+        self.follow(
+            &name,
+            guard,
+            logs,
+            &inst.log_path,
+            (timeout, spec.timeout_ms),
+            cancel,
+            removal,
+        )
+        .await
+    }
 
-        let wait = wait_exit(&self.docker, &name);
+    /// Follows a running container to its end: kills it on `cancel` or when `timeout` (`.0`,
+    /// with `.1` the limit as specified, for the error) passes, waits for `logs` to deliver
+    /// the rest, lets its guard go and removes it.
+    #[allow(clippy::too_many_arguments)]
+    async fn follow(
+        &self,
+        name: &str,
+        mut guard: Guard,
+        logs: tokio::task::JoinHandle<()>,
+        log_path: &std::path::Path,
+        timeout: (Option<Duration>, u64),
+        mut cancel: watch::Receiver<bool>,
+        mut removal: Removal,
+    ) -> Result<Ended, ExecError> {
+        let (timeout, timeout_ms) = timeout;
+        let wait = wait_exit(&self.docker, name);
         tokio::pin!(wait);
-        let timeout = if spec.timeout_ms == 0 {
-            Duration::MAX
-        } else {
-            Duration::from_millis(spec.timeout_ms)
-        };
-        let deadline = tokio::time::sleep(timeout.min(Duration::from_secs(10 * 365 * 24 * 3600)));
+        let deadline = tokio::time::sleep(
+            timeout
+                .unwrap_or(Duration::MAX)
+                .min(Duration::from_secs(10 * 365 * 24 * 3600)),
+        );
         tokio::pin!(deadline);
         let mut expired = false;
         let mut guard_done = false;
         let (mut outcome, killed) = loop {
             tokio::select! {
                 exit = &mut wait => break (exit.map(|code| Ended::Exited { code: i32::try_from(code).unwrap_or(-1) }), false),
-                () = &mut deadline => break (Err(ExecError::Timeout { ms: spec.timeout_ms }), true),
+                () = &mut deadline => break (Err(ExecError::Timeout { ms: timeout_ms }), true),
                 () = super::cancelled(&mut cancel) => break (Ok(Ended::Stopped), true),
                 end = guard.next(), if !guard_done => {
                     // The guard expired (it removes the container: `wait` ends next) or is gone.
@@ -301,7 +334,7 @@ impl DockerBackend {
         };
         if killed {
             let kill = KillContainerOptionsBuilder::new().signal("SIGKILL").build();
-            match self.docker.kill_container(&name, Some(kill)).await {
+            match self.docker.kill_container(name, Some(kill)).await {
                 // 409: it is not running any more.
                 Err(e) if status_of(&e) != Some(409) => {
                     warn!(container = %name, error = %e, "kill failed");
@@ -321,7 +354,7 @@ impl DockerBackend {
             Err(_) => {
                 logs.abort();
                 append_note(
-                    &inst.log_path,
+                    log_path,
                     &format!("log stream did not end within {}s", LOG_DRAIN.as_secs()),
                 )
                 .await;
@@ -330,17 +363,23 @@ impl DockerBackend {
         if !guard_done {
             // Ended here: the guard may go. If it expired meanwhile, its report is on the way.
             guard.order(ToGuard::Release);
-            if let Ok(GuardEnd::Report(FromGuard::Expired)) =
-                tokio::time::timeout(STOP_GRACE, guard.next()).await
-            {
-                expired = true;
+            loop {
+                match tokio::time::timeout(STOP_GRACE, guard.next()).await {
+                    Ok(GuardEnd::Report(FromGuard::Expired)) => {
+                        expired = true;
+                        break;
+                    }
+                    // What a re-attached guard answered first.
+                    Ok(GuardEnd::Report(FromGuard::Attached(_))) => {}
+                    _ => break,
+                }
             }
         }
         if expired {
             outcome = Err(ExecError::Expired);
         }
-        if matches!(outcome, Ok(Ended::Exited { .. })) && self.oom_killed(&name).await {
-            append_note(&inst.log_path, "the container was killed: out of memory").await;
+        if matches!(outcome, Ok(Ended::Exited { .. })) && self.oom_killed(name).await {
+            append_note(log_path, "the container was killed: out of memory").await;
         }
         removal.remove().await;
         outcome
@@ -396,7 +435,53 @@ impl Backend for DockerBackend {
             .await
     }
 
-    async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, ExecError> {
+    async fn resume(
+        &self,
+        adopted: Adopted,
+        cancel: watch::Receiver<bool>,
+    ) -> Result<Ended, ExecError> {
+        let crate::guard::AttachedTarget::Container { name } = &adopted.info.target else {
+            return Err(ExecError::Guard("not a container task's guard".into()));
+        };
+        let log = match tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&adopted.log_path)
+            .await
+        {
+            Ok(f) => f,
+            Err(source) => {
+                return Err(ExecError::Log {
+                    path: adopted.log_path.clone(),
+                    source,
+                })
+            }
+        };
+        // What it printed while no peer followed it: the engine kept it; from the second the
+        // log was last written (a line or so may come twice).
+        let since = std::fs::metadata(&adopted.log_path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| i32::try_from(d.as_secs()).ok())
+            .unwrap_or(0);
+        let logs = tokio::spawn(pump_logs(self.docker.clone(), name.clone(), log, since));
+        let removal = Removal::new(self.docker.clone(), name.clone(), false);
+        let timeout = adopted.timeout_left();
+        self.follow(
+            name,
+            adopted.guard,
+            logs,
+            &adopted.log_path,
+            (timeout, adopted.info.timeout_ms),
+            cancel,
+            removal,
+        )
+        .await
+    }
+
+    async fn cleanup_orphans(&self, node: &NodeId, keep: &Keep) -> Result<usize, ExecError> {
         let filters = HashMap::from([("label", vec![format!("{LABEL_NODE}={}", node.to_hex())])]);
         let options = ListContainersOptionsBuilder::new()
             .all(true)
@@ -414,6 +499,14 @@ impl Backend for DockerBackend {
         let mut failed = Vec::new();
         for c in found {
             let Some(id) = c.id else { continue };
+            let kept = c.names.iter().flatten().any(|n| {
+                keep.containers
+                    .iter()
+                    .any(|k| n.trim_start_matches('/') == k)
+            });
+            if kept {
+                continue;
+            }
             match remove(&self.docker, &id).await {
                 Ok(true) => removed += 1,
                 Ok(false) => {}
@@ -432,17 +525,19 @@ impl Backend for DockerBackend {
     }
 }
 
-/// Removes a container on drop unless [`Removal::remove`] did already.
+/// Removes a container on drop (if `on_drop`) unless [`Removal::remove`] did already.
 struct Removal {
     docker: Docker,
     name: Option<String>,
+    on_drop: bool,
 }
 
 impl Removal {
-    fn new(docker: Docker, name: String) -> Self {
+    fn new(docker: Docker, name: String, on_drop: bool) -> Self {
         Self {
             docker,
             name: Some(name),
+            on_drop,
         }
     }
 
@@ -457,6 +552,9 @@ impl Removal {
 
 impl Drop for Removal {
     fn drop(&mut self) {
+        if !self.on_drop {
+            return;
+        }
         let Some(name) = self.name.take() else { return };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let docker = self.docker.clone();
@@ -515,13 +613,14 @@ async fn wait_exit(docker: &Docker, name: &str) -> Result<i64, ExecError> {
     }
 }
 
-/// Appends the container's stdout and stderr to `file` until the stream ends (the container
-/// stopped).
-async fn pump_logs(docker: Docker, name: String, mut file: tokio::fs::File) {
+/// Appends the container's stdout and stderr (from `since`, seconds since the Unix epoch; 0:
+/// from its start) to `file` until the stream ends (the container stopped).
+async fn pump_logs(docker: Docker, name: String, mut file: tokio::fs::File, since: i32) {
     let options = LogsOptionsBuilder::new()
         .follow(true)
         .stdout(true)
         .stderr(true)
+        .since(since)
         .build();
     let mut stream = docker.logs(&name, Some(options));
     while let Some(item) = stream.next().await {

@@ -1,14 +1,18 @@
 //! Executors: run one epoch of a task, as a Docker container or a native process, behind one
 //! interface. The driver starts an instance per `StartTask` and stops it on `StopTask`;
-//! every report carries the epoch it was started with. [`cgroup`] holds the task cgroups that
-//! limit and contain an instance's processes.
+//! every report carries the epoch it was started with, or the epoch the replica adopted it
+//! under (`AdoptTask`, for an instance an earlier incarnation of this peer left running; see
+//! [`Executor::reattach`]). [`cgroup`] holds the task cgroups that limit and contain an
+//! instance's processes.
 
 pub mod cgroup;
 pub mod docker;
 mod error;
 pub mod process;
+mod reattach;
 
 pub use error::ExecError;
+pub use reattach::{Adopted, Keep, Reattached};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -31,9 +35,13 @@ pub struct Instance {
     pub log_path: PathBuf,
     /// This node (labels, orphan clean-up).
     pub node: NodeId,
-    /// Until when this node's leases hold, less the guard margin: the deadline the
+    /// Until when this instance's lease holds, less the guard margin: the deadline the
     /// instance's guard enforces, renewed as it moves.
     pub lease: watch::Receiver<tokio::time::Instant>,
+    /// The socket its guard listens on for this peer's next incarnation when the instance
+    /// outlives the peer (a task with `lost_after` and no `stop_after`); `None`: the
+    /// instance ends with the peer.
+    pub survive: Option<PathBuf>,
 }
 
 /// The limits every task instance runs under, from the node's config: a spec that asks for
@@ -115,9 +123,18 @@ pub trait Backend: Send + Sync + 'static {
         cancel: watch::Receiver<bool>,
     ) -> Result<Ended, ExecError>;
 
-    /// Removes what earlier runs of this node left (containers of epochs it no longer owns).
-    /// Returns how many were removed.
-    async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, ExecError>;
+    /// Follows an instance an earlier incarnation started (re-attached through its guard) to
+    /// its end, as [`Self::run`] does for one it starts. Does not call a `started`: the
+    /// instance runs already.
+    async fn resume(
+        &self,
+        adopted: Adopted,
+        cancel: watch::Receiver<bool>,
+    ) -> Result<Ended, ExecError>;
+
+    /// Removes what earlier runs of this node left (containers of epochs it no longer owns),
+    /// sparing what `keep` names. Returns how many were removed.
+    async fn cleanup_orphans(&self, node: &NodeId, keep: &Keep) -> Result<usize, ExecError>;
 }
 
 /// Makes a task's image available to the Docker engine before its container starts (the
@@ -187,6 +204,33 @@ pub struct Report {
     pub event: Event,
 }
 
+/// An instance this executor runs, as the executor holds it.
+struct Running {
+    /// Turns true to stop it.
+    cancel: watch::Sender<bool>,
+    /// Its guard's deadline.
+    lease: watch::Sender<tokio::time::Instant>,
+    /// The epoch its reports carry (moved once, by an adoption).
+    epoch: watch::Sender<Epoch>,
+    /// Whether it outlives this peer (left running on shutdown).
+    survives: bool,
+    /// Re-attached and not yet adopted by the replica: the deadline the earlier incarnation
+    /// set its guard, which renewals never move past (see [`Executor::renew`]).
+    adopting: Option<tokio::time::Instant>,
+}
+
+impl Running {
+    fn new(epoch: Epoch, until: tokio::time::Instant, survives: bool) -> Self {
+        Self {
+            cancel: watch::Sender::new(false),
+            lease: watch::Sender::new(until),
+            epoch: watch::Sender::new(epoch),
+            survives,
+            adopting: None,
+        }
+    }
+}
+
 /// Runs instances on the backends of this node and routes their reports.
 pub struct Executor {
     process: Arc<dyn Backend>,
@@ -194,11 +238,14 @@ pub struct Executor {
     /// Which backend runs tasks that accept any.
     prefer_docker: bool,
     reports: mpsc::Sender<Report>,
-    running: HashMap<(TaskId, Epoch), watch::Sender<bool>>,
+    running: HashMap<(TaskId, Epoch), Running>,
     log_dir: PathBuf,
     images: Option<Arc<dyn ImageProvider>>,
-    /// Until when this node's leases hold, less the guard margin (every guard follows it).
-    lease: watch::Sender<tokio::time::Instant>,
+    /// The deadline a new instance's guard starts with, until the next renewal sets its own:
+    /// this node's leases hold until then, less the guard margin.
+    lease: tokio::time::Instant,
+    /// Where guards of instances that outlive this peer listen (`None`: none outlives it).
+    guard_dir: Option<PathBuf>,
 }
 
 impl Executor {
@@ -219,18 +266,43 @@ impl Executor {
             running: HashMap::new(),
             log_dir,
             images: None,
-            lease: watch::Sender::new(tokio::time::Instant::now()),
+            lease: tokio::time::Instant::now(),
+            guard_dir: None,
         }
     }
 
-    /// Moves the deadline every guard enforces to `until` (this node's leases hold until
-    /// then, less the margin). Guards are told only when it changes.
-    pub fn renew(&self, until: tokio::time::Instant) {
-        self.lease.send_if_modified(|cur| {
-            let changed = *cur != until;
-            *cur = until;
-            changed
-        });
+    /// Lets instances of tasks with `lost_after` (and no `stop_after`) outlive this peer:
+    /// their guards listen in `dir` (private to the peer's user) for its next incarnation.
+    pub fn set_guard_dir(&mut self, dir: PathBuf) {
+        self.guard_dir = Some(dir);
+    }
+
+    /// Renews every guard's deadline: a new instance's guard starts with `shared` (this
+    /// node's leases hold until then, less the margin); each running instance's guard moves
+    /// to `deadline(task)` (its task's lease, less the margin; `None` while the replica does
+    /// not know the task: then `shared`). An instance re-attached but not yet adopted is held
+    /// to the earlier of the deadline the earlier incarnation set and its task's, and keeps
+    /// the former while the replica does not know the task (its deadline would only be the
+    /// shared one, not the task's). Guards are told only when theirs changes.
+    pub fn renew(
+        &mut self,
+        shared: tokio::time::Instant,
+        mut deadline: impl FnMut(&TaskId) -> Option<tokio::time::Instant>,
+    ) {
+        self.lease = shared;
+        for ((task, _), r) in &self.running {
+            let until = match (r.adopting, deadline(task)) {
+                (Some(earlier), Some(d)) => d.min(earlier),
+                (Some(earlier), None) => earlier,
+                (None, Some(d)) => d,
+                (None, None) => shared,
+            };
+            r.lease.send_if_modified(|cur| {
+                let changed = *cur != until;
+                *cur = until;
+                changed
+            });
+        }
     }
 
     /// Has Docker instances wait for `images` to provide their image before they start.
@@ -275,18 +347,46 @@ impl Executor {
         self.log_dir.join(format!("{}-{epoch}.log", task.to_hex()))
     }
 
+    /// Where the guard of `(task, epoch)` listens when the instance is to outlive this peer:
+    /// a task with `lost_after` and no `stop_after`, on a peer with a guard directory whose
+    /// path leaves room for the socket's name.
+    fn survival_socket(
+        &self,
+        task: &TaskId,
+        epoch: Epoch,
+        spec: &SignedTaskSpec,
+    ) -> Option<PathBuf> {
+        let policy = &spec.spec.disconnect;
+        if policy.lost_after_ms.is_none() || policy.stop_after_ms.is_some() {
+            return None;
+        }
+        let dir = self.guard_dir.as_ref()?;
+        let socket = dir.join(format!("{}-{epoch}.sock", task.short()));
+        if socket.as_os_str().len() > crate::guard::MAX_SOCKET_PATH {
+            tracing::warn!(
+                socket = %socket.display(),
+                "the data directory's path is too long for a guard's socket: this instance ends with the peer"
+            );
+            return None;
+        }
+        Some(socket)
+    }
+
     /// Starts an instance; reports arrive on the channel given to `new`.
     pub fn start(&mut self, task: TaskId, epoch: Epoch, spec: Arc<SignedTaskSpec>, node: NodeId) {
-        let (cancel_tx, cancel_rx) = watch::channel(false);
-        self.running.insert((task, epoch), cancel_tx);
+        let survive = self.survival_socket(&task, epoch, &spec);
+        let running = Running::new(epoch, self.lease, survive.is_some());
+        let cancel_rx = running.cancel.subscribe();
         let inst = Instance {
             task,
             epoch,
             spec,
             log_path: self.log_path(&task, epoch),
             node,
-            lease: self.lease.subscribe(),
+            lease: running.lease.subscribe(),
+            survive,
         };
+        self.running.insert((task, epoch), running);
         let backend = self.backend_for(inst.spec.spec.executor);
         let images = self.images.clone();
         let reports = self.reports.clone();
@@ -335,8 +435,8 @@ impl Executor {
 
     /// Stops the instance of `(task, epoch)` if it runs.
     pub fn stop(&mut self, task: TaskId, epoch: Epoch) {
-        if let Some(cancel) = self.running.get(&(task, epoch)) {
-            let _ = cancel.send(true);
+        if let Some(r) = self.running.get(&(task, epoch)) {
+            let _ = r.cancel.send(true);
         }
     }
 
@@ -352,17 +452,17 @@ impl Executor {
 
     /// Stops every instance (shutdown).
     pub fn stop_all(&mut self) {
-        for cancel in self.running.values() {
-            let _ = cancel.send(true);
+        for r in self.running.values() {
+            let _ = r.cancel.send(true);
         }
     }
 
-    /// Removes leftovers of earlier runs.
-    pub async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, ExecError> {
-        let mut n = process::kill_leftover_groups(&self.log_dir);
-        n += self.process.cleanup_orphans(node).await?;
+    /// Removes leftovers of earlier runs, sparing what `keep` names (re-attached instances).
+    pub async fn cleanup_orphans(&self, node: &NodeId, keep: &Keep) -> Result<usize, ExecError> {
+        let mut n = process::kill_leftover_groups(&self.log_dir, keep);
+        n += self.process.cleanup_orphans(node, keep).await?;
         if let Some(d) = &self.docker {
-            n += d.cleanup_orphans(node).await?;
+            n += d.cleanup_orphans(node, keep).await?;
         }
         Ok(n)
     }

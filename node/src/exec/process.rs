@@ -7,13 +7,14 @@
 
 use std::time::Duration;
 
-use omesh_protocol::{ExecutorKind, NodeId};
+use omesh_protocol::{Epoch, ExecutorKind, NodeId, TaskId};
 use tokio::sync::watch;
 use tracing::warn;
 
-use super::{Backend, Ended, ExecError, Instance};
+use super::{Adopted, Backend, Ended, ExecError, Instance, Keep};
 use crate::guard::{
-    CgroupPlan, FromGuard, Guard, GuardEnd, GuardProgram, Plan, ProcessPlan, Target, ToGuard,
+    CgroupPlan, FromGuard, Guard, GuardEnd, GuardProgram, Plan, ProcessPlan, Survival, Target,
+    ToGuard,
 };
 
 /// The PATH a task gets when its spec sets none.
@@ -122,6 +123,12 @@ impl ProcessBackend {
                 user: self.confinement.user,
                 cgroup,
             }),
+            survive: inst.survive.as_ref().map(|socket| Survival {
+                socket: socket.clone(),
+                task: inst.task,
+                epoch: inst.epoch,
+                timeout_ms: spec.timeout_ms,
+            }),
         };
         Ok((plan, work))
     }
@@ -137,89 +144,174 @@ impl Backend for ProcessBackend {
         &self,
         inst: &Instance,
         started: &(dyn Fn() + Send + Sync),
-        mut cancel: watch::Receiver<bool>,
+        cancel: watch::Receiver<bool>,
     ) -> Result<Ended, ExecError> {
         let spec = &inst.spec.spec;
-        let (plan, _work) = self.plan(inst)?;
-        let mut guard = Guard::spawn(
+        let (plan, work) = self.plan(inst)?;
+        // An instance that outlives this peer keeps its working directory when this run is
+        // abandoned (the peer ends); the run that follows it to its end removes it.
+        let work = if inst.survive.is_some() {
+            WorkDir::Kept(work.keep())
+        } else {
+            WorkDir::Temp(work)
+        };
+        let mut guard = match Guard::spawn(
             &GuardProgram::this_binary(),
             plan,
             &inst.node,
             inst.lease.clone(),
-        )?;
-        let group_file = inst.log_path.with_extension("pgid");
-        let timeout = if spec.timeout_ms == 0 {
-            Duration::MAX
-        } else {
-            Duration::from_millis(spec.timeout_ms)
-        };
-        let deadline = tokio::time::sleep(timeout.min(Duration::from_secs(10 * 365 * 24 * 3600)));
-        tokio::pin!(deadline);
-        // What ends the run when the guard reports `Stopped`.
-        let mut stop_means: Option<Result<Ended, ExecError>> = None;
-        let outcome = loop {
-            let end = tokio::select! {
-                end = guard.next() => end,
-                () = &mut deadline, if stop_means.is_none() => {
-                    guard.order(ToGuard::Stop);
-                    stop_means = Some(Err(ExecError::Timeout { ms: spec.timeout_ms }));
-                    continue;
-                }
-                () = super::cancelled(&mut cancel), if stop_means.is_none() => {
-                    guard.order(ToGuard::Stop);
-                    stop_means = Some(Ok(Ended::Stopped));
-                    continue;
-                }
-                () = tokio::time::sleep(STOP_WITHIN), if stop_means.is_some() => {
-                    break Err(ExecError::Guard(format!(
-                        "did not report the instance stopped within {}s",
-                        STOP_WITHIN.as_secs()
-                    )));
-                }
-            };
-            match end {
-                GuardEnd::Report(FromGuard::Started { pid }) => {
-                    // Remember the process group, so a restarted peer can kill what a guard
-                    // killed along with the peer left behind.
-                    let _ = std::fs::write(&group_file, format!("{pid} {}\n", inst.task.to_hex()));
-                    started();
-                }
-                GuardEnd::Report(FromGuard::Exited { code }) => break Ok(Ended::Exited { code }),
-                GuardEnd::Report(FromGuard::Signaled {
-                    oom: true,
-                    memory_limit,
-                    ..
-                }) => {
-                    break Err(ExecError::OutOfMemory {
-                        limit_bytes: memory_limit.unwrap_or(0),
-                    })
-                }
-                GuardEnd::Report(FromGuard::Signaled { signal, .. }) => {
-                    break Err(ExecError::Signal(signal))
-                }
-                GuardEnd::Report(FromGuard::Expired) => break Err(ExecError::Expired),
-                GuardEnd::Report(FromGuard::Stopped) => {
-                    break stop_means.take().unwrap_or(Ok(Ended::Stopped))
-                }
-                GuardEnd::Report(FromGuard::Failed { reason }) => {
-                    break Err(ExecError::Guard(reason))
-                }
-                GuardEnd::Lost => {
-                    warn!(task = %inst.task.short(), epoch = inst.epoch, "guard went away without a report");
-                    break Err(ExecError::Guard("went away without a report".into()));
-                }
+        ) {
+            Ok(g) => g,
+            Err(e) => {
+                work.remove();
+                return Err(e);
             }
         };
+        let group_file = inst.log_path.with_extension("pgid");
+        let timeout = (spec.timeout_ms > 0).then(|| Duration::from_millis(spec.timeout_ms));
+        let on_started = |pid: u32| {
+            // Remember the process group, so a restarted peer can kill what a guard killed
+            // along with the peer left behind.
+            let _ = std::fs::write(&group_file, format!("{pid} {}\n", inst.task.to_hex()));
+            started();
+        };
+        let outcome = follow(
+            &mut guard,
+            &inst.task,
+            inst.epoch,
+            (timeout, spec.timeout_ms),
+            &on_started,
+            cancel,
+        )
+        .await;
         let _ = std::fs::remove_file(&group_file);
+        work.remove();
         outcome
     }
 
-    async fn cleanup_orphans(&self, node: &NodeId) -> Result<usize, ExecError> {
-        let mut n = crate::guard::cleanup::end_leftover_guards(node).await;
+    async fn resume(
+        &self,
+        mut adopted: Adopted,
+        cancel: watch::Receiver<bool>,
+    ) -> Result<Ended, ExecError> {
+        let crate::guard::AttachedTarget::Process { cwd, .. } = &adopted.info.target else {
+            return Err(ExecError::Guard("not a process task's guard".into()));
+        };
+        let work = WorkDir::Kept(cwd.clone());
+        let timeout = adopted.timeout_left();
+        let outcome = follow(
+            &mut adopted.guard,
+            &adopted.task,
+            adopted.epoch,
+            (timeout, adopted.info.timeout_ms),
+            &|_| {},
+            cancel,
+        )
+        .await;
+        let _ = std::fs::remove_file(&adopted.group_file);
+        work.remove();
+        outcome
+    }
+
+    async fn cleanup_orphans(&self, node: &NodeId, keep: &Keep) -> Result<usize, ExecError> {
+        let mut n = crate::guard::cleanup::end_leftover_guards(node, &keep.guards).await;
         if let Some(parent) = &self.confinement.cgroup_parent {
-            n += crate::guard::cleanup::remove_leftover_cgroups(parent);
+            n += crate::guard::cleanup::remove_leftover_cgroups(parent, &keep.cgroups);
         }
         Ok(n)
+    }
+}
+
+/// An instance's private working directory.
+enum WorkDir {
+    /// Removed when dropped.
+    Temp(tempfile::TempDir),
+    /// Removed only by [`WorkDir::remove`] (the instance may outlive this peer).
+    Kept(std::path::PathBuf),
+}
+
+impl WorkDir {
+    /// Removes it (the instance ended).
+    fn remove(self) {
+        match self {
+            Self::Temp(t) => drop(t),
+            Self::Kept(path) => {
+                if let Err(e) = std::fs::remove_dir_all(&path) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        warn!(dir = %path.display(), error = %e, "cannot remove a task's working directory");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Follows a process task's guard until the instance ends: stops it on `cancel` or when
+/// `timeout` (`.0`, with `.1` the limit as specified, for the error) passes, and turns the
+/// guard's report into how it ended. `on_started` gets the pid once it runs.
+async fn follow(
+    guard: &mut Guard,
+    task: &TaskId,
+    epoch: Epoch,
+    timeout: (Option<Duration>, u64),
+    on_started: &(dyn Fn(u32) + Send + Sync),
+    mut cancel: watch::Receiver<bool>,
+) -> Result<Ended, ExecError> {
+    let (timeout, timeout_ms) = timeout;
+    let deadline = tokio::time::sleep(
+        timeout
+            .unwrap_or(Duration::MAX)
+            .min(Duration::from_secs(10 * 365 * 24 * 3600)),
+    );
+    tokio::pin!(deadline);
+    // What ends the run when the guard reports `Stopped`.
+    let mut stop_means: Option<Result<Ended, ExecError>> = None;
+    loop {
+        let end = tokio::select! {
+            end = guard.next() => end,
+            () = &mut deadline, if stop_means.is_none() => {
+                guard.order(ToGuard::Stop);
+                stop_means = Some(Err(ExecError::Timeout { ms: timeout_ms }));
+                continue;
+            }
+            () = super::cancelled(&mut cancel), if stop_means.is_none() => {
+                guard.order(ToGuard::Stop);
+                stop_means = Some(Ok(Ended::Stopped));
+                continue;
+            }
+            () = tokio::time::sleep(STOP_WITHIN), if stop_means.is_some() => {
+                return Err(ExecError::Guard(format!(
+                    "did not report the instance stopped within {}s",
+                    STOP_WITHIN.as_secs()
+                )));
+            }
+        };
+        match end {
+            GuardEnd::Report(FromGuard::Started { pid }) => on_started(pid),
+            GuardEnd::Report(FromGuard::Attached(_)) => {}
+            GuardEnd::Report(FromGuard::Exited { code }) => return Ok(Ended::Exited { code }),
+            GuardEnd::Report(FromGuard::Signaled {
+                oom: true,
+                memory_limit,
+                ..
+            }) => {
+                return Err(ExecError::OutOfMemory {
+                    limit_bytes: memory_limit.unwrap_or(0),
+                })
+            }
+            GuardEnd::Report(FromGuard::Signaled { signal, .. }) => {
+                return Err(ExecError::Signal(signal))
+            }
+            GuardEnd::Report(FromGuard::Expired) => return Err(ExecError::Expired),
+            GuardEnd::Report(FromGuard::Stopped) => {
+                return stop_means.take().unwrap_or(Ok(Ended::Stopped))
+            }
+            GuardEnd::Report(FromGuard::Failed { reason }) => return Err(ExecError::Guard(reason)),
+            GuardEnd::Lost => {
+                warn!(task = %task.short(), epoch, "guard went away without a report");
+                return Err(ExecError::Guard("went away without a report".into()));
+            }
+        }
     }
 }
 
@@ -246,8 +338,9 @@ pub fn lookup_user(user: &str) -> Result<(u32, u32), String> {
 /// Kills the process groups that instances of an earlier run of this peer left behind, as
 /// recorded in `<log dir>/*.pgid` (what remains when a guard was killed with its peer). A
 /// group is killed only if a process in it still carries the task id in its environment,
-/// so a reused pid is never hit.
-pub fn kill_leftover_groups(log_dir: &std::path::Path) -> usize {
+/// so a reused pid is never hit. Groups of re-attached instances (`keep.groups`) are spared,
+/// and their files kept.
+pub fn kill_leftover_groups(log_dir: &std::path::Path, keep: &Keep) -> usize {
     let Ok(entries) = std::fs::read_dir(log_dir) else {
         return 0;
     };
@@ -258,12 +351,13 @@ pub fn kill_leftover_groups(log_dir: &std::path::Path) -> usize {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let _ = std::fs::remove_file(&path);
         let mut parts = text.split_whitespace();
-        let (Some(pgid), Some(task)) = (
-            parts.next().and_then(|p| p.parse::<i32>().ok()),
-            parts.next(),
-        ) else {
+        let pgid = parts.next().and_then(|p| p.parse::<i32>().ok());
+        if pgid.is_some_and(|g| keep.groups.contains(&g)) {
+            continue;
+        }
+        let _ = std::fs::remove_file(&path);
+        let (Some(pgid), Some(task)) = (pgid, parts.next()) else {
             continue;
         };
         let marker = format!("OMESH_TASK_ID={task}");

@@ -1,5 +1,6 @@
 //! What a restarted peer ends of its previous incarnation: guards still running (they kill
-//! their instances when told to end) and task cgroups with processes left in them.
+//! their instances when told to end) and task cgroups with processes left in them; but not
+//! what it re-attached to (instances that outlive their peer).
 
 use std::time::Duration;
 
@@ -31,10 +32,17 @@ pub fn guards_of(node: &NodeId) -> Vec<Pid> {
         .collect()
 }
 
-/// Ends the guards an earlier run of `node` left: SIGTERM (each kills its instance first),
-/// then SIGKILL for any still there after a grace. Returns how many there were.
-pub async fn end_leftover_guards(node: &NodeId) -> usize {
-    let found = guards_of(node);
+/// Ends the guards an earlier run of `node` left, but those in `keep` (re-attached): SIGTERM
+/// (each kills its instance first), then SIGKILL for any still there after a grace. Returns
+/// how many there were.
+pub async fn end_leftover_guards(node: &NodeId, keep: &[u32]) -> usize {
+    let leftover = || {
+        guards_of(node)
+            .into_iter()
+            .filter(|p| !keep.contains(&p.as_raw_nonzero().get().unsigned_abs()))
+            .collect::<Vec<_>>()
+    };
+    let found = leftover();
     if found.is_empty() {
         return 0;
     }
@@ -46,23 +54,26 @@ pub async fn end_leftover_guards(node: &NodeId) -> usize {
         let _ = rustix::process::kill_process(*pid, Signal::TERM);
     }
     let deadline = tokio::time::Instant::now() + TERM_GRACE;
-    while tokio::time::Instant::now() < deadline && !guards_of(node).is_empty() {
+    while tokio::time::Instant::now() < deadline && !leftover().is_empty() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for pid in guards_of(node) {
+    for pid in leftover() {
         let _ = rustix::process::kill_process(pid, Signal::KILL);
     }
     found.len()
 }
 
-/// Kills and removes the task cgroups under `parent` (this node's). Returns how many held
-/// processes.
-pub fn remove_leftover_cgroups(parent: &str) -> usize {
+/// Kills and removes the task cgroups under `parent` (this node's), but those named in
+/// `keep` (re-attached instances). Returns how many held processes.
+pub fn remove_leftover_cgroups(parent: &str, keep: &[String]) -> usize {
     let Ok(h) = Hierarchy::detect(parent) else {
         return 0;
     };
     let mut n = 0;
     for name in cgroup::list(&h, parent) {
+        if keep.contains(&name) {
+            continue;
+        }
         if let Some(c) = TaskCgroup::open(&h, parent, &name) {
             if !c.is_empty() {
                 n += 1;

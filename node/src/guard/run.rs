@@ -1,10 +1,10 @@
 //! The guard process (`omesh guard`): reads its [`Plan`], runs or watches the instance, and
-//! kills it on end-of-file, at the deadline, on a signal or on order. See the module above.
+//! kills it on end-of-file (unless it outlives its peer), at the deadline, on a signal or on
+//! order. See the module above; the watch itself is in `watch.rs`.
 //!
 //! It runs on a current-thread runtime plus one reaper thread (it is the child subreaper of
 //! what it starts, so it reaps every orphan too), and writes nothing but its reports.
 
-use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,7 +14,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{CgroupPlan, FromGuard, Plan, ProcessPlan, Target, ToGuard};
+use super::watch::{Cause, Link, Survivor, Watch};
+use super::{Attached, AttachedTarget, CgroupPlan, FromGuard, Plan, ProcessPlan, Target};
 use crate::exec::cgroup::{Hierarchy, Limits, TaskCgroup};
 
 /// How long killing an instance may take before the guard gives up on it and says so.
@@ -41,72 +42,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Reports to the peer; a peer that is gone is not an error (the guard still does its job).
-fn report(msg: &FromGuard) {
-    if let Ok(mut line) = serde_json::to_vec(msg) {
-        line.push(b'\n');
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(&line);
-        let _ = out.flush();
-    }
-}
-
-/// What ends a guard's watch.
-enum Cause {
-    /// The peer closed the pipe (it died) or sent garbage.
-    PeerGone,
-    /// The deadline passed.
-    Expired,
-    /// The peer ordered a stop, or a signal asked the guard to end.
-    Stopped,
-    /// The peer released the instance (containers: it ended by itself).
-    Released,
-}
-
-/// The peer's orders, the deadline and the signals, until one of them ends the watch, or
-/// `ended` resolves (the instance ended by itself).
-struct Watch {
-    lines: tokio::io::Lines<BufReader<tokio::io::Stdin>>,
-    deadline: Instant,
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
-}
-
-impl Watch {
-    /// Waits for the next thing that ends the watch; `None` if `ended` came first.
-    async fn until<T>(&mut self, ended: &mut mpsc::UnboundedReceiver<T>) -> Result<Cause, T> {
-        loop {
-            tokio::select! {
-                biased;
-                end = ended.recv() => match end {
-                    Some(v) => return Err(v),
-                    // The reaper is gone without the status: treat it as the peer's loss.
-                    None => return Ok(Cause::PeerGone),
-                },
-                line = self.lines.next_line() => match line {
-                    Ok(Some(l)) => match serde_json::from_str::<ToGuard>(&l) {
-                        Ok(ToGuard::Renew { ms }) => {
-                            self.deadline = Instant::now() + Duration::from_millis(ms);
-                        }
-                        Ok(ToGuard::Stop) => return Ok(Cause::Stopped),
-                        Ok(ToGuard::Release) => return Ok(Cause::Released),
-                        Err(e) => {
-                            eprintln!("omesh guard: unreadable order from the peer ({e}): ending the instance");
-                            return Ok(Cause::PeerGone);
-                        }
-                    },
-                    Ok(None) | Err(_) => return Ok(Cause::PeerGone),
-                },
-                () = tokio::time::sleep_until(self.deadline) => return Ok(Cause::Expired),
-                _ = self.term.recv() => return Ok(Cause::Stopped),
-                _ = self.int.recv() => return Ok(Cause::Stopped),
-                _ = self.hup.recv() => return Ok(Cause::Stopped),
-            }
-        }
-    }
-}
-
 async fn guard() -> Result<(), String> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let first = lines
@@ -116,12 +51,31 @@ async fn guard() -> Result<(), String> {
         .ok_or("no plan on stdin (the guard is started by the peer, not by hand)")?;
     let plan: Plan = serde_json::from_str(&first).map_err(|e| format!("bad plan: {e}"))?;
     let sig = |kind| signal(kind).map_err(|e| format!("cannot watch signals: {e}"));
+    let survivor = plan.survive.as_ref().and_then(|s| {
+        let target = match &plan.target {
+            Target::Process(p) => AttachedTarget::Process {
+                pid: None,
+                cgroup: p.cgroup.as_ref().map(|c| c.name.clone()),
+                cwd: p.cwd.clone(),
+            },
+            Target::Container { name } => AttachedTarget::Container { name: name.clone() },
+        };
+        Survivor::bind(s, target)
+            .map_err(|e| {
+                eprintln!(
+                    "omesh guard: {}: {e}; the instance ends with its peer",
+                    plan.label
+                );
+            })
+            .ok()
+    });
     let mut watch = Watch {
-        lines,
+        link: Link::Pipe(lines),
         deadline: Instant::now() + Duration::from_millis(plan.window_ms),
         term: sig(SignalKind::terminate())?,
         int: sig(SignalKind::interrupt())?,
         hup: sig(SignalKind::hangup())?,
+        survivor,
     };
     match plan.target {
         Target::Process(p) => guard_process(&plan.label, p, &mut watch).await,
@@ -145,7 +99,7 @@ async fn guard_process(label: &str, p: ProcessPlan, watch: &mut Watch) -> Result
     let cgroup = match p.cgroup.as_ref().map(make_cgroup).transpose() {
         Ok(c) => c,
         Err(reason) => {
-            report(&FromGuard::Failed { reason });
+            watch.report(&FromGuard::Failed { reason }).await;
             return Ok(());
         }
     };
@@ -155,15 +109,26 @@ async fn guard_process(label: &str, p: ProcessPlan, watch: &mut Watch) -> Result
             if let Some(c) = cgroup {
                 let _ = c.remove();
             }
-            report(&FromGuard::Failed { reason });
+            watch.report(&FromGuard::Failed { reason }).await;
             return Ok(());
         }
     };
-    report(&FromGuard::Started {
-        pid: pid.as_raw_nonzero().get().unsigned_abs(),
-    });
+    let raw_pid = pid.as_raw_nonzero().get().unsigned_abs();
+    if let Some(Survivor {
+        info:
+            Attached {
+                target: AttachedTarget::Process { pid, .. },
+                ..
+            },
+        ..
+    }) = &mut watch.survivor
+    {
+        *pid = Some(raw_pid);
+    }
+    watch.report(&FromGuard::Started { pid: raw_pid }).await;
     let mut ended = reaper(pid);
     let cause = watch.until(&mut ended).await;
+    let by_itself = cause.is_err();
     let end = match cause {
         Err(end) => {
             // Ended by itself: whatever it left behind goes too.
@@ -196,8 +161,11 @@ async fn guard_process(label: &str, p: ProcessPlan, watch: &mut Watch) -> Result
             eprintln!("omesh guard: {label}: {e}");
         }
     }
-    if let Some(end) = end {
-        report(&end);
+    match end {
+        // Worth waiting for a peer to attach: how the task ended is its outcome.
+        Some(end) if by_itself => watch.report_end(&end).await,
+        Some(end) => watch.report(&end).await,
+        None => {}
     }
     Ok(())
 }
@@ -389,8 +357,8 @@ async fn guard_container(label: &str, name: &str, watch: &mut Watch) -> Result<(
         eprintln!("omesh guard: {label}: cannot remove container {name}: {e}");
     }
     match cause {
-        Cause::Expired => report(&FromGuard::Expired),
-        Cause::Stopped => report(&FromGuard::Stopped),
+        Cause::Expired => watch.report(&FromGuard::Expired).await,
+        Cause::Stopped => watch.report(&FromGuard::Stopped).await,
         Cause::PeerGone | Cause::Released => {}
     }
     Ok(())

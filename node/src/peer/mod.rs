@@ -179,6 +179,7 @@ impl Peer {
             log_dir,
         );
         executor.set_image_provider(images.clone());
+        executor.set_guard_dir(dir.guard_dir()?);
         let mut rcfg = cfg.replica_config(node_id, incarnation, load.capacity(), gate.own_cert());
         rcfg.tags.extend(executor.tags());
         if limits_tag {
@@ -252,10 +253,26 @@ impl Peer {
         tokio::pin!(shutdown);
         let mut load_tick = tokio::time::interval(Duration::from_secs(1));
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
-        match self.executor.cleanup_orphans(&self.node_id).await {
+        // Instances an earlier incarnation left to outlive it are followed again (and offered
+        // to the replica); everything else it left is ended.
+        let reattached = self.executor.reattach(&self.node_id).await;
+        match self
+            .executor
+            .cleanup_orphans(&self.node_id, &reattached.keep)
+            .await
+        {
             Ok(0) => {}
             Ok(n) => info!(removed = n, "removed instances left by an earlier run"),
             Err(e) => warn!(error = %e, "cannot clean up instances of an earlier run"),
+        }
+        if !reattached.adopted.is_empty() {
+            info!(
+                instances = reattached.adopted.len(),
+                "re-attached to instances an earlier run left running"
+            );
+        }
+        for (task, epoch) in reattached.adopted {
+            self.feed(Input::Adopt { task, epoch });
         }
         loop {
             let wake = self.driver.replica().poll_timeout().map_or_else(
@@ -285,6 +302,16 @@ impl Peer {
 
     async fn leave(&mut self) {
         info!("leaving the mesh");
+        // Before the leave, which ends every lease: instances that outlive this peer are
+        // neither stopped nor renewed any more; their guards keep them until the deadline
+        // last set, for the next incarnation to re-attach to.
+        let detached = self.executor.detach_survivors();
+        if detached > 0 {
+            info!(
+                instances = detached,
+                "leaving instances of lost_after tasks running for the next start of this node"
+            );
+        }
         self.feed(Input::Leave);
         self.executor.stop_all();
         // Give the leave announcement a moment to go out.
@@ -321,26 +348,31 @@ impl Peer {
             node_id: self.node_id,
         };
         self.driver.drain(&mut out);
-        // Every guard's deadline: until when no other node can count this node's leases
-        // lost, less the margin (README, "A task instance never outlives its lease").
+        // Each guard's deadline: until when no other node can count its instance's lease
+        // lost (the task's disconnect policy decides), less the margin (README, "A task
+        // instance never outlives its lease").
         let now = self.driver.now();
-        let until = self
-            .driver
-            .replica()
-            .leases_hold_until(now)
-            .saturating_sub(self.cfg.guard_margin_ms);
-        self.executor.renew(self.driver.clock().instant_at(until));
-        if until < now + self.cfg.heartbeat_ms
-            && self.executor.running() > 0
-            && self.deadline_warned.elapsed() >= Duration::from_secs(5)
-        {
-            self.deadline_warned = Instant::now();
-            let last = self.driver.replica().last_round_trip();
-            warn!(
-                in_ms = until.saturating_sub(now),
-                last_round_trip_ms_ago = ?last.map(|t| now.saturating_sub(t)),
-                "no peer has answered this node lately: its guards end its instances when the deadline passes"
-            );
+        let margin = self.cfg.guard_margin_ms;
+        let replica = self.driver.replica();
+        let clock = *self.driver.clock();
+        let shared = replica.leases_hold_until(now).saturating_sub(margin);
+        let mut earliest: Option<u64> = None;
+        self.executor.renew(clock.instant_at(shared), |task| {
+            replica.state().task(task)?;
+            let until = replica.instance_deadline(now, task).saturating_sub(margin);
+            earliest = Some(earliest.map_or(until, |e| e.min(until)));
+            Some(clock.instant_at(until))
+        });
+        if let Some(until) = earliest.filter(|u| *u < now + self.cfg.heartbeat_ms) {
+            if self.deadline_warned.elapsed() >= Duration::from_secs(5) {
+                self.deadline_warned = Instant::now();
+                let last = self.driver.replica().last_round_trip();
+                warn!(
+                    in_ms = until.saturating_sub(now),
+                    last_round_trip_ms_ago = ?last.map(|t| now.saturating_sub(t)),
+                    "no peer has answered this node lately: its guards end its instances when their deadlines pass"
+                );
+            }
         }
         let samples = self.driver.replica_mut().take_propagation_samples();
         if let Ok(mut m) = self.metrics.lock() {

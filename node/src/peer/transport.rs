@@ -114,6 +114,10 @@ impl Outputs for PeerOutputs<'_> {
         self.executor.start(task, epoch, spec, self.node_id);
     }
 
+    fn adopt_task(&mut self, task: TaskId, from: Epoch, epoch: Epoch) -> bool {
+        self.executor.adopt(task, from, epoch)
+    }
+
     fn stop_task(&mut self, task: TaskId, epoch: Epoch) -> bool {
         if !self.executor.is_running(&task, epoch) {
             return false;

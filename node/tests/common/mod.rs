@@ -158,6 +158,7 @@ pub fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
 }
 
 pub mod docker;
+pub mod instances;
 
 /// A submitter key and the flags every test peer needs to accept its tasks.
 pub struct Submitter {
