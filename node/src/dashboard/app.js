@@ -206,6 +206,7 @@ function sparkline(values, cls) {
   const w = 60;
   const hgt = 16;
   const s = svg('svg', { class: 'spark', width: w, height: hgt, viewBox: `0 0 ${w} ${hgt}` });
+  s.append(svg('rect', { width: w, height: hgt }));
   if (values.length > 1) {
     const step = w / (HISTORY - 1);
     const x0 = w - step * (values.length - 1);
@@ -315,6 +316,7 @@ function renderTask() {
       ` on ${ownerText(e.reporter)} · ${localTime(e.at_ms)}`,
       h('span', { class: 'muted' }, ` (+${(offset / 1000).toFixed(1)} s)`),
       e.exit_code !== null && e.exit_code !== undefined ? ` · exit ${e.exit_code}` : null,
+      e.epoch < t.epoch && code < 300 ? h('span', { class: 'muted' }, ` · superseded by epoch ${t.epoch}`) : null,
       e.error ? h('div', { class: 'muted' }, e.error) : null);
   }));
   if (!hist.length) $('timeline').append(h('li', {}, 'no epoch yet: not claimed'));
