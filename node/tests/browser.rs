@@ -22,7 +22,10 @@ async fn dashboard_assets_are_served_with_their_types_and_a_strict_csp() {
     let root = tempfile::tempdir().unwrap();
     let node = Node::start(root.path(), "solo", &[], &["--alone", "true"]);
     assert!(
-        wait_until(Duration::from_secs(30), || async { node.status().await.is_some() }).await,
+        wait_until(Duration::from_secs(30), || async {
+            node.status().await.is_some()
+        })
+        .await,
         "the peer did not answer"
     );
     let mut total = 0;
@@ -139,7 +142,10 @@ async fn eval(c: &Client, script: &str) -> serde_json::Value {
 
 /// Waits until `script` returns true in the page.
 async fn wait_page(c: &Client, limit: Duration, script: &str) -> bool {
-    wait_until(limit, || async { eval(c, script).await == serde_json::Value::Bool(true) }).await
+    wait_until(limit, || async {
+        eval(c, script).await == serde_json::Value::Bool(true)
+    })
+    .await
 }
 
 async fn screenshot(c: &Client, name: &str) -> PathBuf {
@@ -213,8 +219,14 @@ async fn run(c: &Client, sub: &Submitter, nodes: &mut [Node]) -> Result<(), Stri
     screenshot(c, "dashboard-nodes.png").await;
 
     // The token, typed as an operator would; kept in sessionStorage for this tab.
-    let input = c.find(Locator::Id("token")).await.map_err(|e| e.to_string())?;
-    input.send_keys(&sub.token).await.map_err(|e| e.to_string())?;
+    let input = c
+        .find(Locator::Id("token"))
+        .await
+        .map_err(|e| e.to_string())?;
+    input
+        .send_keys(&sub.token)
+        .await
+        .map_err(|e| e.to_string())?;
     c.find(Locator::Css("#token-form button[type=submit]"))
         .await
         .map_err(|e| e.to_string())?
@@ -237,7 +249,13 @@ async fn run(c: &Client, sub: &Submitter, nodes: &mut [Node]) -> Result<(), Stri
     );
     let id = sub.submit(&nodes[1], &spec).await;
     let row = format!("#tasks tr.task[data-id='{id}']");
-    if !wait_page(c, long, &format!("return !!document.querySelector(\"{row}\")")).await {
+    if !wait_page(
+        c,
+        long,
+        &format!("return !!document.querySelector(\"{row}\")"),
+    )
+    .await
+    {
         return Err(format!("task {id} did not appear on the page"));
     }
     if !wait_page(
@@ -257,7 +275,8 @@ async fn run(c: &Client, sub: &Submitter, nodes: &mut [Node]) -> Result<(), Stri
         .click()
         .await
         .map_err(|e| e.to_string())?;
-    let lines = "return (document.getElementById('log').textContent.match(/^line \\d+$/gm) || []).length";
+    let lines =
+        "return (document.getElementById('log').textContent.match(/^line \\d+$/gm) || []).length";
     let started = Instant::now();
     let mut first = 0;
     while started.elapsed() < long {
@@ -281,9 +300,16 @@ async fn run(c: &Client, sub: &Submitter, nodes: &mut [Node]) -> Result<(), Stri
     )
     .await;
     if !followed {
-        return Err(format!("the log stopped at {first} lines while the task ran"));
+        return Err(format!(
+            "the log stopped at {first} lines while the task ran"
+        ));
     }
-    if !wait_page(c, long, "return document.getElementById('log').textContent.includes('line 40')").await
+    if !wait_page(
+        c,
+        long,
+        "return document.getElementById('log').textContent.includes('line 40')",
+    )
+    .await
     {
         return Err("the log never reached the last line".into());
     }
@@ -316,7 +342,10 @@ async fn run(c: &Client, sub: &Submitter, nodes: &mut [Node]) -> Result<(), Stri
     }
 
     // A long task on peer 1 or 2 (peer 0 is over its cpu threshold and claims nothing).
-    let spec = sub.spec(&["sh", "-c", "while true; do echo still here; sleep 1; done"], |_| {});
+    let spec = sub.spec(
+        &["sh", "-c", "while true; do echo still here; sleep 1; done"],
+        |_| {},
+    );
     let long_id = sub.submit(&nodes[0], &spec).await;
     let long_row = format!("#tasks tr.task[data-id='{long_id}']");
     if !wait_page(
@@ -339,7 +368,9 @@ async fn run(c: &Client, sub: &Submitter, nodes: &mut [Node]) -> Result<(), Stri
             owner_idx = Some(i);
         }
     }
-    let owner_idx = owner_idx.filter(|i| *i != 0).ok_or("the overloaded peer 0 took the task")?;
+    let owner_idx = owner_idx
+        .filter(|i| *i != 0)
+        .ok_or("the overloaded peer 0 took the task")?;
 
     // kill -9 its owner: the page turns the peer dead, and the task moves to epoch 2 live.
     nodes[owner_idx].kill9();
@@ -383,7 +414,10 @@ async fn run(c: &Client, sub: &Submitter, nodes: &mut [Node]) -> Result<(), Stri
     {
         return Err("the task page did not show two epochs and the log".into());
     }
-    let key = c.find(Locator::Id("cancel-key")).await.map_err(|e| e.to_string())?;
+    let key = c
+        .find(Locator::Id("cancel-key"))
+        .await
+        .map_err(|e| e.to_string())?;
     key.send_keys(&hex::encode(sub.key.to_bytes()))
         .await
         .map_err(|e| e.to_string())?;
@@ -401,7 +435,11 @@ async fn run(c: &Client, sub: &Submitter, nodes: &mut [Node]) -> Result<(), Stri
     )
     .await
     {
-        let said = eval(c, "return document.getElementById('cancel-state').textContent").await;
+        let said = eval(
+            c,
+            "return document.getElementById('cancel-state').textContent",
+        )
+        .await;
         return Err(format!("the cancel from the page did not take: {said}"));
     }
     if eval(c, "return document.getElementById('cancel-key').value").await != "" {

@@ -42,7 +42,10 @@ impl Prometheus {
         let log = dir.join("prometheus.log");
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.join("prometheus.out")).unwrap())
@@ -144,7 +147,11 @@ fn covers(result: &[serde_json::Value], instances: &[String]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_grafana_panel_query_returns_series_from_a_real_mesh() {
-    if Command::new("prometheus").arg("--version").output().is_err() {
+    if Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
             "prometheus is missing in CI; .ci/run should have installed Debian's prometheus package"
@@ -166,32 +173,51 @@ async fn every_grafana_panel_query_returns_series_from_a_real_mesh() {
             }
             for v in d["templating"]["list"].as_array().into_iter().flatten() {
                 if let Some(q) = v["definition"].as_str() {
-                    variable_queries.push((v["name"].as_str().unwrap_or("?").to_owned(), q.to_owned()));
+                    variable_queries
+                        .push((v["name"].as_str().unwrap_or("?").to_owned(), q.to_owned()));
                 }
             }
         }
     }
-    assert!(!queries.is_empty(), "no panel queries found in {dashboards_dir:?}");
+    assert!(
+        !queries.is_empty(),
+        "no panel queries found in {dashboards_dir:?}"
+    );
 
     let root = tempfile::tempdir().unwrap();
     let sub = Submitter::new();
     let nodes = mesh(root.path(), 3, |_| sub.flags()).await;
     let instances: Vec<String> = nodes
         .iter()
-        .map(|n| n.api().trim_start_matches("http://").trim_end_matches('/').to_owned())
+        .map(|n| {
+            n.api()
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned()
+        })
         .collect();
     let prom_dir = root.path().join("prometheus");
     std::fs::create_dir_all(&prom_dir).unwrap();
     let prom = Prometheus::start(&prom_dir, &instances);
 
-    let up = wait_until(Duration::from_secs(60), || async { prom.targets_up().await == 3 }).await;
+    let up = wait_until(Duration::from_secs(60), || async {
+        prom.targets_up().await == 3
+    })
+    .await;
     if !up {
         eprintln!("{}", std::fs::read_to_string(&prom.log).unwrap_or_default());
     }
     assert!(up, "prometheus did not scrape all three peers");
 
     // Activity for the panels about tasks and leases: a task that runs a few seconds.
-    let spec = sub.spec(&["sh", "-c", "for i in 1 2 3 4 5; do echo tick $i; sleep 1; done"], |_| {});
+    let spec = sub.spec(
+        &[
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5; do echo tick $i; sleep 1; done",
+        ],
+        |_| {},
+    );
     let id = sub.submit(&nodes[0], &spec).await;
     println!("submitted task {id}");
 
@@ -206,7 +232,9 @@ async fn every_grafana_panel_query_returns_series_from_a_real_mesh() {
         let (metric, label) = (metric.trim().to_owned(), label.trim().to_owned());
         let ok = wait_until(Duration::from_secs(30), || async {
             prom.query(&metric).await.is_ok_and(|r| {
-                instances.iter().all(|i| r.iter().any(|s| s["metric"][label.as_str()] == i.as_str()))
+                instances
+                    .iter()
+                    .all(|i| r.iter().any(|s| s["metric"][label.as_str()] == i.as_str()))
             })
         })
         .await;
@@ -232,5 +260,9 @@ async fn every_grafana_panel_query_returns_series_from_a_real_mesh() {
             (Err(err), _) => failures.push(format!("{panel}: query failed: {err} ({e})")),
         }
     }
-    assert!(failures.is_empty(), "panel queries without data:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "panel queries without data:\n{}",
+        failures.join("\n")
+    );
 }

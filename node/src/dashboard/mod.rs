@@ -83,7 +83,10 @@ mod tests {
         for (i, _) in html.match_indices("<script") {
             let tag_end = i + html[i..].find('>').expect("unclosed <script");
             let tag = &html[i..=tag_end];
-            assert!(tag.contains("src=\"/ui/"), "inline or foreign script: {tag}");
+            assert!(
+                tag.contains("src=\"/ui/"),
+                "inline or foreign script: {tag}"
+            );
             assert!(
                 html[tag_end + 1..].starts_with("</script>"),
                 "script element with a body: {tag}"
@@ -92,7 +95,10 @@ mod tests {
         assert!(!html.contains("<style"), "inline <style> element");
         assert!(!html.contains(" style="), "inline style attribute");
         assert!(!html.contains("javascript:"), "javascript: URL");
-        assert!(!html.contains("http://") && !html.contains("https://"), "a foreign URL (CDN?)");
+        assert!(
+            !html.contains("http://") && !html.contains("https://"),
+            "a foreign URL (CDN?)"
+        );
         // No inline event handlers (onclick=, onload=, ...).
         for (i, _) in html.match_indices(" on") {
             let word: String = html[i + 1..]
@@ -108,7 +114,13 @@ mod tests {
 
     #[test]
     fn the_script_never_writes_markup() {
-        for bad in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("] {
+        for bad in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+        ] {
             assert!(!APP_JS.contains(bad), "app.js uses {bad}");
         }
     }
