@@ -209,13 +209,32 @@ async fn run(c: &Client, sub: &Submitter, nodes: &mut [Node]) -> Result<(), Stri
     {
         return Err("the page did not show three alive nodes".into());
     }
-    // A few polls in, so the load sparklines have a history and digests were compared.
-    wait_page(
+    // The stylesheet was applied under the CSP (the script evidently ran: it drew the rows).
+    if eval(
         c,
-        Duration::from_secs(20),
+        "return getComputedStyle(document.querySelector('.badge.h-alive')).backgroundColor",
+    )
+    .await
+        != "rgb(47, 125, 91)"
+    {
+        return Err("the stylesheet was not applied (blocked by the CSP?)".into());
+    }
+    // Digests compared at sync exchanges: an idle mesh agrees (and by then the load
+    // sparklines have a few samples).
+    if !wait_page(
+        c,
+        Duration::from_secs(30),
         "return document.getElementById('digest-summary').dataset.agreement === 'agree'",
     )
-    .await;
+    .await
+    {
+        let said = eval(
+            c,
+            "return document.getElementById('digest-summary').textContent",
+        )
+        .await;
+        return Err(format!("the page did not show digest agreement: {said}"));
+    }
     screenshot(c, "dashboard-nodes.png").await;
 
     // The token, typed as an operator would; kept in sessionStorage for this tab.
@@ -237,13 +256,13 @@ async fn run(c: &Client, sub: &Submitter, nodes: &mut [Node]) -> Result<(), Stri
         return Err("the token was not kept in sessionStorage".into());
     }
 
-    // A task that prints a line every 0.2 s for about 8 s. Hostile-looking output must stay
+    // A task that prints a line every 0.2 s for about 12 s. Hostile-looking output must stay
     // text: the first line is markup that would run if the page ever parsed it.
     let spec = sub.spec(
         &[
             "sh",
             "-c",
-            "echo '<img src=x id=pwned>'; for i in $(seq 1 40); do echo line $i; sleep 0.2; done",
+            "echo '<img src=x id=pwned>'; for i in $(seq 1 60); do echo line $i; sleep 0.2; done",
         ],
         |_| {},
     );
@@ -307,7 +326,7 @@ async fn run(c: &Client, sub: &Submitter, nodes: &mut [Node]) -> Result<(), Stri
     if !wait_page(
         c,
         long,
-        "return document.getElementById('log').textContent.includes('line 40')",
+        "return document.getElementById('log').textContent.includes('line 60')",
     )
     .await
     {
