@@ -8,6 +8,7 @@
 const POLL_MS = 1000;
 const HISTORY = 60; // load samples kept per node (about a minute)
 const LOG_KEEP = 256 * 1024; // characters of log kept in the page
+const MAX_TASK_ROWS = 500; // task rows drawn on the mesh view
 const TOKEN_KEY = 'omesh.token';
 const CODES = { pending: 100, running: 200, succeeded: 300, failed: 400, cancelled: 499 };
 
@@ -197,9 +198,12 @@ function renderMesh() {
   const peers = S.peers.slice().sort((a, b) => (b.is_self - a.is_self) || a.id.localeCompare(b.id));
   replaceRows($('nodes').tBodies[0], peers.map(nodeRow));
 
-  $('tasks-count').textContent = `(${S.tasks.length})`;
+  // Unfinished tasks first; past MAX_TASK_ROWS the page would get slow on a weak box.
   const tasks = S.tasks.slice().sort((a, b) => (a.code - b.code) || a.id.localeCompare(b.id));
-  replaceRows($('tasks').tBodies[0], tasks.map(taskRow));
+  const shown = tasks.slice(0, MAX_TASK_ROWS);
+  $('tasks-count').textContent = shown.length < tasks.length ?
+    `(${tasks.length}; the first ${shown.length} shown, unfinished first)` : `(${tasks.length})`;
+  replaceRows($('tasks').tBodies[0], shown.map(taskRow));
 }
 
 function sparkline(values, cls) {
