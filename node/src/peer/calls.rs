@@ -75,6 +75,16 @@ impl Peer {
                             .suspected_since(&n.id)
                             .map(|t| now.saturating_sub(t)),
                         incarnation: n.incarnation,
+                        images: n
+                            .images
+                            .iter()
+                            .map(|d| format!("sha256:{}", d.to_hex()))
+                            .collect(),
+                        digest_agrees: self.digest_agreement.get(&n.id).map(|(a, _)| *a),
+                        digest_compared_ms_ago: self
+                            .digest_agreement
+                            .get(&n.id)
+                            .map(|(_, at)| now.saturating_sub(*at)),
                     })
                     .collect();
                 let _ = tx.send(views);
