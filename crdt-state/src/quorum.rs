@@ -117,6 +117,11 @@ pub(crate) struct Quorum {
     results: BTreeMap<NodeId, Vec<(Millis, Leases)>>,
     /// Claimant: confirmation rounds per task.
     confirms: BTreeMap<TaskId, Confirming>,
+    /// Claimant: per task, the highest epoch this node asked promises for. A refused round
+    /// writes no lease, so nothing replicated moves the task's epoch on: the next round asks a
+    /// higher one, else two claimants whose promises split would ask the same epoch forever
+    /// (each member keeps its promise).
+    epochs_asked: BTreeMap<TaskId, Epoch>,
     /// Per node, when each (incarnation, leaving) of its record was first seen here.
     reborn: BTreeMap<NodeId, BTreeMap<(u64, bool), Millis>>,
 }
@@ -426,6 +431,8 @@ impl Quorum {
         if own {
             promised.insert(me);
         }
+        let e = self.epochs_asked.entry(task).or_insert(epoch);
+        *e = (*e).max(epoch);
         self.confirms.insert(
             task,
             Confirming {
@@ -436,6 +443,11 @@ impl Quorum {
                 members,
             },
         );
+    }
+
+    /// The highest epoch this node asked promises of `task` for (0: none).
+    pub(crate) fn asked_epoch(&self, task: &TaskId) -> Epoch {
+        self.epochs_asked.get(task).copied().unwrap_or(0)
     }
 
     /// A member's answer to a confirmation request.
@@ -505,6 +517,7 @@ impl Quorum {
     pub(crate) fn retain_tasks(&mut self, held: impl Fn(&TaskId) -> bool) {
         self.promised.retain(|t, _| held(t));
         self.confirms.retain(|t, _| held(t));
+        self.epochs_asked.retain(|t, _| held(t));
         for r in self.results.values_mut() {
             for (_, ls) in r.iter_mut() {
                 ls.retain(|(t, _)| held(t));
