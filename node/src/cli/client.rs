@@ -375,23 +375,30 @@ pub fn task_text(t: &TaskJson) -> String {
     out.push_str(&format!("command     {}\n", t.command.join(" ")));
     out.push_str(&format!("disconnect  {}\n", disconnect_text(&t.disconnect)));
     if !t.history.is_empty() {
+        // Times are each reporter's clock, shown in this host's zone; offsets count from the
+        // first entry, so a timeline reads at a glance (claimed +0.0 s, running +0.3 s, ...).
+        let zone = super::localtime::Zone::local();
+        let first = t.history.iter().map(|h| h.at_ms).min().unwrap_or(0);
         out.push_str("timeline\n");
         let rows: Vec<Vec<String>> = t
             .history
             .iter()
             .map(|h| {
+                let since = i64::try_from(h.at_ms).unwrap_or(i64::MAX)
+                    - i64::try_from(first).unwrap_or(i64::MAX);
                 vec![
                     h.epoch.to_string(),
                     h.state.clone(),
                     h.exit_code.map_or("-".into(), |c| c.to_string()),
                     h.reporter[..12.min(h.reporter.len())].to_owned(),
-                    h.at_ms.to_string(),
+                    zone.format_ms(h.at_ms),
+                    super::localtime::offset_text(since),
                     h.error.clone(),
                 ]
             })
             .collect();
         for line in table(
-            &["EPOCH", "STATE", "EXIT", "REPORTER", "AT_MS", "ERROR"],
+            &["EPOCH", "STATE", "EXIT", "REPORTER", "AT", "SINCE_FIRST", "ERROR"],
             &rows,
         )
         .lines()
