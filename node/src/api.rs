@@ -89,6 +89,13 @@ pub struct PeerView {
     pub suspected_ms_ago: Option<u64>,
     /// Its incarnation.
     pub incarnation: u64,
+    /// Whether its state digest equalled this node's at their last sync (either way); none
+    /// before one, and for the answering node itself.
+    #[serde(default)]
+    pub digest_agrees: Option<bool>,
+    /// Milliseconds since that comparison.
+    #[serde(default)]
+    pub digest_compared_ms_ago: Option<u64>,
 }
 
 /// One task as seen from the answering node.

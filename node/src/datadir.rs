@@ -151,6 +151,11 @@ pub struct DataDirLock {
     _file: std::fs::File,
 }
 
+/// The file of peer addresses kept for the next start.
+pub const PEERS_FILE: &str = "peers";
+/// The most peer addresses kept.
+pub const MAX_REMEMBERED_PEERS: usize = 32;
+
 /// The name of the lock file in the data directory.
 pub const LOCK_FILE: &str = "lock";
 
@@ -245,6 +250,34 @@ impl DataDir {
             }
             Err(e) => Err(io("cannot read", &path)(e)),
         }
+    }
+
+    /// The peer addresses an earlier run kept (`<data_dir>/peers`, one multiaddr with its
+    /// `/p2p/` id a line), to dial at start. Missing or unreadable: none.
+    pub fn remembered_peers(&self) -> Vec<String> {
+        std::fs::read_to_string(self.root.join(PEERS_FILE))
+            .map(|t| {
+                t.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .take(MAX_REMEMBERED_PEERS)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Keeps `addrs` (at most [`MAX_REMEMBERED_PEERS`]) for the next start.
+    pub fn remember_peers(&self, addrs: &[String]) -> Result<(), DataDirError> {
+        let path = self.root.join(PEERS_FILE);
+        let mut text = String::from(
+            "# peers this node knew, redialed at its next start (rewritten while it runs)\n",
+        );
+        for a in addrs.iter().take(MAX_REMEMBERED_PEERS) {
+            text.push_str(a);
+            text.push('\n');
+        }
+        write_private(&path, text.as_bytes())
     }
 
     /// Increments and returns the incarnation counter (1 on first start). The file is

@@ -202,7 +202,13 @@ pub fn api_command(args: &ApiArgs, what: Show) -> anyhow::Result<()> {
             })
         }
         let text = match what {
-            Show::Status => render(args.json, &client.status().await?, client::status_text)?,
+            Show::Status if args.json => render(true, &client.status().await?, client::status_text)?,
+            Show::Status => {
+                let status = client.status().await?;
+                let peers = client.peers().await?;
+                let tasks = client.tasks().await?;
+                client::mesh_status_text(&status, &peers, &tasks)
+            }
             Show::Peers => render(args.json, &client.peers().await?, |p| client::peers_text(p))?,
             Show::Tasks => render(args.json, &client.tasks().await?, |t| client::tasks_text(t))?,
         };

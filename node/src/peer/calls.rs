@@ -43,6 +43,9 @@ impl Peer {
             }
             ApiCall::Peers(tx) => {
                 let me = self.driver.replica().id();
+                let compared = |id: &omesh_protocol::NodeId| {
+                    self.driver.replica().digest_comparison(id)
+                };
                 let views = self
                     .driver
                     .replica()
@@ -75,6 +78,9 @@ impl Peer {
                             .suspected_since(&n.id)
                             .map(|t| now.saturating_sub(t)),
                         incarnation: n.incarnation,
+                        digest_agrees: compared(&n.id).map(|(_, agreed)| agreed),
+                        digest_compared_ms_ago: compared(&n.id)
+                            .map(|(at, _)| now.saturating_sub(at)),
                     })
                     .collect();
                 let _ = tx.send(views);

@@ -92,6 +92,10 @@ pub struct Peer {
     deadline_warned: Instant,
     /// The data directory's lock, held while the peer lives.
     _lock: crate::datadir::DataDirLock,
+    /// The data directory.
+    dir: DataDir,
+    /// The peer addresses last kept in it (`dial::remember_peers`).
+    remembered: Vec<String>,
 }
 
 /// Why binding the libp2p listen address failed, in words: libp2p's `TransportError::Other`
@@ -225,19 +229,28 @@ impl Peer {
                 .insert(omesh_state::placement::PROCESS_LIMITS_TAG.to_owned());
         }
         let replica = Replica::new(rcfg, node_key)?;
-        let now = Instant::now();
-        let seeds = plan
+        let mut seeds: Vec<Seed> = plan
             .seeds
             .iter()
-            .map(|addr| Seed {
-                addr: addr.clone(),
-                peer: None,
-                connected: false,
-                contacted: false,
-                next_try: now,
-                backoff: Duration::from_millis(500),
-            })
+            .map(|addr| Seed::new(addr.clone(), None, false))
             .collect();
+        // Peers an earlier run knew, so that a seed (which has no seed of its own) rejoins
+        // at once instead of waiting for the others to redial it.
+        for text in dir.remembered_peers() {
+            let Ok(addr) = text.parse::<Multiaddr>() else {
+                continue;
+            };
+            let peer = addr.iter().find_map(|p| match p {
+                libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                _ => None,
+            });
+            let known = seeds
+                .iter()
+                .any(|s| dial::strip_p2p(&s.addr) == dial::strip_p2p(&addr));
+            if peer.is_some_and(|p| p != local_peer) && !known {
+                seeds.push(Seed::new(addr, peer, true));
+            }
+        }
         if let Ok(m) = metrics.lock() {
             m.incarnation
                 .set(i64::try_from(incarnation).unwrap_or(i64::MAX));
@@ -278,6 +291,8 @@ impl Peer {
             admission_refreshed: (0, Instant::now()),
             deadline_warned: Instant::now(),
             _lock: lock,
+            dir,
+            remembered: Vec::new(),
         };
         peer.sync_allow_list();
         Ok(peer)
@@ -473,9 +488,10 @@ impl Peer {
         self.refresh_admitted();
         self.dial_seeds();
         self.connect_known_peers();
+        self.remember_peers();
         self.refresh_images();
         let connected = self.swarm.connected_peers().count();
-        let alone = self.cfg.alone || self.seeds.is_empty();
+        let alone = self.cfg.alone || self.seeds.iter().all(|s| s.remembered);
         if !self.ready && (alone || connected > 0) && self.driver.replica().is_ready(!alone) {
             info!(connected, "ready");
             self.ready = true;
