@@ -323,6 +323,7 @@ async fn a_restarted_seed_redials_the_peers_it_knew() {
     let sub = Submitter::new();
     let mut nodes = mesh(root.path(), 3, |_| sub.flags()).await;
     let others = [nodes[1].peer_id().await, nodes[2].peer_id().await];
+    let seed_id = nodes[0].node_id().await;
     // The seed keeps what it learned in its data dir.
     let peers_file = nodes[0].dir.join("data").join("peers");
     let kept = wait_until(Duration::from_secs(60), || async {
@@ -338,7 +339,6 @@ async fn a_restarted_seed_redials_the_peers_it_knew() {
     let old_port = nodes[0].quic_port;
     nodes[0].restart();
     assert_ne!(nodes[0].quic_port, old_port);
-    let seed_id = nodes[0].node_id().await;
     let rejoined = wait_until(Duration::from_secs(90), || async {
         for n in &nodes {
             let Some(peers) = n.peers().await else {
@@ -357,6 +357,16 @@ async fn a_restarted_seed_redials_the_peers_it_knew() {
     .await;
     if !rejoined {
         common::dump(&nodes.iter().collect::<Vec<_>>());
+        for n in &nodes {
+            let views: Vec<String> = n
+                .peers()
+                .await
+                .unwrap_or_default()
+                .iter()
+                .map(|p| format!("{} {} inc {}", &p.id[..12], p.health, p.incarnation))
+                .collect();
+            eprintln!("{}: {views:?}", n.name);
+        }
     }
     drop(hold);
     assert!(rejoined, "the restarted seed did not rejoin");
