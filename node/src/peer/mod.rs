@@ -112,6 +112,7 @@ fn listen_failure(e: &(dyn std::error::Error + 'static)) -> String {
             in_use = true;
         }
         let text = err.to_string();
+        in_use |= text.to_lowercase().contains("address already in use");
         if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
             parts.push(text);
         }
