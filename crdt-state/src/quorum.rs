@@ -102,6 +102,8 @@ pub(crate) struct Quorum {
     grants: BTreeMap<NodeId, Millis>,
     /// Owner: contact pings in flight, by nonce: (peer, sent at).
     contact: BTreeMap<u64, (NodeId, Millis)>,
+    /// Owner: per peer, when a contact ping was last sent to it.
+    asked: BTreeMap<NodeId, Millis>,
     /// Witness: when this node last granted each peer.
     granted: BTreeMap<NodeId, Millis>,
     /// Witness: peers voted out, and until when grants are withheld from them.
@@ -157,8 +159,11 @@ impl Quorum {
         Some(times[need - 1])
     }
 
-    /// The peers to ping for contact this period: enough, among those granted longest ago,
-    /// that every member is asked within `window / 2`.
+    /// The peers to ping for contact this period: enough, among those neither granted nor
+    /// asked for longest, that every member is asked within `window / 2`. Ordering by the
+    /// later of the two (not by the grant alone) makes it a round: members that never answer
+    /// (cut off, dead) take their turn and go to the back, rather than taking every slot
+    /// while the reachable majority goes unasked.
     pub(crate) fn contact_targets(
         &self,
         me: &NodeId,
@@ -178,11 +183,15 @@ impl Quorum {
         )
         .unwrap_or(MAX_CONTACT_PINGS)
         .min(MAX_CONTACT_PINGS);
-        let asked: BTreeSet<NodeId> = self.contact.values().map(|(p, _)| *p).collect();
+        let in_flight: BTreeSet<NodeId> = self.contact.values().map(|(p, _)| *p).collect();
         let mut by_age: Vec<(Millis, NodeId)> = others
             .into_iter()
-            .filter(|m| !asked.contains(*m))
-            .map(|m| (self.grants.get(m).copied().unwrap_or(0), *m))
+            .filter(|m| !in_flight.contains(*m))
+            .map(|m| {
+                let granted = self.grants.get(m).copied().unwrap_or(0);
+                let asked = self.asked.get(m).copied().unwrap_or(0);
+                (granted.max(asked), *m)
+            })
             .collect();
         by_age.sort_unstable();
         by_age.into_iter().take(per).map(|(_, m)| m).collect()
@@ -191,6 +200,7 @@ impl Quorum {
     /// A contact ping to `peer` went out.
     pub(crate) fn contact_sent(&mut self, nonce: u64, peer: NodeId, now: Millis) {
         self.contact.insert(nonce, (peer, now));
+        self.asked.insert(peer, now);
     }
 
     /// An ack of a contact ping: `Some(sent_at)` when `nonce` was one sent to `from`.
@@ -525,6 +535,46 @@ mod tests {
         // Me + the two latest (30, 20) make three of five: contact as of 20.
         assert_eq!(q.majority_contact(100, &n(1), &members), Some(20));
         assert_eq!(q.majority_contact(100, &n(1), &[n(1)]), Some(100));
+    }
+
+    /// 18 members, 6 of them cut off (they never answer): with a 10 s window and 500 ms
+    /// periods, the contact pings still reach each of the 11 reachable peers within 5 s, so
+    /// the owner's majority contact stays fresh. Ordered by grant age alone, the six silent
+    /// peers took every slot and the reachable ones went unasked (netsim `disc_partition`
+    /// stopped majority-side owners' instances).
+    #[test]
+    fn silent_members_do_not_starve_the_reachable_ones_of_contact_pings() {
+        let mut q = Quorum::default();
+        let members: Vec<NodeId> = (0..18).map(n).collect();
+        let me = n(0);
+        let silent = |p: &NodeId| p.0[0] >= 12;
+        let (period, window) = (500, 10_000);
+        let mut nonce = 0;
+        let mut last_grant: BTreeMap<NodeId, Millis> = BTreeMap::new();
+        for k in 0..200u64 {
+            let now = 1_000 + k * period;
+            q.expire_contacts(now.saturating_sub(2 * period));
+            for to in q.contact_targets(&me, &members, period, window) {
+                nonce += 1;
+                q.contact_sent(nonce, to, now);
+                if !silent(&to) {
+                    // Answered within the period, granted.
+                    let sent = q.contact_acked(nonce, to).expect("a ping in flight");
+                    q.granted_by(to, sent);
+                    last_grant.insert(to, now);
+                }
+            }
+            if now >= 1_000 + window {
+                for m in members.iter().filter(|m| **m != me && !silent(m)) {
+                    let at = last_grant.get(m).copied().unwrap_or(0);
+                    assert!(now - at <= window / 2, "{m:?} unasked since {at} at {now}");
+                }
+                let contact = q
+                    .majority_contact(now, &me, &members)
+                    .expect("a majority granted");
+                assert!(now - contact <= window / 2, "contact {contact} at {now}");
+            }
+        }
     }
 
     #[test]

@@ -623,6 +623,10 @@ impl Replica {
         let runs: Vec<(TaskId, LocalRun)> = self.tasks.runs().map(|(t, r)| (*t, *r)).collect();
         for (task, run) in runs {
             match run.phase {
+                Phase::Promising { .. } => {
+                    self.quorum.forget_confirm(&task);
+                    self.tasks.forget(&task);
+                }
                 Phase::Settling { .. } => {
                     self.release(now, task, run.epoch);
                     self.tasks.forget(&task);

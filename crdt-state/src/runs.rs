@@ -14,6 +14,15 @@ use omesh_protocol::{Epoch, Millis, TaskId};
 /// What this node does about a task it owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
+    /// At most once: promises of `epoch` asked, no lease written yet. The lease is written
+    /// only once a majority promised, so a claim the mesh refuses (say, from a node that was
+    /// cut off and has not yet heard of a later owner) never fences a running instance.
+    Promising {
+        /// The placement score the lease will carry.
+        score: u32,
+        /// Whether the claim takes the task over from a live lease's owner.
+        failover: bool,
+    },
     /// Claimed; starts at `until` if the lease still holds.
     Settling { until: Millis },
     /// StartTask emitted.
@@ -129,6 +138,18 @@ impl TaskBook {
             LocalRun {
                 epoch,
                 phase: Phase::Settling { until },
+            },
+        );
+        self.claimable.remove(&task);
+    }
+
+    /// `task` is to be claimed at `epoch` once a majority promises it (at most once).
+    pub(crate) fn promising(&mut self, task: TaskId, epoch: Epoch, score: u32, failover: bool) {
+        self.local.insert(
+            task,
+            LocalRun {
+                epoch,
+                phase: Phase::Promising { score, failover },
             },
         );
         self.claimable.remove(&task);

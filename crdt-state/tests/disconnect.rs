@@ -111,6 +111,43 @@ fn an_at_most_once_task_cut_off_in_a_minority_stops_before_the_majority_starts_i
     assert_eq!(m.runners(task).len(), 1);
 }
 
+/// After the heal, the minority's stopped owner (whose view still shows the task unowned)
+/// must not displace the instance the majority started: its claim needs promises first, and
+/// the majority promised that epoch already. Before promises came first, its claim of the
+/// same epoch won the tie-break and fenced the running instance (netsim `disc_partition`).
+#[test]
+fn a_healed_minority_owner_does_not_displace_the_majoritys_instance() {
+    for nonce in 20..26 {
+        let (mut m, ids) = five();
+        let task = m.submit(ids[0], at_most_once(nonce, 4_000));
+        assert!(m.run_until(30_000, |m| running_one(m, task).is_some()));
+        let (owner, epoch) = running_one(&m, task).unwrap();
+        let mate = *ids.iter().find(|n| **n != owner).unwrap();
+        let rest: Vec<NodeId> = ids
+            .iter()
+            .copied()
+            .filter(|n| *n != owner && *n != mate)
+            .collect();
+        split(&mut m, &[&[owner, mate], &rest]);
+        assert!(m.run_until(60_000, |m| {
+            m.runners(task)
+                .iter()
+                .any(|(n, e)| rest.contains(n) && *e > epoch)
+        }));
+        m.run_for(5_000);
+        let successor = running_one(&m, task).unwrap();
+        let started = m.instances.len();
+        m.heal();
+        m.run_for(20_000);
+        assert_eq!(
+            m.runners(task),
+            vec![successor],
+            "nonce {nonce}: the heal moved the task"
+        );
+        assert_eq!(m.instances.len(), started, "nonce {nonce}: started again");
+    }
+}
+
 #[test]
 fn an_at_most_once_task_runs_nowhere_in_a_three_way_split_and_once_after_it_heals() {
     let (mut m, ids) = five();

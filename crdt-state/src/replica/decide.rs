@@ -28,6 +28,15 @@ enum Step {
     Confirm(TaskId, Epoch),
     Adopt(TaskId, Epoch),
     Refused(TaskId, Epoch),
+    /// At most once: promises refused or not all in; nothing was written.
+    Unpromised(TaskId),
+    /// At most once: a majority promised; write the lease.
+    Promised {
+        task: TaskId,
+        epoch: Epoch,
+        score: u32,
+        failover: bool,
+    },
     Stop(TaskId, Epoch, StopReason),
     Forget(TaskId),
     Release(TaskId, Epoch),
@@ -269,7 +278,14 @@ impl Replica {
     pub(crate) fn evaluate(&mut self, now: Millis) {
         let mut steps = Vec::new();
         let mut wake: Option<Millis> = None;
-        let mut at = |t: Millis| wake = Some(wake.map_or(t, |w: Millis| w.min(t)));
+        // A wake at or before `now` would only run this pass again at once (a peer's timer
+        // would spin until its clock moved on): this pass already saw the state at `now`.
+        // Say, the ttl expiry of a lease that a disconnect policy keeps holding past it.
+        let mut at = |t: Millis| {
+            if t > now {
+                wake = Some(wake.map_or(t, |w: Millis| w.min(t)));
+            }
+        };
         let overloaded = self.is_overloaded();
         let may_claim = self.may_claim(now);
 
@@ -309,6 +325,27 @@ impl Replica {
                         steps.push(Step::Adopt(*task, run.epoch));
                     } else {
                         steps.push(Step::Stop(*task, run.epoch, StopReason::Fenced { by }));
+                    }
+                }
+                Phase::Promising { score, failover } => {
+                    // Someone else's lease at this epoch or later, or a cancel: give up.
+                    let moot = rec.is_cancelled() || rec.max_epoch() >= run.epoch;
+                    match (moot, disc.stop_after_ms) {
+                        (false, Some(d)) => match self.quorum.confirmation(task, run.epoch) {
+                            Some(Ok(())) if has_majority(Millis::from(d)) => {
+                                steps.push(Step::Promised {
+                                    task: *task,
+                                    epoch: run.epoch,
+                                    score,
+                                    failover,
+                                });
+                            }
+                            Some(Err(sent)) if now < sent + self.answer_ms() => {
+                                at(sent + self.answer_ms());
+                            }
+                            _ => steps.push(Step::Unpromised(*task)),
+                        },
+                        _ => steps.push(Step::Unpromised(*task)),
                     }
                 }
                 Phase::Settling { .. } if !mine => steps.push(Step::Forget(*task)),
@@ -641,35 +678,53 @@ impl Replica {
                 score,
                 failover,
             } => {
-                let lease = Lease {
-                    epoch,
-                    owner: self.me.id,
-                    incarnation: self.cfg.incarnation,
-                    score,
-                    ttl_ms: u32::try_from(self.cfg.lease_ttl_ms).unwrap_or(u32::MAX),
-                    released: false,
-                };
-                self.write(now, DeltaBody::Lease { task, lease });
-                let until = now + self.settle_ms();
-                self.tasks.claimed(task, epoch, until);
                 let at_most_once = self
                     .state
                     .task(&task)
                     .is_some_and(|r| disconnect::policy_of(r).at_most_once());
                 if at_most_once {
-                    // Asked at once: the promises take a round trip, as the settle delay does.
+                    // Promises first, the lease after: see `Phase::Promising`.
+                    self.tasks.promising(task, epoch, score, failover);
                     self.send_confirm(now, task, epoch);
+                } else {
+                    self.claim(now, task, epoch, score, failover);
                 }
-                self.wake_at(until);
-                self.stats.claims += 1;
-                if failover {
-                    self.stats.failovers += 1;
-                }
+            }
+            Step::Promised {
+                task,
+                epoch,
+                score,
+                failover,
+            } => self.claim(now, task, epoch, score, failover),
+            Step::Unpromised(task) => {
+                self.stats.confirms_refused += 1;
+                self.quorum.forget_confirm(&task);
+                self.tasks.forget(&task);
             }
             Step::Compact(task, outcome) => {
                 let end = self.state.ending(&task).map(Box::new);
                 self.write(now, DeltaBody::Compact { task, outcome, end });
             }
+        }
+    }
+
+    /// Writes this node's lease of `task` at `epoch` and settles before starting it.
+    fn claim(&mut self, now: Millis, task: TaskId, epoch: Epoch, score: u32, failover: bool) {
+        let lease = Lease {
+            epoch,
+            owner: self.me.id,
+            incarnation: self.cfg.incarnation,
+            score,
+            ttl_ms: u32::try_from(self.cfg.lease_ttl_ms).unwrap_or(u32::MAX),
+            released: false,
+        };
+        self.write(now, DeltaBody::Lease { task, lease });
+        let until = now + self.settle_ms();
+        self.tasks.claimed(task, epoch, until);
+        self.wake_at(until);
+        self.stats.claims += 1;
+        if failover {
+            self.stats.failovers += 1;
         }
     }
 
