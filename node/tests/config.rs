@@ -116,7 +116,10 @@ fn a_quic_port_clash_says_the_address_is_in_use_and_names_the_blob_port() {
     let api = format!("127.0.0.1:{}", free_port());
     let out = up(&["--listen", &listen, "--api-listen", &api], dir.path());
     // The cause, not an empty string after the colon; and the port every peer also holds.
-    assert_fails_naming(&out, &["listen", &listen, "in use", "QUIC port + 1", "blob_listen"]);
+    assert_fails_naming(
+        &out,
+        &["listen", &listen, "in use", "QUIC port + 1", "blob_listen"],
+    );
 }
 
 #[test]
@@ -153,7 +156,12 @@ fn the_default_blob_port_taken_is_named_with_its_key() {
         .lines()
         .find(|l| l.contains("blob"))
         .unwrap_or_else(|| panic!("no word of the blob port: {text}"));
-    for needle in ["QUIC port + 1", "blob_listen", "in use", &(quic + 1).to_string()] {
+    for needle in [
+        "QUIC port + 1",
+        "blob_listen",
+        "in use",
+        &(quic + 1).to_string(),
+    ] {
         assert!(line.contains(needle), "{needle:?} not in {line}");
     }
 }
@@ -164,7 +172,10 @@ fn a_misspelled_environment_variable_is_refused_naming_the_known_one() {
     let mut child = Command::new(bin())
         .args(["up", "--alone", "true", "--data-dir"])
         .arg(dir.path().join("data"))
-        .args(["--listen", &format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_port())])
+        .args([
+            "--listen",
+            &format!("/ip4/127.0.0.1/udp/{}/quic-v1", free_port()),
+        ])
         .args(["--api-listen", &format!("127.0.0.1:{}", free_port())])
         .env("OMESH_THRESHHOLD_CPU", "50")
         .stdin(Stdio::null())

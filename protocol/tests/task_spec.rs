@@ -113,11 +113,15 @@ fn a_process_task_may_name_no_image_and_a_container_task_must() {
 fn json_of_a_spec_refuses_unknown_fields_and_may_leave_out_the_image() {
     let mut json = serde_json::to_value(spec()).unwrap();
     json["privileged"] = serde_json::json!(true);
-    let e = serde_json::from_value::<TaskSpec>(json).unwrap_err().to_string();
+    let e = serde_json::from_value::<TaskSpec>(json)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("privileged"), "{e}");
     let mut json = serde_json::to_value(spec()).unwrap();
     json["disconnect"]["stop_after"] = serde_json::json!(1000);
-    let e = serde_json::from_value::<TaskSpec>(json).unwrap_err().to_string();
+    let e = serde_json::from_value::<TaskSpec>(json)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("stop_after"), "{e}");
     let mut json = serde_json::to_value(spec()).unwrap();
     json.as_object_mut().unwrap().remove("image");

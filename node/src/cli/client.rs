@@ -130,13 +130,17 @@ pub fn status_text(s: &StatusView) -> String {
 pub fn mesh_status_text(s: &StatusView, peers: &[PeerView], tasks: &[TaskJson]) -> String {
     let count = |h: &str| peers.iter().filter(|p| p.health == h).count();
     let (alive, suspect, gone) = (count("alive"), count("suspect"), count("gone"));
-    let mut by_state: Vec<(&str, usize)> = ["pending", "running", "succeeded", "failed", "cancelled"]
-        .iter()
-        .map(|st| (*st, tasks.iter().filter(|t| t.state == *st).count()))
-        .collect();
+    let mut by_state: Vec<(&str, usize)> =
+        ["pending", "running", "succeeded", "failed", "cancelled"]
+            .iter()
+            .map(|st| (*st, tasks.iter().filter(|t| t.state == *st).count()))
+            .collect();
     for t in tasks {
         if !by_state.iter().any(|(st, _)| *st == t.state) {
-            by_state.push((t.state.as_str(), tasks.iter().filter(|u| u.state == t.state).count()));
+            by_state.push((
+                t.state.as_str(),
+                tasks.iter().filter(|u| u.state == t.state).count(),
+            ));
         }
     }
     let tasks_line = by_state
@@ -149,7 +153,10 @@ pub fn mesh_status_text(s: &StatusView, peers: &[PeerView], tasks: &[TaskJson]) 
         .iter()
         .filter(|p| !p.is_self && p.health == "alive")
         .collect();
-    let agree = 1 + others.iter().filter(|p| p.digest_agrees == Some(true)).count();
+    let agree = 1 + others
+        .iter()
+        .filter(|p| p.digest_agrees == Some(true))
+        .count();
     let differ: Vec<String> = others
         .iter()
         .filter(|p| p.digest_agrees == Some(false))
@@ -162,7 +169,10 @@ pub fn mesh_status_text(s: &StatusView, peers: &[PeerView], tasks: &[TaskJson]) 
         &s.digest[..12.min(s.digest.len())]
     );
     if !differ.is_empty() {
-        digest.push_str(&format!("; differ at their last sync: {}", differ.join(" ")));
+        digest.push_str(&format!(
+            "; differ at their last sync: {}",
+            differ.join(" ")
+        ));
     }
     if unknown > 0 {
         digest.push_str(&format!("; {unknown} not compared yet"));
@@ -191,7 +201,11 @@ pub fn mesh_status_text(s: &StatusView, peers: &[PeerView], tasks: &[TaskJson]) 
         peers.len().max(s.peers_known),
         s.peers_connected,
         tasks.len(),
-        if s.overloaded { " (over its thresholds: claims nothing new)" } else { "" },
+        if s.overloaded {
+            " (over its thresholds: claims nothing new)"
+        } else {
+            ""
+        },
         s.listen_addrs.join(" "),
         s.uptime_ms as f64 / 1000.0
     )
@@ -470,7 +484,15 @@ pub fn task_text(t: &TaskJson) -> String {
             })
             .collect();
         for line in table(
-            &["EPOCH", "STATE", "EXIT", "REPORTER", "AT", "SINCE_FIRST", "ERROR"],
+            &[
+                "EPOCH",
+                "STATE",
+                "EXIT",
+                "REPORTER",
+                "AT",
+                "SINCE_FIRST",
+                "ERROR",
+            ],
             &rows,
         )
         .lines()

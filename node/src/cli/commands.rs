@@ -202,7 +202,9 @@ pub fn api_command(args: &ApiArgs, what: Show) -> anyhow::Result<()> {
             })
         }
         let text = match what {
-            Show::Status if args.json => render(true, &client.status().await?, client::status_text)?,
+            Show::Status if args.json => {
+                render(true, &client.status().await?, client::status_text)?
+            }
             Show::Status => {
                 let status = client.status().await?;
                 let peers = client.peers().await?;

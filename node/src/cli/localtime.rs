@@ -42,7 +42,10 @@ impl Zone {
     pub fn offset_at(&self, unix_s: i64) -> i32 {
         match self.transitions.partition_point(|(t, _)| *t <= unix_s) {
             0 => self.initial,
-            i => self.transitions.get(i - 1).map_or(self.initial, |(_, o)| *o),
+            i => self
+                .transitions
+                .get(i - 1)
+                .map_or(self.initial, |(_, o)| *o),
         }
     }
 

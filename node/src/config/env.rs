@@ -35,7 +35,11 @@ pub struct UnknownVar {
 
 impl std::fmt::Display for UnknownVar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "environment variable {} is not one omesh knows", self.name)?;
+        write!(
+            f,
+            "environment variable {} is not one omesh knows",
+            self.name
+        )?;
         match (&self.nearest, self.misspelled) {
             (Some(n), true) => write!(f, "; did you mean {n}?"),
             (Some(n), false) => write!(f, " (the nearest known is {n})"),
@@ -103,10 +107,15 @@ mod tests {
     use super::*;
 
     fn known() -> Vec<String> {
-        ["OMESH_THRESHOLD_CPU", "OMESH_SEEDS", "OMESH_API_TOKEN", "OMESH_LOG"]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect()
+        [
+            "OMESH_THRESHOLD_CPU",
+            "OMESH_SEEDS",
+            "OMESH_API_TOKEN",
+            "OMESH_LOG",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
     }
 
     fn check(names: &[&str]) -> Vec<UnknownVar> {

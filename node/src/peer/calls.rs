@@ -43,9 +43,8 @@ impl Peer {
             }
             ApiCall::Peers(tx) => {
                 let me = self.driver.replica().id();
-                let compared = |id: &omesh_protocol::NodeId| {
-                    self.driver.replica().digest_comparison(id)
-                };
+                let compared =
+                    |id: &omesh_protocol::NodeId| self.driver.replica().digest_comparison(id);
                 let views = self
                     .driver
                     .replica()
@@ -173,7 +172,11 @@ impl Peer {
     /// Adds the progress of the image fetch this node runs for the task, if any.
     fn with_progress(&self, mut t: TaskJson) -> TaskJson {
         t.progress = t.id.parse().ok().and_then(|id| self.images.progress(&id));
-        if let Some(p) = t.progress.as_ref().filter(|_| t.code == TaskState::Pending.code()) {
+        if let Some(p) = t
+            .progress
+            .as_ref()
+            .filter(|_| t.code == TaskState::Pending.code())
+        {
             // What the start waits for, in the words of the one node that knows.
             t.pending_reason = Some(format!("starting on {}: {p}", self.node_id.short()));
         }
