@@ -131,6 +131,7 @@ impl Replica {
                 exit_code: None,
                 error: String::new(),
                 pending_reason: None,
+                starting: None,
                 cancelled: state == TaskState::Cancelled,
                 history: Vec::new(),
                 compacted: true,
@@ -157,10 +158,7 @@ impl Replica {
                     .status(l.epoch)
                     .is_none_or(|s| s.state == TaskState::Pending)
         });
-        let pending_reason = match starting {
-            Some(l) => Some(self.start_under_way(id, &l)),
-            None => self.tasks.reason(id).cloned(),
-        };
+        let starting = starting.map(|l| self.start_under_way(id, &l));
         Some(TaskView {
             id: *id,
             spec,
@@ -173,7 +171,8 @@ impl Replica {
             error: last_ended
                 .map(|s| s.value.error.clone())
                 .unwrap_or_default(),
-            pending_reason,
+            pending_reason: self.tasks.reason(id).cloned(),
+            starting,
             cancelled: rec.is_cancelled(),
             history: rec
                 .statuses

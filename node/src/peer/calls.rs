@@ -196,7 +196,9 @@ fn task_json(v: &omesh_state::TaskView) -> TaskJson {
         failed_attempts: v.failed_attempts,
         exit_code: v.exit_code,
         error: v.error.clone(),
-        pending_reason: v.pending_reason.clone(),
+        // What an operator asks of a pending task is what it waits for: once claimed, its
+        // start, whatever placement said before.
+        pending_reason: v.starting.clone().or_else(|| v.pending_reason.clone()),
         image: v
             .spec
             .as_ref()
