@@ -32,9 +32,6 @@ pub(crate) struct SyncState {
     /// The last time any peer was heard from (a message from it, or news of the mesh).
     last_contact: Option<Millis>,
     was_isolated: bool,
-    /// Per peer, the last exchange that carried its state digest: when, and whether it
-    /// equalled this node's then (what `omesh status` calls digest agreement).
-    compared: BTreeMap<NodeId, (Millis, bool)>,
 }
 
 impl SyncState {
@@ -69,17 +66,6 @@ impl SyncState {
         }
         self.inflight.insert(to, now);
         true
-    }
-
-    /// A request or reply from `peer` carried its digest at `now`; `agreed` if it equalled
-    /// this node's.
-    pub(crate) fn compared(&mut self, peer: NodeId, now: Millis, agreed: bool) {
-        self.compared.insert(peer, (now, agreed));
-    }
-
-    /// When `peer`'s digest was last seen, and whether it equalled this node's then.
-    pub(crate) fn comparison(&self, peer: &NodeId) -> Option<(Millis, bool)> {
-        self.compared.get(peer).copied()
     }
 
     /// The request to `from` was answered or failed; when it was sent.

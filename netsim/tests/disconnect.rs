@@ -1,6 +1,7 @@
-//! The disconnect-policy scenarios (`netsim/scenarios/disc_*.toml`), a few seeds each, with
+//! The disconnect-policy scenarios (`netsim/scenarios/disc_*.toml`), one seed each, with
 //! their expectations asserted, plus checks that the faults they use cut what they say and
-//! that the measures can fail. The 1,000-seed figures come from
+//! that the measures can fail. They run in the default suite (omesh-state and netsim are built
+//! optimised in test builds: see the root Cargo.toml). The 1,000-seed figures come from
 //! `omesh-netsim sweep --seeds 1000 --jobs 2 --scenario netsim/scenarios/disc_*.toml`.
 #![allow(clippy::unwrap_used)]
 
@@ -54,25 +55,21 @@ fn at_most_once_across(name: &str, seed: u64) -> Outcome {
 }
 
 #[test]
-#[ignore = "minutes per test in a debug build: run with `cargo test --release -p omesh-netsim --test disconnect -- --ignored`"]
 fn a_two_way_partition_runs_no_stop_after_task_twice() {
     at_most_once_across("disc_partition", 1);
 }
 
 #[test]
-#[ignore = "minutes per test in a debug build: run with `cargo test --release -p omesh-netsim --test disconnect -- --ignored`"]
 fn a_one_way_cut_runs_no_stop_after_task_twice() {
     at_most_once_across("disc_one_way", 2);
 }
 
 #[test]
-#[ignore = "minutes per test in a debug build: run with `cargo test --release -p omesh-netsim --test disconnect -- --ignored`"]
 fn clock_drift_with_a_partition_runs_no_stop_after_task_twice() {
     at_most_once_across("disc_drift", 3);
 }
 
 #[test]
-#[ignore = "minutes per test in a debug build: run with `cargo test --release -p omesh-netsim --test disconnect -- --ignored`"]
 fn a_flapping_partition_runs_no_stop_after_task_twice() {
     let o = at_most_once_across("disc_flap", 4);
     // Three cuts of 12 s: minority owners stopped in more than one of them.
@@ -84,7 +81,6 @@ fn a_flapping_partition_runs_no_stop_after_task_twice() {
 }
 
 #[test]
-#[ignore = "minutes per test in a debug build: run with `cargo test --release -p omesh-netsim --test disconnect -- --ignored`"]
 fn a_three_way_split_runs_no_stop_after_task_until_it_heals() {
     let s = scenario("disc_split3");
     let (sim, o) = run_sim(s, 5);
@@ -111,7 +107,6 @@ fn a_three_way_split_runs_no_stop_after_task_until_it_heals() {
 }
 
 #[test]
-#[ignore = "minutes per test in a debug build: run with `cargo test --release -p omesh-netsim --test disconnect -- --ignored`"]
 fn a_split_cuts_three_parts_and_a_flapping_cut_comes_and_goes() {
     // Three parts of six: every node is on a minority side while the split lasts.
     let split = scenario("disc_split3");
@@ -134,7 +129,6 @@ fn a_split_cuts_three_parts_and_a_flapping_cut_comes_and_goes() {
 }
 
 #[test]
-#[ignore = "minutes per test in a debug build: run with `cargo test --release -p omesh-netsim --test disconnect -- --ignored`"]
 fn lost_after_tasks_ride_out_short_drops_and_fail_over_after_long_ones() {
     let s = scenario("disc_lost_after");
     let (sim, o) = run_sim(s, 6);
@@ -175,7 +169,6 @@ fn lost_after_tasks_ride_out_short_drops_and_fail_over_after_long_ones() {
 }
 
 #[test]
-#[ignore = "minutes per test in a debug build: run with `cargo test --release -p omesh-netsim --test disconnect -- --ignored`"]
 fn the_at_most_once_measures_can_fail() {
     // The same two-way partition without the guards: minority owners never stop their
     // stop_after instances, the majority starts them again, and the expectation breaks.

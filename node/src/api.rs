@@ -89,11 +89,14 @@ pub struct PeerView {
     pub suspected_ms_ago: Option<u64>,
     /// Its incarnation.
     pub incarnation: u64,
-    /// Whether its state digest equalled this node's at their last sync (either way); none
-    /// before one, and for the answering node itself.
+    /// Digests of the image blobs it holds (`sha256:<hex>`), as its record says.
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// Whether its state digest equalled this node's at their last sync exchange (a request
+    /// from it, or its reply merged here); none before any exchange, and for this node.
     #[serde(default)]
     pub digest_agrees: Option<bool>,
-    /// Milliseconds since that comparison.
+    /// Milliseconds since that exchange.
     #[serde(default)]
     pub digest_compared_ms_ago: Option<u64>,
 }
@@ -773,6 +776,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/images/pulls", get(pulls))
         .route("/api/v1/debug/block", axum::routing::post(block))
         .route("/api/v1/debug/propagation", get(propagation))
+        .merge(crate::dashboard::routes())
         .fallback(not_found)
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)

@@ -11,6 +11,7 @@
 //! - [`images`]: blob store, QUIC data plane, fetches from peers, `docker save` import.
 //! - [`admission`]: who may connect (admission certificates, `allowed_peers`), cert files.
 //! - [`api`]: the status API (axum): routes, JSON views, calls into the peer loop.
+//! - [`dashboard`]: the web page every peer serves at `/` (embedded assets, polls the API).
 //! - [`cli`]: clap arguments, the API client and its tables, `omesh image`, submitter keys.
 //! - [`config`]: the config file, flags and env, checked once at start-up.
 //! - [`datadir`]: the data directory: identity key, incarnation counter, logs.
@@ -23,6 +24,7 @@ pub mod admission;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod datadir;
 pub mod devtools;
 pub mod exec;

@@ -273,7 +273,7 @@ fn up(args: &UpArgs) -> anyhow::Result<()> {
             metrics,
             token,
         });
-        tracing::info!(api = %api_addr, "status API listening");
+        tracing::info!(api = %api_addr, dashboard = %format!("http://{api_addr}/"), "status API and dashboard listening");
         let api = tokio::spawn(async move { axum::serve(listener, router).await });
         peer.run(calls_rx, shutdown_signal()).await;
         api.abort();

@@ -233,6 +233,13 @@ impl Metrics {
                 reason: reason.to_owned(),
             });
         }
+        // Likewise every rejection reason: the dashboard's "deltas rejected" panel shows 0 on a
+        // healthy mesh instead of "no data", and rate() sees a reason's first rejection.
+        for reason in omesh_state::REJECTION_REASONS {
+            let _ = m.deltas_rejected.get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            });
+        }
         // Every channel has a series from the start, so dashboards and alerts see 0, not nothing.
         for channel in [
             "gossip",

@@ -106,8 +106,6 @@ impl Replica {
     /// Answers a peer's sync request (see [`sync::reply`]).
     pub(super) fn serve_sync(&mut self, now: Millis, from: NodeId, req: &SyncRequest) {
         self.stats.syncs_served += 1;
-        let agreed = req.digest == self.digest();
-        self.sync.compared(from, now, agreed);
         let sorted = req.vclock.is_sorted_by(|a, b| a.0 < b.0);
         self.note_lag(now, req, sorted);
         let reply = sync::reply(&self.state, &self.vector, req, sorted);
@@ -159,10 +157,6 @@ impl Replica {
         if !truncated {
             self.sync.completed();
         }
-        if !truncated {
-            let agreed = digest == self.digest();
-            self.sync.compared(from, now, agreed);
-        }
         if truncated {
             self.sync_request(now, from);
         } else if digest != self.digest() {
@@ -175,12 +169,6 @@ impl Replica {
             }
         }
         result
-    }
-
-    /// When `peer`'s state digest was last compared with this node's (a sync request from
-    /// it, or its reply), and whether they were equal then.
-    pub fn digest_comparison(&self, peer: &NodeId) -> Option<(Millis, bool)> {
-        self.sync.comparison(peer)
     }
 
     /// Whether a sync completed since start (or since this node last heard nobody).

@@ -43,8 +43,6 @@ impl Peer {
             }
             ApiCall::Peers(tx) => {
                 let me = self.driver.replica().id();
-                let compared =
-                    |id: &omesh_protocol::NodeId| self.driver.replica().digest_comparison(id);
                 let views = self
                     .driver
                     .replica()
@@ -77,9 +75,16 @@ impl Peer {
                             .suspected_since(&n.id)
                             .map(|t| now.saturating_sub(t)),
                         incarnation: n.incarnation,
-                        digest_agrees: compared(&n.id).map(|(_, agreed)| agreed),
-                        digest_compared_ms_ago: compared(&n.id)
-                            .map(|(at, _)| now.saturating_sub(at)),
+                        images: n
+                            .images
+                            .iter()
+                            .map(|d| format!("sha256:{}", d.to_hex()))
+                            .collect(),
+                        digest_agrees: self.digest_agreement.get(&n.id).map(|(a, _)| *a),
+                        digest_compared_ms_ago: self
+                            .digest_agreement
+                            .get(&n.id)
+                            .map(|(_, at)| now.saturating_sub(*at)),
                     })
                     .collect();
                 let _ = tx.send(views);

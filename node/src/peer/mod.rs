@@ -59,6 +59,9 @@ pub struct Peer {
     pub(crate) outbound: HashMap<OutboundRequestId, NodeId>,
     pub(crate) connections: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
     pub(crate) recent_propagation: VecDeque<omesh_state::PropagationSample>,
+    /// Per peer: whether its state digest equalled ours at the last sync exchange, and when
+    /// (this node's clock). Shown by the API so an operator sees agreement at a glance.
+    pub(crate) digest_agreement: HashMap<NodeId, (bool, omesh_protocol::Millis)>,
     pub(crate) seeds: Vec<Seed>,
     pub(crate) load: LoadSampler,
     pub(crate) listen_addrs: Vec<Multiaddr>,
@@ -270,6 +273,7 @@ impl Peer {
             outbound: HashMap::new(),
             connections: HashMap::new(),
             recent_propagation: VecDeque::new(),
+            digest_agreement: HashMap::new(),
             seeds,
             load,
             listen_addrs: Vec::new(),

@@ -244,6 +244,7 @@ impl Peer {
                     };
                     match SyncRequest::from_wire(&request) {
                         Ok(request) => {
+                            self.note_digest(from, request.digest);
                             self.pending_replies
                                 .entry(from)
                                 .or_default()
@@ -271,8 +272,11 @@ impl Peer {
                     match SyncReply::from_wire(&response) {
                         Ok(mut reply) => {
                             self.drop_unallowed_origins(&mut reply);
+                            let theirs = reply.digest;
                             let result = self.driver.feed(Input::SyncReply { from, reply });
                             self.drain();
+                            // After the merge: equal now means nothing was missing either way.
+                            self.note_digest(from, theirs);
                             if let Err(InputError::Rejected { forged, first, .. }) = &result {
                                 if *forged > 0 {
                                     self.cut_off_forger(peer, "sync reply", &first.to_string());
@@ -369,6 +373,13 @@ impl Peer {
     }
 
     /// With a static `allowed_peers`, a sync reply carries only what allowed nodes wrote.
+    /// Notes whether `from`'s state digest, as it just told us, equals ours.
+    fn note_digest(&mut self, from: NodeId, theirs: omesh_protocol::StateDigest) {
+        let agrees = self.driver.replica().digest() == theirs;
+        let now = self.driver.now();
+        self.digest_agreement.insert(from, (agrees, now));
+    }
+
     fn drop_unallowed_origins(&self, reply: &mut SyncReply) {
         if self.plan.allowed_peers.is_empty() {
             return;
