@@ -19,10 +19,11 @@
 //!   included) the poller knows a bound on the owner's majority contact: any majority the owner
 //!   could count overlaps the voters, and none of them granted it after its vote. It claims only
 //!   once that bound + D (+ drift, + grace) has passed on its own clock.
-//! - **Confirmations.** Before it starts an at-most-once epoch, a claimant asks every member to
-//!   promise it that epoch; a member promises at most one claimant per task and epoch (and none
-//!   for an epoch below one it promised). It starts only with a majority of promises, so two
-//!   claimants of one epoch never both start.
+//! - **Confirmations.** Before it writes the lease of an at-most-once epoch, a claimant asks
+//!   every member to promise it that epoch; a member promises at most one claimant per task and
+//!   epoch (and none for an epoch below one it promised). It writes the lease and starts only
+//!   with a majority of promises, so two claimants of one epoch never both start, and a refused
+//!   claim writes nothing that could fence a running instance.
 //!
 //! Every duration crosses between clocks only as a duration measured on one clock and bounded
 //! with [`DRIFT_PPM`]; nothing compares two clocks' readings.

@@ -437,24 +437,10 @@ impl Replica {
                     && self.wants_poll(now, rec, &l)
                     && !overloaded
                     && may_claim
-                    && {
-                        let image = ImageRef::parse(&spec.spec.image).ok().map(|r| r.digest);
-                        let via = rec
-                            .spec
-                            .as_ref()
-                            .and_then(|s| self.state.node(&s.at.origin));
-                        let placing = placement::Placing {
-                            committed: &committed,
-                            spec: &spec.spec,
-                            image: image.as_ref(),
-                            via,
-                            policy: &policy,
-                        };
-                        matches!(
-                            placement::place(&self.me.id, live().iter().copied(), &placing),
-                            Ok(Some((0, _)))
-                        )
-                    };
+                    && matches!(
+                        self.rank_here(rec, &spec.spec, &committed, &policy, live()),
+                        Ok(Some((0, _)))
+                    );
                 if first {
                     let e = wanted.entry(l.owner).or_insert_with(|| Wanted {
                         leases: BTreeSet::new(),
@@ -542,19 +528,7 @@ impl Replica {
                 at(c.recheck);
                 continue;
             }
-            let image = ImageRef::parse(&spec.spec.image).ok().map(|r| r.digest);
-            let via = rec
-                .spec
-                .as_ref()
-                .and_then(|s| self.state.node(&s.at.origin));
-            let placing = placement::Placing {
-                committed: &committed,
-                spec: &spec.spec,
-                image: image.as_ref(),
-                via,
-                policy: &policy,
-            };
-            match placement::place(&self.me.id, live().iter().copied(), &placing) {
+            match self.rank_here(rec, &spec.spec, &committed, &policy, live()) {
                 Err(why) => pass.pending(*id, why.to_string()),
                 Ok(None) => {}
                 Ok(Some((pos, score))) => {
@@ -709,14 +683,7 @@ impl Replica {
 
     /// Writes this node's lease of `task` at `epoch` and settles before starting it.
     fn claim(&mut self, now: Millis, task: TaskId, epoch: Epoch, score: u32, failover: bool) {
-        let lease = Lease {
-            epoch,
-            owner: self.me.id,
-            incarnation: self.cfg.incarnation,
-            score,
-            ttl_ms: u32::try_from(self.cfg.lease_ttl_ms).unwrap_or(u32::MAX),
-            released: false,
-        };
+        let lease = self.own_lease(epoch, score);
         self.write(now, DeltaBody::Lease { task, lease });
         let until = now + self.settle_ms();
         self.tasks.claimed(task, epoch, until);
@@ -724,6 +691,43 @@ impl Replica {
         self.stats.claims += 1;
         if failover {
             self.stats.failovers += 1;
+        }
+    }
+
+    /// Where this node ranks among the live nodes to run the task of `rec` (see
+    /// [`placement::place`]).
+    fn rank_here(
+        &self,
+        rec: &TaskRecord,
+        spec: &omesh_protocol::TaskSpec,
+        committed: &BTreeMap<NodeId, Committed>,
+        policy: &PlacementPolicy,
+        live: &[&NodeRecord],
+    ) -> Result<Option<(usize, u32)>, placement::Unplaceable> {
+        let image = ImageRef::parse(&spec.image).ok().map(|r| r.digest);
+        let via = rec
+            .spec
+            .as_ref()
+            .and_then(|s| self.state.node(&s.at.origin));
+        let placing = placement::Placing {
+            committed,
+            spec,
+            image: image.as_ref(),
+            via,
+            policy,
+        };
+        placement::place(&self.me.id, live.iter().copied(), &placing)
+    }
+
+    /// A lease of this node's incarnation at `epoch`.
+    pub(crate) fn own_lease(&self, epoch: Epoch, score: u32) -> Lease {
+        Lease {
+            epoch,
+            owner: self.me.id,
+            incarnation: self.cfg.incarnation,
+            score,
+            ttl_ms: u32::try_from(self.cfg.lease_ttl_ms).unwrap_or(u32::MAX),
+            released: false,
         }
     }
 

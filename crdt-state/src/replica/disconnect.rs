@@ -447,14 +447,7 @@ impl Replica {
             return;
         };
         let score = rec.lease().map_or(0, |l| l.value.score);
-        let lease = Lease {
-            epoch,
-            owner: self.me.id,
-            incarnation: self.cfg.incarnation,
-            score,
-            ttl_ms: u32::try_from(self.cfg.lease_ttl_ms).unwrap_or(u32::MAX),
-            released: false,
-        };
+        let lease = self.own_lease(epoch, score);
         self.write(now, DeltaBody::Lease { task, lease });
         self.tasks.restarted_as(&task, epoch);
         self.outbox
