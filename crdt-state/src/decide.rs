@@ -30,6 +30,11 @@ pub struct TaskView {
     pub error: String,
     /// Why it is still pending, when placement found no node.
     pub pending_reason: Option<String>,
+    /// What a claimed task that does not run yet waits for: its start, on the owner this
+    /// node names (none unless a live lease's epoch has not reported running). Kept apart
+    /// from `pending_reason`, which says why placement left the task unclaimed: a start that
+    /// never comes must still show as a task pending with no reason (netsim's no-task-lost).
+    pub starting: Option<String>,
     /// Whether it was cancelled.
     pub cancelled: bool,
     /// What each epoch reached, oldest first.

@@ -235,13 +235,17 @@ pub enum ApiCall {
 
 /// The body of `POST /api/v1/images/pull`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PullBody {
     /// The image, pinned by digest: `name@sha256:<hex>`.
     pub image: String,
 }
 
-/// The body of `POST /api/v1/tasks`: a spec and its submitter's signature.
+/// The body of `POST /api/v1/tasks`: a spec and its submitter's signature. A field the peer
+/// does not know (here or in the spec) is refused, not ignored: a submitter who asked for
+/// `"privileged": true` must learn that nothing grants it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SubmitBody {
     /// The spec, as signed.
     pub spec: TaskSpec,
@@ -350,6 +354,7 @@ impl LogChunk {
 
 /// The body of `POST /api/v1/debug/block`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BlockBody {
     /// Peer ids to refuse (empty: heal).
     pub peers: Vec<String>,
@@ -407,7 +412,7 @@ fn authorize(
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_credentials)
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -429,6 +434,15 @@ fn authorize(
             "wrong bearer token",
         ))
     }
+}
+
+/// The credentials of an `Authorization: Bearer <token>` value. The scheme is matched without
+/// regard to case (RFC 7235 §2.1: `bearer` and `BEARER` are `Bearer`).
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_start_matches(' '))
 }
 
 fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
@@ -702,6 +716,46 @@ async fn propagation(State(s): State<ApiState>) -> Result<Json<Vec<PropagationJs
     Ok(Json(ask(&s, ApiCall::Propagation).await?))
 }
 
+/// Turns every error answer that is not JSON yet (axum's own rejections: a body over the
+/// limit (413), a query string that does not parse (400), a wrong method (405)) into
+/// `{"error": reason}` with the same status, so clients parse one shape.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    // Rejection texts are short; a long one is cut, not buffered whole.
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let reason = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_lowercase()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(status, reason).into_response();
+    for (name, value) in &parts.headers {
+        // Keep what tells the client how to go on (Allow on a 405, and the like).
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            out.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
 }
@@ -724,5 +778,6 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/debug/propagation", get(propagation))
         .merge(crate::dashboard::routes())
         .fallback(not_found)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }

@@ -10,6 +10,8 @@ use omesh_protocol::Capacity;
 use omesh_state::ReplicaConfig;
 use serde::{Deserialize, Serialize};
 
+pub mod env;
+
 /// The file name of a node's admission certificate in its data dir.
 pub const ADMISSION_CERT_FILE: &str = "admission.cert";
 
@@ -129,6 +131,9 @@ pub struct NodeConfig {
     /// How long before the lease could lapse elsewhere each instance's guard kills it, ms
     /// (see README, "A task instance never outlives its lease").
     pub guard_margin_ms: u64,
+    /// How long a node waits between claiming a task and starting it, ms (about one gossip
+    /// round trip, so that a concurrent claim of the same epoch is seen before anything runs).
+    pub settle_ms: u64,
 }
 
 /// What the process executor does with limits it cannot enforce.
@@ -185,6 +190,7 @@ impl Default for NodeConfig {
             cgroup_parent: "omesh".into(),
             process_limits: ProcessLimits::Enforce,
             guard_margin_ms: 500,
+            settle_ms: 150,
         }
     }
 }
@@ -373,6 +379,9 @@ impl NodeConfig {
                 ),
             ));
         }
+        if self.settle_ms > 600_000 {
+            return Err(value("settle_ms", "must be at most 600000 (10 minutes)"));
+        }
         if self.target_peers == 0 {
             return Err(value("target_peers", "must be at least 1"));
         }
@@ -503,6 +512,7 @@ impl NodeConfig {
         r.probe_timeout_ms = r.probe_timeout_ms.min(self.heartbeat_ms / 2).max(1);
         r.anti_entropy_ms = self.anti_entropy_ms;
         r.retention_ms = self.retention_ms;
+        r.settle_ms = self.settle_ms;
         // Fresh at every start: the replica's claim staggers and probe order are its only
         // randomness, and two peers (or two incarnations of one) must not draw alike.
         r.seed = rand::random();

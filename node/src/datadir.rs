@@ -23,6 +23,15 @@ pub enum DataDirError {
         /// Why.
         source: std::io::Error,
     },
+    /// Another process holds the directory's lock: a second peer on it would take the same
+    /// node id and fight the first over its incarnation, leases and guards.
+    #[error("{path} is in use by another omesh peer ({holder}); stop it first, or give this one another --data-dir")]
+    InUse {
+        /// The lock file.
+        path: PathBuf,
+        /// Who holds it, as the lock file says (`pid N`), or that it does not say.
+        holder: String,
+    },
     /// A file holds something else than expected.
     #[error("{path} is corrupt: {reason}")]
     Corrupt {
@@ -132,7 +141,55 @@ fn create_private_dir(path: &Path, what: &str) -> Result<(), DataDirError> {
     }
 }
 
+/// The data directory's exclusive lock, held for as long as this value lives (the peer's
+/// lifetime). The lock file holds the holder's pid, for the next one to name. The lock is an
+/// advisory `flock`, released by the kernel when the process ends however it ends, so a
+/// peer killed with SIGKILL leaves nothing stale behind; guards do not inherit it (the file
+/// is opened close-on-exec), so instances left running do not block a restart.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+/// The file of peer addresses kept for the next start.
+pub const PEERS_FILE: &str = "peers";
+/// The most peer addresses kept.
+pub const MAX_REMEMBERED_PEERS: usize = 32;
+
+/// The name of the lock file in the data directory.
+pub const LOCK_FILE: &str = "lock";
+
 impl DataDir {
+    /// Takes the directory's exclusive lock and writes this process's pid into it; refuses
+    /// (naming the holder) when another process holds it.
+    pub fn lock(&self) -> Result<DataDirLock, DataDirError> {
+        let path = self.root.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io("cannot open", &path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut file, &mut text);
+                let holder = match text.trim().parse::<u32>() {
+                    Ok(pid) => format!("pid {pid}"),
+                    Err(_) => "its pid not yet written".to_owned(),
+                };
+                return Err(DataDirError::InUse { path, holder });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("cannot lock", &path)(e)),
+        }
+        file.set_len(0).map_err(io("cannot write", &path))?;
+        file.write_all(format!("{}\n", std::process::id()).as_bytes())
+            .map_err(io("cannot write", &path))?;
+        Ok(DataDirLock { _file: file })
+    }
+
     /// Opens (creating if needed) the directory, with mode 0700: it holds the node's identity
     /// key and task logs. A directory that exists more open is tightened, with a warning.
     pub fn open(root: &Path) -> Result<Self, DataDirError> {
@@ -193,6 +250,34 @@ impl DataDir {
             }
             Err(e) => Err(io("cannot read", &path)(e)),
         }
+    }
+
+    /// The peer addresses an earlier run kept (`<data_dir>/peers`, one multiaddr with its
+    /// `/p2p/` id a line), to dial at start. Missing or unreadable: none.
+    pub fn remembered_peers(&self) -> Vec<String> {
+        std::fs::read_to_string(self.root.join(PEERS_FILE))
+            .map(|t| {
+                t.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .take(MAX_REMEMBERED_PEERS)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Keeps `addrs` (at most [`MAX_REMEMBERED_PEERS`]) for the next start.
+    pub fn remember_peers(&self, addrs: &[String]) -> Result<(), DataDirError> {
+        let path = self.root.join(PEERS_FILE);
+        let mut text = String::from(
+            "# peers this node knew, redialed at its next start (rewritten while it runs)\n",
+        );
+        for a in addrs.iter().take(MAX_REMEMBERED_PEERS) {
+            text.push_str(a);
+            text.push('\n');
+        }
+        write_private(&path, text.as_bytes())
     }
 
     /// Increments and returns the incarnation counter (1 on first start). The file is
@@ -290,6 +375,18 @@ mod tests {
         write_private_file(&path, b"new").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         assert_eq!(mode(&path), 0o600);
+    }
+
+    #[test]
+    fn a_second_lock_is_refused_naming_the_holder_and_taken_once_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::open(dir.path()).unwrap();
+        let held = d.lock().unwrap();
+        let e = d.lock().unwrap_err().to_string();
+        assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+        assert!(e.contains("in use"), "{e}");
+        drop(held);
+        d.lock().unwrap();
     }
 
     #[test]

@@ -224,10 +224,21 @@ fn up(args: &UpArgs) -> anyhow::Result<()> {
     // of the same user may no longer read this one's memory or /proc/PID/environ (the
     // token), nor attach to it; no core dumps either.
     let undumpable = forbid_dumps();
+    // A misspelled variable would leave its setting silently unapplied.
+    let unknown_env = omesh::config::env::unknown(
+        std::env::vars_os().map(|(k, _)| k),
+        &omesh::cli::args::known_env_vars(),
+    );
+    if let Some(typo) = unknown_env.iter().find(|u| u.misspelled) {
+        anyhow::bail!("{typo}; unset or rename it (every key of `omesh up` is OMESH_ and its name in capitals)");
+    }
     let overrides =
         toml::Table::try_from(args).map_err(|e| anyhow::anyhow!("cannot read flags: {e}"))?;
     let cfg = NodeConfig::load(args.config.as_deref(), overrides)?;
     init_logging(cfg.log_format);
+    for u in &unknown_env {
+        tracing::warn!("{u}; it is ignored");
+    }
     if let Err(e) = undumpable {
         tracing::warn!(error = %e, "cannot make the process undumpable (PR_SET_DUMPABLE); same-user processes can read its memory and environment");
     }
@@ -241,6 +252,9 @@ fn up(args: &UpArgs) -> anyhow::Result<()> {
     if token.is_none() {
         tracing::info!("no api_token: the API refuses mutations and logs");
     }
+    // Before any port is bound: a second `omesh up` on this directory is told who runs it,
+    // not that some port is taken.
+    let lock = omesh::datadir::DataDir::open(&cfg.data_dir)?.lock()?;
     let rt = runtime()?;
     rt.block_on(async move {
         let metrics = Arc::new(Mutex::new(Metrics::new()));
@@ -252,7 +266,7 @@ fn up(args: &UpArgs) -> anyhow::Result<()> {
         let docker = omesh::exec::select_docker(cfg.executor, limits)
             .await
             .map_err(|e| anyhow::anyhow!("{e} (config key `executor`)"))?;
-        let peer = Peer::start(cfg, Arc::clone(&metrics), docker)?;
+        let peer = Peer::start(cfg, lock, Arc::clone(&metrics), docker)?;
         let (calls_tx, calls_rx) = tokio::sync::mpsc::channel(64);
         let router = omesh::api::router(omesh::api::ApiState {
             calls: calls_tx,
@@ -304,8 +318,12 @@ async fn shutdown_signal() {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("OMESH_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,libp2p=warn,libp2p_gossipsub=error"));
+    // kad's behaviour warns "Failed to trigger bootstrap: No known peers" whenever a peer
+    // that knows nobody yet (a lone peer, a seed at start) gets a listen address, and offers
+    // no way to turn that bootstrap off: its warnings are not for operators.
+    let filter = EnvFilter::try_from_env("OMESH_LOG").unwrap_or_else(|_| {
+        EnvFilter::new("info,libp2p=warn,libp2p_gossipsub=error,libp2p_kad::behaviour=error")
+    });
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -46,10 +46,14 @@ impl std::str::FromStr for ExecutorKind {
 }
 
 /// What a task is: immutable once submitted. Maps and sets are ordered so that the
-/// encoding, and so the id, is a function of the value.
+/// encoding, and so the id, is a function of the value. Its JSON form (the API's) refuses
+/// fields it does not know; postcard, the wire form, has no field names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TaskSpec {
-    /// Image reference, pinned: `name@sha256:<64 hex>`.
+    /// Image reference, pinned: `name@sha256:<64 hex>`. Empty for a process task that names
+    /// none (a process runs what the owner's host has; see [`TaskSpec::check_shape`]).
+    #[serde(default)]
     pub image: String,
     /// Command and arguments.
     pub command: Vec<String>,
@@ -92,6 +96,7 @@ pub const MIN_DISCONNECT_MS: u32 = 1_000;
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
+#[serde(deny_unknown_fields)]
 pub struct Disconnect {
     /// At most once: the owner's guard stops the instance once the owner has not been in
     /// contact with a majority of the mesh for this long, and another node claims the task
@@ -200,6 +205,9 @@ pub enum SpecError {
     /// The submitter is not in `authorized_submitters`.
     #[error("submitter {0} is not in authorized_submitters")]
     UnknownSubmitter(String),
+    /// A task that may run in a container names no image.
+    #[error("task spec names no image (only a process task may run without one)")]
+    NoImage,
     /// The image is not pinned by a sha256 digest.
     #[error("image {0:?} is not pinned by digest (expected name@sha256:<64 hex>)")]
     ImageNotPinned(String),
@@ -229,9 +237,16 @@ pub enum SpecError {
 }
 
 impl TaskSpec {
-    /// Checks the rules that do not need a key: pinned image, a command, at least one attempt.
-    pub fn check_shape(&self) -> Result<ImageRef, SpecError> {
-        let image = ImageRef::parse(&self.image)?;
+    /// Checks the rules that do not need a key: a pinned image (a process task may name
+    /// none), a command, at least one attempt. The image, if the spec names one.
+    pub fn check_shape(&self) -> Result<Option<ImageRef>, SpecError> {
+        let image = if self.image.is_empty() && self.executor == ExecutorKind::Process {
+            None
+        } else if self.image.is_empty() {
+            return Err(SpecError::NoImage);
+        } else {
+            Some(ImageRef::parse(&self.image)?)
+        };
         if self.command.is_empty() {
             return Err(SpecError::EmptyCommand);
         }
@@ -288,8 +303,9 @@ impl SignedTaskSpec {
     }
 
     /// Verifies size, shape and signature, then that the submitter is authorized.
-    /// Checks run in that order, so each bad input gets its own error.
-    pub fn verify(&self, authorized: &BTreeSet<[u8; 32]>) -> Result<ImageRef, SpecError> {
+    /// Checks run in that order, so each bad input gets its own error. The image, if the
+    /// spec names one.
+    pub fn verify(&self, authorized: &BTreeSet<[u8; 32]>) -> Result<Option<ImageRef>, SpecError> {
         let len = self.encoded_len();
         if len > MAX_SPEC_BYTES {
             return Err(SpecError::TooLarge {

@@ -87,7 +87,45 @@ fn sign_then_verify() {
     assert_eq!(signed.spec.submitter, alice.verifying_key().to_bytes());
     assert_eq!(signed.signature.len(), 64);
     let image = signed.verify(&authorized(&[&alice])).unwrap();
-    assert_eq!(image.name, "busybox");
+    assert_eq!(image.map(|i| i.name).as_deref(), Some("busybox"));
+}
+
+#[test]
+fn a_process_task_may_name_no_image_and_a_container_task_must() {
+    let alice = key(1);
+    let ok = authorized(&[&alice]);
+    let mut process = spec();
+    process.image.clear();
+    process.executor = ExecutorKind::Process;
+    assert_eq!(process.clone().sign(&alice).verify(&ok), Ok(None));
+    for executor in [ExecutorKind::Any, ExecutorKind::Docker] {
+        let mut container = process.clone();
+        container.executor = executor;
+        assert_eq!(
+            container.sign(&alice).verify(&ok),
+            Err(SpecError::NoImage),
+            "{executor:?}"
+        );
+    }
+}
+
+#[test]
+fn json_of_a_spec_refuses_unknown_fields_and_may_leave_out_the_image() {
+    let mut json = serde_json::to_value(spec()).unwrap();
+    json["privileged"] = serde_json::json!(true);
+    let e = serde_json::from_value::<TaskSpec>(json)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("privileged"), "{e}");
+    let mut json = serde_json::to_value(spec()).unwrap();
+    json["disconnect"]["stop_after"] = serde_json::json!(1000);
+    let e = serde_json::from_value::<TaskSpec>(json)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("stop_after"), "{e}");
+    let mut json = serde_json::to_value(spec()).unwrap();
+    json.as_object_mut().unwrap().remove("image");
+    assert_eq!(serde_json::from_value::<TaskSpec>(json).unwrap().image, "");
 }
 
 #[test]

@@ -131,6 +131,7 @@ impl Replica {
                 exit_code: None,
                 error: String::new(),
                 pending_reason: None,
+                starting: None,
                 cancelled: state == TaskState::Cancelled,
                 history: Vec::new(),
                 compacted: true,
@@ -147,19 +148,31 @@ impl Replica {
             .values()
             .rev()
             .find(|s| s.value.state.is_terminal());
+        let lease_live = lease.is_some_and(|l| self.lease_holds(now, id, rec, &l));
+        // A live lease whose epoch has not reported Running (nor ended) is a start under way:
+        // that is what the task waits for, whatever placement said before it was claimed.
+        let starting = lease.filter(|l| {
+            lease_live
+                && state == TaskState::Pending
+                && rec
+                    .status(l.epoch)
+                    .is_none_or(|s| s.state == TaskState::Pending)
+        });
+        let starting = starting.map(|l| self.start_under_way(id, &l));
         Some(TaskView {
             id: *id,
             spec,
             state,
             epoch: rec.max_epoch(),
             owner: lease.map(|l| l.owner),
-            lease_live: lease.is_some_and(|l| self.lease_holds(now, id, rec, &l)),
+            lease_live,
             failed_attempts: rec.failed_attempts(),
             exit_code: last_ended.and_then(|s| s.value.exit_code),
             error: last_ended
                 .map(|s| s.value.error.clone())
                 .unwrap_or_default(),
             pending_reason: self.tasks.reason(id).cloned(),
+            starting,
             cancelled: rec.is_cancelled(),
             history: rec
                 .statuses
@@ -168,6 +181,28 @@ impl Replica {
                 .collect(),
             compacted: false,
         })
+    }
+
+    /// What a claimed task that does not run yet waits for, as far as this node knows: its
+    /// own start phase when it is the owner, else that the owner is starting it.
+    fn start_under_way(&self, id: &TaskId, lease: &Lease) -> String {
+        let epoch = lease.epoch;
+        if lease.owner != self.me.id {
+            return format!(
+                "claimed by {} at epoch {epoch}, starting",
+                lease.owner.short()
+            );
+        }
+        match self.tasks.get(id).map(|r| r.phase) {
+            Some(Phase::Settling { .. }) => format!(
+                "claimed by this node ({}) at epoch {epoch}; starts after the settle delay if the lease still holds",
+                self.me.id.short()
+            ),
+            _ => format!(
+                "starting on this node ({}) at epoch {epoch}",
+                self.me.id.short()
+            ),
+        }
     }
 
     /// Every task known here, live ones then tombstones.

@@ -11,9 +11,9 @@ use crate::config::LogFormat;
 
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// Image, pinned by digest: NAME@sha256:<64 hex>.
+    /// Image, pinned by digest: NAME@sha256:<64 hex>. Not needed with `--executor process`.
     #[arg(long)]
-    pub image: String,
+    pub image: Option<String>,
     /// CPU to reserve: 500m, 0.5, 2.
     #[arg(long, default_value = "100m", value_parser = client::parse_cpu)]
     pub cpu: u32,
@@ -122,6 +122,22 @@ pub struct ApiArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Every `OMESH_*` variable omesh reads: one per key of `omesh up`, and
+/// [`crate::config::env::OTHER_KNOWN`].
+pub fn known_env_vars() -> Vec<String> {
+    let cmd = <UpArgs as Args>::augment_args(clap::Command::new("up"));
+    let mut known: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env()?.to_str().map(str::to_owned))
+        .collect();
+    known.extend(
+        crate::config::env::OTHER_KNOWN
+            .iter()
+            .map(|s| (*s).to_owned()),
+    );
+    known
 }
 
 /// Flags of `omesh up`. Each one is also an `OMESH_*` variable and a key of the config file
@@ -305,6 +321,10 @@ pub struct UpArgs {
     #[arg(long, env = "OMESH_GUARD_MARGIN_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guard_margin_ms: Option<u64>,
+    /// Delay between claiming a task and starting it, ms (default 150).
+    #[arg(long, env = "OMESH_SETTLE_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settle_ms: Option<u64>,
 }
 
 #[derive(Debug, Args)]

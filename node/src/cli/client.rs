@@ -125,6 +125,92 @@ pub fn status_text(s: &StatusView) -> String {
     )
 }
 
+/// `omesh status`: the mesh on one screen, as the answering node sees it: this node, nodes
+/// by health, tasks by state, and whether the peers' state digests agree with this node's.
+pub fn mesh_status_text(s: &StatusView, peers: &[PeerView], tasks: &[TaskJson]) -> String {
+    let count = |h: &str| peers.iter().filter(|p| p.health == h).count();
+    let (alive, suspect, gone) = (count("alive"), count("suspect"), count("gone"));
+    let mut by_state: Vec<(&str, usize)> =
+        ["pending", "running", "succeeded", "failed", "cancelled"]
+            .iter()
+            .map(|st| (*st, tasks.iter().filter(|t| t.state == *st).count()))
+            .collect();
+    for t in tasks {
+        if !by_state.iter().any(|(st, _)| *st == t.state) {
+            by_state.push((
+                t.state.as_str(),
+                tasks.iter().filter(|u| u.state == t.state).count(),
+            ));
+        }
+    }
+    let tasks_line = by_state
+        .iter()
+        .map(|(st, n)| format!("{n} {st}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // This node agrees with itself; each alive peer by its last sync with this node.
+    let others: Vec<&PeerView> = peers
+        .iter()
+        .filter(|p| !p.is_self && p.health == "alive")
+        .collect();
+    let agree = 1 + others
+        .iter()
+        .filter(|p| p.digest_agrees == Some(true))
+        .count();
+    let differ: Vec<String> = others
+        .iter()
+        .filter(|p| p.digest_agrees == Some(false))
+        .map(|p| p.id[..12.min(p.id.len())].to_owned())
+        .collect();
+    let unknown = others.iter().filter(|p| p.digest_agrees.is_none()).count();
+    let mut digest = format!(
+        "{agree} of {} agree ({}…)",
+        others.len() + 1,
+        &s.digest[..12.min(s.digest.len())]
+    );
+    if !differ.is_empty() {
+        digest.push_str(&format!(
+            "; differ at their last sync: {}",
+            differ.join(" ")
+        ));
+    }
+    if unknown > 0 {
+        digest.push_str(&format!("; {unknown} not compared yet"));
+    }
+    let me = peers.iter().find(|p| p.is_self);
+    let load = me.map_or_else(
+        || "-".to_owned(),
+        |p| format!("cpu {:.0}%, memory {:.0}%", p.cpu_percent, p.mem_percent),
+    );
+    format!(
+        "node        {} (incarnation {}, omesh {}){}\n\
+         peer        {}\n\
+         admission   {}\n\
+         nodes       {} known: {alive} alive, {suspect} suspect, {gone} gone; {} connected\n\
+         tasks       {}: {tasks_line}\n\
+         digest      {digest}\n\
+         load        {load}{}\n\
+         listen      {}\n\
+         uptime      {:.1}s\n",
+        s.node_id,
+        s.incarnation,
+        s.version,
+        if s.ready { "" } else { " NOT READY" },
+        s.peer_id,
+        admission_text(s),
+        peers.len().max(s.peers_known),
+        s.peers_connected,
+        tasks.len(),
+        if s.overloaded {
+            " (over its thresholds: claims nothing new)"
+        } else {
+            ""
+        },
+        s.listen_addrs.join(" "),
+        s.uptime_ms as f64 / 1000.0
+    )
+}
+
 fn admission_text(s: &StatusView) -> String {
     if s.admission == "admitted" {
         format!(
@@ -375,23 +461,38 @@ pub fn task_text(t: &TaskJson) -> String {
     out.push_str(&format!("command     {}\n", t.command.join(" ")));
     out.push_str(&format!("disconnect  {}\n", disconnect_text(&t.disconnect)));
     if !t.history.is_empty() {
+        // Times are each reporter's clock, shown in this host's zone; offsets count from the
+        // first entry, so a timeline reads at a glance (claimed +0.0 s, running +0.3 s, ...).
+        let zone = super::localtime::Zone::local();
+        let first = t.history.iter().map(|h| h.at_ms).min().unwrap_or(0);
         out.push_str("timeline\n");
         let rows: Vec<Vec<String>> = t
             .history
             .iter()
             .map(|h| {
+                let since = i64::try_from(h.at_ms).unwrap_or(i64::MAX)
+                    - i64::try_from(first).unwrap_or(i64::MAX);
                 vec![
                     h.epoch.to_string(),
                     h.state.clone(),
                     h.exit_code.map_or("-".into(), |c| c.to_string()),
                     h.reporter[..12.min(h.reporter.len())].to_owned(),
-                    h.at_ms.to_string(),
+                    zone.format_ms(h.at_ms),
+                    super::localtime::offset_text(since),
                     h.error.clone(),
                 ]
             })
             .collect();
         for line in table(
-            &["EPOCH", "STATE", "EXIT", "REPORTER", "AT_MS", "ERROR"],
+            &[
+                "EPOCH",
+                "STATE",
+                "EXIT",
+                "REPORTER",
+                "AT",
+                "SINCE_FIRST",
+                "ERROR",
+            ],
             &rows,
         )
         .lines()

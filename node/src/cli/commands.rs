@@ -18,7 +18,17 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// `omesh submit`.
 pub fn submit(args: &SubmitArgs) -> anyhow::Result<()> {
     let executor: omesh_protocol::ExecutorKind = args.executor.parse()?;
-    omesh_protocol::ImageRef::parse(&args.image)?;
+    let image = match (&args.image, executor) {
+        (Some(image), _) => {
+            omesh_protocol::ImageRef::parse(image)?;
+            image.clone()
+        }
+        // A process runs what the owner's host has: nothing to pin.
+        (None, omesh_protocol::ExecutorKind::Process) => String::new(),
+        (None, _) => anyhow::bail!(
+            "--image NAME@sha256:<64 hex> is needed unless the task runs as a process (--executor process)"
+        ),
+    };
     let key = keys::read_key_file(&args.key)?;
     let nonce = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -34,7 +44,7 @@ pub fn submit(args: &SubmitArgs) -> anyhow::Result<()> {
         lost_after_ms: window("lost-after", args.lost_after)?,
     };
     let spec = omesh_protocol::TaskSpec {
-        image: args.image.clone(),
+        image,
         command: args.command.clone(),
         env: args.env.iter().cloned().collect(),
         cpu_millis: args.cpu,
@@ -192,7 +202,15 @@ pub fn api_command(args: &ApiArgs, what: Show) -> anyhow::Result<()> {
             })
         }
         let text = match what {
-            Show::Status => render(args.json, &client.status().await?, client::status_text)?,
+            Show::Status if args.json => {
+                render(true, &client.status().await?, client::status_text)?
+            }
+            Show::Status => {
+                let status = client.status().await?;
+                let peers = client.peers().await?;
+                let tasks = client.tasks().await?;
+                client::mesh_status_text(&status, &peers, &tasks)
+            }
             Show::Peers => render(args.json, &client.peers().await?, |p| client::peers_text(p))?,
             Show::Tasks => render(args.json, &client.tasks().await?, |t| client::tasks_text(t))?,
         };

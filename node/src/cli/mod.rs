@@ -6,3 +6,4 @@ pub mod client;
 pub mod commands;
 pub mod image;
 pub mod keys;
+pub mod localtime;

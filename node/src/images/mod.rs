@@ -146,7 +146,14 @@ impl ImageService {
             // The default (QUIC port + 1) may be taken; peers learn the port from the record.
             Err(e) if cfg.blob_listen.is_none() => {
                 let any = SocketAddr::new(plan.blob_listen.ip(), 0);
-                warn!(error = %e, "default blob port taken; using a free one (set `blob_listen` to fix it)");
+                warn!(
+                    error = %e,
+                    port = plan.blob_listen.port(),
+                    "the blob data plane's default port (QUIC port + 1, config key `blob_listen`) \
+                     is in use; using a free one, which other peers learn from this node's record \
+                     (a seed must keep the default: joining peers make their first contact there; \
+                     set `blob_listen` or free the port)"
+                );
                 dataplane::endpoint(key, any)?
             }
             Err(e) => return Err(e.into()),

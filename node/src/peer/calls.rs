@@ -3,7 +3,7 @@
 
 use axum::http::StatusCode;
 use libp2p::PeerId;
-use omesh_protocol::{SignedTaskSpec, TaskId};
+use omesh_protocol::{SignedTaskSpec, TaskId, TaskState};
 use omesh_state::{Input, InputError};
 use tracing::info;
 
@@ -177,6 +177,14 @@ impl Peer {
     /// Adds the progress of the image fetch this node runs for the task, if any.
     fn with_progress(&self, mut t: TaskJson) -> TaskJson {
         t.progress = t.id.parse().ok().and_then(|id| self.images.progress(&id));
+        if let Some(p) = t
+            .progress
+            .as_ref()
+            .filter(|_| t.code == TaskState::Pending.code())
+        {
+            // What the start waits for, in the words of the one node that knows.
+            t.pending_reason = Some(format!("starting on {}: {p}", self.node_id.short()));
+        }
         t
     }
 }
@@ -193,8 +201,14 @@ fn task_json(v: &omesh_state::TaskView) -> TaskJson {
         failed_attempts: v.failed_attempts,
         exit_code: v.exit_code,
         error: v.error.clone(),
-        pending_reason: v.pending_reason.clone(),
-        image: v.spec.as_ref().map(|s| s.spec.image.clone()),
+        // What an operator asks of a pending task is what it waits for: once claimed, its
+        // start, whatever placement said before.
+        pending_reason: v.starting.clone().or_else(|| v.pending_reason.clone()),
+        image: v
+            .spec
+            .as_ref()
+            .map(|s| s.spec.image.clone())
+            .filter(|i| !i.is_empty()),
         command: v
             .spec
             .as_ref()

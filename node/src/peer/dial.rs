@@ -20,6 +20,24 @@ pub(crate) struct Seed {
     pub(super) contacted: bool,
     pub(super) next_try: Instant,
     pub(super) backoff: Duration,
+    /// Not a configured seed but a peer an earlier run knew (`<data_dir>/peers`): dialed
+    /// only while this node is connected to nobody, and not counted as a seed for readiness.
+    pub(super) remembered: bool,
+}
+
+impl Seed {
+    /// A seed to dial from now on.
+    pub(super) fn new(addr: Multiaddr, peer: Option<PeerId>, remembered: bool) -> Self {
+        Self {
+            addr,
+            peer,
+            connected: false,
+            contacted: false,
+            next_try: Instant::now(),
+            backoff: Duration::from_millis(500),
+            remembered,
+        }
+    }
 }
 
 impl Peer {
@@ -40,7 +58,8 @@ impl Peer {
         // A peer connected to nobody has nothing better to do than find the mesh: its seeds
         // are retried every few seconds, not at the 30 s ceiling that early failures (a seed
         // still starting, a host under load) would otherwise reach within a minute.
-        let ceiling = if self.swarm.connected_peers().next().is_none() {
+        let lonely = self.swarm.connected_peers().next().is_none();
+        let ceiling = if lonely {
             Duration::from_secs(4)
         } else {
             Duration::from_secs(30)
@@ -52,7 +71,9 @@ impl Peer {
             // A wait taken while connected does not hold once every connection is gone.
             seed.next_try = seed.next_try.min(now + ceiling);
             seed.backoff = seed.backoff.min(ceiling);
+            // Once connected to anyone, the mesh's records say where everyone is.
             if seed.connected
+                || (seed.remembered && !lonely)
                 || now < seed.next_try
                 || seed.peer.is_some_and(|p| self.blocked.contains(&p))
             {
@@ -76,6 +97,33 @@ impl Peer {
             } else {
                 debug!(seed = %addr, "dialing seed");
             }
+        }
+    }
+
+    /// Keeps the addresses of the live peers in the data dir, for the next start to redial
+    /// (a restarted seed has no seed of its own); rewritten only when they changed.
+    pub(super) fn remember_peers(&mut self) {
+        let now = self.driver.now();
+        let mut addrs: Vec<String> = self
+            .driver
+            .replica()
+            .live_peers(now)
+            .filter(|n| n.id != self.node_id)
+            .flat_map(|n| n.addrs.iter())
+            .filter(|a| {
+                a.parse::<Multiaddr>()
+                    .is_ok_and(|m| m.iter().any(|p| matches!(p, Protocol::P2p(_))))
+            })
+            .cloned()
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        if addrs.is_empty() || addrs == self.remembered {
+            return;
+        }
+        match self.dir.remember_peers(&addrs) {
+            Ok(()) => self.remembered = addrs,
+            Err(e) => debug!(error = %e, "cannot keep the peers' addresses"),
         }
     }
 

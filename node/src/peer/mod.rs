@@ -93,6 +93,47 @@ pub struct Peer {
     pub(crate) admission_refreshed: (u64, Instant),
     /// When the guards' deadline may next be warned about.
     deadline_warned: Instant,
+    /// The data directory's lock, held while the peer lives.
+    _lock: crate::datadir::DataDirLock,
+    /// The data directory.
+    dir: DataDir,
+    /// The peer addresses last kept in it (`dial::remember_peers`).
+    remembered: Vec<String>,
+}
+
+/// Why binding the libp2p listen address failed, in words: libp2p's `TransportError::Other`
+/// displays as nothing and keeps the cause (the socket's error) in its source chain.
+fn listen_failure(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut in_use = false;
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+        {
+            in_use = true;
+        }
+        let text = err.to_string();
+        in_use |= text.to_lowercase().contains("address already in use");
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    if parts.is_empty() {
+        parts.push("the transport refused it without a reason".to_owned());
+    }
+    let mut reason = parts.join(": ");
+    if in_use {
+        // Peers take two UDP ports each: a peer on port P - 1 holds P for its data plane.
+        reason.push_str(
+            " (address in use: another process holds this UDP port; note that every omesh peer \
+             also holds its QUIC port + 1 for its blob data plane, config key `blob_listen`, so \
+             a peer listening one port below holds this one)",
+        );
+    }
+    reason
 }
 
 /// Why the peer could not start.
@@ -127,9 +168,11 @@ pub enum StartError {
 }
 
 impl Peer {
-    /// Opens the data directory, builds the swarm and starts listening.
+    /// Opens the data directory (whose `lock` the caller took), builds the swarm and starts
+    /// listening.
     pub fn start(
         cfg: NodeConfig,
+        lock: crate::datadir::DataDirLock,
         metrics: Arc<Mutex<Metrics>>,
         docker: Option<Arc<dyn Backend>>,
     ) -> Result<Self, StartError> {
@@ -160,7 +203,7 @@ impl Peer {
             .listen_on(plan.listen.clone())
             .map_err(|e| StartError::Listen {
                 addr: cfg.listen.clone(),
-                reason: e.to_string(),
+                reason: listen_failure(&e),
             })?;
         let topic = IdentTopic::new(net::STATE_TOPIC);
         swarm
@@ -190,19 +233,28 @@ impl Peer {
                 .insert(omesh_state::placement::PROCESS_LIMITS_TAG.to_owned());
         }
         let replica = Replica::new(rcfg, node_key)?;
-        let now = Instant::now();
-        let seeds = plan
+        let mut seeds: Vec<Seed> = plan
             .seeds
             .iter()
-            .map(|addr| Seed {
-                addr: addr.clone(),
-                peer: None,
-                connected: false,
-                contacted: false,
-                next_try: now,
-                backoff: Duration::from_millis(500),
-            })
+            .map(|addr| Seed::new(addr.clone(), None, false))
             .collect();
+        // Peers an earlier run knew, so that a seed (which has no seed of its own) rejoins
+        // at once instead of waiting for the others to redial it.
+        for text in dir.remembered_peers() {
+            let Ok(addr) = text.parse::<Multiaddr>() else {
+                continue;
+            };
+            let peer = addr.iter().find_map(|p| match p {
+                libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                _ => None,
+            });
+            let known = seeds
+                .iter()
+                .any(|s| dial::strip_p2p(&s.addr) == dial::strip_p2p(&addr));
+            if peer.is_some_and(|p| p != local_peer) && !known {
+                seeds.push(Seed::new(addr, peer, true));
+            }
+        }
         if let Ok(m) = metrics.lock() {
             m.incarnation
                 .set(i64::try_from(incarnation).unwrap_or(i64::MAX));
@@ -243,6 +295,9 @@ impl Peer {
             refusal_warned: HashMap::new(),
             admission_refreshed: (0, Instant::now()),
             deadline_warned: Instant::now(),
+            _lock: lock,
+            dir,
+            remembered: Vec::new(),
         };
         peer.sync_allow_list();
         Ok(peer)
@@ -257,6 +312,7 @@ impl Peer {
         tokio::pin!(shutdown);
         let mut load_tick = tokio::time::interval(Duration::from_secs(1));
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        let mut kad_refresh = tokio::time::interval(net::KAD_BOOTSTRAP_EVERY);
         // Instances an earlier incarnation left to outlive it are followed again (and offered
         // to the replica); everything else it left is ended.
         let reattached = self.executor.reattach(&self.node_id).await;
@@ -298,6 +354,7 @@ impl Peer {
                     self.feed(Input::Load(sample));
                 }
                 _ = housekeeping.tick() => self.housekeeping(),
+                _ = kad_refresh.tick() => self.refresh_kad(),
                 () = images.store_changed() => self.refresh_images(),
             }
         }
@@ -420,14 +477,26 @@ impl Peer {
         }
     }
 
+    /// Bootstraps kad (refreshes its routing table) when it knows a peer; with none there is
+    /// nothing to refresh, and kad would only warn that it knows no peers.
+    fn refresh_kad(&mut self) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if kad.kbuckets().any(|b| b.num_entries() > 0) {
+            if let Err(e) = kad.bootstrap() {
+                debug!(error = %e, "kad bootstrap");
+            }
+        }
+    }
+
     /// Seeds with backoff, connections to known peers, readiness, gauges.
     fn housekeeping(&mut self) {
         self.refresh_admitted();
         self.dial_seeds();
         self.connect_known_peers();
+        self.remember_peers();
         self.refresh_images();
         let connected = self.swarm.connected_peers().count();
-        let alone = self.cfg.alone || self.seeds.is_empty();
+        let alone = self.cfg.alone || self.seeds.iter().all(|s| s.remembered);
         if !self.ready && (alone || connected > 0) && self.driver.replica().is_ready(!alone) {
             info!(connected, "ready");
             self.ready = true;

@@ -17,6 +17,9 @@ use libp2p::{
 use omesh_protocol::delta::{MAX_GOSSIP_BYTES, MAX_SYNC_REPLY_BYTES, MAX_SYNC_REQUEST_BYTES};
 use omesh_protocol::NodeId;
 
+/// How often the peer bootstraps kad (refreshes its routing table), when kad knows a peer.
+pub const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(30);
+
 /// The gossip topic for state deltas (node records when they change, leases, statuses).
 pub const STATE_TOPIC: &str = "omesh/state/1";
 /// The anti-entropy protocol.
@@ -215,7 +218,11 @@ pub fn build_swarm(
                 .with_peer_score(params, thresholds)
                 .map_err(|e| format!("gossipsub peer score: {e}"))?;
             let mut kad_config = kad::Config::new(KAD_PROTOCOL);
-            kad_config.set_periodic_bootstrap_interval(Some(Duration::from_secs(30)));
+            // No periodic bootstrap of kad's own: with an empty routing table (a lone peer, a
+            // seed before anyone joined) it warns "No known peers" every period. The peer
+            // bootstraps every `KAD_BOOTSTRAP_EVERY` itself, only when kad knows someone;
+            // kad still bootstraps on its own when a peer enters its table.
+            kad_config.set_periodic_bootstrap_interval(None);
             let mut kad =
                 kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config);
             kad.set_mode(Some(kad::Mode::Server));
