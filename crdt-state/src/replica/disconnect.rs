@@ -273,6 +273,36 @@ impl Replica {
         self.wake_at(now + self.answer_ms());
     }
 
+    /// Whether the lease `claimant` would displace with `epoch` belongs to an owner this node
+    /// does not suspect (or to this node, running it): then it promises nothing. A claimant
+    /// that lost the owner for good got a majority of yes votes from members that suspect it,
+    /// and those promise; one that merely has not heard of the lease yet (a node back from a
+    /// minority side, asking above the epoch it was refused) is refused by the members that
+    /// still hear the owner, instead of fencing a running instance.
+    fn owner_still_here(
+        &self,
+        now: Millis,
+        task: &TaskId,
+        epoch: Epoch,
+        claimant: &NodeId,
+    ) -> bool {
+        let Some(lease) = self
+            .state
+            .task(task)
+            .and_then(|r| r.lease())
+            .map(|l| l.value)
+        else {
+            return false;
+        };
+        if lease.released || lease.epoch >= epoch || lease.owner == *claimant {
+            return false;
+        }
+        if lease.owner == self.me.id {
+            return lease.incarnation == self.cfg.incarnation && self.tasks.owns(task);
+        }
+        self.health(now, &lease.owner) == crate::Health::Alive
+    }
+
     /// The at-most-once probes and grants, before the prober sees the rest. Returns whether
     /// the probe was handled here.
     pub(crate) fn on_quorum_probe(&mut self, now: Millis, from: NodeId, probe: Probe) -> bool {
@@ -353,7 +383,9 @@ impl Replica {
                         .state
                         .task(&task)
                         .is_some_and(|r| r.max_epoch() > epoch);
-                    let ok = !later && self.quorum.promise(now, self.started_at, task, epoch, from);
+                    let ok = !later
+                        && !self.owner_still_here(now, &task, epoch, &from)
+                        && self.quorum.promise(now, self.started_at, task, epoch, from);
                     self.outbox.push_back(Action::SendProbe {
                         to: from,
                         probe: Probe::Confirmed {
