@@ -109,19 +109,14 @@ pub(crate) struct Quorum {
     granted: BTreeMap<NodeId, Millis>,
     /// Witness: peers voted out, and until when grants are withheld from them.
     withhold: BTreeMap<NodeId, Millis>,
-    /// Witness: per task, the epoch and claimant promised.
-    promised: BTreeMap<TaskId, (Epoch, NodeId)>,
+    /// Witness: per task, the epoch and claimant promised, and when.
+    promised: BTreeMap<TaskId, (Epoch, NodeId, Millis)>,
     /// Poller: the poll in flight (or the last one) per owner.
     polls: BTreeMap<NodeId, Poll>,
     /// Poller: concluded polls per owner: (bound, leases covered).
     results: BTreeMap<NodeId, Vec<(Millis, Leases)>>,
     /// Claimant: confirmation rounds per task.
     confirms: BTreeMap<TaskId, Confirming>,
-    /// Claimant: per task, the highest epoch this node asked promises for. A refused round
-    /// writes no lease, so nothing replicated moves the task's epoch on: the next round asks a
-    /// higher one, else two claimants whose promises split would ask the same epoch forever
-    /// (each member keeps its promise).
-    epochs_asked: BTreeMap<TaskId, Epoch>,
     /// Per node, when each (incarnation, leaving) of its record was first seen here.
     reborn: BTreeMap<NodeId, BTreeMap<(u64, bool), Millis>>,
 }
@@ -270,25 +265,37 @@ impl Quorum {
         }
     }
 
+    /// The epoch, claimant and time of this node's promise about `task`, if any.
+    pub(crate) fn promised_to(&self, task: &TaskId) -> Option<(Epoch, NodeId, Millis)> {
+        self.promised.get(task).copied()
+    }
+
     /// Answers a claimant's request to promise it `epoch` of `task`: yes unless this node
-    /// promised that epoch to another claimant, or a later one, or started less than
-    /// [`PROMISE_QUIET_MS`] ago.
+    /// promised that epoch to another claimant (and that promise has not `lapsed`: see
+    /// `Replica::promise_lapsed`), or a later one, or started less than
+    /// [`PROMISE_QUIET_MS`] ago. A refused claim writes nothing, so a claimant asks the same
+    /// epoch again; without lapsing, two claimants whose promises split would be refused
+    /// forever.
     pub(crate) fn promise(
         &mut self,
         now: Millis,
         started: Millis,
-        task: TaskId,
-        epoch: Epoch,
-        claimant: NodeId,
+        (task, epoch, claimant): (TaskId, Epoch, NodeId),
+        lapsed: bool,
     ) -> bool {
         if now < started.saturating_add(PROMISE_QUIET_MS) {
             return false;
         }
         match self.promised.get(&task) {
-            Some((e, _)) if *e > epoch => false,
-            Some((e, c)) if *e == epoch && *c != claimant => false,
+            Some((e, _, _)) if *e > epoch => false,
+            Some((e, c, _)) if *e == epoch && *c != claimant && !lapsed => false,
+            Some((e, c, at)) if *e == epoch && *c == claimant => {
+                let at = *at;
+                self.promised.insert(task, (epoch, claimant, at));
+                true
+            }
             _ => {
-                self.promised.insert(task, (epoch, claimant));
+                self.promised.insert(task, (epoch, claimant, now));
                 true
             }
         }
@@ -431,8 +438,6 @@ impl Quorum {
         if own {
             promised.insert(me);
         }
-        let e = self.epochs_asked.entry(task).or_insert(epoch);
-        *e = (*e).max(epoch);
         self.confirms.insert(
             task,
             Confirming {
@@ -443,11 +448,6 @@ impl Quorum {
                 members,
             },
         );
-    }
-
-    /// The highest epoch this node asked promises of `task` for (0: none).
-    pub(crate) fn asked_epoch(&self, task: &TaskId) -> Epoch {
-        self.epochs_asked.get(task).copied().unwrap_or(0)
     }
 
     /// A member's answer to a confirmation request.
@@ -517,7 +517,6 @@ impl Quorum {
     pub(crate) fn retain_tasks(&mut self, held: impl Fn(&TaskId) -> bool) {
         self.promised.retain(|t, _| held(t));
         self.confirms.retain(|t, _| held(t));
-        self.epochs_asked.retain(|t, _| held(t));
         for r in self.results.values_mut() {
             for (_, ls) in r.iter_mut() {
                 ls.retain(|(t, _)| held(t));
@@ -611,14 +610,18 @@ mod tests {
     fn one_promise_per_task_and_epoch() {
         let mut q = Quorum::default();
         let t = TaskId([7; 32]);
-        assert!(!q.promise(100, 0, t, 1, n(1)), "quiet after start");
+        assert!(!q.promise(100, 0, (t, 1, n(1)), false), "quiet after start");
         let now = PROMISE_QUIET_MS;
-        assert!(q.promise(now, 0, t, 1, n(1)));
-        assert!(q.promise(now, 0, t, 1, n(1)), "the same claimant again");
-        assert!(!q.promise(now, 0, t, 1, n(2)));
-        assert!(q.promise(now, 0, t, 2, n(2)));
+        assert!(q.promise(now, 0, (t, 1, n(1)), false));
         assert!(
-            !q.promise(now, 0, t, 1, n(1)),
+            q.promise(now, 0, (t, 1, n(1)), false),
+            "the same claimant again"
+        );
+        assert!(!q.promise(now, 0, (t, 1, n(2)), false));
+        assert!(q.promise(now, 0, (t, 1, n(2)), true), "a lapsed promise");
+        assert!(q.promise(now, 0, (t, 2, n(2)), false));
+        assert!(
+            !q.promise(now, 0, (t, 1, n(1)), true),
             "an epoch below one promised"
         );
     }

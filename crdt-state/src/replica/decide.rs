@@ -542,8 +542,7 @@ impl Replica {
                     if now >= due {
                         // A lease at the last epoch (only a forged one gets there) leaves no
                         // fencing token to claim with: the task waits; it never wraps to 0.
-                        let asked = self.quorum.asked_epoch(id);
-                        match rec.max_epoch().max(asked).checked_add(1) {
+                        match rec.max_epoch().checked_add(1) {
                             None => pass.pending(*id, "no epoch left to claim it with".into()),
                             Some(epoch) => {
                                 let failover = lease.is_some_and(|l| {

@@ -11,7 +11,7 @@ use omesh_protocol::{
 use super::Replica;
 use crate::io::Action;
 use crate::merge::TaskRecord;
-use crate::quorum::{drifted, Wanted, ANSWER_PERIODS};
+use crate::quorum::{drifted, Wanted, ANSWER_PERIODS, PROMISE_QUIET_MS};
 
 /// The disconnect policy of a task record (the default while its spec is unknown).
 pub(crate) fn policy_of(rec: &TaskRecord) -> Disconnect {
@@ -257,9 +257,10 @@ impl Replica {
     /// at-most-once instance).
     pub(crate) fn send_confirm(&mut self, now: Millis, task: TaskId, epoch: Epoch) {
         let members = self.members();
+        let lapsed = self.promise_lapsed(now, &task, epoch, &self.me.id);
         let own = self
             .quorum
-            .promise(now, self.started_at, task, epoch, self.me.id);
+            .promise(now, self.started_at, (task, epoch, self.me.id), lapsed);
         let nonce = self.prober.next_nonce();
         for to in members.iter().filter(|m| **m != self.me.id) {
             self.stats.probes_sent += 1;
@@ -301,6 +302,28 @@ impl Replica {
             return lease.incarnation == self.cfg.incarnation && self.tasks.owns(task);
         }
         self.health(now, &lease.owner) == crate::Health::Alive
+    }
+
+    /// Whether this node's promise of `epoch` of `task` to another claimant than `asker` may
+    /// be given to `asker` instead: it was made [`PROMISE_QUIET_MS`] ago or more, no lease of
+    /// that claimant at that epoch has arrived since, and this node hears the claimant (so its
+    /// lease would have arrived had it written one: it gave the claim up, refused). A claimant
+    /// this node does not hear may have started unseen, so its promise stands; and the epoch
+    /// never moves past a promise without a lease, so a claimant refused one epoch cannot
+    /// escape to the next while the first may be running.
+    fn promise_lapsed(&self, now: Millis, task: &TaskId, epoch: Epoch, asker: &NodeId) -> bool {
+        let Some((e, claimant, at)) = self.quorum.promised_to(task) else {
+            return false;
+        };
+        e == epoch
+            && claimant != *asker
+            && now >= at.saturating_add(PROMISE_QUIET_MS)
+            && self.health(now, &claimant) == crate::Health::Alive
+            && self
+                .state
+                .task(task)
+                .and_then(|r| r.leases.get(&epoch))
+                .is_none_or(|l| l.value.owner != claimant)
     }
 
     /// The at-most-once probes and grants, before the prober sees the rest. Returns whether
@@ -385,7 +408,12 @@ impl Replica {
                         .is_some_and(|r| r.max_epoch() > epoch);
                     let ok = !later
                         && !self.owner_still_here(now, &task, epoch, &from)
-                        && self.quorum.promise(now, self.started_at, task, epoch, from);
+                        && self.quorum.promise(
+                            now,
+                            self.started_at,
+                            (task, epoch, from),
+                            self.promise_lapsed(now, &task, epoch, &from),
+                        );
                     self.outbox.push_back(Action::SendProbe {
                         to: from,
                         probe: Probe::Confirmed {
