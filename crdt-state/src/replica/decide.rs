@@ -25,7 +25,6 @@ const MAX_SETTLE_MS: Millis = 5_000;
 
 enum Step {
     Start(TaskId, Epoch),
-    Confirm(TaskId, Epoch),
     Adopt(TaskId, Epoch),
     Refused(TaskId, Epoch),
     /// At most once: promises refused or not all in; nothing was written.
@@ -360,17 +359,15 @@ impl Replica {
                 Phase::Settling { .. } if overloaded => steps.push(Step::Release(*task, run.epoch)),
                 Phase::Settling { until } if now >= until => match disc.stop_after_ms {
                     None => steps.push(Step::Start(*task, run.epoch)),
-                    Some(d) => match self.quorum.confirmation(task, run.epoch) {
-                        None => steps.push(Step::Confirm(*task, run.epoch)),
-                        Some(Ok(())) if has_majority(Millis::from(d)) => {
-                            steps.push(Step::Start(*task, run.epoch))
-                        }
-                        Some(Ok(())) => steps.push(Step::Refused(*task, run.epoch)),
-                        Some(Err(sent)) if now >= sent + self.answer_ms() => {
-                            steps.push(Step::Refused(*task, run.epoch))
-                        }
-                        Some(Err(sent)) => at(sent + self.answer_ms()),
-                    },
+                    // Promised before its lease was written (`Phase::Promising`); it starts
+                    // only while its own majority contact still holds.
+                    Some(d)
+                        if self.quorum.confirmation(task, run.epoch) == Some(Ok(()))
+                            && has_majority(Millis::from(d)) =>
+                    {
+                        steps.push(Step::Start(*task, run.epoch))
+                    }
+                    Some(_) => steps.push(Step::Refused(*task, run.epoch)),
                 },
                 Phase::Settling { until } => at(until),
                 Phase::Started => {
@@ -608,7 +605,6 @@ impl Replica {
                     self.tasks.set_phase(&task, Phase::Started);
                 }
             }
-            Step::Confirm(task, epoch) => self.send_confirm(now, task, epoch),
             Step::Adopt(task, from) => self.take_over_adopted(now, task, from),
             Step::Refused(task, epoch) => {
                 self.stats.confirms_refused += 1;
