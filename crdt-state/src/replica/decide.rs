@@ -265,9 +265,23 @@ impl Replica {
             {
                 continue;
             }
-            let c = out.entry(lease.value.owner).or_default();
-            c.cpu_millis += u64::from(spec.value.spec.cpu_millis);
-            c.memory_bytes = c.memory_bytes.saturating_add(spec.value.spec.memory_bytes);
+            let owner = lease.value.owner;
+            let ask = &spec.value.spec;
+            // Whether the owner's published load can show this task yet: it started at least
+            // LOAD_LAG_MS before the owner's record was written, both on the owner's clock.
+            let shown = rec.status(lease.value.epoch).is_some_and(|s| {
+                s.state == TaskState::Running
+                    && self.state.node(&owner).is_some_and(|n| {
+                        s.at_ms.saturating_add(placement::LOAD_LAG_MS) <= n.written_at_ms
+                    })
+            });
+            let c = out.entry(owner).or_default();
+            c.cpu_millis += u64::from(ask.cpu_millis);
+            c.memory_bytes = c.memory_bytes.saturating_add(ask.memory_bytes);
+            c.tasks = c.tasks.saturating_add(1);
+            if !shown {
+                c.unreported_cpu_millis += u64::from(ask.cpu_millis);
+            }
         }
         out
     }
@@ -378,7 +392,10 @@ impl Replica {
             }
         }
 
-        let committed = self.committed(now);
+        // What each node's live leases hold; each task this pass places is booked on its best
+        // node as it goes (in task id order, as on every replica), so that the tasks of a
+        // failed node or a burst spread over the nodes instead of all ranking one node first.
+        let mut committed = self.committed(now);
         // Built only if some task needs placing: most passes place nothing, and this is one
         // health check per known node.
         let live_nodes = std::cell::OnceCell::new();
@@ -485,6 +502,19 @@ impl Replica {
                 // view (a task compacted or finished elsewhere): it claims nothing until synced.
                 continue;
             }
+            // Placed (and booked on its best node) before anything this node alone decides
+            // about it, so every replica books the same tasks and agrees who claims the next.
+            let cached = self.tasks.claimable(id).filter(|c| now < c.recheck);
+            let placed = if let Some(c) = cached {
+                committed.entry(c.best).or_default().book(&spec.spec);
+                Ok(None)
+            } else {
+                let placed = self.placed_here(rec, &spec.spec, &committed, &policy, live());
+                if let Ok(p) = &placed {
+                    committed.entry(p.best).or_default().book(&spec.spec);
+                }
+                placed.map(Some)
+            };
             if let Some(d) = disc.stop_after_ms {
                 let quiet_until = self.started_at.saturating_add(PROMISE_QUIET_MS);
                 if now < quiet_until {
@@ -518,24 +548,27 @@ impl Replica {
                     continue;
                 }
             }
-            if let Some(c) = self.tasks.claimable(id).filter(|c| now < c.recheck) {
+            if let Some(c) = cached {
                 // Placed in an earlier pass and not yet due: no need to rank every live
                 // node again on each delta that arrives meanwhile.
-                pass.claimable(*id, c.recheck);
+                pass.claimable(*id, c.recheck, c.best);
                 at(c.recheck);
                 continue;
             }
-            match self.rank_here(rec, &spec.spec, &committed, &policy, live()) {
+            match placed {
                 Err(why) => pass.pending(*id, why.to_string()),
-                Ok(None) => {}
-                Ok(Some((pos, score))) => {
+                Ok(None) | Ok(Some(placement::Placed { mine: None, .. })) => {}
+                Ok(Some(placement::Placed {
+                    mine: Some((pos, score)),
+                    best,
+                })) => {
                     let since = self.tasks.claimable(id).map_or(now, |c| c.since);
                     let pos = u64::try_from(pos).unwrap_or(u64::MAX);
                     let due = since.saturating_add(pos.saturating_mul(self.cfg.claim_stagger_ms));
                     // Ranked again at its turn, or after a probe period if that is sooner
                     // (the nodes ahead of it may have claimed, or died, by then).
                     let recheck = due.min(now + self.cfg.heartbeat_ms);
-                    pass.claimable(*id, recheck);
+                    pass.claimable(*id, recheck, best);
                     if now >= due {
                         // A lease at the last epoch (only a forged one gets there) leaves no
                         // fencing token to claim with: the task waits; it never wraps to 0.
@@ -700,11 +733,27 @@ impl Replica {
         policy: &PlacementPolicy,
         live: &[&NodeRecord],
     ) -> Result<Option<(usize, u32)>, placement::Unplaceable> {
+        Ok(self.placed_here(rec, spec, committed, policy, live)?.mine)
+    }
+
+    /// [`Self::rank_here`], and the node that ranks best (see [`placement::placed`]).
+    fn placed_here(
+        &self,
+        rec: &TaskRecord,
+        spec: &omesh_protocol::TaskSpec,
+        committed: &BTreeMap<NodeId, Committed>,
+        policy: &PlacementPolicy,
+        live: &[&NodeRecord],
+    ) -> Result<placement::Placed, placement::Unplaceable> {
         let image = ImageRef::parse(&spec.image).ok().map(|r| r.digest);
+        // Nearness to the submitting node counts while it lives: the tasks of a failed node
+        // that it submitted itself would otherwise all rank its nearest survivors first.
         let via = rec
             .spec
             .as_ref()
-            .and_then(|s| self.state.node(&s.at.origin));
+            .map(|s| s.at.origin)
+            .filter(|origin| live.iter().any(|n| n.id == *origin))
+            .and_then(|origin| self.state.node(&origin));
         let placing = placement::Placing {
             committed,
             spec,
@@ -712,7 +761,7 @@ impl Replica {
             via,
             policy,
         };
-        placement::place(&self.me.id, live.iter().copied(), &placing)
+        placement::placed(&self.me.id, live.iter().copied(), &placing)
     }
 
     /// A lease of this node's incarnation at `epoch`.
@@ -783,6 +832,17 @@ impl Replica {
         match event {
             ExecEvent::Started if !cancelled => {
                 self.report(now, task, epoch, TaskState::Running, None, "");
+                // Placement counts the task's CPU ask on top of this node's load until a
+                // record written LOAD_LAG_MS after this start shows it: publish one then,
+                // even if the load moved too little to publish for.
+                let asks_cpu = self
+                    .state
+                    .task(&task)
+                    .and_then(|r| r.spec.as_ref())
+                    .is_some_and(|s| s.value.spec.cpu_millis > 0);
+                if asks_cpu {
+                    self.record.at(now.saturating_add(placement::LOAD_LAG_MS));
+                }
             }
             ExecEvent::Started => {}
             _ if cancelled => {
