@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{dump, wait_until, Node, Submitter};
 
@@ -46,17 +46,13 @@ async fn a_killed_owners_nine_tasks_spread_over_three_survivors() {
     let refs: Vec<&str> = f.iter().map(String::as_str).collect();
     // The owner-to-be runs alone at first, so that every task lands on it.
     let mut owner = Node::start(root.path(), "owner", &[], &refs);
-    let owner_id = {
-        let mut id = String::new();
-        assert!(
-            wait_until(Duration::from_secs(30), || async {
-                id = owner.node_id().await;
-                !id.is_empty()
-            })
-            .await
-        );
-        id
-    };
+    let mut owner_id = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while owner_id.is_empty() && Instant::now() < deadline {
+        owner_id = owner.node_id().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!owner_id.is_empty(), "the owner's API did not answer");
     let marker = format!("omesh-spread-{}", rand::random::<u32>());
     let mut ids = Vec::new();
     for i in 0..TASKS {
