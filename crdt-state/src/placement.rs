@@ -22,6 +22,16 @@ pub struct Committed {
 }
 
 impl Committed {
+    /// The sum of two bookings.
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            cpu_millis: self.cpu_millis + other.cpu_millis,
+            memory_bytes: self.memory_bytes.saturating_add(other.memory_bytes),
+            tasks: self.tasks.saturating_add(other.tasks),
+            unreported_cpu_millis: self.unreported_cpu_millis + other.unreported_cpu_millis,
+        }
+    }
+
     /// Books one more task with `spec`'s asks, not yet in the node's load: a claim this
     /// evaluation pass expects the node to make.
     pub fn book(&mut self, spec: &TaskSpec) {
@@ -166,6 +176,8 @@ pub fn executor_tag(kind: ExecutorKind) -> Option<&'static str> {
 pub struct Placing<'a> {
     /// Resources each node's live leases already hold.
     pub committed: &'a BTreeMap<NodeId, Committed>,
+    /// Tasks booked on nodes by this evaluation pass, on top of `committed`.
+    pub booked: Option<&'a BTreeMap<NodeId, Committed>>,
     /// The task.
     pub spec: &'a TaskSpec,
     /// The image digest it pins, if any (holders rank higher).
@@ -193,6 +205,7 @@ fn candidates<'a>(
 ) -> Result<Vec<Candidate>, Unplaceable> {
     let Placing {
         committed,
+        booked,
         spec,
         image,
         via,
@@ -213,6 +226,9 @@ fn candidates<'a>(
         }
         tagged += 1;
         let c = committed.get(&node.id).copied().unwrap_or_default();
+        let c = booked
+            .and_then(|b| b.get(&node.id))
+            .map_or(c, |b| c.plus(*b));
         let Some(score) = score(node, c, spec, image, via, policy) else {
             continue;
         };

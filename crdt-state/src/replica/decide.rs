@@ -392,10 +392,15 @@ impl Replica {
             }
         }
 
-        // What each node's live leases hold; each task this pass places is booked on its best
-        // node as it goes (in task id order, as on every replica), so that the tasks of a
-        // failed node or a burst spread over the nodes instead of all ranking one node first.
-        let mut committed = self.committed(now);
+        // What each node's live leases hold.
+        let committed = self.committed(now);
+        // Each task this pass places is booked on its best node as it goes (in task id
+        // order, as on every replica), so that the tasks of a failed node or a burst spread
+        // over the nodes instead of all ranking one node first. Bookings are kept per group:
+        // the tasks of one lost owner, or (never owned) of one submitting node. Replicas
+        // that count different owners lost at a moment (their suspicions time out apart)
+        // still book each owner's tasks alike, and so agree who claims each.
+        let mut booked: BTreeMap<NodeId, BTreeMap<NodeId, Committed>> = BTreeMap::new();
         // Built only if some task needs placing: most passes place nothing, and this is one
         // health check per known node.
         let live_nodes = std::cell::OnceCell::new();
@@ -504,14 +509,27 @@ impl Replica {
             }
             // Placed (and booked on its best node) before anything this node alone decides
             // about it, so every replica books the same tasks and agrees who claims the next.
+            let group = match (lease, &rec.spec) {
+                (Some(l), _) => l.owner,
+                (None, Some(s)) => s.at.origin,
+                (None, None) => NodeId::default(),
+            };
             let cached = self.tasks.claimable(id).filter(|c| now < c.recheck);
             let placed = if let Some(c) = cached {
-                committed.entry(c.best).or_default().book(&spec.spec);
+                let group = booked.entry(group).or_default();
+                group.entry(c.best).or_default().book(&spec.spec);
                 Ok(None)
             } else {
-                let placed = self.placed_here(rec, &spec.spec, &committed, &policy, live());
+                let placed = self.placed_here(
+                    rec,
+                    &spec.spec,
+                    (&committed, booked.get(&group)),
+                    &policy,
+                    live(),
+                );
                 if let Ok(p) = &placed {
-                    committed.entry(p.best).or_default().book(&spec.spec);
+                    let group = booked.entry(group).or_default();
+                    group.entry(p.best).or_default().book(&spec.spec);
                 }
                 placed.map(Some)
             };
@@ -733,15 +751,21 @@ impl Replica {
         policy: &PlacementPolicy,
         live: &[&NodeRecord],
     ) -> Result<Option<(usize, u32)>, placement::Unplaceable> {
-        Ok(self.placed_here(rec, spec, committed, policy, live)?.mine)
+        Ok(self
+            .placed_here(rec, spec, (committed, None), policy, live)?
+            .mine)
     }
 
-    /// [`Self::rank_here`], and the node that ranks best (see [`placement::placed`]).
+    /// [`Self::rank_here`] with what this pass booked on top of `committed`, and the node
+    /// that ranks best (see [`placement::placed`]).
     fn placed_here(
         &self,
         rec: &TaskRecord,
         spec: &omesh_protocol::TaskSpec,
-        committed: &BTreeMap<NodeId, Committed>,
+        (committed, booked): (
+            &BTreeMap<NodeId, Committed>,
+            Option<&BTreeMap<NodeId, Committed>>,
+        ),
         policy: &PlacementPolicy,
         live: &[&NodeRecord],
     ) -> Result<placement::Placed, placement::Unplaceable> {
@@ -756,6 +780,7 @@ impl Replica {
             .and_then(|origin| self.state.node(&origin));
         let placing = placement::Placing {
             committed,
+            booked,
             spec,
             image: image.as_ref(),
             via,
