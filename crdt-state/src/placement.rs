@@ -104,10 +104,19 @@ pub fn expected_cpu_permille(node: &NodeRecord, committed: Committed) -> u64 {
 }
 
 /// Whether `node` is over the policy's thresholds once the work it claimed but does not yet
-/// show in its load is counted: a burst stops going to a node its reservations fill.
-pub fn overloaded_with(node: &NodeRecord, committed: Committed, policy: &PlacementPolicy) -> bool {
-    overloaded(node, policy)
-        || expected_cpu_permille(node, committed) > u64::from(policy.cpu_limit_permille)
+/// show in its load is counted, or would be with `spec` on top: a burst stops going to a node
+/// its reservations fill. A task that asks more than the threshold itself may still go to a
+/// node under it (it could go nowhere else).
+pub fn overloaded_with(
+    node: &NodeRecord,
+    committed: Committed,
+    spec: &TaskSpec,
+    policy: &PlacementPolicy,
+) -> bool {
+    let limit = u64::from(policy.cpu_limit_permille);
+    let expected = expected_cpu_permille(node, committed);
+    let ask = u64::from(spec.cpu_millis) * 1000 / u64::from(node.capacity.cpu_millis).max(1);
+    overloaded(node, policy) || expected > limit || (ask <= limit && expected + ask > limit)
 }
 
 /// Scores one node for a task, or says why it cannot take it.
@@ -232,7 +241,7 @@ fn candidates<'a>(
         let Some(score) = score(node, c, spec, image, via, policy) else {
             continue;
         };
-        if overloaded_with(node, c, policy) {
+        if overloaded_with(node, c, spec, policy) {
             fitting_but_loaded += 1;
             continue;
         }

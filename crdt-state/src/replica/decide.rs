@@ -392,14 +392,19 @@ impl Replica {
             }
         }
 
-        // What each node's live leases hold.
-        let committed = self.committed(now);
+        // What each node's live leases hold, and what this node claims in this pass (a node
+        // never claims more than it has room for, whichever groups the tasks are in).
+        let leased = self.committed(now);
+        let mut committed = leased.clone();
         // Each task this pass places is booked on its best node as it goes (in task id
         // order, as on every replica), so that the tasks of a failed node or a burst spread
         // over the nodes instead of all ranking one node first. Bookings are kept per group:
         // the tasks of one lost owner, or (never owned) of one submitting node. Replicas
         // that count different owners lost at a moment (their suspicions time out apart)
         // still book each owner's tasks alike, and so agree who claims each.
+        // At-most-once tasks are ranked on the leases alone, as before booking: their claim
+        // must come from the node that polled for it (see `wanted` below), which ranks them
+        // before their lease lapses.
         let mut booked: BTreeMap<NodeId, BTreeMap<NodeId, Committed>> = BTreeMap::new();
         // Built only if some task needs placing: most passes place nothing, and this is one
         // health check per known node.
@@ -457,7 +462,7 @@ impl Replica {
                     && !overloaded
                     && may_claim
                     && matches!(
-                        self.rank_here(rec, &spec.spec, &committed, &policy, live()),
+                        self.rank_here(rec, &spec.spec, &leased, &policy, live()),
                         Ok(Some((0, _)))
                     );
                 if first {
@@ -515,7 +520,14 @@ impl Replica {
                 (None, None) => NodeId::default(),
             };
             let cached = self.tasks.claimable(id).filter(|c| now < c.recheck);
-            let placed = if let Some(c) = cached {
+            let placed = if disc.stop_after_ms.is_some() {
+                match cached {
+                    Some(_) => Ok(None),
+                    None => self
+                        .placed_here(rec, &spec.spec, (&leased, None), &policy, live())
+                        .map(Some),
+                }
+            } else if let Some(c) = cached {
                 let group = booked.entry(group).or_default();
                 group.entry(c.best).or_default().book(&spec.spec);
                 Ok(None)
@@ -598,6 +610,9 @@ impl Replica {
                                         && l.owner != self.me.id
                                         && top_failed != Some(l.epoch)
                                 });
+                                if disc.stop_after_ms.is_none() {
+                                    committed.entry(self.me.id).or_default().book(&spec.spec);
+                                }
                                 steps.push(Step::Claim {
                                     task: *id,
                                     epoch,
