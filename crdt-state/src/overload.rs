@@ -118,6 +118,7 @@ mod tests {
             ..GATE
         };
         assert!(gate.next(true, cpu(1)));
-        assert!(!gate.next(true, cpu(0)));
+        assert!(gate.next(true, cpu(0)), "memory at 10 % is above 0");
+        assert!(!gate.next(true, LoadSample::default()));
     }
 }
