@@ -58,12 +58,17 @@ pub struct ReplicaConfig {
     pub retry_max_ms: Millis,
     /// Terminal tasks are compacted to tombstones after this long. Default 10 minutes.
     pub retention_ms: Millis,
-    /// Whether a loaded node stops claiming and hands back queued tasks. Default true.
+    /// Whether a loaded node stops claiming and hands back queued tasks. Off, the node never
+    /// declares itself overloaded: it keeps claiming, and peers keep placing work on it, by
+    /// score alone. Default true.
     pub enable_offload: bool,
     /// CPU utilisation (percent) above which a node takes no new work. Default 75.
     pub threshold_cpu: u8,
     /// Memory utilisation (percent) above which a node takes no new work. Default 80.
     pub threshold_memory: u8,
+    /// Hysteresis, in percentage points: a node over a threshold counts as overloaded until
+    /// its CPU and memory are both at or below their thresholds less this. Default 10.
+    pub threshold_margin: u8,
     /// When offloading, prefer peers carrying one of these tags. Default empty (any peer).
     pub target_node_tags: BTreeSet<String>,
     /// Seed of the replica's random choices (anti-entropy peer, jitter).
@@ -102,6 +107,7 @@ impl Default for ReplicaConfig {
             enable_offload: true,
             threshold_cpu: 75,
             threshold_memory: 80,
+            threshold_margin: 10,
             target_node_tags: BTreeSet::new(),
             seed: 0,
             propagation_samples: 4096,
@@ -211,6 +217,12 @@ impl ReplicaConfig {
             return Err(bad(
                 "threshold_memory",
                 format!("must be 1..=100, got {}", self.threshold_memory),
+            ));
+        }
+        if self.threshold_margin > 100 {
+            return Err(bad(
+                "threshold_margin",
+                format!("must be 0..=100, got {}", self.threshold_margin),
             ));
         }
         if self.capacity.cpu_millis == 0 {

@@ -319,6 +319,10 @@ pub struct Stats {
     pub refutations: u64,
     /// Node records this node published.
     pub records_published: u64,
+    /// Times this node's overload verdict went from clear to overloaded.
+    pub overload_entered: u64,
+    /// Times this node's overload verdict went from overloaded to clear.
+    pub overload_left: u64,
     /// Entries of sync replies' version vectors not adopted: an origin with no record held
     /// here, or a stamp past the incarnation its record names.
     pub vector_entries_refused: u64,

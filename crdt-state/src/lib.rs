@@ -15,6 +15,7 @@ mod early;
 mod io;
 pub mod liveness;
 pub mod merge;
+pub mod overload;
 pub mod placement;
 mod probe;
 pub mod quorum;

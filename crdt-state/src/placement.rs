@@ -63,9 +63,10 @@ pub struct Candidate {
 /// The thresholds and preferences placement applies.
 #[derive(Debug, Clone, Default)]
 pub struct PlacementPolicy {
-    /// CPU utilisation, in thousandths, above which a node takes nothing new.
+    /// CPU utilisation, in thousandths, above which this node takes nothing new (it judges
+    /// itself; others read its verdict, [`overloaded`]).
     pub cpu_limit_permille: u16,
-    /// Memory utilisation, in thousandths, above which a node takes nothing new.
+    /// Memory utilisation, in thousandths, above which this node takes nothing new.
     pub mem_limit_permille: u16,
     /// Offload targets: nodes carrying one of these rank higher.
     pub target_tags: BTreeSet<String>,
@@ -90,10 +91,12 @@ pub enum Unplaceable {
     AllOverloaded,
 }
 
-/// Whether `node` is over the policy's thresholds.
-pub fn overloaded(node: &NodeRecord, policy: &PlacementPolicy) -> bool {
-    node.load.cpu_permille > policy.cpu_limit_permille
-        || node.load.mem_permille > policy.mem_limit_permille
+/// Whether `node` takes no new work: its own verdict, carried in its record. The node judges
+/// its load against its own thresholds, with hysteresis (see `overload.rs`), so every replica
+/// agrees on it whatever samples of that load it saw; a node with `enable_offload` off never
+/// says so.
+pub fn overloaded(node: &NodeRecord) -> bool {
+    node.overloaded
 }
 
 /// `node`'s CPU utilisation in thousandths as placement sees it: its published load plus the
@@ -116,7 +119,7 @@ pub fn overloaded_with(
     let limit = u64::from(policy.cpu_limit_permille);
     let expected = expected_cpu_permille(node, committed);
     let ask = u64::from(spec.cpu_millis) * 1000 / u64::from(node.capacity.cpu_millis).max(1);
-    overloaded(node, policy) || expected > limit || (ask <= limit && expected + ask > limit)
+    overloaded(node) || expected > limit || (ask <= limit && expected + ask > limit)
 }
 
 /// Scores one node for a task, or says why it cannot take it.

@@ -21,6 +21,8 @@ pub(crate) struct RecordPublisher {
     last: Millis,
     /// The load the last published record carried.
     published_load: LoadSample,
+    /// The overload verdict the last published record carried.
+    published_overloaded: bool,
 }
 
 impl RecordPublisher {
@@ -46,17 +48,13 @@ impl RecordPublisher {
     }
 
     /// Whether a load sample moved far enough from the one last published to publish again:
-    /// by `load_delta_permille`, or across a threshold (which placement turns on).
-    pub(crate) fn load_moved(&self, cfg: &ReplicaConfig, s: LoadSample) -> bool {
+    /// by `load_delta_permille`, or the overload verdict (which placement turns on) changed.
+    pub(crate) fn load_moved(&self, cfg: &ReplicaConfig, s: LoadSample, overloaded: bool) -> bool {
         let d = cfg.load_delta_permille;
-        let over = |l: LoadSample| {
-            l.cpu_permille >= u16::from(cfg.threshold_cpu) * 10
-                || l.mem_permille >= u16::from(cfg.threshold_memory) * 10
-        };
         let p = self.published_load;
         s.cpu_permille.abs_diff(p.cpu_permille) >= d
             || s.mem_permille.abs_diff(p.mem_permille) >= d
-            || over(s) != over(p)
+            || overloaded != self.published_overloaded
     }
 
     /// Publishes `me` at `now`: gives it a new version and the nearest peers by round trip,
@@ -70,6 +68,7 @@ impl RecordPublisher {
         self.due = None;
         self.last = now;
         self.published_load = me.load;
+        self.published_overloaded = me.overloaded;
         me.seq += 1;
         me.written_at_ms = now;
         let mut nearest: Vec<(NodeId, u32)> = rtt

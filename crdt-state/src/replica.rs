@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use omesh_protocol::{
-    AdmissionCert, Delta, DeltaBody, Digest, GossipMessage, Millis, NodeId, NodeRecord,
+    AdmissionCert, Delta, DeltaBody, Digest, GossipMessage, LoadSample, Millis, NodeId, NodeRecord,
     SignedCancel, SignedTaskSpec, StateDigest, TaskId, Wire,
 };
 use rand::SeedableRng;
@@ -22,6 +22,7 @@ use crate::digest::{first8, mix64, splitmix64};
 use crate::early::Early;
 use crate::liveness::{Health, RttEstimate};
 use crate::merge::State;
+use crate::overload::OverloadGate;
 use crate::probe::Prober;
 use crate::quorum::Quorum;
 use crate::record::RecordPublisher;
@@ -310,7 +311,7 @@ impl Replica {
                     return Ok(());
                 }
                 Input::Load(sample) => {
-                    self.me.load = sample;
+                    self.take_load(sample);
                     return Ok(());
                 }
                 Input::Images(images) => {
@@ -351,8 +352,11 @@ impl Replica {
                 Ok(())
             }
             Input::Load(sample) => {
-                self.me.load = sample;
-                if self.record.load_moved(&self.cfg, sample) {
+                self.take_load(sample);
+                if self
+                    .record
+                    .load_moved(&self.cfg, sample, self.me.overloaded)
+                {
                     self.publish_soon(now);
                 }
                 self.mark_dirty(now);
@@ -537,6 +541,26 @@ impl Replica {
             self.rng.gen_range(0..self.cfg.heartbeat_ms)
         };
         self.prober.start(now + offset);
+    }
+
+    /// Takes a load sample into this node's record, with the overload verdict it leads to
+    /// (see `overload.rs`), and counts a change of verdict. A node with offload off is never
+    /// overloaded: it keeps taking work however loaded it is.
+    fn take_load(&mut self, sample: LoadSample) {
+        let gate = OverloadGate {
+            cpu_enter_permille: u16::from(self.cfg.threshold_cpu) * 10,
+            mem_enter_permille: u16::from(self.cfg.threshold_memory) * 10,
+            margin_permille: u16::from(self.cfg.threshold_margin) * 10,
+        };
+        let was = self.me.overloaded;
+        let now_over = self.cfg.enable_offload && gate.next(was, sample);
+        match (was, now_over) {
+            (false, true) => self.stats.overload_entered += 1,
+            (true, false) => self.stats.overload_left += 1,
+            _ => {}
+        }
+        self.me.load = sample;
+        self.me.overloaded = now_over;
     }
 
     /// Publishes the record now, or when one period has passed since the last publication.

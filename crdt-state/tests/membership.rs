@@ -585,3 +585,39 @@ fn record(
     r.load.cpu_permille = cpu_permille;
     std::sync::Arc::new(r)
 }
+
+#[test]
+fn a_load_hovering_at_the_threshold_flips_the_verdict_once_and_every_replica_agrees() {
+    let mut m = joined(3);
+    let hot = node(1);
+    let agree = |m: &Mesh, want: bool| {
+        m.ids().iter().all(|id| {
+            m.replica(*id)
+                .state()
+                .node(&hot)
+                .is_some_and(|r| r.overloaded == want)
+        })
+    };
+    // Around the 75 % threshold, as the smoothed load of a saturated node reads.
+    for cpu in [
+        700, 740, 760, 745, 752, 748, 770, 731, 755, 749, 762, 738, 751, 746,
+    ] {
+        m.load(hot, cpu);
+        m.run_for(1_000);
+        if cpu >= 760 || m.replica(hot).stats().overload_entered > 0 {
+            assert!(m.replica(hot).is_overloaded(), "clear again at {cpu}");
+        }
+    }
+    let stats = m.replica(hot).stats();
+    assert_eq!((stats.overload_entered, stats.overload_left), (1, 0));
+    assert!(m.run_until(10_000, |m| agree(m, true)));
+
+    // Out only below the threshold less the 10-point margin.
+    m.load(hot, 660);
+    m.run_for(1_000);
+    assert!(m.replica(hot).is_overloaded());
+    m.load(hot, 640);
+    assert!(!m.replica(hot).is_overloaded());
+    assert_eq!(m.replica(hot).stats().overload_left, 1);
+    assert!(m.run_until(10_000, |m| agree(m, false)));
+}

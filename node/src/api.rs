@@ -77,6 +77,12 @@ pub struct PeerView {
     pub cpu_percent: f64,
     /// Memory utilisation, percent.
     pub mem_percent: f64,
+    /// Its own overload verdict (above a threshold, with hysteresis): it takes no new work.
+    #[serde(default)]
+    pub overloaded: bool,
+    /// The CPU it offers, in thousandths of a core (its cgroup quota when it runs under one).
+    #[serde(default)]
+    pub cpu_millis: u32,
     /// Smoothed RTT from here, milliseconds.
     pub rtt_ms: Option<f64>,
     /// alive, suspect or gone.

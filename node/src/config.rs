@@ -77,6 +77,9 @@ pub struct NodeConfig {
     pub threshold_cpu: u8,
     /// Memory percent above which this node takes no new work.
     pub threshold_memory: u8,
+    /// Hysteresis, percentage points: once over a threshold, this node takes no new work
+    /// until its CPU and memory are both this far below their thresholds.
+    pub threshold_margin: u8,
     /// Peers with one of these tags receive offloaded work first.
     pub target_node_tags: BTreeSet<String>,
     /// Probe period (SWIM: one ping per period); a changed record is published at most this often.
@@ -166,6 +169,7 @@ impl Default for NodeConfig {
             enable_offload: r.enable_offload,
             threshold_cpu: r.threshold_cpu,
             threshold_memory: r.threshold_memory,
+            threshold_margin: r.threshold_margin,
             target_node_tags: BTreeSet::new(),
             heartbeat_ms: r.heartbeat_ms,
             lease_ttl_ms: r.lease_ttl_ms,
@@ -505,6 +509,7 @@ impl NodeConfig {
         r.enable_offload = self.enable_offload;
         r.threshold_cpu = self.threshold_cpu;
         r.threshold_memory = self.threshold_memory;
+        r.threshold_margin = self.threshold_margin;
         r.target_node_tags = self.target_node_tags.clone();
         r.heartbeat_ms = self.heartbeat_ms;
         r.lease_ttl_ms = self.lease_ttl_ms;

@@ -128,6 +128,29 @@ enum BenchCommand {
         #[arg(long)]
         no_docker: bool,
     },
+    /// A burst of CPU-bound tasks submitted to a saturated peer, offload off vs on: each peer
+    /// in a cgroup with a CPU quota (needs root); makespan, p50/p99, where tasks ran, and
+    /// whether the burst pushed other peers over their threshold.
+    Offload {
+        /// Peers in the mesh (peer 0 is saturated).
+        #[arg(long, default_value_t = 4)]
+        peers: usize,
+        /// Tasks in the burst.
+        #[arg(long, default_value_t = 9)]
+        tasks: usize,
+        /// CPU quota of each peer's cgroup, thousandths of a core.
+        #[arg(long, default_value_t = 500)]
+        quota_millis: u32,
+        /// CPU each task asks for and is limited to, thousandths of a core.
+        #[arg(long, default_value_t = 100)]
+        task_cpu_millis: u32,
+        /// CPU time of each task's work, ms.
+        #[arg(long, default_value_t = 300)]
+        task_work_ms: u64,
+        /// Rounds (each one burst with offload off, one with it on).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+    },
     /// Blob data plane: one blob between two peers (vs plain quinn and cp), and one image to
     /// many peers at once (time and bytes the origin serves).
     Blobs {
@@ -196,6 +219,21 @@ fn main() -> ExitCode {
             fanout_mib,
             rounds,
             link_mbps,
+        }),
+        Command::Bench(BenchCommand::Offload {
+            peers,
+            tasks,
+            quota_millis,
+            task_cpu_millis,
+            task_work_ms,
+            rounds,
+        }) => bench_offload(&omesh::devtools::bench_offload::OffloadBench {
+            peers,
+            tasks,
+            quota_millis,
+            task_cpu_millis,
+            task_work_ms,
+            rounds,
         }),
         Command::Submit(args) => submit(&args),
         Command::Demo {
@@ -391,6 +429,21 @@ fn bench_tasks(cfg: &omesh::devtools::bench_tasks::TaskBench) -> anyhow::Result<
                 .map_err(anyhow::Error::msg)?;
         println!("$ {}", command.join(" "));
         print!("{}", omesh::devtools::bench_tasks::table(&report));
+        Ok(())
+    })
+}
+
+fn bench_offload(cfg: &omesh::devtools::bench_offload::OffloadBench) -> anyhow::Result<()> {
+    let bin = std::env::current_exe()?;
+    let command: Vec<String> = std::env::args().collect();
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let report =
+            omesh::devtools::bench_offload::run(&bin, cfg, |line| eprintln!("bench: {line}"))
+                .await
+                .map_err(anyhow::Error::msg)?;
+        println!("$ {}", command.join(" "));
+        print!("{}", omesh::devtools::bench_offload::table(&report));
         Ok(())
     })
 }

@@ -31,6 +31,13 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// Which way this node's overload verdict went: `enter` or `leave`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `enter` (clear to overloaded) or `leave`.
+    pub direction: &'static str,
+}
+
 /// A task state label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
@@ -89,6 +96,8 @@ pub struct Metrics {
     pub incarnation: Gauge,
     /// Connections and first contacts refused, by reason.
     pub connections_refused: Family<ReasonLabel, Counter>,
+    /// Changes of this node's overload verdict (hysteresis: `threshold_margin`), by direction.
+    pub overload_transitions: Family<DirectionLabel, Counter>,
     last: Stats,
 }
 
@@ -127,6 +136,7 @@ impl Metrics {
             tasks: Family::default(),
             incarnation: Gauge::default(),
             connections_refused: Family::default(),
+            overload_transitions: Family::default(),
             last: Stats::default(),
         };
         registry.register(
@@ -228,6 +238,16 @@ impl Metrics {
             "Connections and first contacts refused: peer not admitted or not allowed, by reason",
             m.connections_refused.clone(),
         );
+        registry.register(
+            "overload_transitions",
+            "Changes of this node's overload verdict (above a threshold, left only below it less threshold_margin), by direction",
+            m.overload_transitions.clone(),
+        );
+        for direction in ["enter", "leave"] {
+            let _ = m
+                .overload_transitions
+                .get_or_create(&DirectionLabel { direction });
+        }
         for reason in crate::admission::REFUSAL_REASONS {
             let _ = m.connections_refused.get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
@@ -313,6 +333,12 @@ impl Metrics {
         self.quorum_confirms
             .get_or_create(&ResultLabel { result: "refused" })
             .inc_by(d(s.confirms_refused, l.confirms_refused));
+        self.overload_transitions
+            .get_or_create(&DirectionLabel { direction: "enter" })
+            .inc_by(d(s.overload_entered, l.overload_entered));
+        self.overload_transitions
+            .get_or_create(&DirectionLabel { direction: "leave" })
+            .inc_by(d(s.overload_left, l.overload_left));
         self.last = s;
     }
 
@@ -430,5 +456,33 @@ impl BlobMetrics {
             "Bytes held in the blob store",
             self.store_bytes.clone(),
         );
+    }
+}
+
+#[cfg(test)]
+mod overload_tests {
+    use super::*;
+
+    #[test]
+    fn overload_transitions_mirror_the_replica_counters() {
+        let mut m = Metrics::new();
+        let text = m.encode();
+        assert!(text.contains("omesh_overload_transitions_total{direction=\"enter\"} 0"));
+        m.update(Stats {
+            overload_entered: 2,
+            overload_left: 1,
+            ..Stats::default()
+        });
+        m.update(Stats {
+            overload_entered: 3,
+            overload_left: 1,
+            ..Stats::default()
+        });
+        let text = m.encode();
+        assert!(
+            text.contains("omesh_overload_transitions_total{direction=\"enter\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("omesh_overload_transitions_total{direction=\"leave\"} 1"));
     }
 }

@@ -6,7 +6,9 @@ use serde::Serialize;
 /// The version byte that opens every encoded message. A peer speaking another version is
 /// refused with [`DecodeError::UnsupportedVersion`], never misparsed.
 /// Version 2: liveness probes and suspicions (SWIM-style membership), digest-only syncs.
-pub const WIRE_VERSION: u8 = 3;
+/// Version 3: a disconnect policy per task spec. Version 4: a node record carries its own
+/// overload verdict (`NodeRecord::overloaded`, with hysteresis).
+pub const WIRE_VERSION: u8 = 4;
 
 /// A message type that travels on its own (a gossip message, a sync request, a blob frame).
 pub trait Wire: Serialize + DeserializeOwned {

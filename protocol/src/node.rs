@@ -47,6 +47,11 @@ pub struct NodeRecord {
     pub capacity: Capacity,
     /// Its latest load sample.
     pub load: LoadSample,
+    /// The node's own verdict that it is over a threshold, with hysteresis: set when a sample
+    /// goes above `threshold_cpu` or `threshold_memory`, cleared only once both are below
+    /// the threshold less `threshold_margin`. Carried here so that every replica agrees on
+    /// it, whatever the samples it saw.
+    pub overloaded: bool,
     /// Digests of the image blobs it holds.
     pub images: BTreeSet<Digest>,
     /// Smoothed RTT in milliseconds to its nearest peers (at most [`MAX_RTT_ENTRIES`]), so
@@ -73,6 +78,7 @@ impl NodeRecord {
             tags: BTreeSet::new(),
             capacity,
             load: LoadSample::default(),
+            overloaded: false,
             images: BTreeSet::new(),
             rtt_ms: Vec::new(),
             leaving: false,

@@ -60,7 +60,7 @@ impl Replica {
 
     /// Whether this node is over a threshold and offload is on: it then claims nothing new.
     pub fn is_overloaded(&self) -> bool {
-        self.cfg.enable_offload && placement::overloaded(&self.me, &self.policy())
+        self.cfg.enable_offload && placement::overloaded(&self.me)
     }
 
     /// Whether `lease` still holds, as judged from here at `now`.

@@ -220,6 +220,11 @@ pub struct UpArgs {
     #[arg(long, env = "OMESH_THRESHOLD_MEMORY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threshold_memory: Option<u8>,
+    /// Hysteresis, percentage points: an overloaded peer takes work again only once its CPU
+    /// and memory are this far below their thresholds.
+    #[arg(long, env = "OMESH_THRESHOLD_MARGIN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold_margin: Option<u8>,
     /// Offload targets: peers with one of these tags (repeatable).
     #[arg(
         long = "target-node-tag",

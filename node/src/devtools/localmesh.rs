@@ -24,6 +24,8 @@ pub struct LocalPeer {
     pub api_port: u16,
     bin: PathBuf,
     args: Vec<String>,
+    /// `cgroup.procs` files the process joins before it runs (empty: it stays in ours).
+    cgroup: Vec<std::ffi::CString>,
     child: Option<Child>,
 }
 
@@ -96,6 +98,20 @@ impl LocalPeer {
         extra: &[String],
         admission: Option<&Admission>,
     ) -> std::io::Result<Self> {
+        Self::start_in(bin, root, name, seeds, extra, admission, Vec::new())
+    }
+
+    /// [`Self::start`] in a cgroup: the process joins the cgroup whose `cgroup.procs` files
+    /// are `cgroup` (`TaskCgroup::join_paths`) before it runs, at every (re)start.
+    pub fn start_in(
+        bin: &Path,
+        root: &Path,
+        name: &str,
+        seeds: &[String],
+        extra: &[String],
+        admission: Option<&Admission>,
+        cgroup: Vec<std::ffi::CString>,
+    ) -> std::io::Result<Self> {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir)?;
         let admitted = match admission {
@@ -126,6 +142,7 @@ impl LocalPeer {
             api_port,
             bin: bin.to_owned(),
             args,
+            cgroup,
             child: None,
         };
         peer.spawn()?;
@@ -188,7 +205,11 @@ impl LocalPeer {
             .append(true)
             .mode(0o600)
             .open(self.dir.join("omesh.log"))?;
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if !self.cgroup.is_empty() {
+            crate::exec::cgroup::join_paths_on_spawn(self.cgroup.clone(), &mut cmd);
+        }
+        let child = cmd
             .args(&self.args)
             .env_remove("OMESH_CONFIG")
             .env_remove("OMESH_API")
@@ -313,6 +334,18 @@ impl LocalMesh {
         n: usize,
         extra: impl Fn(usize) -> Vec<String>,
     ) -> std::io::Result<Self> {
+        Self::start_in(bin, root, n, extra, |_| Vec::new())
+    }
+
+    /// [`Self::start`], with peer `i` in the cgroup whose `cgroup.procs` files are
+    /// `cgroup(i)` (empty: in ours).
+    pub fn start_in(
+        bin: &Path,
+        root: &Path,
+        n: usize,
+        extra: impl Fn(usize) -> Vec<String>,
+        cgroup: impl Fn(usize) -> Vec<std::ffi::CString>,
+    ) -> std::io::Result<Self> {
         let mut mesh = Self {
             peers: Vec::new(),
             admission: Admission::generate(),
@@ -325,13 +358,14 @@ impl LocalMesh {
             }
             flags.extend(extra(i));
             let seeds: Vec<String> = seed.iter().cloned().collect();
-            let peer = LocalPeer::start(
+            let peer = LocalPeer::start_in(
                 bin,
                 root,
                 &format!("peer{i}"),
                 &seeds,
                 &flags,
                 Some(&mesh.admission),
+                cgroup(i),
             )?;
             seed.get_or_insert_with(|| peer.addr());
             mesh.peers.push(peer);

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod bench_blobs;
+pub mod bench_offload;
 pub mod bench_tasks;
 pub mod demo;
 pub mod localmesh;

@@ -48,7 +48,7 @@ mod error;
 mod files;
 mod hierarchy;
 mod kill;
-mod mountinfo;
+pub(crate) mod mountinfo;
 
 pub use error::CgroupError;
 pub use hierarchy::Hierarchy;
@@ -255,17 +255,8 @@ impl TaskCgroup {
     /// Makes the child of `cmd` join this cgroup between fork and exec, so that it and all it
     /// forks are limited from its first instruction. A failure to join fails the spawn. For
     /// a tokio `Command`, pass `cmd.as_std_mut()`.
-    #[allow(unsafe_code)]
     pub fn join_on_spawn(&self, cmd: &mut std::process::Command) {
-        use std::os::unix::process::CommandExt;
-        let paths = self.join_paths();
-        // SAFETY: the hook runs in the forked child of a possibly multi-threaded parent,
-        // where only async-signal-safe calls are sound. `join_in_child` makes only
-        // open(2), write(2) and close(2) system calls through rustix, on strings built before
-        // the fork; it allocates nothing and takes no lock.
-        unsafe {
-            cmd.pre_exec(move || join_in_child(&paths));
-        }
+        join_paths_on_spawn(self.join_paths(), cmd);
     }
 
     /// Kills every process in the cgroup, race-free against forking: v2 `cgroup.kill` where
@@ -413,6 +404,20 @@ pub fn list(h: &Hierarchy, parent: &str) -> Vec<String> {
     names.sort_unstable();
     names.dedup();
     names
+}
+
+/// Makes the child of `cmd` join the cgroup whose `cgroup.procs` files are `paths`
+/// ([`TaskCgroup::join_paths`]) between fork and exec. A failure to join fails the spawn.
+#[allow(unsafe_code)]
+pub fn join_paths_on_spawn(paths: Vec<CString>, cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child of a possibly multi-threaded parent,
+    // where only async-signal-safe calls are sound. `join_in_child` makes only
+    // open(2), write(2) and close(2) system calls through rustix, on strings built before
+    // the fork; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || join_in_child(&paths));
+    }
 }
 
 /// Joins the cgroup whose `cgroup.procs` files are `paths` ([`TaskCgroup::join_paths`]):

@@ -58,6 +58,8 @@ impl Peer {
                         tags: n.tags.iter().cloned().collect(),
                         cpu_percent: f64::from(n.load.cpu_permille) / 10.0,
                         mem_percent: f64::from(n.load.mem_permille) / 10.0,
+                        overloaded: n.overloaded,
+                        cpu_millis: n.capacity.cpu_millis,
                         rtt_ms: self
                             .driver
                             .replica()

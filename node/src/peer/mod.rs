@@ -211,7 +211,8 @@ impl Peer {
             .gossipsub
             .subscribe(&topic)
             .map_err(|e| net::BuildError(format!("subscribe: {e}")))?;
-        let load = LoadSampler::new(cfg.fake_cpu_percent);
+        let load = LoadSampler::for_this_process(cfg.fake_cpu_percent, &cfg.cgroup_parent);
+        info!(capacity = ?load.capacity(), "load measured: {}", load.describe());
         let (reports_tx, reports) = mpsc::channel(1024);
         let log_dir = dir.log_dir()?;
         let prefer_docker = cfg.executor != ExecutorChoice::Process;

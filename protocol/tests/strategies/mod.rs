@@ -63,10 +63,21 @@ pub(crate) fn node_record() -> impl Strategy<Value = NodeRecord> {
         load_sample(),
         btree_set(digest(), 0..3),
         vec((node_id(), any::<u32>()), 0..=MAX_RTT_ENTRIES),
-        any::<bool>(),
+        (any::<bool>(), any::<bool>()),
     )
         .prop_map(
-            |(id, incarnation, seq, addrs, tags, capacity, load, images, rtt_ms, leaving)| {
+            |(
+                id,
+                incarnation,
+                seq,
+                addrs,
+                tags,
+                capacity,
+                load,
+                images,
+                rtt_ms,
+                (leaving, overloaded),
+            )| {
                 NodeRecord {
                     id,
                     incarnation,
@@ -75,6 +86,7 @@ pub(crate) fn node_record() -> impl Strategy<Value = NodeRecord> {
                     tags,
                     capacity,
                     load,
+                    overloaded,
                     images,
                     rtt_ms,
                     leaving,

@@ -9,16 +9,19 @@ const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"
 
 /// One mounted cgroup file system.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct CgroupMount {
+pub(crate) struct CgroupMount {
     /// Where it is mounted (octal escapes undone).
-    pub(super) mount_point: PathBuf,
+    pub(crate) mount_point: PathBuf,
+    /// Which cgroup of the hierarchy is mounted there (`/` for the whole tree; in a
+    /// container without a cgroup namespace, its own cgroup, e.g. `/docker/<id>`).
+    pub(crate) root: String,
     /// Which kind of hierarchy it is.
-    pub(super) kind: MountKind,
+    pub(crate) kind: MountKind,
 }
 
 /// A cgroup v1 hierarchy (named by its controllers) or the v2 unified one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum MountKind {
+pub(crate) enum MountKind {
     /// `cgroup`: the controllers bound to this hierarchy, of those in [`V1_CONTROLLERS`].
     V1 {
         /// E.g. `["cpu", "cpuacct"]` for a joint `cpu,cpuacct` mount.
@@ -30,7 +33,7 @@ pub(super) enum MountKind {
 
 impl CgroupMount {
     /// Whether this is a v1 hierarchy with `controller` bound to it.
-    pub(super) fn has_v1(&self, controller: &str) -> bool {
+    pub(crate) fn has_v1(&self, controller: &str) -> bool {
         matches!(&self.kind, MountKind::V1 { controllers } if controllers.iter().any(|c| c == controller))
     }
 }
@@ -39,12 +42,13 @@ impl CgroupMount {
 ///
 /// A line reads `id parent major:minor root mount_point options [optional…] - fstype source
 /// super_options`; the optional fields end at the lone `-`.
-pub(super) fn parse(text: &str) -> Vec<CgroupMount> {
+pub(crate) fn parse(text: &str) -> Vec<CgroupMount> {
     text.lines().filter_map(parse_line).collect()
 }
 
 fn parse_line(line: &str) -> Option<CgroupMount> {
     let fields: Vec<&str> = line.split(' ').collect();
+    let root = fields.get(3)?;
     let mount_point = fields.get(4)?;
     let sep = fields.iter().skip(6).position(|f| *f == "-")? + 6;
     let (fstype, super_options) = (fields.get(sep + 1)?, fields.get(sep + 3)?);
@@ -61,6 +65,7 @@ fn parse_line(line: &str) -> Option<CgroupMount> {
     };
     Some(CgroupMount {
         mount_point: PathBuf::from(unescape(mount_point)),
+        root: unescape(root),
         kind,
     })
 }
@@ -169,6 +174,7 @@ mod tests {
             mounts,
             vec![CgroupMount {
                 mount_point: "/sys/fs/cgroup".into(),
+                root: "/".into(),
                 kind: MountKind::V2
             }]
         );
