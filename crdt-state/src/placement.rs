@@ -190,6 +190,10 @@ pub struct Placing<'a> {
     pub committed: &'a BTreeMap<NodeId, Committed>,
     /// Tasks booked on nodes by this evaluation pass, on top of `committed`.
     pub booked: Option<&'a BTreeMap<NodeId, Committed>>,
+    /// Rank on published load and fit alone, as before reservations counted (at-most-once
+    /// tasks: the node that polls for one must be the node that then claims it, and the
+    /// reservations of the tasks claimed in between would move it).
+    pub plain: bool,
     /// The task.
     pub spec: &'a TaskSpec,
     /// The image digest it pins, if any (holders rank higher).
@@ -218,6 +222,7 @@ fn candidates<'a>(
     let Placing {
         committed,
         booked,
+        plain,
         spec,
         image,
         via,
@@ -241,10 +246,19 @@ fn candidates<'a>(
         let c = booked
             .and_then(|b| b.get(&node.id))
             .map_or(c, |b| c.plus(*b));
+        let c = if plain {
+            Committed {
+                tasks: 0,
+                unreported_cpu_millis: 0,
+                ..c
+            }
+        } else {
+            c
+        };
         let Some(score) = score(node, c, spec, image, via, policy) else {
             continue;
         };
-        if overloaded_with(node, c, spec, policy) {
+        if (plain && overloaded(node)) || (!plain && overloaded_with(node, c, spec, policy)) {
             fitting_but_loaded += 1;
             continue;
         }

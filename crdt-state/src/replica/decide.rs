@@ -524,7 +524,7 @@ impl Replica {
                 match cached {
                     Some(_) => Ok(None),
                     None => self
-                        .placed_here(rec, &spec.spec, (&leased, None), &policy, live())
+                        .placed_here(rec, &spec.spec, (&leased, None, true), &policy, live())
                         .map(Some),
                 }
             } else if let Some(c) = cached {
@@ -535,7 +535,7 @@ impl Replica {
                 let placed = self.placed_here(
                     rec,
                     &spec.spec,
-                    (&committed, booked.get(&group)),
+                    (&committed, booked.get(&group), false),
                     &policy,
                     live(),
                 );
@@ -767,7 +767,7 @@ impl Replica {
         live: &[&NodeRecord],
     ) -> Result<Option<(usize, u32)>, placement::Unplaceable> {
         Ok(self
-            .placed_here(rec, spec, (committed, None), policy, live)?
+            .placed_here(rec, spec, (committed, None, true), policy, live)?
             .mine)
     }
 
@@ -777,9 +777,10 @@ impl Replica {
         &self,
         rec: &TaskRecord,
         spec: &omesh_protocol::TaskSpec,
-        (committed, booked): (
+        (committed, booked, plain): (
             &BTreeMap<NodeId, Committed>,
             Option<&BTreeMap<NodeId, Committed>>,
+            bool,
         ),
         policy: &PlacementPolicy,
         live: &[&NodeRecord],
@@ -796,6 +797,7 @@ impl Replica {
         let placing = placement::Placing {
             committed,
             booked,
+            plain,
             spec,
             image: image.as_ref(),
             via,
