@@ -13,7 +13,43 @@ pub struct Committed {
     pub cpu_millis: u64,
     /// Memory in bytes.
     pub memory_bytes: u64,
+    /// Live leases (tasks claimed, starting or running there).
+    pub tasks: u32,
+    /// The CPU asked by those of them that the node's published load does not show yet
+    /// (claimed, starting, or running for less than [`LOAD_LAG_MS`] before the load sample),
+    /// in thousandths of a core.
+    pub unreported_cpu_millis: u64,
 }
+
+impl Committed {
+    /// The sum of two bookings.
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            cpu_millis: self.cpu_millis + other.cpu_millis,
+            memory_bytes: self.memory_bytes.saturating_add(other.memory_bytes),
+            tasks: self.tasks.saturating_add(other.tasks),
+            unreported_cpu_millis: self.unreported_cpu_millis + other.unreported_cpu_millis,
+        }
+    }
+
+    /// Books one more task with `spec`'s asks, not yet in the node's load: a claim this
+    /// evaluation pass expects the node to make.
+    pub fn book(&mut self, spec: &TaskSpec) {
+        self.cpu_millis += u64::from(spec.cpu_millis);
+        self.unreported_cpu_millis += u64::from(spec.cpu_millis);
+        self.memory_bytes = self.memory_bytes.saturating_add(spec.memory_bytes);
+        self.tasks = self.tasks.saturating_add(1);
+    }
+}
+
+/// How long after a task starts its CPU is taken to show in its node's published (smoothed)
+/// load; until then placement adds the task's ask to that load.
+pub const LOAD_LAG_MS: u64 = 5_000;
+
+/// Score taken off a node per live lease it holds, so that equal nodes share a burst (or a
+/// failed node's tasks) rather than the best one taking all of it: about what 6% more CPU
+/// costs, a quarter of the bonus for being the submitting node.
+pub const TASK_WEIGHT: i64 = 250;
 
 /// A node that can take the task, with its score (higher is better).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +96,29 @@ pub fn overloaded(node: &NodeRecord, policy: &PlacementPolicy) -> bool {
         || node.load.mem_permille > policy.mem_limit_permille
 }
 
+/// `node`'s CPU utilisation in thousandths as placement sees it: its published load plus the
+/// asks of the tasks it claimed that the load does not show yet.
+pub fn expected_cpu_permille(node: &NodeRecord, committed: Committed) -> u64 {
+    let cap = u64::from(node.capacity.cpu_millis).max(1);
+    u64::from(node.load.cpu_permille) + committed.unreported_cpu_millis * 1000 / cap
+}
+
+/// Whether `node` is over the policy's thresholds once the work it claimed but does not yet
+/// show in its load is counted, or would be with `spec` on top: a burst stops going to a node
+/// its reservations fill. A task that asks more than the threshold itself may still go to a
+/// node under it (it could go nowhere else).
+pub fn overloaded_with(
+    node: &NodeRecord,
+    committed: Committed,
+    spec: &TaskSpec,
+    policy: &PlacementPolicy,
+) -> bool {
+    let limit = u64::from(policy.cpu_limit_permille);
+    let expected = expected_cpu_permille(node, committed);
+    let ask = u64::from(spec.cpu_millis) * 1000 / u64::from(node.capacity.cpu_millis).max(1);
+    overloaded(node, policy) || expected > limit || (ask <= limit && expected + ask > limit)
+}
+
 /// Scores one node for a task, or says why it cannot take it.
 fn score(
     node: &NodeRecord,
@@ -78,8 +137,10 @@ fn score(
         return None;
     }
     let mut s: i64 = 10_000;
-    s -= 4 * i64::from(node.load.cpu_permille.min(1000));
+    let cpu = expected_cpu_permille(node, committed).min(1000);
+    s -= 4 * i64::try_from(cpu).unwrap_or(1000);
     s -= 2 * i64::from(node.load.mem_permille.min(1000));
+    s -= TASK_WEIGHT * i64::from(committed.tasks.min(32));
     // Headroom left after placing the task, 0..=1000.
     let cap = u64::from(node.capacity.cpu_millis).max(1);
     let left = (free_cpu - u64::from(spec.cpu_millis)) * 1000 / cap;
@@ -124,6 +185,8 @@ pub fn executor_tag(kind: ExecutorKind) -> Option<&'static str> {
 pub struct Placing<'a> {
     /// Resources each node's live leases already hold.
     pub committed: &'a BTreeMap<NodeId, Committed>,
+    /// Tasks booked on nodes by this evaluation pass, on top of `committed`.
+    pub booked: Option<&'a BTreeMap<NodeId, Committed>>,
     /// The task.
     pub spec: &'a TaskSpec,
     /// The image digest it pins, if any (holders rank higher).
@@ -151,6 +214,7 @@ fn candidates<'a>(
 ) -> Result<Vec<Candidate>, Unplaceable> {
     let Placing {
         committed,
+        booked,
         spec,
         image,
         via,
@@ -171,10 +235,13 @@ fn candidates<'a>(
         }
         tagged += 1;
         let c = committed.get(&node.id).copied().unwrap_or_default();
+        let c = booked
+            .and_then(|b| b.get(&node.id))
+            .map_or(c, |b| c.plus(*b));
         let Some(score) = score(node, c, spec, image, via, policy) else {
             continue;
         };
-        if overloaded(node, policy) {
+        if overloaded_with(node, c, spec, policy) {
             fitting_but_loaded += 1;
             continue;
         }
@@ -209,11 +276,37 @@ pub fn place<'a>(
     live: impl Iterator<Item = &'a NodeRecord>,
     task: &Placing<'_>,
 ) -> Result<Option<(usize, u32)>, Unplaceable> {
+    Ok(placed(me, live, task)?.mine)
+}
+
+/// Where `me` stands for a task, and which node is best for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    /// `me`'s position in [`rank`]'s order (0 = best) and score, if it may run the task.
+    pub mine: Option<(usize, u32)>,
+    /// The best node: the one every replica with this view expects to claim it.
+    pub best: NodeId,
+}
+
+/// [`place`], and the best node too (a pass books each task it places on its best node, so
+/// that the next task of the same pass sees that node a task fuller).
+pub fn placed<'a>(
+    me: &NodeId,
+    live: impl Iterator<Item = &'a NodeRecord>,
+    task: &Placing<'_>,
+) -> Result<Placed, Unplaceable> {
     let cands = candidates(live, task)?;
-    let Some(mine) = cands.iter().find(|c| c.node == *me) else {
-        return Ok(None);
-    };
-    let better =
-        |c: &&Candidate| c.score > mine.score || (c.score == mine.score && c.node < mine.node);
-    Ok(Some((cands.iter().filter(better).count(), mine.score)))
+    let first = |a: &Candidate, b: &Candidate| b.score.cmp(&a.score).then(a.node.cmp(&b.node));
+    // `candidates` errs rather than return none.
+    let best = cands
+        .iter()
+        .min_by(|a, b| first(a, b))
+        .map(|c| c.node)
+        .ok_or(Unplaceable::AllOverloaded)?;
+    let mine = cands.iter().find(|c| c.node == *me).map(|mine| {
+        let better =
+            |c: &&Candidate| c.score > mine.score || (c.score == mine.score && c.node < mine.node);
+        (cands.iter().filter(better).count(), mine.score)
+    });
+    Ok(Placed { mine, best })
 }

@@ -1,6 +1,8 @@
 //! When this node publishes its own record: at once when it must (start, refutation, leaving,
 //! a change of images), otherwise at most once a period, when something a peer ranks or
-//! reaches it by moved (load past `load_delta_permille` or across a threshold, addresses).
+//! reaches it by moved (load past `load_delta_permille` or across a threshold, addresses), or
+//! when a task it started long enough ago shows in its load (placement stops adding the
+//! task's ask on top, see `placement::LOAD_LAG_MS`).
 //! Liveness does not ride on the record (see `probe.rs`), so an unchanged node publishes nothing.
 
 use std::collections::BTreeMap;
@@ -30,6 +32,11 @@ impl RecordPublisher {
     /// Whether a publication is due at `now`.
     pub(crate) fn is_due(&self, now: Millis) -> bool {
         self.due.is_some_and(|d| now >= d)
+    }
+
+    /// Schedules a publication at `at` at the latest.
+    pub(crate) fn at(&mut self, at: Millis) {
+        self.due = Some(self.due.map_or(at, |d| d.min(at)));
     }
 
     /// Schedules a publication now, or when one period has passed since the last one.

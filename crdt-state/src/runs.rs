@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use omesh_protocol::{Epoch, Millis, TaskId};
+use omesh_protocol::{Epoch, Millis, NodeId, TaskId};
 
 /// What this node does about a task it owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,12 +41,14 @@ pub(crate) struct LocalRun {
     pub(crate) phase: Phase,
 }
 
-/// A task this node may claim: since when (the claim stagger counts from it), and when to
-/// rank the nodes for it again.
+/// A task this node may claim: since when (the claim stagger counts from it), when to rank
+/// the nodes for it again, and the node that ranked best then (the pass books the task on it
+/// until then).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Claimable {
     pub(crate) since: Millis,
     pub(crate) recheck: Millis,
+    pub(crate) best: NodeId,
 }
 
 /// The local runs and the per-task times this node noted.
@@ -68,7 +70,7 @@ pub(crate) struct TaskBook {
 #[derive(Debug, Default)]
 pub(crate) struct Pass {
     terminal: Vec<TaskId>,
-    claimable: Vec<(TaskId, Millis)>,
+    claimable: Vec<(TaskId, Millis, NodeId)>,
     failed: Vec<(TaskId, Epoch)>,
     reasons: Vec<(TaskId, String)>,
 }
@@ -92,9 +94,9 @@ impl Pass {
         book.failed_seen.get(&(task, epoch)).copied().unwrap_or(now)
     }
 
-    /// `task` is claimable here, to be ranked again at `recheck`.
-    pub(crate) fn claimable(&mut self, task: TaskId, recheck: Millis) {
-        self.claimable.push((task, recheck));
+    /// `task` is claimable here, to be ranked again at `recheck`; `best` ranked first.
+    pub(crate) fn claimable(&mut self, task: TaskId, recheck: Millis, best: NodeId) {
+        self.claimable.push((task, recheck, best));
     }
 
     /// Placement left `task` pending, for `why`.
@@ -201,15 +203,22 @@ impl TaskBook {
         // A task claimable since an earlier pass keeps its start (the stagger counts from
         // it); one that was not claimable in this pass (owned, backing off) starts again the
         // next time it is, or every node would claim at once when its owner fails.
-        let seen: BTreeMap<TaskId, Millis> = claimable.into_iter().collect();
+        let seen: BTreeMap<TaskId, (Millis, NodeId)> = claimable
+            .into_iter()
+            .map(|(id, recheck, best)| (id, (recheck, best)))
+            .collect();
         self.claimable.retain(|id, _| seen.contains_key(id));
-        for (id, recheck) in seen {
+        for (id, (recheck, best)) in seen {
             self.claimable
                 .entry(id)
-                .and_modify(|c| c.recheck = recheck)
+                .and_modify(|c| {
+                    c.recheck = recheck;
+                    c.best = best;
+                })
                 .or_insert(Claimable {
                     since: now,
                     recheck,
+                    best,
                 });
             self.reasons.remove(&id);
         }

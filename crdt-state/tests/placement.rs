@@ -41,7 +41,7 @@ proptest! {
         };
         let me = nodes[me % nodes.len()].id;
         let committed = BTreeMap::new();
-        let task = Placing { committed: &committed, spec: &spec, image: None, via: None, policy: &policy };
+        let task = Placing { committed: &committed, booked: None, spec: &spec, image: None, via: None, policy: &policy };
         let ranked = rank(nodes.iter(), &task);
         let placed = place(&me, nodes.iter(), &task);
         match (ranked, placed) {

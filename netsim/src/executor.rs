@@ -40,6 +40,8 @@ struct PendingFailover {
     task: u32,
     epoch: Epoch,
     crashed_at: SimTime,
+    /// The crashed node.
+    from: u32,
 }
 
 /// Every instance, indexed by task, plus failover bookkeeping.
@@ -51,6 +53,11 @@ pub struct Runs {
     pending: Vec<PendingFailover>,
     /// Measured failovers: crash of the owner to `Started` of a later epoch, in µs.
     pub failovers: Vec<SimTime>,
+    /// Per measured failover: the crashed node, when, and the node the task moved to.
+    pub moved: Vec<(u32, SimTime, u32)>,
+    /// Instance starts that left their node over its CPU threshold, and how many of those
+    /// found it under the threshold before (pushed over by the start itself).
+    pub over_threshold: (u64, u64),
 }
 
 impl Runs {
@@ -71,6 +78,7 @@ impl Runs {
             let p = self.pending[k];
             if p.task == task && epoch > p.epoch {
                 self.failovers.push(now - p.crashed_at);
+                self.moved.push((p.from, p.crashed_at, node));
                 self.pending.swap_remove(k);
             } else {
                 k += 1;
@@ -110,6 +118,7 @@ impl Runs {
                 task: inst.task,
                 epoch: inst.epoch,
                 crashed_at: now,
+                from: inst.node,
             });
         }
     }
@@ -120,6 +129,44 @@ impl Runs {
             .iter()
             .map(|p| (p.task, p.crashed_at))
             .collect()
+    }
+
+    /// Per crash whose tasks moved: how many moved, and the most that one node took.
+    pub fn herds(&self) -> Vec<(usize, usize)> {
+        let mut by_crash: BTreeMap<(u32, SimTime), BTreeMap<u32, usize>> = BTreeMap::new();
+        for (from, at, to) in &self.moved {
+            *by_crash
+                .entry((*from, *at))
+                .or_default()
+                .entry(*to)
+                .or_default() += 1;
+        }
+        by_crash
+            .values()
+            .map(|to| (to.values().sum(), to.values().copied().max().unwrap_or(0)))
+            .collect()
+    }
+
+    /// The most instances that ran on one node at once.
+    pub fn peak_per_node(&self) -> usize {
+        let mut edges: BTreeMap<u32, Vec<(SimTime, i32)>> = BTreeMap::new();
+        for inst in &self.instances {
+            let e = edges.entry(inst.node).or_default();
+            e.push((inst.started_at, 1));
+            if let Some(end) = inst.ended_at {
+                e.push((end, -1));
+            }
+        }
+        let mut peak = 0;
+        for mut e in edges.into_values() {
+            e.sort_unstable();
+            let mut depth = 0i32;
+            for (_, d) in e {
+                depth += d;
+                peak = peak.max(usize::try_from(depth).unwrap_or(0));
+            }
+        }
+        peak
     }
 
     /// Instances of `task` still running.
@@ -211,6 +258,16 @@ impl Sim {
                 }
                 let inst = self.runs.start(i, task, epoch, now);
                 node.exec.insert((task, epoch), Slot::Running(inst));
+                let after = self.cpu_permille(i);
+                let limit = u64::from(self.base_config.threshold_cpu) * 10;
+                if after > limit {
+                    self.runs.over_threshold.0 += 1;
+                    let ask = u64::from(info.cpu_millis) * 1000
+                        / u64::from(self.groups[self.nodes[ix(i)].group].cpu_millis.max(1));
+                    if after.saturating_sub(ask) <= limit {
+                        self.runs.over_threshold.1 += 1;
+                    }
+                }
                 let code = if info.fails(epoch) { 1 } else { 0 };
                 self.queue.push(
                     now + info.duration_us,

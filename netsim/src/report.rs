@@ -43,6 +43,16 @@ pub struct Outcome {
     pub heal_converged_ms: Option<f64>,
     /// Owner crash to running elsewhere, in ms.
     pub failover_ms: Vec<f64>,
+    /// Per crash whose tasks moved: how many moved, and the most one node took.
+    pub herds: Vec<(usize, usize)>,
+    /// The most instances that ran on one node at once.
+    pub peak_per_node: usize,
+    /// Instance starts that left their node over its CPU threshold, and of those, the ones
+    /// that found it under before.
+    pub over_threshold: (u64, u64),
+    /// Distinct (task, epoch) instances that started: claims beyond these were handed back
+    /// or lost a same-epoch race.
+    pub epochs_started: usize,
     /// Per task that ran twice at once, the time it did, in ms.
     pub duplicate_ms: Vec<f64>,
     /// Per instance that outlived its lease (still running when a later epoch of its task
@@ -123,6 +133,16 @@ impl Outcome {
             spread_unfinished: sim.tracker.outstanding(),
             heal_converged_ms: sim.heal_converged_us.map(ms),
             failover_ms: sim.runs.failovers.iter().map(|us| ms(*us)).collect(),
+            herds: sim.runs.herds(),
+            peak_per_node: sim.runs.peak_per_node(),
+            over_threshold: sim.runs.over_threshold,
+            epochs_started: sim
+                .runs
+                .instances
+                .iter()
+                .map(|i| (i.task, i.epoch))
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
             duplicate_ms,
             outlived_ms,
             disconnect: DisconnectFigures::collect(sim),
@@ -200,6 +220,30 @@ impl Outcome {
                 ms_str(pct(&self.failover_ms, 99.0)),
                 ms_str(pct(&self.failover_ms, 100.0)),
                 self.failover_ms.len()
+            ),
+        );
+        let herd = self
+            .herds
+            .iter()
+            .filter(|(n, _)| *n > 1)
+            .max_by_key(|(n, most)| (most * 1000 / n, *n));
+        row(
+            "failover spread",
+            herd.map_or_else(
+                || "no crash moved more than one task".to_owned(),
+                |(n, most)| {
+                    format!(
+                        "worst crash: {most} of its {n} moved tasks went to one node ({} crashes moved tasks)",
+                        self.herds.len()
+                    )
+                },
+            ),
+        );
+        row(
+            "placement",
+            format!(
+                "at most {} instances on one node at once; {} starts left a node over its CPU threshold ({} pushed it over)",
+                self.peak_per_node, self.over_threshold.0, self.over_threshold.1
             ),
         );
         row(
@@ -291,7 +335,8 @@ impl Outcome {
         row(
             "membership (live nodes)",
             format!(
-                "{published} records published, {suspected} suspicions raised, {refuted} refuted; {claims} task claims"
+                "{published} records published, {suspected} suspicions raised, {refuted} refuted; {claims} task claims ({} epochs started)",
+                self.epochs_started
             ),
         );
         row(

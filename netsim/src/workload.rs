@@ -122,14 +122,11 @@ impl Sim {
         self.queue.push(now + LOAD_PERIOD_US, Event::LoadRound);
     }
 
-    /// Feeds node `i` its load if it changed: the group's base (or a load change in force)
-    /// plus what its running instances reserve.
-    pub(crate) fn load_one(&mut self, i: u32) {
+    /// Node `i`'s CPU and memory utilisation in thousandths right now: the group's base (or
+    /// a load change in force) plus what its running instances reserve.
+    pub(crate) fn true_load(&self, i: u32) -> (u64, u32) {
         let now = self.queue.now();
         let node = &self.nodes[ix(i)];
-        if !node.up() {
-            return;
-        }
         let g = &self.groups[node.group];
         let (mut cpu, mut mem) = (u32::from(g.cpu_permille), u32::from(g.mem_permille));
         for l in &self.scenario.load {
@@ -149,12 +146,26 @@ impl Sim {
             .map(|t| u64::from(t.cpu_millis))
             .sum();
         let busy = reserved * 1000 / u64::from(g.cpu_millis.max(1));
-        let cpu = (u64::from(cpu) + busy).min(1000);
+        ((u64::from(cpu) + busy).min(1000), mem)
+    }
+
+    /// Node `i`'s CPU utilisation in thousandths right now (see [`Self::true_load`]).
+    pub(crate) fn cpu_permille(&self, i: u32) -> u64 {
+        self.true_load(i).0
+    }
+
+    /// Feeds node `i` its load if it changed: the group's base (or a load change in force)
+    /// plus what its running instances reserve.
+    pub(crate) fn load_one(&mut self, i: u32) {
+        if !self.nodes[ix(i)].up() {
+            return;
+        }
+        let (cpu, mem) = self.true_load(i);
         let sample = LoadSample {
             cpu_permille: u16::try_from(cpu).unwrap_or(1000),
             mem_permille: u16::try_from(mem.min(1000)).unwrap_or(1000),
         };
-        if node.last_load != Some(sample) {
+        if self.nodes[ix(i)].last_load != Some(sample) {
             self.nodes[ix(i)].last_load = Some(sample);
             self.feed(i, Input::Load(sample));
         }

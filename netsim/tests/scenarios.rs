@@ -68,17 +68,58 @@ fn overloaded_nodes_hand_work_to_the_mesh_and_unplaceable_tasks_wait_with_a_reas
         hot_starts.is_empty(),
         "tasks started on overloaded nodes: {hot_starts:?}"
     );
-    let edge = sim
+    // The light stream (stream 0): the burst's heavy tasks fill the edge targets to their
+    // threshold and rightly go on to the others.
+    let light: Vec<_> = sim
         .runs
         .instances
+        .iter()
+        .filter(|i| {
+            sim.tasks
+                .get(i.task as usize)
+                .is_some_and(|t| t.stream == 0)
+        })
+        .collect();
+    let edge = light
         .iter()
         .filter(|i| sim.group_name(i.node) == "edge")
         .count();
     assert!(
-        edge * 2 > sim.runs.instances.len(),
+        edge * 2 > light.len(),
         "offload should prefer the edge-tagged targets: {edge} of {}",
-        sim.runs.instances.len()
+        light.len()
     );
+    // The burst of heavy tasks at 45 s spreads: placement counts what each target already
+    // claimed on top of its published load, so no start pushes a target over its threshold.
+    assert_eq!(
+        o.over_threshold.1,
+        0,
+        "starts pushed a node over its CPU threshold: {}",
+        o.table()
+    );
+    epochs_start_once(&sim);
+}
+
+#[test]
+fn a_crashed_nodes_tasks_spread_over_the_survivors_with_one_claim_each() {
+    let (sim, o) = run_sim(small("failover_spread", 24), 1);
+    assert_holds(&o);
+    let (moved, most) = o.herds.iter().copied().max().unwrap_or_default();
+    assert!(moved >= 5, "the crash moved {moved} tasks: {}", o.table());
+    // Before booking, every replica ranked the same survivor first for every task: all of
+    // them went to it.
+    assert!(
+        most <= moved.div_ceil(23) + 1,
+        "one survivor took {most} of {moved}: {}",
+        o.table()
+    );
+    // One claim per move: no task needed a second epoch to land.
+    assert!(
+        sim.runs.instances.iter().all(|i| i.epoch <= 2),
+        "{}",
+        o.table()
+    );
+    epochs_start_once(&sim);
 }
 
 #[test]

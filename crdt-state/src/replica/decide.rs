@@ -265,9 +265,23 @@ impl Replica {
             {
                 continue;
             }
-            let c = out.entry(lease.value.owner).or_default();
-            c.cpu_millis += u64::from(spec.value.spec.cpu_millis);
-            c.memory_bytes = c.memory_bytes.saturating_add(spec.value.spec.memory_bytes);
+            let owner = lease.value.owner;
+            let ask = &spec.value.spec;
+            // Whether the owner's published load can show this task yet: it started at least
+            // LOAD_LAG_MS before the owner's record was written, both on the owner's clock.
+            let shown = rec.status(lease.value.epoch).is_some_and(|s| {
+                s.state == TaskState::Running
+                    && self.state.node(&owner).is_some_and(|n| {
+                        s.at_ms.saturating_add(placement::LOAD_LAG_MS) <= n.written_at_ms
+                    })
+            });
+            let c = out.entry(owner).or_default();
+            c.cpu_millis += u64::from(ask.cpu_millis);
+            c.memory_bytes = c.memory_bytes.saturating_add(ask.memory_bytes);
+            c.tasks = c.tasks.saturating_add(1);
+            if !shown {
+                c.unreported_cpu_millis += u64::from(ask.cpu_millis);
+            }
         }
         out
     }
@@ -378,7 +392,20 @@ impl Replica {
             }
         }
 
-        let committed = self.committed(now);
+        // What each node's live leases hold, and what this node claims in this pass (a node
+        // never claims more than it has room for, whichever groups the tasks are in).
+        let leased = self.committed(now);
+        let mut committed = leased.clone();
+        // Each task this pass places is booked on its best node as it goes (in task id
+        // order, as on every replica), so that the tasks of a failed node or a burst spread
+        // over the nodes instead of all ranking one node first. Bookings are kept per group:
+        // the tasks of one lost owner, or (never owned) of one submitting node. Replicas
+        // that count different owners lost at a moment (their suspicions time out apart)
+        // still book each owner's tasks alike, and so agree who claims each.
+        // At-most-once tasks are ranked on the leases alone, as before booking: their claim
+        // must come from the node that polled for it (see `wanted` below), which ranks them
+        // before their lease lapses.
+        let mut booked: BTreeMap<NodeId, BTreeMap<NodeId, Committed>> = BTreeMap::new();
         // Built only if some task needs placing: most passes place nothing, and this is one
         // health check per known node.
         let live_nodes = std::cell::OnceCell::new();
@@ -435,7 +462,7 @@ impl Replica {
                     && !overloaded
                     && may_claim
                     && matches!(
-                        self.rank_here(rec, &spec.spec, &committed, &policy, live()),
+                        self.rank_here(rec, &spec.spec, &leased, &policy, live()),
                         Ok(Some((0, _)))
                     );
                 if first {
@@ -485,6 +512,39 @@ impl Replica {
                 // view (a task compacted or finished elsewhere): it claims nothing until synced.
                 continue;
             }
+            // Placed (and booked on its best node) before anything this node alone decides
+            // about it, so every replica books the same tasks and agrees who claims the next.
+            let group = match (lease, &rec.spec) {
+                (Some(l), _) => l.owner,
+                (None, Some(s)) => s.at.origin,
+                (None, None) => NodeId::default(),
+            };
+            let cached = self.tasks.claimable(id).filter(|c| now < c.recheck);
+            let placed = if disc.stop_after_ms.is_some() {
+                match cached {
+                    Some(_) => Ok(None),
+                    None => self
+                        .placed_here(rec, &spec.spec, (&leased, None), &policy, live())
+                        .map(Some),
+                }
+            } else if let Some(c) = cached {
+                let group = booked.entry(group).or_default();
+                group.entry(c.best).or_default().book(&spec.spec);
+                Ok(None)
+            } else {
+                let placed = self.placed_here(
+                    rec,
+                    &spec.spec,
+                    (&committed, booked.get(&group)),
+                    &policy,
+                    live(),
+                );
+                if let Ok(p) = &placed {
+                    let group = booked.entry(group).or_default();
+                    group.entry(p.best).or_default().book(&spec.spec);
+                }
+                placed.map(Some)
+            };
             if let Some(d) = disc.stop_after_ms {
                 let quiet_until = self.started_at.saturating_add(PROMISE_QUIET_MS);
                 if now < quiet_until {
@@ -518,24 +578,27 @@ impl Replica {
                     continue;
                 }
             }
-            if let Some(c) = self.tasks.claimable(id).filter(|c| now < c.recheck) {
+            if let Some(c) = cached {
                 // Placed in an earlier pass and not yet due: no need to rank every live
                 // node again on each delta that arrives meanwhile.
-                pass.claimable(*id, c.recheck);
+                pass.claimable(*id, c.recheck, c.best);
                 at(c.recheck);
                 continue;
             }
-            match self.rank_here(rec, &spec.spec, &committed, &policy, live()) {
+            match placed {
                 Err(why) => pass.pending(*id, why.to_string()),
-                Ok(None) => {}
-                Ok(Some((pos, score))) => {
+                Ok(None) | Ok(Some(placement::Placed { mine: None, .. })) => {}
+                Ok(Some(placement::Placed {
+                    mine: Some((pos, score)),
+                    best,
+                })) => {
                     let since = self.tasks.claimable(id).map_or(now, |c| c.since);
                     let pos = u64::try_from(pos).unwrap_or(u64::MAX);
                     let due = since.saturating_add(pos.saturating_mul(self.cfg.claim_stagger_ms));
                     // Ranked again at its turn, or after a probe period if that is sooner
                     // (the nodes ahead of it may have claimed, or died, by then).
                     let recheck = due.min(now + self.cfg.heartbeat_ms);
-                    pass.claimable(*id, recheck);
+                    pass.claimable(*id, recheck, best);
                     if now >= due {
                         // A lease at the last epoch (only a forged one gets there) leaves no
                         // fencing token to claim with: the task waits; it never wraps to 0.
@@ -547,6 +610,9 @@ impl Replica {
                                         && l.owner != self.me.id
                                         && top_failed != Some(l.epoch)
                                 });
+                                if disc.stop_after_ms.is_none() {
+                                    committed.entry(self.me.id).or_default().book(&spec.spec);
+                                }
                                 steps.push(Step::Claim {
                                     task: *id,
                                     epoch,
@@ -700,19 +766,42 @@ impl Replica {
         policy: &PlacementPolicy,
         live: &[&NodeRecord],
     ) -> Result<Option<(usize, u32)>, placement::Unplaceable> {
+        Ok(self
+            .placed_here(rec, spec, (committed, None), policy, live)?
+            .mine)
+    }
+
+    /// [`Self::rank_here`] with what this pass booked on top of `committed`, and the node
+    /// that ranks best (see [`placement::placed`]).
+    fn placed_here(
+        &self,
+        rec: &TaskRecord,
+        spec: &omesh_protocol::TaskSpec,
+        (committed, booked): (
+            &BTreeMap<NodeId, Committed>,
+            Option<&BTreeMap<NodeId, Committed>>,
+        ),
+        policy: &PlacementPolicy,
+        live: &[&NodeRecord],
+    ) -> Result<placement::Placed, placement::Unplaceable> {
         let image = ImageRef::parse(&spec.image).ok().map(|r| r.digest);
+        // Nearness to the submitting node counts while it lives: the tasks of a failed node
+        // that it submitted itself would otherwise all rank its nearest survivors first.
         let via = rec
             .spec
             .as_ref()
-            .and_then(|s| self.state.node(&s.at.origin));
+            .map(|s| s.at.origin)
+            .filter(|origin| live.iter().any(|n| n.id == *origin))
+            .and_then(|origin| self.state.node(&origin));
         let placing = placement::Placing {
             committed,
+            booked,
             spec,
             image: image.as_ref(),
             via,
             policy,
         };
-        placement::place(&self.me.id, live.iter().copied(), &placing)
+        placement::placed(&self.me.id, live.iter().copied(), &placing)
     }
 
     /// A lease of this node's incarnation at `epoch`.
@@ -783,6 +872,17 @@ impl Replica {
         match event {
             ExecEvent::Started if !cancelled => {
                 self.report(now, task, epoch, TaskState::Running, None, "");
+                // Placement counts the task's CPU ask on top of this node's load until a
+                // record written LOAD_LAG_MS after this start shows it: publish one then,
+                // even if the load moved too little to publish for.
+                let asks_cpu = self
+                    .state
+                    .task(&task)
+                    .and_then(|r| r.spec.as_ref())
+                    .is_some_and(|s| s.value.spec.cpu_millis > 0);
+                if asks_cpu {
+                    self.record.at(now.saturating_add(placement::LOAD_LAG_MS));
+                }
             }
             ExecEvent::Started => {}
             _ if cancelled => {
