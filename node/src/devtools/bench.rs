@@ -1,5 +1,6 @@
 //! `omesh bench mesh`: local meshes of N peers; prints the time a state change takes to reach
-//! every peer, and each peer's idle memory and CPU.
+//! every peer, and each peer's idle memory, CPU, connections, threads and context switches
+//! (what idle cost is made of: work per connection, and wake-ups across threads).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,6 +26,16 @@ pub struct MeshFigures {
     pub rss_mib: (f64, f64),
     /// Mean and max idle CPU per peer, percent of one core.
     pub cpu_pct: (f64, f64),
+    /// Mean and max anonymous (private) RSS per peer, MiB: the part that is the peer's own;
+    /// the rest of its RSS is the binary's pages, shared by every peer on a host.
+    pub anon_mib: (f64, f64),
+    /// Mean and max open connections per peer, at the end of the window.
+    pub conns: (f64, f64),
+    /// Mean and max threads per peer.
+    pub threads: (f64, f64),
+    /// Mean and max context switches per second per peer, over all its threads (each is a
+    /// wake-up: a timer, a packet, or a hand-over between threads).
+    pub csw_per_s: (f64, f64),
 }
 
 fn clk_tck() -> f64 {
@@ -46,11 +57,28 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// Resident set size of a process, in KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
+/// A `/proc/<pid>/status` field (`VmRSS`, `RssAnon`: KiB; `Threads`: a count).
+fn status_field(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.split(':').next() == Some(key))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Context switches (voluntary and not) of all the threads of a process.
+fn context_switches(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0;
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(total)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -71,20 +99,30 @@ pub async fn measure(bin: &Path, n: usize, window: Duration) -> Result<MeshFigur
     tokio::time::sleep(Duration::from_secs(5)).await;
     let pids: Vec<u32> = mesh.peers.iter().filter_map(|p| p.pid()).collect();
     let t0: Vec<Option<u64>> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+    let csw0: Vec<Option<u64>> = pids.iter().map(|p| context_switches(*p)).collect();
     let started = std::time::Instant::now();
     let window_start_ms = crate::peer::Clock::new().now();
     tokio::time::sleep(window).await;
     let secs = started.elapsed().as_secs_f64();
     let tck = clk_tck();
     let mut cpu = Vec::new();
-    let mut rss = Vec::new();
-    for (pid, before) in pids.iter().zip(t0) {
+    let mut csw = Vec::new();
+    let (mut rss, mut anon, mut threads) = (Vec::new(), Vec::new(), Vec::new());
+    for ((pid, before), csw_before) in pids.iter().zip(t0).zip(csw0) {
         if let (Some(b), Some(a)) = (before, cpu_ticks(*pid)) {
             cpu.push((a.saturating_sub(b)) as f64 / tck / secs * 100.0);
         }
-        if let Some(k) = rss_kib(*pid) {
-            rss.push(k as f64 / 1024.0);
+        if let (Some(b), Some(a)) = (csw_before, context_switches(*pid)) {
+            csw.push(a.saturating_sub(b) as f64 / secs);
         }
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        rss.extend(status_field(*pid, "VmRSS").map(mib));
+        anon.extend(status_field(*pid, "RssAnon").map(mib));
+        threads.extend(status_field(*pid, "Threads").map(|t| t as f64));
+    }
+    let mut conns = Vec::new();
+    for s in mesh.statuses().await.into_iter().flatten() {
+        conns.push(s.peers_connected as f64);
     }
     // Every peer's merges of every other peer's node records in the window.
     let mut merges: BTreeMap<(String, u64), (u64, Vec<u64>)> = BTreeMap::new();
@@ -127,6 +165,10 @@ pub async fn measure(bin: &Path, n: usize, window: Duration) -> Result<MeshFigur
         p99_ms: percentile(&delays, 99.0),
         rss_mib: (mean(&rss), max(&rss)),
         cpu_pct: (mean(&cpu), max(&cpu)),
+        anon_mib: (mean(&anon), max(&anon)),
+        conns: (mean(&conns), max(&conns)),
+        threads: (mean(&threads), max(&threads)),
+        csw_per_s: (mean(&csw), max(&csw)),
     })
 }
 
@@ -143,6 +185,10 @@ pub fn table(rows: &[MeshFigures]) -> String {
                 format!("{:.0}", r.p99_ms),
                 format!("{:.1} / {:.1}", r.rss_mib.0, r.rss_mib.1),
                 format!("{:.2} / {:.2}", r.cpu_pct.0, r.cpu_pct.1),
+                format!("{:.1} / {:.1}", r.anon_mib.0, r.anon_mib.1),
+                format!("{:.1} / {:.0}", r.conns.0, r.conns.1),
+                format!("{:.0} / {:.0}", r.threads.0, r.threads.1),
+                format!("{:.0} / {:.0}", r.csw_per_s.0, r.csw_per_s.1),
             ]
         })
         .collect();
@@ -155,6 +201,10 @@ pub fn table(rows: &[MeshFigures]) -> String {
             "P99 MS",
             "IDLE RSS MIB mean/max",
             "IDLE CPU % mean/max",
+            "ANON MIB",
+            "CONNS",
+            "THREADS",
+            "CSW/S",
         ],
         &body,
     )

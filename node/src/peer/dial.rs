@@ -127,6 +127,45 @@ impl Peer {
         }
     }
 
+    /// Gives kad the addresses the live peers' records carry, so that a probe or sync to a
+    /// peer this node is not connected to dials it at once: request-response dials by peer
+    /// id and takes the addresses kad (or identify) holds, and without this only a kad
+    /// bootstrap would teach them. Only after the records changed, at most every 2 s.
+    pub(super) fn feed_kad_addresses(&mut self) {
+        let applied = self.driver.replica().stats().deltas_applied;
+        if applied == self.kad_fed.0 || self.kad_fed.1.elapsed() < Duration::from_secs(2) {
+            return;
+        }
+        self.kad_fed = (applied, Instant::now());
+        let now = self.driver.now();
+        let known: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .driver
+            .replica()
+            .live_peers(now)
+            .filter(|n| n.id != self.node_id)
+            .filter_map(|n| {
+                let peer = net::peer_id_of(&n.id)?;
+                let addrs = n
+                    .addrs
+                    .iter()
+                    .filter_map(|a| a.parse::<Multiaddr>().ok())
+                    // Its libp2p addresses carry its peer id (the data plane's do not).
+                    .filter(|a| a.iter().any(|p| p == Protocol::P2p(peer)))
+                    .map(|a| strip_p2p(&a))
+                    .collect();
+                Some((peer, addrs))
+            })
+            .collect();
+        for (peer, addrs) in known {
+            if self.blocked.contains(&peer) {
+                continue;
+            }
+            for addr in addrs {
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+            }
+        }
+    }
+
     /// Keeps connections to up to `target_peers` live peers whose records give addresses,
     /// so that gossip does not hinge on the seed.
     pub(super) fn connect_known_peers(&mut self) {

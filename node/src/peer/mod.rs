@@ -91,6 +91,9 @@ pub struct Peer {
     pub(crate) refusal_warned: HashMap<PeerId, Instant>,
     /// The replica's applied-delta count and the time at the last `refresh_admitted`.
     pub(crate) admission_refreshed: (u64, Instant),
+    /// The replica's applied-delta count and the time when kad was last given the records'
+    /// addresses (`dial::feed_kad_addresses`).
+    pub(crate) kad_fed: (u64, Instant),
     /// When the guards' deadline may next be warned about.
     deadline_warned: Instant,
     /// The data directory's lock, held while the peer lives.
@@ -295,6 +298,7 @@ impl Peer {
             next_known_contact: HashMap::new(),
             refusal_warned: HashMap::new(),
             admission_refreshed: (0, Instant::now()),
+            kad_fed: (u64::MAX, Instant::now()),
             deadline_warned: Instant::now(),
             _lock: lock,
             dir,
@@ -494,6 +498,7 @@ impl Peer {
         self.refresh_admitted();
         self.dial_seeds();
         self.connect_known_peers();
+        self.feed_kad_addresses();
         self.remember_peers();
         self.refresh_images();
         let connected = self.swarm.connected_peers().count();

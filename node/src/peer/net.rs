@@ -18,7 +18,26 @@ use omesh_protocol::delta::{MAX_GOSSIP_BYTES, MAX_SYNC_REPLY_BYTES, MAX_SYNC_REQ
 use omesh_protocol::NodeId;
 
 /// How often the peer bootstraps kad (refreshes its routing table), when kad knows a peer.
-pub const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(30);
+/// libp2p's own default. Every bootstrap is a set of FIND_NODE queries to up to k (20) peers,
+/// each answered by sorting the answerer's whole table, so its cost grows with the mesh; a
+/// joiner does not wait for it (kad bootstraps when its first peer enters the table, and the
+/// replica's records give every peer's addresses), so 30 s bought nothing an idle mesh needs.
+pub const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(5 * 60);
+
+/// Idle cost per connection. Every peer stays connected to every peer it probes (SWIM picks
+/// each target in turn, and gossipsub's streams keep every connection open: rust-libp2p
+/// issue #5190), so whatever a connection does while idle is paid once per peer in the mesh.
+/// libp2p ping: RTT comes from the replica's own probes (each direct ack is a round trip), so
+/// a ping is only a late sample and a keep-alive.
+pub const PING_EVERY: Duration = Duration::from_secs(60);
+/// identify's periodic re-send: its answer (listen addresses, protocols) only changes when a
+/// peer's listen addresses do, and a new connection identifies at once.
+pub const IDENTIFY_EVERY: Duration = Duration::from_secs(10 * 60);
+/// Messages a gossipsub connection handler may queue. gossipsub allocates half of it up
+/// front, per connection, as a bounded channel of ~250-byte slots: the default 5,000 cost
+/// 0.6 MiB per connected peer. Publishes and control messages go to the other (unbounded)
+/// half; a forward that finds the queue full is dropped, and anti-entropy brings it.
+pub const GOSSIP_QUEUE_LEN: usize = 256;
 
 /// The gossip topic for state deltas (node records when they change, leases, statuses).
 pub const STATE_TOPIC: &str = "omesh/state/1";
@@ -186,11 +205,18 @@ pub fn build_swarm(
 ) -> Result<Swarm<Behaviour>, BuildError> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
+        // QUIC keeps its defaults (keep-alive 5 s, idle timeout 10 s): the idle timeout is how
+        // soon a connection to a peer killed outright is dropped, so that a probe dials it
+        // afresh; a longer one would hold its restart back from some peers.
         .with_quic()
         .with_behaviour(|key| {
             let local = key.public().to_peer_id();
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(Duration::from_secs(1))
+                // IHAVE gossip each heartbeat to `gossip_lazy` peers outside the mesh, not to
+                // a quarter of them: a fixed number of peers whatever the mesh size.
+                .gossip_factor(0.0)
+                .connection_handler_queue_len(GOSSIP_QUEUE_LEN)
                 // Every copy gossipsub adds is paid once per change per node: a smaller mesh
                 // (4, not 6) and publishing to the mesh only (not flooding every peer) cut
                 // the duplicate deliveries.
@@ -229,10 +255,9 @@ pub fn build_swarm(
             let identify = identify::Behaviour::new(
                 identify::Config::new("/omesh/1".into(), key.public())
                     .with_agent_version(AGENT.into())
-                    .with_interval(Duration::from_secs(60)),
+                    .with_interval(IDENTIFY_EVERY),
             );
-            let ping =
-                ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5)));
+            let ping = ping::Behaviour::new(ping::Config::new().with_interval(PING_EVERY));
             let sync = request_response::Behaviour::new(
                 [(SYNC_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
@@ -263,21 +288,40 @@ pub fn build_swarm(
     Ok(swarm)
 }
 
+/// The protobuf encoding libp2p gives an ed25519 public key (`KeyType::Ed25519` = 1, then the
+/// 32 key bytes), which an ed25519 peer id inlines as an identity multihash.
+const ED25519_PROTOBUF_PREFIX: [u8; 4] = [0x08, 0x01, 0x12, 0x20];
+
 /// The node id (ed25519 public key) a peer id stands for, when it inlines an ed25519 key.
+///
+/// Read from the peer id's bytes, without decompressing the curve point: the peer keeps
+/// these ids for the connections, records and certificates it handles, some of them every
+/// second, and a decompression (~20 µs) per node per second is a cost that grows with the
+/// mesh. A peer id whose key is not a valid point names no peer that can connect (the TLS
+/// handshake checks the key), so nothing is let through that could not be before.
 pub fn node_id_of(peer: &PeerId) -> Option<NodeId> {
     let mh = peer.as_ref();
     if mh.code() != 0 {
         return None;
     }
-    let key = libp2p::identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?;
+    let digest = mh.digest();
+    if let Some(key) = digest.strip_prefix(&ED25519_PROTOBUF_PREFIX) {
+        return key.try_into().ok().map(NodeId);
+    }
+    // Another (non-canonical) encoding of a key: decode it in full.
+    let key = libp2p::identity::PublicKey::try_decode_protobuf(digest).ok()?;
     let ed = key.try_into_ed25519().ok()?;
     Some(NodeId(ed.to_bytes()))
 }
 
-/// The peer id of a node id.
+/// The peer id of a node id: the identity multihash of its key's protobuf encoding, built
+/// without decompressing the point (see [`node_id_of`]).
 pub fn peer_id_of(node: &NodeId) -> Option<PeerId> {
-    let ed = libp2p::identity::ed25519::PublicKey::try_from_bytes(&node.0).ok()?;
-    Some(libp2p::identity::PublicKey::from(ed).to_peer_id())
+    let mut encoded = [0u8; 36];
+    encoded[..4].copy_from_slice(&ED25519_PROTOBUF_PREFIX);
+    encoded[4..].copy_from_slice(&node.0);
+    let mh = libp2p::multihash::Multihash::<64>::wrap(0, &encoded).ok()?;
+    PeerId::from_multihash(mh).ok()
 }
 
 /// The node id of a keypair.
@@ -299,10 +343,22 @@ mod tests {
 
     #[test]
     fn node_and_peer_ids_map_both_ways() {
-        let key = Keypair::generate_ed25519();
-        let peer = key.public().to_peer_id();
-        let node = node_id_of(&peer).unwrap();
-        assert_eq!(peer_id_of(&node), Some(peer));
+        for _ in 0..32 {
+            let key = Keypair::generate_ed25519();
+            let peer = key.public().to_peer_id();
+            let node = node_id_of(&peer).unwrap();
+            assert_eq!(peer_id_of(&node), Some(peer));
+            // The same as libp2p's own decoding and encoding.
+            let ed = key.public().try_into_ed25519().unwrap();
+            assert_eq!(node.0, ed.to_bytes());
+            let from_key = libp2p::identity::PublicKey::from(
+                libp2p::identity::ed25519::PublicKey::try_from_bytes(&node.0).unwrap(),
+            )
+            .to_peer_id();
+            assert_eq!(peer_id_of(&node), Some(from_key));
+        }
+        // A peer id that is not an inlined ed25519 key names no node.
+        assert_eq!(node_id_of(&PeerId::random()), None);
     }
 
     #[tokio::test]
