@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{dump, wait_until, Node, Submitter};
+use common::{dump, running_with, wait_until, Node, Submitter};
 
 /// Flags of every peer here: the same fake CPU figure on each, so host load (which every
 /// peer on this host reads alike, at different instants) does not decide the spread.
@@ -16,15 +16,6 @@ fn flags(sub: &Submitter) -> Vec<String> {
     let mut f = sub.flags();
     f.extend(["--fake-cpu-percent".into(), "10".into()]);
     f
-}
-
-/// Processes whose command line contains `marker`.
-fn running_with(marker: &str) -> usize {
-    std::process::Command::new("pgrep")
-        .args(["-f", marker])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
-        .unwrap_or(0)
 }
 
 /// (state, epoch, owner) of each task as `node` sees it.

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{dump, mesh, wait_until, Node, Submitter};
+use common::{dump, mesh, running_with, wait_until, Node, Submitter};
 
 fn flags(sub: &Submitter, extra: &[&str]) -> Vec<String> {
     let mut f = sub.flags();
@@ -32,15 +32,6 @@ async fn wait_state(nodes: &[&Node], id: &str, state: &str, limit: Duration) -> 
         true
     })
     .await
-}
-
-/// Processes whose command line contains `marker`.
-fn running_with(marker: &str) -> usize {
-    std::process::Command::new("pgrep")
-        .args(["-f", marker])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

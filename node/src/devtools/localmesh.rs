@@ -262,11 +262,10 @@ impl LocalPeer {
         self.spawn()
     }
 
-    /// Ports picked by `free_port` come from the ephemeral range, so while a peer is down
-    /// another socket (an outbound connection of any process) may take one of them, and the
-    /// restarted peer would exit with "address already in use" (seen in CI). Takes fresh
-    /// ports for whichever is taken; the peer's identity is in its data dir, and others learn
-    /// a new address from its record.
+    /// A restarted peer keeps its ports: they come from outside the ephemeral range (see
+    /// [`free_port`]), so no outbound connection takes them while it is down. Only if another
+    /// process bound one explicitly meanwhile does it take a fresh one; the peer's identity is
+    /// in its data dir, and others learn a new address from its record.
     fn reclaim_ports(&mut self) -> std::io::Result<()> {
         if std::net::TcpListener::bind(("127.0.0.1", self.api_port)).is_err() {
             let old = api_addr(self.api_port);
@@ -294,26 +293,94 @@ impl Drop for LocalPeer {
     }
 }
 
-/// A port free on 127.0.0.1 for both UDP and TCP right now.
+/// The kernel's ephemeral port range (`/proc/sys/net/ipv4/ip_local_port_range`), from which
+/// it picks the local port of every outbound connection and of every bind to port 0.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        // Linux's default.
+        .unwrap_or((32_768, 60_999))
+}
+
+/// The ports this module hands out: the larger stretch of 10000..=65535 outside the ephemeral
+/// range. A port from the ephemeral range can be taken by any outbound connection on the
+/// host while its peer is down, and the restarted peer then cannot bind it (a bench run died
+/// so at kill 11 of 20); outside it, only another explicit bind can take it.
+fn port_pool() -> std::ops::RangeInclusive<u16> {
+    const LOW: u16 = 10_000;
+    let (lo, hi) = ephemeral_range();
+    let below = LOW..=lo.saturating_sub(1);
+    let above = hi.saturating_add(1).max(LOW)..=u16::MAX;
+    let len = |r: &std::ops::RangeInclusive<u16>| {
+        usize::from(*r.end()).saturating_sub(usize::from(*r.start()))
+    };
+    if len(&below) >= len(&above) {
+        below
+    } else {
+        above
+    }
+}
+
+/// The next port to try: a cursor over [`port_pool`] shared by every caller in this process
+/// (tests start meshes in parallel threads), starting at a random place so that two processes
+/// (test binaries run side by side) rarely try the same ports.
+fn next_candidate() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+    let pool = port_pool();
+    let (start, len) = (
+        u32::from(*pool.start()),
+        u32::from(*pool.end()) - u32::from(*pool.start()) + 1,
+    );
+    let _ = CURSOR.compare_exchange(
+        u32::MAX,
+        rand::random::<u32>() % len,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    // Two ports per step: a QUIC port and the data plane's next to it.
+    let step = CURSOR.fetch_add(2, Ordering::Relaxed);
+    u16::try_from(start + step % len).unwrap_or(*pool.start())
+}
+
+/// Whether `port` on 127.0.0.1 is free for both UDP and TCP right now.
+fn is_free(port: u16) -> bool {
+    std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// A port free on 127.0.0.1 for both UDP and TCP right now, from outside the ephemeral range
+/// (see [`port_pool`]), so it stays free while its peer is down and restarts.
 pub fn free_port() -> std::io::Result<u16> {
-    loop {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        let port = udp.local_addr()?.port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+    for _ in 0..10_000 {
+        let port = next_candidate();
+        if is_free(port) {
             return Ok(port);
         }
     }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free port in {:?}", port_pool()),
+    ))
 }
 
 /// A QUIC port whose next port (the data plane's default, where first contacts go) is free
 /// for UDP too.
 pub fn free_quic_port() -> std::io::Result<u16> {
-    loop {
+    for _ in 0..10_000 {
         let port = free_port()?;
         if port < u16::MAX && std::net::UdpSocket::bind(("127.0.0.1", port + 1)).is_ok() {
             return Ok(port);
         }
     }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free pair of ports in {:?}", port_pool()),
+    ))
 }
 
 /// Local peers started from one binary.

@@ -114,6 +114,15 @@ impl Node {
     }
 }
 
+/// Processes whose command line contains `marker`.
+pub fn running_with(marker: &str) -> usize {
+    std::process::Command::new("pgrep")
+        .args(["-f", marker])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+        .unwrap_or(0)
+}
+
 /// Polls `cond` every 200 ms until it holds or `limit` passes.
 pub async fn wait_until<F, Fut>(limit: Duration, mut cond: F) -> bool
 where
