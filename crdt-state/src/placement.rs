@@ -210,8 +210,13 @@ pub fn rank<'a>(
     task: &Placing<'_>,
 ) -> Result<Vec<Candidate>, Unplaceable> {
     let mut out = candidates(live, task)?;
-    out.sort_by(|a, b| b.score.cmp(&a.score).then(a.node.cmp(&b.node)));
+    out.sort_by(rank_order);
     Ok(out)
+}
+
+/// [`rank`]'s order: higher score first, then lower node id.
+fn rank_order(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
+    b.score.cmp(&a.score).then(a.node.cmp(&b.node))
 }
 
 /// The nodes of `live` that may run the task, with their scores, in `live`'s order.
@@ -313,17 +318,15 @@ pub fn placed<'a>(
     task: &Placing<'_>,
 ) -> Result<Placed, Unplaceable> {
     let cands = candidates(live, task)?;
-    let first = |a: &Candidate, b: &Candidate| b.score.cmp(&a.score).then(a.node.cmp(&b.node));
     // `candidates` errs rather than return none.
     let best = cands
         .iter()
-        .min_by(|a, b| first(a, b))
+        .min_by(|a, b| rank_order(a, b))
         .map(|c| c.node)
         .ok_or(Unplaceable::AllOverloaded)?;
     let mine = cands.iter().find(|c| c.node == *me).map(|mine| {
-        let better =
-            |c: &&Candidate| c.score > mine.score || (c.score == mine.score && c.node < mine.node);
-        (cands.iter().filter(better).count(), mine.score)
+        let ahead = cands.iter().filter(|c| rank_order(c, mine).is_lt()).count();
+        (ahead, mine.score)
     });
     Ok(Placed { mine, best })
 }
