@@ -48,7 +48,7 @@ pub const LOAD_LAG_MS: u64 = 5_000;
 
 /// Score taken off a node per live lease it holds, so that equal nodes share a burst (or a
 /// failed node's tasks) rather than the best one taking all of it: about what 6% more CPU
-/// costs.
+/// costs, a quarter of the bonus for being the submitting node.
 pub const TASK_WEIGHT: i64 = 250;
 
 /// A node that can take the task, with its score (higher is better).
@@ -153,10 +153,7 @@ fn score(
     }
     if let Some(via) = via {
         if via.id == node.id {
-            // A submitted task runs where it was submitted while that node is under its
-            // thresholds and it fits (DESIGN.md, Offload): more than the load, task and
-            // locality terms together can take off or give another node.
-            s += 20_000;
+            s += 1_500;
         } else if let Some((_, rtt)) = via.rtt_ms.iter().find(|(id, _)| *id == node.id) {
             s += 1_000 - i64::from((*rtt).min(100)) * 10;
         }
