@@ -10,7 +10,10 @@
 //! would cost each node N verifications a period, an idle cost that grows with the mesh (a
 //! host whose load wanders by 5 points every few seconds did that to a 20-node mesh).
 //! [`LOAD_DRIFT_SPACING_MS`] per known node keeps the whole mesh at about one drift record a
-//! second; a crossing of the overload threshold, which placement turns on, is not held back.
+//! second, up to [`MAX_DRIFT_PERIOD_MS`] between one node's drift records, so that what placement
+//! ranks by is never older than that in a large mesh (1,000 nodes: about 67 drift records a
+//! second in all); a crossing of the overload threshold, which placement turns on, is not
+//! held back.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +25,10 @@ use crate::liveness::RttEstimate;
 /// A load drift waits this long per known node since the last publication (at least one
 /// `heartbeat_ms`): a mesh of any size publishes about one drift record a second in all.
 pub(crate) const LOAD_DRIFT_SPACING_MS: Millis = 1_000;
+
+/// The longest a load drift waits, whatever the mesh's size: the staleness placement accepts
+/// in the load it ranks by (reservations cover what was placed meanwhile).
+pub(crate) const MAX_DRIFT_PERIOD_MS: Millis = 15_000;
 
 /// How far a load sample moved from the one last published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,11 +97,13 @@ impl RecordPublisher {
     }
 
     /// The least time between publications of a load drift in a mesh of `nodes` known
-    /// nodes: [`LOAD_DRIFT_SPACING_MS`] each, at least one `heartbeat_ms`.
+    /// nodes: [`LOAD_DRIFT_SPACING_MS`] each, at least one `heartbeat_ms`, at most
+    /// [`MAX_DRIFT_PERIOD_MS`].
     pub(crate) fn drift_period_ms(heartbeat_ms: Millis, nodes: usize) -> Millis {
         let nodes = u64::try_from(nodes).unwrap_or(u64::MAX);
         LOAD_DRIFT_SPACING_MS
             .saturating_mul(nodes)
+            .min(MAX_DRIFT_PERIOD_MS)
             .max(heartbeat_ms)
     }
 
