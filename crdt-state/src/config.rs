@@ -58,8 +58,10 @@ pub struct ReplicaConfig {
     pub probe_timeout_ms: Millis,
     /// How many peers are asked to ping an unanswering target. Default 3.
     pub indirect_probes: u8,
-    /// A load sample moving this far (thousandths) from the one last published, or crossing
-    /// a threshold, republishes the node record. Default 50 (5 points).
+    /// A load sample moving this far (thousandths) from the one last published republishes
+    /// the node record, paced to one such drift per second per known node, at most 15 s
+    /// apart (`record.rs`); crossing a threshold republishes it within a period. Default 50
+    /// (5 points).
     pub load_delta_permille: u16,
     /// Floor of the delay between claiming and starting (about one gossip round trip). Default 150 ms.
     pub settle_ms: Millis,

@@ -48,8 +48,19 @@ pub const LOAD_LAG_MS: u64 = 5_000;
 
 /// Score taken off a node per live lease it holds, so that equal nodes share a burst (or a
 /// failed node's tasks) rather than the best one taking all of it: about what 6% more CPU
-/// costs, a quarter of the bonus for being the submitting node.
+/// costs, a quarter of the nearness bonus of the submitting node.
 pub const TASK_WEIGHT: i64 = 250;
+
+/// Score given the submitting node for a task never claimed yet: more than the load, task,
+/// image, locality and tag terms together can take off it or give another node, so a
+/// submitted task runs where it was submitted whenever that node may take it (under its
+/// thresholds with the task on top, and it fits; DESIGN.md, Offload).
+pub const SUBMITTER_FIRST: i64 = 20_000;
+
+/// Score given the submitting node for a task placed again (its owner failed or handed it
+/// back): a preference for nearness among others, not a rule, so that a failed node's tasks
+/// spread over the survivors rather than all returning to the node they came through.
+pub const SUBMITTER_NEAR: i64 = 1_500;
 
 /// A node that can take the task, with its score (higher is better).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +139,7 @@ fn score(
     committed: Committed,
     spec: &TaskSpec,
     image: Option<&Digest>,
-    via: Option<&NodeRecord>,
+    (via, fresh): (Option<&NodeRecord>, bool),
     policy: &PlacementPolicy,
 ) -> Option<u32> {
     let free_cpu = u64::from(node.capacity.cpu_millis).saturating_sub(committed.cpu_millis);
@@ -153,7 +164,11 @@ fn score(
     }
     if let Some(via) = via {
         if via.id == node.id {
-            s += 1_500;
+            s += if fresh {
+                SUBMITTER_FIRST
+            } else {
+                SUBMITTER_NEAR
+            };
         } else if let Some((_, rtt)) = via.rtt_ms.iter().find(|(id, _)| *id == node.id) {
             s += 1_000 - i64::from((*rtt).min(100)) * 10;
         }
@@ -200,6 +215,9 @@ pub struct Placing<'a> {
     pub image: Option<&'a Digest>,
     /// The node it was submitted through (near ones rank higher).
     pub via: Option<&'a NodeRecord>,
+    /// Never claimed yet: the node it was submitted through takes it whenever it may
+    /// ([`SUBMITTER_FIRST`]); once placed again, it is only preferred ([`SUBMITTER_NEAR`]).
+    pub fresh: bool,
     /// Thresholds and preferred tags.
     pub policy: &'a PlacementPolicy,
 }
@@ -231,6 +249,7 @@ fn candidates<'a>(
         spec,
         image,
         via,
+        fresh,
         policy,
     } = *task;
     let mut tagged = 0usize;
@@ -260,7 +279,7 @@ fn candidates<'a>(
         } else {
             c
         };
-        let Some(score) = score(node, c, spec, image, via, policy) else {
+        let Some(score) = score(node, c, spec, image, (via, fresh), policy) else {
             continue;
         };
         if (plain && overloaded(node)) || (!plain && overloaded_with(node, c, spec, policy)) {

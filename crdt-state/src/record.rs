@@ -4,6 +4,16 @@
 //! when a task it started long enough ago shows in its load (placement stops adding the
 //! task's ask on top, see `placement::LOAD_LAG_MS`).
 //! Liveness does not ride on the record (see `probe.rs`), so an unchanged node publishes nothing.
+//!
+//! A load that only drifts (no threshold crossed) is paced by the mesh's size: every record
+//! is verified and merged by every node, so N nodes each publishing a drift once a period
+//! would cost each node N verifications a period, an idle cost that grows with the mesh (a
+//! host whose load wanders by 5 points every few seconds did that to a 20-node mesh).
+//! [`LOAD_DRIFT_SPACING_MS`] per known node keeps the whole mesh at about one drift record a
+//! second, up to [`MAX_DRIFT_PERIOD_MS`] between one node's drift records, so that what placement
+//! ranks by is never older than that in a large mesh (1,000 nodes: about 67 drift records a
+//! second in all); a crossing of the overload threshold, which placement turns on, is not
+//! held back.
 
 use std::collections::BTreeMap;
 
@@ -11,6 +21,25 @@ use omesh_protocol::{LoadSample, Millis, NodeId, NodeRecord};
 
 use crate::config::ReplicaConfig;
 use crate::liveness::RttEstimate;
+
+/// A load drift waits this long per known node since the last publication (at least one
+/// `heartbeat_ms`): a mesh of any size publishes about one drift record a second in all.
+pub(crate) const LOAD_DRIFT_SPACING_MS: Millis = 1_000;
+
+/// The longest a load drift waits, whatever the mesh's size: the staleness placement accepts
+/// in the load it ranks by (reservations cover what was placed meanwhile).
+pub(crate) const MAX_DRIFT_PERIOD_MS: Millis = 15_000;
+
+/// How far a load sample moved from the one last published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LoadMove {
+    /// Less than `load_delta_permille` either way, and the same overload verdict.
+    None,
+    /// By `load_delta_permille` or more, with the same overload verdict: paced by mesh size.
+    Drift,
+    /// The overload verdict (which placement turns on) changed: published within a period.
+    Verdict,
+}
 
 /// The publication schedule of this node's record and what the last one said.
 #[derive(Debug, Default)]
@@ -41,20 +70,41 @@ impl RecordPublisher {
         self.due = Some(self.due.map_or(at, |d| d.min(at)));
     }
 
-    /// Schedules a publication now, or when one period has passed since the last one.
-    pub(crate) fn soon(&mut self, now: Millis, heartbeat_ms: Millis) {
-        let at = now.max(self.last + heartbeat_ms);
+    /// Schedules a publication now, or when `period_ms` has passed since the last one.
+    pub(crate) fn soon(&mut self, now: Millis, period_ms: Millis) {
+        let at = now.max(self.last + period_ms);
         self.due = Some(self.due.map_or(at, |d| d.min(at)));
     }
 
-    /// Whether a load sample moved far enough from the one last published to publish again:
-    /// by `load_delta_permille`, or the overload verdict (which placement turns on) changed.
-    pub(crate) fn load_moved(&self, cfg: &ReplicaConfig, s: LoadSample, overloaded: bool) -> bool {
+    /// How far a load sample moved from the one last published (see [`LoadMove`]).
+    pub(crate) fn load_move(
+        &self,
+        cfg: &ReplicaConfig,
+        s: LoadSample,
+        overloaded: bool,
+    ) -> LoadMove {
         let d = cfg.load_delta_permille;
         let p = self.published_load;
-        s.cpu_permille.abs_diff(p.cpu_permille) >= d
+        if overloaded != self.published_overloaded {
+            LoadMove::Verdict
+        } else if s.cpu_permille.abs_diff(p.cpu_permille) >= d
             || s.mem_permille.abs_diff(p.mem_permille) >= d
-            || overloaded != self.published_overloaded
+        {
+            LoadMove::Drift
+        } else {
+            LoadMove::None
+        }
+    }
+
+    /// The least time between publications of a load drift in a mesh of `nodes` known
+    /// nodes: [`LOAD_DRIFT_SPACING_MS`] each, at least one `heartbeat_ms`, at most
+    /// [`MAX_DRIFT_PERIOD_MS`].
+    pub(crate) fn drift_period_ms(heartbeat_ms: Millis, nodes: usize) -> Millis {
+        let nodes = u64::try_from(nodes).unwrap_or(u64::MAX);
+        LOAD_DRIFT_SPACING_MS
+            .saturating_mul(nodes)
+            .min(MAX_DRIFT_PERIOD_MS)
+            .max(heartbeat_ms)
     }
 
     /// Publishes `me` at `now`: gives it a new version and the nearest peers by round trip,

@@ -25,7 +25,7 @@ use crate::merge::State;
 use crate::overload::OverloadGate;
 use crate::probe::Prober;
 use crate::quorum::Quorum;
-use crate::record::RecordPublisher;
+use crate::record::{LoadMove, RecordPublisher};
 use crate::runs::{LocalRun, Phase, TaskBook};
 use crate::suspicion::Suspicions;
 use crate::sync::{SyncState, SYNC_TIMEOUT_MS};
@@ -353,11 +353,15 @@ impl Replica {
             }
             Input::Load(sample) => {
                 self.take_load(sample);
-                if self
-                    .record
-                    .load_moved(&self.cfg, sample, self.me.overloaded)
-                {
-                    self.publish_soon(now);
+                match self.record.load_move(&self.cfg, sample, self.me.overloaded) {
+                    LoadMove::None => {}
+                    LoadMove::Verdict => self.publish_soon(now),
+                    LoadMove::Drift if self.started => {
+                        let nodes = self.state.nodes().count();
+                        let period = RecordPublisher::drift_period_ms(self.cfg.heartbeat_ms, nodes);
+                        self.record.soon(now, period);
+                    }
+                    LoadMove::Drift => {}
                 }
                 self.mark_dirty(now);
                 Ok(())

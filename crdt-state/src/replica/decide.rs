@@ -810,6 +810,7 @@ impl Replica {
             spec,
             image: image.as_ref(),
             via,
+            fresh: rec.max_epoch() == 0,
             policy,
         };
         placement::placed(&self.me.id, live.iter().copied(), &placing)
