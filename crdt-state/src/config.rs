@@ -29,7 +29,8 @@ pub struct ReplicaConfig {
     /// record at most this often. A crashed node is first probed within a few periods (each
     /// period it escapes every prober with chance ~1/e), and suspected at the end of the
     /// period whose ping it failed, so this sets detection time; a period costs each node
-    /// about four probe messages of ~20 bytes. Default 250 ms.
+    /// about four probe messages of ~20 bytes. Default 500 ms (250 ms with the Lifeguard
+    /// settings, see `suspicion_floor_ms`).
     pub heartbeat_ms: Millis,
     /// A suspected owner's leases hold this long, plus the grace, past a lone suspicion
     /// reaching a replica, so a falsely suspected node has time to refute it (one gossip
@@ -44,7 +45,11 @@ pub struct ReplicaConfig {
     /// `lease_ttl_ms` + grace for a lone suspicion down to this, on a log scale). It is also
     /// what a node's guards assume (see `Replica::leases_hold_until`): at least one probe
     /// period, at most `lease_ttl_ms` + `lease_grace_ms`. Every node of a mesh must use the
-    /// same value. Default 1,000 ms.
+    /// same value. Default 2,000 ms, `lease_ttl_ms` + `lease_grace_ms`: every suspicion waits
+    /// the full time, as before Lifeguard. Opt in with 1,000 ms and `heartbeat_ms` 250 /
+    /// `probe_timeout_ms` 100: failover p99 under 2 s in netsim, but a guard then stops an
+    /// owner's instances after 0.75 s without a round trip (see netsim/README.md, "Failover:
+    /// Lifeguard suspicion").
     pub suspicion_floor_ms: Millis,
     /// How many other nodes' confirmations of a suspicion bring its wait down to
     /// `suspicion_floor_ms` (Lifeguard's K). A node that learns of a suspicion checks the
@@ -54,7 +59,7 @@ pub struct ReplicaConfig {
     pub suspicion_confirmations: u8,
     /// How long a ping waits for its ack before asking other peers to ping the target
     /// (floor of the RTT-adaptive timeout; below `heartbeat_ms`, and never more than half of
-    /// it). Default 100 ms.
+    /// it). Default 200 ms.
     pub probe_timeout_ms: Millis,
     /// How many peers are asked to ping an unanswering target. Default 3.
     pub indirect_probes: u8,
@@ -110,12 +115,12 @@ impl Default for ReplicaConfig {
             authorized_submitters: BTreeSet::new(),
             admission_keys: BTreeSet::new(),
             cert: None,
-            heartbeat_ms: 250,
+            heartbeat_ms: 500,
             lease_ttl_ms: 1_000,
             lease_grace_ms: 1_000,
-            suspicion_floor_ms: 1_000,
+            suspicion_floor_ms: 2_000,
             suspicion_confirmations: 3,
-            probe_timeout_ms: 100,
+            probe_timeout_ms: 200,
             indirect_probes: 3,
             load_delta_permille: 50,
             settle_ms: 150,
@@ -174,7 +179,7 @@ impl ReplicaConfig {
             heartbeat_ms: 1_000,
             lease_ttl_ms: 3_000,
             lease_grace_ms: 2_000,
-            suspicion_floor_ms: 2_000,
+            suspicion_floor_ms: 5_000,
             probe_timeout_ms: 500,
             settle_ms: 300,
             claim_stagger_ms: 800,
