@@ -44,7 +44,7 @@ pub struct ReplicaConfig {
     /// record independently (Lifeguard's local-health-aware suspicion: the wait goes from
     /// `lease_ttl_ms` + grace for a lone suspicion down to this, on a log scale). It is also
     /// what a node's guards assume (see `Replica::leases_hold_until`): at least one probe
-    /// period, at most `lease_ttl_ms` + `lease_grace_ms`. Every node of a mesh must use the
+    /// period; above `lease_ttl_ms` + `lease_grace_ms` it counts as that. Every node of a mesh must use the
     /// same value. Default 2,000 ms, `lease_ttl_ms` + `lease_grace_ms`: every suspicion waits
     /// the full time, as before Lifeguard. Opt in with 1,000 ms and `heartbeat_ms` 250 /
     /// `probe_timeout_ms` 100: failover p99 under 2 s in netsim, but a guard then stops an
@@ -195,7 +195,15 @@ impl ReplicaConfig {
     /// replica counts a suspicion out in less than `suspicion_floor_ms`. The guards' window
     /// (see `Replica::leases_hold_until`); a guard margin must stay below it.
     pub fn lease_hold_ms(&self) -> Millis {
-        self.heartbeat_ms + self.suspicion_floor_ms
+        self.heartbeat_ms + self.suspicion_floor()
+    }
+
+    /// The floor a suspicion's wait comes down to: `suspicion_floor_ms`, or `lease_ttl_ms` +
+    /// `lease_grace_ms` if that is shorter (a floor above the full wait would lengthen it; an
+    /// operator who shortens the lease need not lower the floor with it).
+    pub fn suspicion_floor(&self) -> Millis {
+        self.suspicion_floor_ms
+            .min(self.lease_ttl_ms + self.lease_grace_ms)
     }
 
     /// Checks every value once, at start-up.
@@ -225,16 +233,12 @@ impl ReplicaConfig {
         if self.lease_ttl_ms > u64::from(u32::MAX) {
             return Err(bad("lease_ttl_ms", "must fit in 32 bits of milliseconds"));
         }
-        if self.suspicion_floor_ms < self.heartbeat_ms
-            || self.suspicion_floor_ms > self.lease_ttl_ms + self.lease_grace_ms
-        {
+        if self.suspicion_floor_ms < self.heartbeat_ms {
             return Err(bad(
                 "suspicion_floor_ms",
                 format!(
-                    "must be at least one probe period (heartbeat_ms, {} ms) and at most lease_ttl_ms + lease_grace_ms ({} ms), got {}",
-                    self.heartbeat_ms,
-                    self.lease_ttl_ms + self.lease_grace_ms,
-                    self.suspicion_floor_ms
+                    "must be at least one probe period (heartbeat_ms, {} ms), got {}",
+                    self.heartbeat_ms, self.suspicion_floor_ms
                 ),
             ));
         }

@@ -140,7 +140,7 @@ impl Judge<'_> {
     pub(crate) fn wait_ms(&self, id: &NodeId, ttl_ms: Millis) -> Millis {
         suspicion_wait(
             ttl_ms.saturating_add(self.grace_ms(id)),
-            self.cfg.suspicion_floor_ms,
+            self.cfg.suspicion_floor(),
             self.cfg.suspicion_confirmations,
             self.suspicions.confirmations(id),
         )

@@ -167,7 +167,7 @@ fn no_replica_counts_the_lease_lost_before_the_owners_deadline() {
         (8, 7),
         (10, 8),
     ] {
-        let mut m = harness::joined(n, |_| {});
+        let mut m = harness::joined(n, harness::lifeguard);
         m.guard_margin = None;
         m.seed(seed);
         let task = m.submit(node(1), spec(100 + seed));

@@ -1,6 +1,7 @@
 //! Lifeguard-style suspicion: the wait from a suspicion to its suspect counting gone shrinks
 //! from `lease_ttl + grace` to `suspicion_floor_ms` as distinct nodes confirm the same
-//! suspected record, each with a `Suspect` of its own, signed by it.
+//! suspected record, each with a `Suspect` of its own, signed by it. The tests run with the
+//! opt-in settings (`harness::lifeguard`); at the defaults the floor is `ttl + grace`.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -44,7 +45,9 @@ fn gossip(r: &mut Replica, now: Millis, via: u8, deltas: Vec<Delta>) {
 
 /// Node 1's replica, knowing nodes 2..=7 by their records (merged at 0), at version (1, 0).
 fn observer() -> Replica {
-    let mut r = harness::fixtures::replica(harness::fixtures::config(1)).unwrap();
+    let mut cfg = harness::fixtures::config(1);
+    harness::lifeguard(&mut cfg);
+    let mut r = harness::fixtures::replica(cfg).unwrap();
     r.handle(0, Input::Tick).unwrap();
     let records = (2..=7).map(record).collect();
     gossip(&mut r, 0, 2, records);
@@ -74,7 +77,7 @@ fn a_lone_suspicion_waits_the_full_ttl_and_grace() {
 fn each_distinct_confirmation_shortens_the_wait_down_to_the_floor() {
     let mut r = observer();
     let full = r.config().lease_ttl_ms + r.config().lease_grace_ms;
-    let floor = r.config().suspicion_floor_ms;
+    let floor = r.config().suspicion_floor();
     let k = usize::from(r.config().suspicion_confirmations);
     gossip(&mut r, 1_000, 2, vec![suspect_by(2, 2)]);
     let mut waits = vec![r.suspicion_wait_ms(&node(SUSPECT))];
@@ -161,6 +164,7 @@ fn a_confirmation_counts_only_for_the_record_suspected() {
 #[test]
 fn with_no_confirmations_expected_every_suspicion_waits_the_full_time() {
     let mut cfg = harness::fixtures::config(1);
+    harness::lifeguard(&mut cfg);
     cfg.suspicion_confirmations = 0;
     let mut r = harness::fixtures::replica(cfg).unwrap();
     r.handle(0, Input::Tick).unwrap();
@@ -178,7 +182,7 @@ fn with_no_confirmations_expected_every_suspicion_waits_the_full_time() {
 #[test]
 fn survivors_confirm_a_crash_and_wait_only_the_floor() {
     for seed in 1..=4u64 {
-        let mut m = harness::joined(6, |_| {});
+        let mut m = harness::joined(6, harness::lifeguard);
         m.seed(seed);
         let task = m.submit(node(1), spec(40 + seed));
         assert!(m.run_until(5_000, |m| owner_of(m, task).is_some()));
@@ -197,7 +201,7 @@ fn survivors_confirm_a_crash_and_wait_only_the_floor() {
                 }
             }
         }
-        let floor = m.replica(survivors[0]).config().suspicion_floor_ms;
+        let floor = m.replica(survivors[0]).config().suspicion_floor();
         for (s, g) in survivors.iter().zip(&gone) {
             let (since, at) = g.unwrap_or_else(|| panic!("seed {seed}: {s} never judged it gone"));
             let r = m.replica(*s);
@@ -213,4 +217,20 @@ fn survivors_confirm_a_crash_and_wait_only_the_floor() {
             );
         }
     }
+}
+
+/// At the default settings the floor is `ttl + grace`: confirmations are counted, and the
+/// wait does not shrink (Lifeguard is opt-in).
+#[test]
+fn at_the_defaults_confirmations_do_not_shorten_the_wait() {
+    let mut r = harness::fixtures::replica(harness::fixtures::config(1)).unwrap();
+    r.handle(0, Input::Tick).unwrap();
+    gossip(&mut r, 0, 2, (2..=7).map(record).collect());
+    let full = r.config().lease_ttl_ms + r.config().lease_grace_ms;
+    for by in [2, 4, 5, 6, 7] {
+        gossip(&mut r, 1_000, by, vec![suspect_by(by, 2)]);
+    }
+    assert!(r.suspicion_confirmations(&node(SUSPECT)) >= 3);
+    assert_eq!(r.suspicion_wait_ms(&node(SUSPECT)), full);
+    assert_eq!(gone_at(&r, 1_000), 1_000 + full + 1);
 }

@@ -381,12 +381,15 @@ impl NodeConfig {
                 ),
             ));
         }
-        if self.guard_margin_ms >= self.heartbeat_ms + self.suspicion_floor_ms {
+        let floor = self
+            .suspicion_floor_ms
+            .min(self.lease_ttl_ms + self.lease_grace_ms);
+        if self.guard_margin_ms >= self.heartbeat_ms + floor {
             return Err(value(
                 "guard_margin_ms",
                 format!(
                     "must be less than heartbeat_ms + suspicion_floor_ms ({} ms), how long after its last round trip no other peer can count this peer's leases lost",
-                    self.heartbeat_ms + self.suspicion_floor_ms
+                    self.heartbeat_ms + floor
                 ),
             ));
         }
