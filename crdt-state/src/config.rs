@@ -27,39 +27,17 @@ pub struct ReplicaConfig {
     pub cert: Option<omesh_protocol::AdmissionCert>,
     /// Probe period: each node pings one peer per period (SWIM), and publishes a changed node
     /// record at most this often. A crashed node is first probed within a few periods (each
-    /// period it escapes every prober with chance ~1/e), and suspected at the end of the
-    /// period whose ping it failed, so this sets detection time; a period costs each node
-    /// about four probe messages of ~20 bytes. Default 500 ms (250 ms with the Lifeguard
-    /// settings, see `suspicion_floor_ms`).
+    /// period it escapes every prober with chance ~1/e), so this sets detection time; a
+    /// period costs each node about four probe messages of ~20 bytes. Default 500 ms.
     pub heartbeat_ms: Millis,
-    /// A suspected owner's leases hold this long, plus the grace, past a lone suspicion
-    /// reaching a replica, so a falsely suspected node has time to refute it (one gossip
-    /// round trip); the wait shrinks towards `suspicion_floor_ms` as other nodes confirm the
-    /// suspicion. At least one probe period. Default 1,000 ms.
+    /// A suspected owner's leases hold this long past the suspicion reaching a replica, so a
+    /// falsely suspected node has time to refute it (one gossip round trip). At least one
+    /// probe period. Default 1,000 ms.
     pub lease_ttl_ms: Millis,
     /// Extra wait before a lease counts as lost, floor of the RTT-adaptive grace. Default 1,000 ms.
     pub lease_grace_ms: Millis,
-    /// The shortest wait from a suspicion reaching a replica to the suspect's leases counting
-    /// lost there, reached once `suspicion_confirmations` other nodes have suspected the same
-    /// record independently (Lifeguard's local-health-aware suspicion: the wait goes from
-    /// `lease_ttl_ms` + grace for a lone suspicion down to this, on a log scale). It is also
-    /// what a node's guards assume (see `Replica::leases_hold_until`): at least one probe
-    /// period; above `lease_ttl_ms` + `lease_grace_ms` it counts as that. Every node of a mesh must use the
-    /// same value. Default 2,000 ms, `lease_ttl_ms` + `lease_grace_ms`: every suspicion waits
-    /// the full time, as before Lifeguard. Opt in with 1,000 ms and `heartbeat_ms` 250 /
-    /// `probe_timeout_ms` 100: failover p99 under 2 s in netsim, but a guard then stops an
-    /// owner's instances after 0.75 s without a round trip (see netsim/README.md, "Failover:
-    /// Lifeguard suspicion").
-    pub suspicion_floor_ms: Millis,
-    /// How many other nodes' confirmations of a suspicion bring its wait down to
-    /// `suspicion_floor_ms` (Lifeguard's K). A node that learns of a suspicion checks the
-    /// suspect itself (a ping, then others asked to ping it) and confirms if it gets no
-    /// answer; in a large mesh only about twice this many nodes check each suspicion. 0: every
-    /// suspicion waits the full `lease_ttl_ms` + grace. Default 3.
-    pub suspicion_confirmations: u8,
     /// How long a ping waits for its ack before asking other peers to ping the target
-    /// (floor of the RTT-adaptive timeout; below `heartbeat_ms`, and never more than half of
-    /// it). Default 200 ms.
+    /// (floor of the RTT-adaptive timeout; below `heartbeat_ms`). Default 200 ms.
     pub probe_timeout_ms: Millis,
     /// How many peers are asked to ping an unanswering target. Default 3.
     pub indirect_probes: u8,
@@ -118,8 +96,6 @@ impl Default for ReplicaConfig {
             heartbeat_ms: 500,
             lease_ttl_ms: 1_000,
             lease_grace_ms: 1_000,
-            suspicion_floor_ms: 2_000,
-            suspicion_confirmations: 3,
             probe_timeout_ms: 200,
             indirect_probes: 3,
             load_delta_permille: 50,
@@ -179,7 +155,6 @@ impl ReplicaConfig {
             heartbeat_ms: 1_000,
             lease_ttl_ms: 3_000,
             lease_grace_ms: 2_000,
-            suspicion_floor_ms: 5_000,
             probe_timeout_ms: 500,
             settle_ms: 300,
             claim_stagger_ms: 800,
@@ -187,23 +162,6 @@ impl ReplicaConfig {
             gap_sync_ms: 500,
             ..Self::default()
         }
-    }
-
-    /// How long after this node's last completed round trip (a ping of it answered, sent
-    /// then) no other node can count its leases lost: a suspicion is raised at the end of a
-    /// probe period whose ping went unanswered (`heartbeat_ms` after it was sent), and no
-    /// replica counts a suspicion out in less than `suspicion_floor_ms`. The guards' window
-    /// (see `Replica::leases_hold_until`); a guard margin must stay below it.
-    pub fn lease_hold_ms(&self) -> Millis {
-        self.heartbeat_ms + self.suspicion_floor()
-    }
-
-    /// The floor a suspicion's wait comes down to: `suspicion_floor_ms`, or `lease_ttl_ms` +
-    /// `lease_grace_ms` if that is shorter (a floor above the full wait would lengthen it; an
-    /// operator who shortens the lease need not lower the floor with it).
-    pub fn suspicion_floor(&self) -> Millis {
-        self.suspicion_floor_ms
-            .min(self.lease_ttl_ms + self.lease_grace_ms)
     }
 
     /// Checks every value once, at start-up.
@@ -232,15 +190,6 @@ impl ReplicaConfig {
         }
         if self.lease_ttl_ms > u64::from(u32::MAX) {
             return Err(bad("lease_ttl_ms", "must fit in 32 bits of milliseconds"));
-        }
-        if self.suspicion_floor_ms < self.heartbeat_ms {
-            return Err(bad(
-                "suspicion_floor_ms",
-                format!(
-                    "must be at least one probe period (heartbeat_ms, {} ms), got {}",
-                    self.heartbeat_ms, self.suspicion_floor_ms
-                ),
-            ));
         }
         if self.probe_timeout_ms == 0 || self.probe_timeout_ms >= self.heartbeat_ms {
             return Err(bad(

@@ -315,11 +315,6 @@ pub struct Stats {
     pub probes_dropped: u64,
     /// Peers this node suspected.
     pub suspicions: u64,
-    /// Suspicions raised by another node that this node confirmed (its own probe or check of
-    /// the suspect failed too).
-    pub confirmations: u64,
-    /// Checks of a suspect started because a suspicion of it reached this node.
-    pub suspect_checks: u64,
     /// Suspicions of this node it refuted with a newer record.
     pub refutations: u64,
     /// Node records this node published.

@@ -3,11 +3,9 @@
 //! What a peer's health rests on is replicated: its record (which says whether it is
 //! leaving) and the suspicions gossiped by the nodes that probed it (`probe.rs`). The
 //! judgement is not: each replica counts a suspicion from when it reached it, on its own
-//! clock (`suspicion.rs`), and calls the peer Gone once the suspicion has held, with nothing
-//! heard from the peer since, for the lease ttl plus a grace (the configured `lease_grace_ms`
-//! or the RTT-adaptive timeout to that peer, whichever is longer) or, as other nodes confirm
-//! the same suspicion, for less, down to `suspicion_floor_ms` (Lifeguard; see
-//! `suspicion.rs`). No clock sync is needed.
+//! clock (`suspicion.rs`), and calls the peer Gone once the suspicion has held for the lease
+//! ttl plus a grace (the configured `lease_grace_ms` or the RTT-adaptive timeout to that
+//! peer, whichever is longer) with nothing heard from the peer since. No clock sync is needed.
 
 use std::collections::BTreeMap;
 
@@ -15,17 +13,16 @@ use omesh_protocol::{Millis, NodeId, NodeRecord};
 
 use crate::config::ReplicaConfig;
 use crate::merge::State;
-use crate::suspicion::{suspicion_wait, Suspicions};
+use crate::suspicion::Suspicions;
 
 /// How a peer looks from here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Health {
     /// Not suspected (or heard from directly since the suspicion reached this node).
     Alive,
-    /// Suspected for less than the suspicion's wait (`lease_ttl_ms` + grace, shrinking
-    /// with confirmations): its leases still hold.
+    /// Suspected for less than `lease_ttl_ms` + grace: its leases still hold.
     Suspect,
-    /// Suspected for longer than the suspicion's wait, or it announced leaving, or it is not
+    /// Suspected for longer than `lease_ttl_ms` + grace, or it announced leaving, or it is not
     /// known here: its leases are lost.
     Gone,
 }
@@ -121,7 +118,7 @@ impl Judge<'_> {
         }
         match self.suspected_since(id) {
             None => Health::Alive,
-            Some(at) if now <= at.saturating_add(self.wait_ms(id, self.cfg.lease_ttl_ms)) => {
+            Some(at) if now <= at.saturating_add(self.cfg.lease_ttl_ms + self.grace_ms(id)) => {
                 Health::Suspect
             }
             Some(_) => Health::Gone,
@@ -132,18 +129,6 @@ impl Judge<'_> {
     /// [`Suspicions::since`]).
     pub(crate) fn suspected_since(&self, id: &NodeId) -> Option<Millis> {
         self.suspicions.since(self.state, id)
-    }
-
-    /// How long a suspicion of `id` stands here before its leases (of this `ttl_ms`) count
-    /// lost: `ttl_ms` + grace for a lone suspicion, down to `suspicion_floor_ms` as other
-    /// nodes confirm it (see `suspicion.rs`).
-    pub(crate) fn wait_ms(&self, id: &NodeId, ttl_ms: Millis) -> Millis {
-        suspicion_wait(
-            ttl_ms.saturating_add(self.grace_ms(id)),
-            self.cfg.suspicion_floor(),
-            self.cfg.suspicion_confirmations,
-            self.suspicions.confirmations(id),
-        )
     }
 
     /// The grace past a lease's ttl before it counts as lost: the configured floor or the

@@ -6,11 +6,7 @@
 //! This replaces "every node hears every heartbeat" (N² deliveries per period): probing costs
 //! each node a few messages per period whatever the mesh size, and records travel only when
 //! they change. A replica judges a peer Gone when a suspicion of it has been held for
-//! `lease_ttl + grace` on its own clock, which is also when the peer's leases are lost; less
-//! as other nodes confirm the suspicion (Lifeguard, `suspicion.rs`). To confirm it sooner
-//! than their own rotation would, a few of the nodes that learn of a suspicion check the
-//! suspect at once: a ping, others asked to ping it after the probe timeout, and a
-//! confirmation (their own `Suspect` of the same record) if nothing answered by twice that.
+//! `lease_ttl + grace` on its own clock, which is also when the peer's leases are lost.
 
 //!
 //! [`Prober`] is the probing state machine alone: it is handed `now`, the probes that arrive
@@ -40,9 +36,6 @@ struct Outstanding {
     sent_at: Millis,
     /// When to ask others to ping the target, if it has not answered.
     indirect_at: Millis,
-    /// When the target counts as unanswering, if nothing answered by then: the period's end,
-    /// or later if the indirect pings need longer to come back (see [`Prober::ping`]).
-    fails_at: Millis,
     indirect_sent: bool,
     acked: bool,
     /// The peers asked to ping the target for this node: the only ones besides the target
@@ -53,38 +46,6 @@ struct Outstanding {
 /// The most helpers remembered per probe (`indirect_probes` is at most this in practice;
 /// more are asked but their acks do not count).
 const MAX_HELPERS: usize = 8;
-
-/// The most checks of suspects outstanding at once; a suspicion arriving past that is not
-/// checked (its wait is then only what the others' confirmations make it).
-const MAX_CHECKS: usize = 8;
-/// The most probes judged past their period at once (checks included); a period's probe
-/// past that is judged when its period ends.
-const MAX_LATE: usize = MAX_CHECKS + 4;
-
-/// A probe judged on its own time rather than at a period's end: a check of a suspect (a
-/// probe sent because a suspicion of it reached this node), or a period's probe whose
-/// indirect pings need longer than the period to come back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Late {
-    probe: Outstanding,
-    /// For a check, the version of the suspect's record suspected.
-    check: Option<(u64, u64)>,
-}
-
-/// A probe judged past its period that got no answer in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Unanswered {
-    /// The peer probed.
-    pub(crate) target: NodeId,
-    /// For a check of a suspect, the version of its record that was suspected; `None` for a
-    /// period's probe (suspect the target).
-    pub(crate) check: Option<(u64, u64)>,
-    /// When the ping was sent.
-    pub(crate) sent_at: Millis,
-}
-
-/// The most assurance pings awaiting an answer at once (the oldest is forgotten first).
-const MAX_ASSURE: usize = 4;
 
 /// A ping this node sends on behalf of another's `PingReq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,14 +107,10 @@ pub(crate) struct Prober {
     nonce_key: u64,
     current: Option<Outstanding>,
     relays: BTreeMap<u64, Relay>,
-    /// Pings to other peers sent when this period's target did not answer in time, or when
-    /// this node's last round trip is getting old: an answer shows this node is still heard
-    /// (the guard's deadline rests on such round trips, and a dead or gone target answers
-    /// none). (peer, nonce, sent at), the latest [`MAX_ASSURE`].
-    assure: Vec<(NodeId, u64, Millis)>,
-    /// Probes judged on their own time: checks of suspects, and periods' probes still
-    /// waiting for their indirect pings.
-    late: Vec<Late>,
+    /// A ping to another peer sent when this period's target did not answer in time: its
+    /// answer shows this node is still heard (the guard's deadline rests on such round
+    /// trips, and a dead or gone target answers none). (peer, nonce, sent at).
+    assure: Option<(NodeId, u64, Millis)>,
 }
 
 impl Prober {
@@ -181,145 +138,34 @@ impl Prober {
 
     /// When the prober next wants a tick.
     pub(crate) fn next_timeout(&self) -> Millis {
-        let period = match self.current {
+        match self.current {
             Some(o) if !o.acked && !o.indirect_sent => o.indirect_at.min(self.next_probe),
             _ => self.next_probe,
-        };
-        self.late
-            .iter()
-            .map(|c| {
-                if c.probe.acked || c.probe.indirect_sent {
-                    c.probe.fails_at
-                } else {
-                    c.probe.indirect_at
-                }
-            })
-            .fold(period, Millis::min)
-    }
-
-    /// Starts a check of `target`, suspected at `version`: returns the ping to send it now,
-    /// or `None` if it is being probed already or too many checks are outstanding. Others
-    /// are asked to ping it after `wait_ms`, and it fails at `fails_after` ms from now.
-    pub(crate) fn check(
-        &mut self,
-        now: Millis,
-        target: NodeId,
-        version: (u64, u64),
-        (wait_ms, fails_after): (Millis, Millis),
-    ) -> Option<Probe> {
-        let checks = self.late.iter().filter(|c| c.check.is_some()).count();
-        if checks >= MAX_CHECKS
-            || self.late.len() >= MAX_LATE
-            || self.late.iter().any(|c| c.probe.target == target)
-            || self.current.is_some_and(|c| c.target == target && !c.acked)
-        {
-            return None;
         }
-        let nonce = self.next_nonce();
-        self.late.push(Late {
-            probe: Outstanding {
-                target,
-                nonce,
-                sent_at: now,
-                indirect_at: now + wait_ms,
-                fails_at: now + fails_after.max(wait_ms),
-                indirect_sent: false,
-                acked: false,
-                helpers: [None; MAX_HELPERS],
-            },
-            check: Some(version),
-        });
-        Some(Probe::Ping { nonce })
-    }
-
-    /// The late probes due to ask others to ping their target: (target, ping nonce), each
-    /// once. Name the helpers asked with [`Prober::late_asked`].
-    pub(crate) fn late_indirect_due(&mut self, now: Millis) -> Vec<(NodeId, u64)> {
-        self.late
-            .iter_mut()
-            .filter(|c| !c.probe.acked && !c.probe.indirect_sent && now >= c.probe.indirect_at)
-            .map(|c| {
-                c.probe.indirect_sent = true;
-                (c.probe.target, c.probe.nonce)
-            })
-            .collect()
-    }
-
-    /// Notes the helpers asked to ping the target of the late probe with this nonce.
-    pub(crate) fn late_asked(&mut self, nonce: u64, helpers: &[NodeId]) {
-        if let Some(c) = self.late.iter_mut().find(|c| c.probe.nonce == nonce) {
-            for (slot, h) in c.probe.helpers.iter_mut().zip(helpers) {
-                *slot = Some(*h);
-            }
-        }
-    }
-
-    /// Ends the late probes over at `now`, returning those that got no answer.
-    pub(crate) fn late_failed(&mut self, now: Millis) -> Vec<Unanswered> {
-        let mut failed = Vec::new();
-        self.late.retain(|c| {
-            // An answered probe is kept until then too, so a second answer (from a helper)
-            // is known and ignored.
-            if now < c.probe.fails_at {
-                return true;
-            }
-            if !c.probe.acked {
-                failed.push(Unanswered {
-                    target: c.probe.target,
-                    check: c.check,
-                    sent_at: c.probe.sent_at,
-                });
-            }
-            false
-        });
-        failed
     }
 
     /// Closes the probe period if it is over at `now`, starting the next `period_ms` long.
     /// `None`: the period is still running. `Some(target)`: it closed; `target` is the peer
     /// that answered no ping in it (to suspect), if any. Ping the next target after this.
-    /// A probe whose indirect pings may still come back is judged later instead (see
-    /// [`Prober::late_failed`]).
     pub(crate) fn end_period(&mut self, now: Millis, period_ms: Millis) -> Option<Option<NodeId>> {
         if now < self.next_probe {
             return None;
         }
-        let unanswered = match self.current.take() {
-            Some(o) if !o.acked => {
-                if now < o.fails_at && self.late.len() < MAX_LATE {
-                    self.late.push(Late {
-                        probe: o,
-                        check: None,
-                    });
-                    None
-                } else {
-                    Some(o.target)
-                }
-            }
-            _ => None,
-        };
+        let unanswered = self.current.take().filter(|o| !o.acked).map(|o| o.target);
         self.next_probe = now + period_ms;
         self.relays.retain(|_, r| now < r.until);
         Some(unanswered)
     }
 
     /// Pings `target` now: it is this period's target, and others are asked to ping it after
-    /// `wait_ms` without an answer. It counts as unanswering at the period's end or
-    /// `fails_after` ms from now, whichever is later. Returns the ping to send it.
-    pub(crate) fn ping(
-        &mut self,
-        now: Millis,
-        target: NodeId,
-        wait_ms: Millis,
-        fails_after: Millis,
-    ) -> Probe {
+    /// `wait_ms` without an answer. Returns the ping to send it.
+    pub(crate) fn ping(&mut self, now: Millis, target: NodeId, wait_ms: Millis) -> Probe {
         let nonce = self.next_nonce();
         self.current = Some(Outstanding {
             target,
             nonce,
             sent_at: now,
             indirect_at: now + wait_ms,
-            fails_at: now + fails_after,
             indirect_sent: false,
             acked: false,
             helpers: [None; MAX_HELPERS],
@@ -330,10 +176,7 @@ impl Prober {
     /// Pings `peer` now only to learn that this node is still heard (see `assure`).
     pub(crate) fn assurance(&mut self, now: Millis, peer: NodeId) -> Probe {
         let nonce = self.next_nonce();
-        if self.assure.len() >= MAX_ASSURE {
-            self.assure.remove(0);
-        }
-        self.assure.push((peer, nonce, now));
+        self.assure = Some((peer, nonce, now));
         Probe::Ping { nonce }
     }
 
@@ -374,12 +217,11 @@ impl Prober {
             } => {
                 // Only the pinged node's own ack grants (a helper's relay never does).
                 let grant = grant && from == about;
-                if let Some(i) = self
+                if let Some((_, _, sent_at)) = self
                     .assure
-                    .iter()
-                    .position(|(peer, n, _)| *n == nonce && from == *peer && about == *peer)
+                    .filter(|(peer, n, _)| *n == nonce && from == *peer && about == *peer)
                 {
-                    let (_, _, sent_at) = self.assure.remove(i);
+                    self.assure = None;
                     return Answer::RoundTrip { sent_at, grant };
                 }
                 if let Some(cur) = self.current.as_mut().filter(|o| {
@@ -394,23 +236,6 @@ impl Prober {
                         peer: about,
                         rtt_us,
                         sent_at: cur.sent_at,
-                        grant,
-                    }
-                } else if let Some(c) = self.late.iter_mut().find(|c| {
-                    c.probe.nonce == nonce
-                        && c.probe.target == about
-                        && (from == about || c.probe.helpers.contains(&Some(from)))
-                }) {
-                    if c.probe.acked {
-                        return Answer::Nothing;
-                    }
-                    let rtt_us = (from == about && !c.probe.indirect_sent)
-                        .then(|| now.saturating_sub(c.probe.sent_at).saturating_mul(1000));
-                    c.probe.acked = true;
-                    Answer::Acked {
-                        peer: about,
-                        rtt_us,
-                        sent_at: c.probe.sent_at,
                         grant,
                     }
                 } else if self

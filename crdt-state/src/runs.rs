@@ -39,9 +39,6 @@ pub(crate) enum Phase {
 pub(crate) struct LocalRun {
     pub(crate) epoch: Epoch,
     pub(crate) phase: Phase,
-    /// When this node wrote its lease of `epoch` (none for an adopted instance, or while
-    /// promises are asked).
-    pub(crate) claimed_at: Option<Millis>,
 }
 
 /// A task this node may claim: since when (the claim stagger counts from it), when to rank
@@ -136,14 +133,13 @@ impl TaskBook {
         self.local.remove(task);
     }
 
-    /// This node claimed `task` at `epoch` at `now`; it starts at `until`. It is no longer claimable.
-    pub(crate) fn claimed(&mut self, task: TaskId, epoch: Epoch, now: Millis, until: Millis) {
+    /// This node claimed `task` at `epoch`; it starts at `until`. It is no longer claimable.
+    pub(crate) fn claimed(&mut self, task: TaskId, epoch: Epoch, until: Millis) {
         self.local.insert(
             task,
             LocalRun {
                 epoch,
                 phase: Phase::Settling { until },
-                claimed_at: Some(now),
             },
         );
         self.claimable.remove(&task);
@@ -156,7 +152,6 @@ impl TaskBook {
             LocalRun {
                 epoch,
                 phase: Phase::Promising { score, failover },
-                claimed_at: None,
             },
         );
         self.claimable.remove(&task);
@@ -169,7 +164,6 @@ impl TaskBook {
             LocalRun {
                 epoch,
                 phase: Phase::Adopted,
-                claimed_at: None,
             },
         );
         self.claimable.remove(&task);

@@ -98,7 +98,10 @@ fn an_expired_instance_hands_its_lease_back_and_counts_no_failed_attempt() {
 fn the_deadline_moves_with_round_trips_and_stops_when_cut_off() {
     let mut m = harness::joined(3, |_| {});
     let a = node(1);
-    let window = m.replica(a).config().lease_hold_ms();
+    let window = {
+        let c = m.replica(a).config();
+        c.heartbeat_ms + c.lease_ttl_ms + c.lease_grace_ms
+    };
     let period = m.replica(a).config().heartbeat_ms;
     m.run_for(5_000);
     // Healthy: at most a couple of probe periods behind a full window from now.
@@ -147,68 +150,4 @@ fn dead_peers_in_the_probe_rotation_cost_no_live_owner_its_instance() {
     m.run_for(60_000);
     assert!(m.guard_kills.is_empty(), "guard kills: {:?}", m.guard_kills);
     assert_eq!(m.running_on(owner, task), Some(epoch));
-}
-
-/// The guard's deadline assumes the shortest wait any replica may apply: whatever the
-/// confirmations the others gather (Lifeguard), no replica counts a cut-off owner's lease lost
-/// before the deadline the owner computed for it, for meshes of several sizes, seeds and cut
-/// times. Guards are off so the deadline alone is measured, and the run goes on until every
-/// other replica judged the owner gone.
-#[test]
-fn no_replica_counts_the_lease_lost_before_the_owners_deadline() {
-    let mut floor_reached = 0;
-    for (n, seed) in [
-        (3u8, 1u64),
-        (4, 2),
-        (5, 3),
-        (5, 4),
-        (6, 5),
-        (8, 6),
-        (8, 7),
-        (10, 8),
-    ] {
-        let mut m = harness::joined(n, harness::lifeguard);
-        m.guard_margin = None;
-        m.seed(seed);
-        let task = m.submit(node(1), spec(100 + seed));
-        assert!(m.run_until(5_000, |m| owner_of(m, task).is_some()));
-        let (owner, epoch) = owner_of(&m, task).unwrap();
-        assert!(m.run_until(5_000, |m| m.running_on(owner, task) == Some(epoch)));
-        // Cut at different points of the probe periods.
-        m.run_for(seed * 53 % 500);
-        m.isolate(owner);
-        // The latest deadline the owner ever computes once cut off (what its guard holds).
-        let mut deadline = m.replica(owner).leases_hold_until(m.now);
-        let others: Vec<NodeId> = m.ids().into_iter().filter(|i| *i != owner).collect();
-        let mut lost: Vec<Option<Millis>> = vec![None; others.len()];
-        let end = m.now + 20_000;
-        while m.now < end && lost.iter().any(Option::is_none) {
-            m.run_for(1);
-            deadline = deadline.max(m.replica(owner).leases_hold_until(m.now));
-            for (i, o) in others.iter().enumerate() {
-                let r = m.replica(*o);
-                if lost[i].is_none() && r.health(m.now, &owner) == omesh_state::Health::Gone {
-                    lost[i] = Some(m.now);
-                    if r.suspicion_confirmations(&owner)
-                        >= usize::from(r.config().suspicion_confirmations)
-                    {
-                        floor_reached += 1;
-                    }
-                }
-            }
-        }
-        let first = lost
-            .iter()
-            .map(|l| {
-                l.unwrap_or_else(|| panic!("n {n} seed {seed}: the owner was never judged gone"))
-            })
-            .min()
-            .unwrap();
-        assert!(
-            deadline <= first,
-            "n {n} seed {seed}: the owner's deadline {deadline} is after a replica counted its lease lost at {first}"
-        );
-    }
-    // The shortest wait was really taken somewhere, or the property says little.
-    assert!(floor_reached > 0, "no replica ever waited only the floor");
 }

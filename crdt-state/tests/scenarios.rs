@@ -20,14 +20,15 @@ fn owner_heartbeat_stops_then_another_claims_after_ttl_and_grace() {
     let watcher = m.ids().into_iter().find(|id| *id != owner).unwrap();
     let last_heard = m.replica(watcher).last_heard(&owner).unwrap();
     let cfg = m.replica(watcher).config().clone();
+    let grace = m.replica(watcher).grace_ms(&owner);
 
     assert!(m.run_until(20_000, |m| !m.runners(task).is_empty()));
     let (new_owner, new_epoch) = owner_of(&m, task).unwrap();
     assert_ne!(new_owner, owner);
     assert_eq!(new_epoch, epoch + 1, "failover claims epoch + 1");
     assert!(
-        m.now > last_heard + cfg.lease_hold_ms(),
-        "claimed at {} before a probe period + the suspicion floor after the owner was last heard at {last_heard}",
+        m.now > last_heard + cfg.lease_ttl_ms + grace,
+        "claimed at {} before ttl + grace after the last heartbeat at {last_heard}",
         m.now
     );
     // Every live replica agrees on the new lease.

@@ -129,10 +129,6 @@ pub struct ReplicaOverrides {
     pub lease_ttl_ms: Option<u64>,
     /// `lease_grace_ms`.
     pub lease_grace_ms: Option<u64>,
-    /// `suspicion_floor_ms`.
-    pub suspicion_floor_ms: Option<u64>,
-    /// `suspicion_confirmations` (0: every suspicion waits the full ttl + grace).
-    pub suspicion_confirmations: Option<u8>,
     /// `probe_timeout_ms`.
     pub probe_timeout_ms: Option<u64>,
     /// `settle_ms`.
@@ -610,10 +606,12 @@ impl Scenario {
             .map_err(|e| bad(format!("replica.{}", e.key), e.reason))?;
         // As the peer's config checks `guard_margin_ms`: a margin of the whole window would
         // kill every instance the moment it starts.
-        if self.guard.enabled && self.guard.margin_ms >= replica.lease_hold_ms() {
+        if self.guard.enabled
+            && self.guard.margin_ms >= replica.lease_ttl_ms + replica.lease_grace_ms
+        {
             return Err(bad(
                 "guard.margin_ms",
-                "must be below replica.heartbeat_ms + replica.suspicion_floor_ms",
+                "must be below replica.lease_ttl_ms + replica.lease_grace_ms",
             ));
         }
         Ok(())
@@ -637,10 +635,6 @@ impl Scenario {
         set(&mut c.heartbeat_ms, o.heartbeat_ms);
         set(&mut c.lease_ttl_ms, o.lease_ttl_ms);
         set(&mut c.lease_grace_ms, o.lease_grace_ms);
-        set(&mut c.suspicion_floor_ms, o.suspicion_floor_ms);
-        if let Some(v) = o.suspicion_confirmations {
-            c.suspicion_confirmations = v;
-        }
         set(&mut c.probe_timeout_ms, o.probe_timeout_ms);
         set(&mut c.settle_ms, o.settle_ms);
         set(&mut c.claim_stagger_ms, o.claim_stagger_ms);

@@ -90,18 +90,9 @@ pub struct PeerView {
     /// Milliseconds since this peer last heard from it (a message, or a newer record).
     pub last_heard_ms_ago: Option<u64>,
     /// Milliseconds since a suspicion of it (it stopped answering probes) reached this peer;
-    /// none while it is not suspected. Its leases are lost `suspicion_wait_ms` past this.
+    /// none while it is not suspected. Its leases are lost at ttl + grace past this.
     #[serde(default)]
     pub suspected_ms_ago: Option<u64>,
-    /// How many other peers confirmed that suspicion (suspected the same record of it
-    /// themselves); none while it is not suspected.
-    #[serde(default)]
-    pub suspicion_confirmations: Option<usize>,
-    /// How long that suspicion stands here before its leases count lost: lease ttl + grace
-    /// for a lone suspicion, down to `suspicion_floor_ms` as others confirm it; none while
-    /// it is not suspected.
-    #[serde(default)]
-    pub suspicion_wait_ms: Option<u64>,
     /// Its incarnation.
     pub incarnation: u64,
     /// Digests of the image blobs it holds (`sha256:<hex>`), as its record says.
@@ -149,10 +140,6 @@ pub struct TaskJson {
     /// owner's API knows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
-    /// When the answering node claimed the current epoch (its wall clock, ms since the Unix
-    /// epoch); only the owner that claimed it knows.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claimed_at_ms: Option<u64>,
     /// The task's disconnect policy.
     #[serde(default)]
     pub disconnect: DisconnectJson,

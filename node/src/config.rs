@@ -84,16 +84,10 @@ pub struct NodeConfig {
     pub target_node_tags: BTreeSet<String>,
     /// Probe period (SWIM: one ping per period); a changed record is published at most this often.
     pub heartbeat_ms: u64,
-    /// How long a suspected owner's leases hold (its time to refute the suspicion), for a
-    /// suspicion no other peer confirmed.
+    /// How long a suspected owner's leases hold (its time to refute the suspicion).
     pub lease_ttl_ms: u64,
     /// Extra wait before a lease counts as lost.
     pub lease_grace_ms: u64,
-    /// The shortest wait from a suspicion to the suspect's leases counting lost, once other
-    /// peers confirmed it (the wait shrinks from `lease_ttl_ms + lease_grace_ms` to this as
-    /// they do); also what the guards' deadlines assume. Every peer of a mesh must use the
-    /// same value.
-    pub suspicion_floor_ms: u64,
     /// Anti-entropy period.
     pub anti_entropy_ms: u64,
     /// Terminal tasks are compacted after this long.
@@ -180,7 +174,6 @@ impl Default for NodeConfig {
             heartbeat_ms: r.heartbeat_ms,
             lease_ttl_ms: r.lease_ttl_ms,
             lease_grace_ms: r.lease_grace_ms,
-            suspicion_floor_ms: r.suspicion_floor_ms,
             anti_entropy_ms: r.anti_entropy_ms,
             retention_ms: r.retention_ms,
             log_format: LogFormat::Pretty,
@@ -381,15 +374,12 @@ impl NodeConfig {
                 ),
             ));
         }
-        let floor = self
-            .suspicion_floor_ms
-            .min(self.lease_ttl_ms + self.lease_grace_ms);
-        if self.guard_margin_ms >= self.heartbeat_ms + floor {
+        if self.guard_margin_ms >= self.lease_ttl_ms + self.lease_grace_ms {
             return Err(value(
                 "guard_margin_ms",
                 format!(
-                    "must be less than heartbeat_ms + suspicion_floor_ms ({} ms), how long after its last round trip no other peer can count this peer's leases lost",
-                    self.heartbeat_ms + floor
+                    "must be less than lease_ttl_ms + lease_grace_ms ({} ms)",
+                    self.lease_ttl_ms + self.lease_grace_ms
                 ),
             ));
         }
@@ -524,7 +514,6 @@ impl NodeConfig {
         r.heartbeat_ms = self.heartbeat_ms;
         r.lease_ttl_ms = self.lease_ttl_ms;
         r.lease_grace_ms = self.lease_grace_ms;
-        r.suspicion_floor_ms = self.suspicion_floor_ms;
         r.probe_timeout_ms = r.probe_timeout_ms.min(self.heartbeat_ms / 2).max(1);
         r.anti_entropy_ms = self.anti_entropy_ms;
         r.retention_ms = self.retention_ms;

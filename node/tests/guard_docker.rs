@@ -30,7 +30,7 @@ const LONG: Duration = Duration::from_secs(60);
 const TASKS: usize = 4;
 /// How often the test asks the engine which containers run.
 const POLL: Duration = Duration::from_millis(20);
-/// The peers' heartbeat_ms + suspicion_floor_ms (defaults: 500 + 2,000): no other peer can
+/// The peers' heartbeat_ms + lease_ttl_ms + lease_grace_ms (defaults): no other peer can
 /// count a lease lost sooner after its owner's last acknowledged probe (`leases_hold_until`).
 const LEASE_WINDOW_MS: i64 = 2_500;
 /// How long a `kill -STOP` lasts.

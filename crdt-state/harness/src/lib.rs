@@ -16,4 +16,4 @@ pub mod fixtures;
 pub mod mesh;
 
 pub use fixtures::{config, node, spec, spec_with, submitter};
-pub use mesh::{joined, lifeguard, owner_of, Instance, Mesh, NetStats};
+pub use mesh::{joined, owner_of, Instance, Mesh, NetStats};

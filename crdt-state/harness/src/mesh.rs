@@ -477,14 +477,6 @@ impl Mesh {
     }
 }
 
-/// The opt-in Lifeguard settings (README, Liveness): the suspicion floor below `ttl + grace`,
-/// with the shorter probe period it was measured with.
-pub fn lifeguard(c: &mut ReplicaConfig) {
-    c.heartbeat_ms = 250;
-    c.probe_timeout_ms = 100;
-    c.suspicion_floor_ms = 1_000;
-}
-
 /// A mesh whose replicas all know each other, as alive, and may claim.
 pub fn joined(n: u8, tweak: impl Fn(&mut ReplicaConfig)) -> Mesh {
     let mut m = Mesh::new(n, tweak);

@@ -63,13 +63,6 @@ impl Replica {
         self.cfg.enable_offload && placement::overloaded(&self.me)
     }
 
-    /// When this node claimed the epoch of `task` it owns (its clock), if it claimed it: the
-    /// epoch and the time its lease was written.
-    pub fn claimed_at(&self, task: &TaskId) -> Option<(Epoch, Millis)> {
-        let run = self.tasks.get(task)?;
-        Some((run.epoch, run.claimed_at?))
-    }
-
     /// Whether `lease` still holds, as judged from here at `now`.
     pub fn lease_live(&self, now: Millis, lease: &Lease) -> bool {
         if lease.released {
@@ -89,15 +82,13 @@ impl Replica {
             return false;
         }
         // Leases ride on membership: they hold until a suspicion of the owner has been held
-        // here for the lease's ttl + grace (less as others confirm it) without the owner
-        // refuting it.
+        // here for the lease's ttl + grace without the owner refuting it.
         self.lease_expiry(lease).is_none_or(|expiry| now < expiry)
     }
 
     fn lease_expiry(&self, lease: &Lease) -> Option<Millis> {
         let at = self.suspected_since(&lease.owner)?;
-        let wait = self.judge().wait_ms(&lease.owner, u64::from(lease.ttl_ms));
-        Some(at.saturating_add(wait + 1))
+        Some(at.saturating_add(u64::from(lease.ttl_ms) + self.grace_ms(&lease.owner) + 1))
     }
 
     fn derive_state(&self, now: Millis, id: &TaskId, rec: &TaskRecord) -> TaskState {
@@ -757,7 +748,7 @@ impl Replica {
         let lease = self.own_lease(epoch, score);
         self.write(now, DeltaBody::Lease { task, lease });
         let until = now + self.settle_ms();
-        self.tasks.claimed(task, epoch, now, until);
+        self.tasks.claimed(task, epoch, until);
         self.wake_at(until);
         self.stats.claims += 1;
         if failover {

@@ -194,7 +194,7 @@ impl Replica {
                         self.stats.lease_changes += 1;
                         self.mark_dirty(now);
                     }
-                    DeltaBody::Suspect { node, version } => {
+                    DeltaBody::Suspect { node, .. } => {
                         if *node == self.me.id {
                             // Someone could not reach us: answer with a newer record, which
                             // supersedes the suspicion everywhere it spreads.
@@ -203,21 +203,14 @@ impl Replica {
                                 self.publish_record(now);
                             }
                         } else {
-                            self.suspicion_from(now, *node, *version, d.origin);
+                            self.note_suspicion(now, *node);
                         }
                         self.mark_dirty(now);
                     }
                     _ => self.mark_dirty(now),
                 }
             }
-            Merged::Unchanged => {
-                self.stats.deltas_unchanged += 1;
-                if let DeltaBody::Suspect { node, version } = &d.body {
-                    // Another node's suspicion of the record already suspected here: a
-                    // confirmation, counted once per (signed) origin.
-                    self.suspicion_from(now, *node, *version, d.origin);
-                }
-            }
+            Merged::Unchanged => self.stats.deltas_unchanged += 1,
             Merged::Tombstoned => self.stats.deltas_tombstoned += 1,
         }
         Ok(())

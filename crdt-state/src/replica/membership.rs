@@ -7,7 +7,6 @@
 //! [`Suspicions`]: crate::suspicion::Suspicions
 
 use omesh_protocol::{DeltaBody, Millis, NodeId, NodeRecord, Probe};
-use rand::Rng;
 
 use super::Replica;
 use crate::io::Action;
@@ -48,18 +47,6 @@ impl Replica {
     /// RTT-adaptive SRTT + 4·RTTVAR, whichever is longer.
     pub fn grace_ms(&self, id: &NodeId) -> Millis {
         self.judge().grace_ms(id)
-    }
-
-    /// How many other nodes confirmed the suspicion of `id` held here (beyond the first
-    /// suspecter; 0 when none is held).
-    pub fn suspicion_confirmations(&self, id: &NodeId) -> usize {
-        self.suspicions.confirmations(id)
-    }
-
-    /// How long the suspicion of `id` held here stands before `id` counts as gone (see
-    /// [`Health::Gone`]): `lease_ttl_ms` + grace, less as others confirm it.
-    pub fn suspicion_wait_ms(&self, id: &NodeId) -> Millis {
-        self.judge().wait_ms(id, self.cfg.lease_ttl_ms)
     }
 
     /// When this node last heard from `id`, on its own clock.
@@ -117,24 +104,20 @@ impl Replica {
     /// README's "A task instance never outlives its lease").
     ///
     /// Another node counts a lease lost only once a suspicion of this node has stood there
-    /// unrefuted, without a word from this node since, for its wait: `lease_ttl + grace`
-    /// for a lone suspicion, down to `suspicion_floor_ms` once others confirmed it. This node
-    /// cannot know how many did, so it assumes the floor. A suspicion is raised at the end of
-    /// a probe period whose ping this node did not answer, one period (`heartbeat_ms`) after
-    /// that ping was sent (a check of a suspect only confirms a suspicion already raised, and
-    /// moves no clock); the last ping (or sync request) of this node that was answered, sent
-    /// at `s`, shows the mesh heard it then, so a node that dies, hangs or is cut off after
-    /// `s` fails only pings sent after about `s` (less one round trip, which the caller's
-    /// margin covers). So its leases hold until `s + heartbeat + suspicion_floor`
-    /// ([`ReplicaConfig::lease_hold_ms`]): a node that stops answering reaches it that long
-    /// after its last round trip, while a healthy one moves it forward every period.
+    /// for `lease_ttl + grace` (grace at least `lease_grace_ms`), unrefuted and without a
+    /// word from this node since. A suspicion is raised at the end of a probe period whose
+    /// ping this node did not answer, one period (`heartbeat_ms`) after that ping was sent;
+    /// the last ping (or sync request) of this node that was answered, sent at `s`, shows the
+    /// mesh heard it then, so a node that dies, hangs or is cut off after `s` fails only
+    /// pings sent after about `s` (less one round trip, which the caller's margin covers).
+    /// So its leases hold until `s + heartbeat + lease_ttl + lease_grace`: a node that stops
+    /// answering reaches it that long after its last round trip, while a healthy one moves
+    /// it forward every period.
     /// Before the first round trip it counts from start; a node that heard nobody (or nobody
     /// for longer than the mesh takes to forget it) has no one to lose its leases to, and
     /// gets a full window from now. A leaving node's leases are gone at once.
-    ///
-    /// [`ReplicaConfig::lease_hold_ms`]: crate::ReplicaConfig::lease_hold_ms
     pub fn leases_hold_until(&self, now: Millis) -> Millis {
-        let window = self.cfg.lease_hold_ms();
+        let window = self.cfg.heartbeat_ms + self.cfg.lease_ttl_ms + self.cfg.lease_grace_ms;
         if self.me.leaving {
             return now;
         }
@@ -163,10 +146,8 @@ impl Replica {
     pub fn may_claim(&self, now: Millis) -> bool {
         let synced_or_alone = self.sync.alone(now, self.forget_after()) || self.sync.is_synced();
         // A node that has not been heard for long (its guards' deadline is near) would only
-        // start instances its guards end at once: it claims only with a round trip in the
-        // last two periods.
-        let heard = self.leases_hold_until(now)
-            > now + (self.cfg.lease_hold_ms()).saturating_sub(2 * self.cfg.heartbeat_ms);
+        // start instances its guards end at once.
+        let heard = self.leases_hold_until(now) > now + self.cfg.lease_ttl_ms;
         synced_or_alone && !self.is_isolated(now) && heard
     }
 
@@ -207,28 +188,12 @@ impl Replica {
             .random_peers(now, k, except, &judge, &mut self.rng)
     }
 
-    /// How long a ping to `target` waits before others are asked to ping it (the
-    /// RTT-adaptive timeout, at least `probe_timeout_ms`, at most half a period), and how
-    /// long from the ping until the target counts as unanswering: at least `at_least`, and
-    /// long enough for the indirect pings to come back (two RTT-adaptive timeouts more: a
-    /// relayed ping makes two round trips). On a LAN that is the period's end; on slow
-    /// links a little later, rather than suspecting every peer whose relayed answer is
-    /// still on its way.
-    fn probe_times(&self, target: &NodeId, at_least: Millis) -> (Millis, Millis) {
-        let rtt = self.rtt.get(target).map_or(0, RttEstimate::timeout_ms);
-        let wait = rtt
-            .max(self.cfg.probe_timeout_ms)
-            .min(self.cfg.heartbeat_ms / 2);
-        (wait, at_least.max(wait + 2 * rtt))
-    }
-
     /// Probing work due at `now`: close the period (suspect an unanswered target), ping the
-    /// next one, or ask others to; the same for the checks of suspects.
+    /// next one, or ask others to.
     pub(crate) fn probe_tick(&mut self, now: Millis) {
         if self.me.leaving {
             return;
         }
-        self.late_tick(now);
         if let Some(unanswered) = self.prober.end_period(now, self.cfg.heartbeat_ms) {
             if let Some(target) = unanswered {
                 self.suspect(now, target);
@@ -238,14 +203,17 @@ impl Replica {
                 .next_target(&self.state, &self.me.id, &mut self.rng);
             self.contact_tick(now);
             if let Some(target) = next {
-                // Never judged before the period ends: `leases_hold_until` rests on that.
-                let (wait, fails_after) = self.probe_times(&target, self.cfg.heartbeat_ms);
-                let probe = self.prober.ping(now, target, wait, fails_after);
+                let wait = self
+                    .rtt
+                    .get(&target)
+                    .map_or(0, |r| r.timeout_ms())
+                    .max(self.cfg.probe_timeout_ms)
+                    .min(self.cfg.heartbeat_ms / 2);
+                let probe = self.prober.ping(now, target, wait);
                 self.stats.probes_sent += 1;
                 self.outbox
                     .push_back(Action::SendProbe { to: target, probe });
             }
-            self.assure_tick(now, next);
         }
         if let Some((target, nonce)) = self.prober.indirect_due(now) {
             let gone = self.health(now, &target) == Health::Gone;
@@ -278,29 +246,6 @@ impl Replica {
                     probe: Probe::PingReq { nonce, target },
                 });
             }
-        }
-    }
-
-    /// On lossy links a few lost packets in a row would leave this node without a round
-    /// trip for longer than its guards' slack (`leases_hold_until` is only a period plus
-    /// the suspicion floor after the last one): once its last round trip is more than a
-    /// period old, it also pings two other peers each period, so that its instances are not
-    /// stopped while the mesh still hears it. A healthy node never sends these.
-    fn assure_tick(&mut self, now: Millis, target: Option<NodeId>) {
-        let last = self
-            .round_trip
-            .unwrap_or(self.started_at)
-            .max(self.started_at);
-        if now.saturating_sub(last) <= self.cfg.heartbeat_ms
-            || self.sync.alone(now, self.forget_after())
-        {
-            return;
-        }
-        let except = target.unwrap_or(self.me.id);
-        for peer in self.random_peers(now, 2, except) {
-            let probe = self.prober.assurance(now, peer);
-            self.stats.probes_sent += 1;
-            self.outbox.push_back(Action::SendProbe { to: peer, probe });
         }
     }
 
@@ -346,23 +291,15 @@ impl Replica {
         }
     }
 
-    /// Suspects `target` at the version of its record held here, or confirms the suspicion
-    /// of that version another node raised (Lifeguard: each distinct suspecter shortens
-    /// the wait, `suspicion.rs`); once per node and version.
+    /// Suspects `target` at the version of its record held here.
     fn suspect(&mut self, now: Millis, target: NodeId) {
         let Some(version) = self.state.node(&target).map(|r| r.version()) else {
             return;
         };
-        match self.state.suspicion(&target) {
-            Some(v) if v > version => return,
-            Some(v) if v == version => {
-                if self.suspicions.suspected_by(&target, &self.me.id) {
-                    return;
-                }
-                self.stats.confirmations += 1;
-            }
-            _ => self.stats.suspicions += 1,
+        if self.state.suspicion(&target).is_some_and(|v| v >= version) {
+            return;
         }
+        self.stats.suspicions += 1;
         self.write(
             now,
             DeltaBody::Suspect {
@@ -371,105 +308,12 @@ impl Replica {
             },
         );
         self.note_suspicion(now, target);
-        self.suspicions.confirm(&target, version, self.me.id);
         self.mark_dirty(now);
     }
 
     /// Records when a suspicion of `node` reached this replica (kept per suspected version).
-    /// Returns whether it was new here.
-    pub(crate) fn note_suspicion(&mut self, now: Millis, node: NodeId) -> bool {
+    pub(crate) fn note_suspicion(&mut self, now: Millis, node: NodeId) {
         let held = self.state.suspicion(&node);
-        self.suspicions.note(now, node, held)
-    }
-
-    /// A `Suspect` of `version` of `node`, signed by `by`, was merged (or matched the
-    /// suspicion held): counts `by` among its suspecters; the first time this node learns of
-    /// the suspicion, it may check the suspect itself.
-    pub(crate) fn suspicion_from(
-        &mut self,
-        now: Millis,
-        node: NodeId,
-        version: (u64, u64),
-        by: NodeId,
-    ) {
-        if node == self.me.id || self.state.suspicion(&node) != Some(version) {
-            return;
-        }
-        let new = self.note_suspicion(now, node);
-        if self.suspicions.confirm(&node, version, by) {
-            // The wait may have shrunk: decide again.
-            self.mark_dirty(now);
-        }
-        if new {
-            self.maybe_check(now, node, version);
-        }
-    }
-
-    /// Checks a suspect whose suspicion just reached this node, so that the suspicion is
-    /// confirmed (or not) without waiting for this node's own rotation to reach it. In a mesh
-    /// of `n` nodes each of the `n - 2` others checks with chance `2K / (n - 2)` (`K` =
-    /// `suspicion_confirmations`), about `2K` checks per suspicion, so confirmations cost
-    /// O(K) messages and gossip, not O(n).
-    fn maybe_check(&mut self, now: Millis, node: NodeId, version: (u64, u64)) {
-        let k = u64::from(self.cfg.suspicion_confirmations);
-        if k == 0
-            || self.suspicions.suspected_by(&node, &self.me.id)
-            || self.suspicions.confirmations(&node) >= usize::from(self.cfg.suspicion_confirmations)
-            || self
-                .state
-                .node(&node)
-                .is_none_or(|r| r.version() != version)
-        {
-            return;
-        }
-        let others =
-            u64::try_from(self.state.nodes().count().saturating_sub(2)).unwrap_or(u64::MAX);
-        if others > 2 * k && self.rng.gen_range(0..others) >= 2 * k {
-            return;
-        }
-        let times = self.probe_times(&node, 2 * self.cfg.probe_timeout_ms);
-        if let Some(probe) = self.prober.check(now, node, version, times) {
-            self.stats.suspect_checks += 1;
-            self.stats.probes_sent += 1;
-            self.outbox.push_back(Action::SendProbe { to: node, probe });
-        }
-    }
-
-    /// The probes judged past their period (checks of suspects, and periods' probes still
-    /// waiting for relayed answers) due at `now`: ask others to ping a target that did not
-    /// answer; suspect one that answered no one in time, or confirm the suspicion checked.
-    fn late_tick(&mut self, now: Millis) {
-        for (target, nonce) in self.prober.late_indirect_due(now) {
-            let helpers = self.random_peers(now, usize::from(self.cfg.indirect_probes), target);
-            self.prober.late_asked(nonce, &helpers);
-            for h in helpers {
-                self.stats.probes_sent += 1;
-                self.outbox.push_back(Action::SendProbe {
-                    to: h,
-                    probe: Probe::PingReq { nonce, target },
-                });
-            }
-        }
-        for failed in self.prober.late_failed(now) {
-            let heard = self
-                .state
-                .heard(&failed.target)
-                .is_some_and(|h| h >= failed.sent_at);
-            match failed.check {
-                // A period's probe, judged at least a period after its ping (unless the
-                // target was heard from since, which says more).
-                None if !heard => self.suspect(now, failed.target),
-                None => {}
-                // Only a confirmation of the suspicion checked, never a new one: a
-                // suspicion is raised at least a period after the ping that failed
-                // (`leases_hold_until` rests on it), and a check is quicker.
-                Some(version) => {
-                    let still = self.state.suspicion(&failed.target) == Some(version);
-                    if still && !heard {
-                        self.suspect(now, failed.target);
-                    }
-                }
-            }
-        }
+        self.suspicions.note(now, node, held);
     }
 }

@@ -246,11 +246,6 @@ pub struct UpArgs {
     #[arg(long, env = "OMESH_LEASE_GRACE_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_grace_ms: Option<u64>,
-    /// Shortest wait from a suspicion to the suspect's leases counting lost, once other peers
-    /// confirmed it, ms.
-    #[arg(long, env = "OMESH_SUSPICION_FLOOR_MS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub suspicion_floor_ms: Option<u64>,
     /// Anti-entropy period, ms.
     #[arg(long, env = "OMESH_ANTI_ENTROPY_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]

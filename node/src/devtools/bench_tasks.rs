@@ -2,11 +2,8 @@
 //! after `kill -9` of its owner, and how long a submitted task takes to run, per executor.
 //!
 //! Everything goes through the peers' APIs, as an operator would see it. Times are taken on
-//! this host's clock; the breakdown of a failover uses what the peers report on their own
-//! clocks (each a monotonic clock started at the wall-clock time of its start, so all read
-//! this host's wall clock): when a suspicion of the owner reached each survivor (the earliest
-//! is when its first suspecter raised it), when the new owner claimed, and when it reported
-//! Running.
+//! this host's clock; the breakdown of a failover uses the peers' timelines, which read the same
+//! wall clock.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -83,16 +80,12 @@ impl Summary {
 pub struct Failover {
     /// `kill -9` of the owner until a surviving peer's API shows the task running at epoch + 1.
     pub total: f64,
-    /// Kill until the first suspicion of the owner was raised: the earliest time a suspicion
-    /// of it reached any survivor (its suspecter notes it as it raises it).
+    /// Kill until the observer judged the lease lost: when the suspicion of the owner (it
+    /// stopped answering probes) reached it, plus the lease ttl and grace.
     pub detect: f64,
-    /// First suspicion until the new owner claimed the task: the suspicion's wait there
-    /// (ttl + grace, shrinking as others confirm it), gossip, and any claim stagger.
-    pub suspicion_to_claim: f64,
-    /// The new owner's claim until it reported Running: settle delay and process start.
+    /// Lease lost (as judged by the observer) until the new owner reported Running: claim
+    /// stagger, settle delay and process start.
     pub claim_to_running: f64,
-    /// Confirmations of the suspicion the new owner held once the task ran again.
-    pub confirmations: Option<usize>,
     /// The new owner's Running report until the observer's API showed it (gossip, polling).
     pub visible: f64,
     /// Whether the epoch seen was more than one above the killed one.
@@ -283,48 +276,29 @@ impl Bench {
         let (t, seen) = self
             .poll(observer, &id, |t| t.state == "running" && t.epoch > epoch)
             .await?;
+        // When the suspicion of the dead owner reached the observer: its leases count from
+        // there (it stays suspected, so asking after the failover finds it).
+        let suspected_wall = match bounded(self.mesh.peers_seen_by(observer)).await {
+            Ok(peers) => peers
+                .iter()
+                .find(|p| p.id == owner_id)
+                .and_then(|p| p.suspected_ms_ago)
+                .map(|ago| wall_ms() - ago as f64),
+            Err(_) => None,
+        };
         let total = ms(seen - killed);
         let seen_wall = killed_wall + total;
-        // When the suspicion of the dead owner reached each survivor (it stays suspected, so
-        // asking after the failover finds it); the earliest is when it was raised.
-        let new_owner = t.owner.as_deref().and_then(|o| self.index_of(o));
-        let mut first_suspicion = f64::NAN;
-        let mut confirmations = None;
-        for i in (0..n).filter(|i| *i != owner) {
-            let Ok(peers) = bounded(self.mesh.peers_seen_by(i)).await else {
-                continue;
-            };
-            let asked = wall_ms();
-            let Some(p) = peers.iter().find(|p| p.id == owner_id) else {
-                continue;
-            };
-            if let Some(ago) = p.suspected_ms_ago {
-                first_suspicion = first_suspicion.min(asked - ago as f64);
-            }
-            if Some(i) == new_owner {
-                confirmations = p.suspicion_confirmations;
-            }
-        }
-        let claimed_at = match new_owner {
-            Some(i) => self
-                .task(i, &id)
-                .await
-                .ok()
-                .and_then(|t| t.claimed_at_ms)
-                .map_or(f64::NAN, |at| at as f64),
-            None => f64::NAN,
-        };
         let running_at = t
             .history
             .iter()
             .find(|e| e.epoch == t.epoch && e.state == "running")
             .map_or(f64::NAN, |e| e.at_ms as f64);
+        let (ttl, grace) = ttl_grace();
+        let expiry = suspected_wall.map_or(f64::NAN, |h| h + ttl as f64 + grace as f64);
         let failover = Failover {
             total,
-            detect: first_suspicion - killed_wall,
-            suspicion_to_claim: claimed_at - first_suspicion,
-            claim_to_running: running_at - claimed_at,
-            confirmations,
+            detect: expiry - killed_wall,
+            claim_to_running: running_at - expiry,
             visible: seen_wall - running_at,
             skipped_epochs: t.epoch != epoch + 1,
             // Did the killed owner's instance die with it?
@@ -479,13 +453,11 @@ async fn measure(
     for k in 0..cfg.kills {
         let f = bench.failover(k).await?;
         progress(&format!(
-            "kill {}/{}: running again after {:.0} ms (detect {:.0}, suspicion..claim {:.0} with {} confirmation(s), claim..running {:.0}, visible {:.0})",
+            "kill {}/{}: running again after {:.0} ms (detect {:.0}, claim..running {:.0}, visible {:.0})",
             k + 1,
             cfg.kills,
             f.total,
             f.detect,
-            f.suspicion_to_claim,
-            f.confirmations.map_or("?".into(), |c| c.to_string()),
             f.claim_to_running,
             f.visible
         ));
@@ -513,18 +485,14 @@ pub fn table(r: &Report) -> String {
         pick(|f| f.total),
     )];
     rows.push(row(
-        "  detect: kill -> first suspicion raised".into(),
+        format!(
+            "  detect: kill -> lease lost (suspicion + ttl {} + grace {})",
+            r.ttl_grace_ms.0, r.ttl_grace_ms.1
+        ),
         pick(|f| f.detect),
     ));
     rows.push(row(
-        format!(
-            "  suspicion -> claim (wait: ttl {} + grace {}, less per confirmation)",
-            r.ttl_grace_ms.0, r.ttl_grace_ms.1
-        ),
-        pick(|f| f.suspicion_to_claim),
-    ));
-    rows.push(row(
-        "  claim -> running reported (settle + start)".into(),
+        "  claim stagger + settle + start -> running reported".into(),
         pick(|f| f.claim_to_running),
     ));
     rows.push(row(
@@ -543,18 +511,6 @@ pub fn table(r: &Report) -> String {
         ));
     }
     let mut out = crate::cli::client::table(&["MEASURE", "N", "P50 MS", "P99 MS", "MAX MS"], &rows);
-    let confirmed: Vec<usize> = r.failovers.iter().filter_map(|f| f.confirmations).collect();
-    if !confirmed.is_empty() {
-        let mut hist = BTreeMap::<usize, usize>::new();
-        for c in &confirmed {
-            *hist.entry(*c).or_default() += 1;
-        }
-        let hist: Vec<String> = hist.iter().map(|(c, n)| format!("{c}: {n}")).collect();
-        out.push_str(&format!(
-            "(confirmations of the suspicion at the new owner, count: {})\n",
-            hist.join(", ")
-        ));
-    }
     let skipped = r.failovers.iter().filter(|f| f.skipped_epochs).count();
     let orphans: usize = r.failovers.iter().map(|f| f.orphans).sum();
     out.push_str(&format!(

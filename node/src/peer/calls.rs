@@ -76,16 +76,6 @@ impl Peer {
                             .replica()
                             .suspected_since(&n.id)
                             .map(|t| now.saturating_sub(t)),
-                        suspicion_confirmations: self
-                            .driver
-                            .replica()
-                            .suspected_since(&n.id)
-                            .map(|_| self.driver.replica().suspicion_confirmations(&n.id)),
-                        suspicion_wait_ms: self
-                            .driver
-                            .replica()
-                            .suspected_since(&n.id)
-                            .map(|_| self.driver.replica().suspicion_wait_ms(&n.id)),
                         incarnation: n.incarnation,
                         images: n
                             .images
@@ -186,15 +176,8 @@ impl Peer {
         })
     }
 
-    /// Adds what only this node knows of the task: the progress of the image fetch it runs
-    /// for it, and when it claimed the current epoch, if it did.
+    /// Adds the progress of the image fetch this node runs for the task, if any.
     fn with_progress(&self, mut t: TaskJson) -> TaskJson {
-        t.claimed_at_ms =
-            t.id.parse()
-                .ok()
-                .and_then(|id| self.driver.replica().claimed_at(&id))
-                .filter(|(epoch, _)| *epoch == t.epoch)
-                .map(|(_, at)| at);
         t.progress = t.id.parse().ok().and_then(|id| self.images.progress(&id));
         if let Some(p) = t
             .progress
@@ -247,7 +230,6 @@ fn task_json(v: &omesh_state::TaskView) -> TaskJson {
             .collect(),
         compacted: v.compacted,
         progress: None,
-        claimed_at_ms: None,
         disconnect: v
             .spec
             .as_ref()
