@@ -11,23 +11,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use omesh::exec::cgroup::{self, Hierarchy, Limits, TaskCgroup};
 
 const PARENT: &str = "omesh-test";
-
-/// The hierarchy, or `None` (after saying why) when this host has none we may use.
-fn hierarchy() -> Option<Hierarchy> {
-    match Hierarchy::detect(PARENT) {
-        Ok(h) => Some(h),
-        Err(e) if std::env::var("OMESH_REQUIRE_CGROUPS").as_deref() == Ok("1") => {
-            panic!("OMESH_REQUIRE_CGROUPS=1 but {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
 
 /// A cgroup name no other test (or test run) uses at the same time.
 fn unique(what: &str) -> String {
@@ -104,7 +92,9 @@ fn generous() -> Limits {
 
 #[test]
 fn kill_all_empties_the_group_and_remove_deletes_it() {
-    let Some(h) = hierarchy() else { return };
+    let Some(h) = common::cgroup_hierarchy(PARENT) else {
+        return;
+    };
     let name = unique("kill");
     let run = Running::start(
         &h,
@@ -140,7 +130,9 @@ fn kill_all_empties_the_group_and_remove_deletes_it() {
 
 #[test]
 fn memory_hog_is_oom_killed_at_the_limit() {
-    let Some(h) = hierarchy() else { return };
+    let Some(h) = common::cgroup_hierarchy(PARENT) else {
+        return;
+    };
     let limit = 64 << 20;
     let limits = Limits {
         memory_bytes: limit,
@@ -179,7 +171,9 @@ fn memory_hog_is_oom_killed_at_the_limit() {
 
 #[test]
 fn busy_loop_gets_its_cpu_quota() {
-    let Some(h) = hierarchy() else { return };
+    let Some(h) = common::cgroup_hierarchy(PARENT) else {
+        return;
+    };
     let limits = Limits {
         cpu_millis: 200,
         ..generous()
@@ -214,7 +208,9 @@ fn busy_loop_gets_its_cpu_quota() {
 
 #[test]
 fn fork_bomb_stays_under_pids_max_and_kill_all_wins() {
-    let Some(h) = hierarchy() else { return };
+    let Some(h) = common::cgroup_hierarchy(PARENT) else {
+        return;
+    };
     let limits = Limits {
         pids: 16,
         ..generous()
@@ -259,7 +255,9 @@ fn fork_bomb_stays_under_pids_max_and_kill_all_wins() {
 
 #[test]
 fn create_over_a_leftover_kills_it_and_starts_fresh() {
-    let Some(h) = hierarchy() else { return };
+    let Some(h) = common::cgroup_hierarchy(PARENT) else {
+        return;
+    };
     let name = unique("leftover");
     let mut old = Running::start(&h, &name, &generous(), "sleep", &["600"]);
     wait_for("sleep in the cgroup", Duration::from_secs(5), || {
@@ -280,7 +278,9 @@ fn create_over_a_leftover_kills_it_and_starts_fresh() {
 
 #[test]
 fn a_child_that_cannot_join_does_not_start() {
-    let Some(h) = hierarchy() else { return };
+    let Some(h) = common::cgroup_hierarchy(PARENT) else {
+        return;
+    };
     let cg = TaskCgroup::create(&h, PARENT, &unique("gone"), &generous()).unwrap();
     let mut cmd = Command::new("true");
     cg.join_on_spawn(&mut cmd);
@@ -291,7 +291,9 @@ fn a_child_that_cannot_join_does_not_start() {
 
 #[test]
 fn kill_all_catches_a_chain_that_changes_pid_as_it_goes() {
-    let Some(h) = hierarchy() else { return };
+    let Some(h) = common::cgroup_hierarchy(PARENT) else {
+        return;
+    };
     // Each link starts the next in the background and exits: a pid read from cgroup.procs
     // may be gone by the time a plain kill loop sends to it (pkill loses this race; here
     // the kernel's abort of a fork with SIGKILL pending lets a loop win too, so this checks

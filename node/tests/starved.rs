@@ -18,42 +18,15 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{dump, running_with, wait_until, Node, Submitter};
+use common::{
+    cgroup_hierarchy, dump, fake_cpu_flags, lone_owner, running_with, task_views, wait_until, Node,
+    Submitter,
+};
 use omesh::exec::cgroup::{Hierarchy, Limits, TaskCgroup};
 
 const PARENT: &str = "omesh-test";
 const TASKS: usize = 3;
 const STARVED_FOR: Duration = Duration::from_secs(30);
-
-/// The hierarchy, or `None` (after saying why) when this host has none we may use.
-fn hierarchy() -> Option<Hierarchy> {
-    match Hierarchy::detect(PARENT) {
-        Ok(h) => Some(h),
-        Err(e) if std::env::var("OMESH_REQUIRE_CGROUPS").as_deref() == Ok("1") => {
-            panic!("OMESH_REQUIRE_CGROUPS=1 but {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
-
-/// Flags of every peer: the same fake CPU figure, so that host load decides nothing here.
-fn flags(sub: &Submitter) -> Vec<String> {
-    let mut f = sub.flags();
-    f.extend(["--fake-cpu-percent".into(), "10".into()]);
-    f
-}
-
-/// (state, epoch, owner) of each task as `node` sees it.
-async fn views(node: &Node, ids: &[String]) -> Vec<Option<(String, u64, Option<String>)>> {
-    let mut out = Vec::new();
-    for id in ids {
-        out.push(node.task(id).await.map(|t| (t.state, t.epoch, t.owner)));
-    }
-    out
-}
 
 /// utime + stime of a process, in clock ticks (100 a second on Linux).
 fn cpu_ticks(pid: u32) -> u64 {
@@ -160,59 +133,29 @@ async fn an_owner_starved_to_one_percent_of_a_core_for_30_s_keeps_every_lease() 
         );
         return;
     }
-    let Some(h) = hierarchy() else {
+    let Some(h) = cgroup_hierarchy(PARENT) else {
         return;
     };
     let root = tempfile::tempdir().unwrap();
     let sub = Submitter::new();
-    let mut f = flags(&sub);
-    f.extend(["--alone".into(), "true".into()]);
-    let refs: Vec<&str> = f.iter().map(String::as_str).collect();
     // The owner-to-be runs alone at first, so that every task lands on it.
-    let mut owner = Node::start(root.path(), "owner", &[], &refs);
-    let mut owner_id = String::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while owner_id.is_empty() && Instant::now() < deadline {
-        owner_id = owner.node_id().await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(!owner_id.is_empty(), "the owner's API did not answer");
-    let marker = format!("omesh-starved-{}", rand::random::<u32>());
-    let mut ids = Vec::new();
-    for i in 0..TASKS {
-        let spec = sub.spec(
-            &["sh", "-c", &format!("sleep 600; echo {marker}-{i}")],
-            |_| {},
-        );
-        ids.push(sub.submit(&owner, &spec).await);
-    }
-    let on_owner = |v: &[Option<(String, u64, Option<String>)>]| {
-        v.iter().all(|v| {
-            v.as_ref()
-                .is_some_and(|(s, e, o)| s == "running" && *e == 1 && o.as_ref() == Some(&owner_id))
-        })
-    };
-    let all_on_owner = wait_until(Duration::from_secs(60), || async {
-        on_owner(&views(&owner, &ids).await)
-    })
-    .await;
-    assert!(all_on_owner, "the lone owner did not run all {TASKS} tasks");
+    let mut lone = lone_owner(root.path(), &sub, "owner", "starved", TASKS, 600).await;
 
     // Three peers join it and learn its tasks.
-    let refs: Vec<String> = flags(&sub);
+    let refs: Vec<String> = fake_cpu_flags(&sub);
     let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
     let others: Vec<Node> = (0..3)
-        .map(|i| Node::start(root.path(), &format!("p{i}"), &[owner.addr()], &refs))
+        .map(|i| Node::start(root.path(), &format!("p{i}"), &[lone.node.addr()], &refs))
         .collect();
     let joined = wait_until(Duration::from_secs(60), || async {
-        for n in others.iter().chain(std::iter::once(&owner)) {
+        for n in others.iter().chain(std::iter::once(&lone.node)) {
             match n.status().await {
                 Some(s) if s.ready && s.peers_alive == 4 => {}
                 _ => return false,
             }
         }
         for n in &others {
-            if !on_owner(&views(n, &ids).await) {
+            if !lone.owns_all(&task_views(n, &lone.tasks).await) {
                 return false;
             }
         }
@@ -221,15 +164,15 @@ async fn an_owner_starved_to_one_percent_of_a_core_for_30_s_keeps_every_lease() 
     .await;
     if !joined {
         let mut all: Vec<&Node> = others.iter().collect();
-        all.push(&owner);
+        all.push(&lone.node);
         dump(&all);
     }
     assert!(joined, "the peers did not join and learn the tasks");
     // Past the joining's own work (first syncs, records), as in `omesh bench mesh`.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(running_with(&marker), TASKS);
+    assert_eq!(running_with(&lone.marker), TASKS);
 
-    let pid = owner.pid().unwrap();
+    let pid = lone.node.pid().unwrap();
     let ticks_before = cpu_ticks(pid);
     let mut starved = Starvation::start(&h, pid);
     let started = Instant::now();
@@ -240,12 +183,12 @@ async fn an_owner_starved_to_one_percent_of_a_core_for_30_s_keeps_every_lease() 
     let mut instances_seen = Vec::new();
     while started.elapsed() < STARVED_FOR {
         for n in &others {
-            let v = views(n, &ids).await;
-            if !on_owner(&v) {
+            let v = task_views(n, &lone.tasks).await;
+            if !lone.owns_all(&v) {
                 seen_moves.push((started.elapsed().as_secs_f64(), n.name.clone(), v));
             }
         }
-        instances_seen.push(running_with(&marker));
+        instances_seen.push(running_with(&lone.marker));
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let secs = started.elapsed().as_secs_f64();
@@ -263,12 +206,12 @@ async fn an_owner_starved_to_one_percent_of_a_core_for_30_s_keeps_every_lease() 
     // Let the owner catch up, then look again, on every peer, the owner included.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut after = Vec::new();
-    for n in others.iter().chain(std::iter::once(&owner)) {
-        after.push((n.name.clone(), views(n, &ids).await));
+    for n in others.iter().chain(std::iter::once(&lone.node)) {
+        after.push((n.name.clone(), task_views(n, &lone.tasks).await));
     }
-    if !seen_moves.is_empty() || !after.iter().all(|(_, v)| on_owner(v)) {
+    if !seen_moves.is_empty() || !after.iter().all(|(_, v)| lone.owns_all(v)) {
         let mut all: Vec<&Node> = others.iter().collect();
-        all.push(&owner);
+        all.push(&lone.node);
         dump(&all);
     }
     assert!(
@@ -276,15 +219,19 @@ async fn an_owner_starved_to_one_percent_of_a_core_for_30_s_keeps_every_lease() 
         "a starved owner's task changed hands or epoch while starved: {seen_moves:?}"
     );
     for (name, v) in &after {
-        assert!(on_owner(v), "{name} sees the tasks moved: {v:?}");
+        assert!(lone.owns_all(v), "{name} sees the tasks moved: {v:?}");
     }
     assert!(
         instances_seen.iter().all(|n| *n == TASKS),
         "instances of {TASKS} tasks while starved: {instances_seen:?}"
     );
-    assert_eq!(running_with(&marker), TASKS, "another instance was started");
+    assert_eq!(
+        running_with(&lone.marker),
+        TASKS,
+        "another instance was started"
+    );
     for mut n in others {
         n.terminate();
     }
-    owner.terminate();
+    lone.node.terminate();
 }

@@ -402,3 +402,106 @@ pub async fn show_cert(
         .unwrap();
     answer
 }
+
+/// The host's cgroup hierarchy under `parent`, or `None` (after saying why) when this host has
+/// none a test may use; a failure instead under `OMESH_REQUIRE_CGROUPS=1` (CI).
+pub fn cgroup_hierarchy(parent: &str) -> Option<omesh::exec::cgroup::Hierarchy> {
+    match omesh::exec::cgroup::Hierarchy::detect(parent) {
+        Ok(h) => Some(h),
+        Err(e) if std::env::var("OMESH_REQUIRE_CGROUPS").as_deref() == Ok("1") => {
+            panic!("OMESH_REQUIRE_CGROUPS=1 but {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+/// A submitter's flags with the same fake CPU figure on every peer, so host load (which
+/// every peer on this host reads alike, at different instants) decides nothing.
+pub fn fake_cpu_flags(sub: &Submitter) -> Vec<String> {
+    let mut f = sub.flags();
+    f.extend(["--fake-cpu-percent".into(), "10".into()]);
+    f
+}
+
+/// (state, epoch, owner) of a task as one node sees it.
+pub type TaskState = Option<(String, u64, Option<String>)>;
+
+/// [`TaskState`] of each task as `node` sees it.
+pub async fn task_views(node: &Node, ids: &[String]) -> Vec<TaskState> {
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(node.task(id).await.map(|t| (t.state, t.epoch, t.owner)));
+    }
+    out
+}
+
+/// A peer that ran alone while it was given `tasks` long tasks, and runs them all.
+pub struct LoneOwner {
+    /// The peer.
+    pub node: Node,
+    /// Its node id.
+    pub id: String,
+    /// The tasks' ids.
+    pub tasks: Vec<String>,
+    /// A string on every task's command line (see [`running_with`]).
+    pub marker: String,
+}
+
+impl LoneOwner {
+    /// Whether every view says the task runs on this owner at epoch 1.
+    pub fn owns_all(&self, views: &[TaskState]) -> bool {
+        views.iter().all(|v| {
+            v.as_ref().is_some_and(|(s, e, o)| {
+                s == "running" && *e == 1 && o.as_deref() == Some(self.id.as_str())
+            })
+        })
+    }
+}
+
+/// Starts peer `name` alone (`--alone true`, with [`fake_cpu_flags`]) and submits to it
+/// `tasks` tasks that sleep `sleep_s` s, whose command lines carry a marker made of `what`;
+/// returns once it runs them all at epoch 1 (panics if it does not within a minute).
+pub async fn lone_owner(
+    root: &Path,
+    sub: &Submitter,
+    name: &str,
+    what: &str,
+    tasks: usize,
+    sleep_s: u32,
+) -> LoneOwner {
+    let mut f = fake_cpu_flags(sub);
+    f.extend(["--alone".into(), "true".into()]);
+    let refs: Vec<&str> = f.iter().map(String::as_str).collect();
+    let node = Node::start(root, name, &[], &refs);
+    let mut id = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while id.is_empty() && Instant::now() < deadline {
+        id = node.node_id().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!id.is_empty(), "the owner's API did not answer");
+    let marker = format!("omesh-{what}-{}", rand::random::<u32>());
+    let mut ids = Vec::new();
+    for i in 0..tasks {
+        let spec = sub.spec(
+            &["sh", "-c", &format!("sleep {sleep_s}; echo {marker}-{i}")],
+            |_| {},
+        );
+        ids.push(sub.submit(&node, &spec).await);
+    }
+    let owner = LoneOwner {
+        node,
+        id,
+        tasks: ids,
+        marker,
+    };
+    let all_on_owner = wait_until(Duration::from_secs(60), || async {
+        owner.owns_all(&task_views(&owner.node, &owner.tasks).await)
+    })
+    .await;
+    assert!(all_on_owner, "the lone owner did not run all {tasks} tasks");
+    owner
+}
