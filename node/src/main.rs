@@ -293,7 +293,7 @@ fn up(args: &UpArgs) -> anyhow::Result<()> {
     // Before any port is bound: a second `omesh up` on this directory is told who runs it,
     // not that some port is taken.
     let lock = omesh::datadir::DataDir::open(&cfg.data_dir)?.lock()?;
-    let rt = runtime()?;
+    let rt = peer_runtime()?;
     rt.block_on(async move {
         let metrics = Arc::new(Mutex::new(Metrics::new()));
         let api_addr = cfg.api_listen;
@@ -313,11 +313,27 @@ fn up(args: &UpArgs) -> anyhow::Result<()> {
         });
         tracing::info!(api = %api_addr, dashboard = %format!("http://{api_addr}/"), "status API and dashboard listening");
         let api = tokio::spawn(async move { axum::serve(listener, router).await });
-        peer.run(calls_rx, shutdown_signal()).await;
+        // On the worker, not this thread: the swarm's connection tasks and the peer's loop
+        // then hand events over on one thread, without a cross-thread wake-up each.
+        let run = tokio::spawn(peer.run(calls_rx, shutdown_signal()));
+        if let Err(e) = run.await {
+            tracing::error!(error = %e, "the peer's loop ended abnormally");
+        }
         api.abort();
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// The runtime of `omesh up`: one worker thread (plus tokio's blocking pool, for file and
+/// engine calls). The peer's work is one event loop over the swarm's connections; a second
+/// worker only moved each event between threads, and those hand-overs were the largest
+/// share of an idle peer's CPU.
+fn peer_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
 }
 
 /// Makes this process not dumpable (prctl `PR_SET_DUMPABLE` 0).
