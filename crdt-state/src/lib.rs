@@ -35,5 +35,6 @@ pub use io::{
 };
 pub use liveness::{Health, RttEstimate};
 pub use merge::{Crdt, DeltaError, Merged, Stamp, State, TaskRecord};
+pub use probe::NEIGHBOURS;
 pub use replica::{survives_restart, NodeKey, Replica};
 pub use verify::{Ed25519, Verify};

@@ -634,6 +634,29 @@ impl State {
         self.nodes.values().map(|s| &*s.rec)
     }
 
+    /// The held nodes before `id` in id order, nearest first, wrapping round past the
+    /// first to the last; `id` itself is left out. Each is visited once.
+    pub fn nodes_before(&self, id: &NodeId) -> impl Iterator<Item = &NodeRecord> + '_ {
+        let id = *id;
+        self.nodes
+            .range(..id)
+            .rev()
+            .chain(self.nodes.range(id..).rev())
+            .filter(move |(k, _)| **k != id)
+            .map(|(_, s)| &*s.rec)
+    }
+
+    /// The held nodes after `id` in id order, nearest first, wrapping round past the last to
+    /// the first; `id` itself is left out. Each is visited once.
+    pub fn nodes_after(&self, id: &NodeId) -> impl Iterator<Item = &NodeRecord> + '_ {
+        let id = *id;
+        self.nodes
+            .range(id..)
+            .chain(self.nodes.range(..id))
+            .filter(move |(k, _)| **k != id)
+            .map(|(_, s)| &*s.rec)
+    }
+
     /// Number of node records.
     pub fn node_count(&self) -> usize {
         self.nodes.len()

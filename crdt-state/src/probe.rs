@@ -21,7 +21,6 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::liveness::{Health, Judge};
-use crate::merge::State;
 
 /// How long a relayed ping is remembered, in probe periods.
 pub(crate) const RELAY_PERIODS: u64 = 2;
@@ -297,30 +296,40 @@ impl Prober {
         }
     }
 
-    /// The next node to ping: round robin over a shuffled list of the known peers, reshuffled
-    /// each round. Peers judged Gone stay in it (without indirect probes): after a partition
-    /// heals, an idle mesh publishes nothing, and a direct ping is how the two sides find
-    /// each other again (see `Replica::contact`). Peers that left are skipped.
+    /// The next node to ping: round robin over this node's neighbours, reshuffled each
+    /// round. Its neighbours are the [`NEIGHBOURS`] nearest nodes before it in id order that
+    /// are not gone (suspects stay in, so that a crash is confirmed by those watching it), so
+    /// every node is watched by the `NEIGHBOURS` nodes after it: probing keeps each node in
+    /// touch with a fixed number of peers whatever the mesh size, where a round over every
+    /// peer kept a connection open to each of them (memory and keep-alives per peer, idle
+    /// cost growing with the mesh). Each round also pings one peer judged gone, drawn at
+    /// random, if any: after a partition heals, an idle mesh publishes nothing, and a direct
+    /// ping is how the two sides find each other again (see `Replica::contact`). Peers that
+    /// left are skipped.
     pub(crate) fn next_target(
         &mut self,
-        state: &State,
-        me: &NodeId,
+        now: Millis,
+        judge: &Judge<'_>,
         rng: &mut ChaCha8Rng,
     ) -> Option<NodeId> {
+        let me = judge.me.id;
         for _ in 0..2 {
             while self.pos < self.order.len() {
                 let p = self.order[self.pos];
                 self.pos += 1;
-                match state.node_by_prefix(p) {
-                    Some(r) if r.id != *me && !r.leaving => return Some(r.id),
+                match judge.state.node_by_prefix(p) {
+                    Some(r) if r.id != me && !r.leaving => return Some(r.id),
                     _ => {}
                 }
             }
-            let mut order: Vec<u64> = state
-                .nodes()
-                .filter(|n| n.id != *me && !n.leaving)
-                .map(|n| id_prefix(&n.id))
-                .collect();
+            let mut order: Vec<u64> =
+                nearest(judge.state.nodes_before(&me), judge, now, NEIGHBOURS)
+                    .iter()
+                    .map(id_prefix)
+                    .collect();
+            if let Some(gone) = gone_peer(now, judge, rng) {
+                order.push(id_prefix(&gone));
+            }
             order.shuffle(rng);
             self.order = order;
             self.pos = 0;
@@ -328,22 +337,17 @@ impl Prober {
         None
     }
 
-    /// A node just became known: put it at a random place among the peers still to ping
-    /// this round, as SWIM does, rather than wait for the next round. At boot a node's first
-    /// round holds only the few peers it knew then, and every node knew the same early
-    /// booters: a node that booted late went unprobed by everyone for a whole round.
-    pub(crate) fn learned(&mut self, id: &NodeId, rng: &mut ChaCha8Rng) {
-        if self.order.is_empty() {
-            // Not built yet: the first round is built from every node known then.
-            return;
-        }
-        self.order.push(id_prefix(id));
-        let last = self.order.len() - 1;
-        let at = rng.gen_range(self.pos.min(last)..=last);
-        self.order.swap(at, last);
+    /// A node just became known: if it is a new neighbour, it is pinged from the next period
+    /// on. The round ends, and the next is built from the nodes known then (a few lookups in
+    /// id order): at boot a node's first round holds only the peers it knew then.
+    pub(crate) fn learned(&mut self) {
+        self.pos = self.order.len();
     }
 
-    /// Up to `k` distinct peers not judged Gone, other than `except`, chosen at random.
+    /// Up to `k` distinct neighbours not judged Gone, other than `except`, chosen at random:
+    /// the helpers of an indirect probe, the peer of an anti-entropy round. Drawn from the
+    /// [`NEIGHBOURS`] nearest nodes on either side in id order, the peers this node is in
+    /// touch with anyway (and a helper is likely one of the target's own watchers).
     pub(crate) fn random_peers(
         &self,
         now: Millis,
@@ -352,29 +356,14 @@ impl Prober {
         judge: &Judge<'_>,
         rng: &mut ChaCha8Rng,
     ) -> Vec<NodeId> {
-        let n = self.order.len();
-        let mut out = Vec::with_capacity(k);
-        if n == 0 || k == 0 {
-            return out;
+        if k == 0 {
+            return Vec::new();
         }
-        // A few random draws from the round-robin list: O(k), not O(N).
-        for _ in 0..(4 * k) {
-            let i = rng.gen_range(0..n);
-            let Some(id) = judge.state.node_by_prefix(self.order[i]).map(|r| r.id) else {
-                continue;
-            };
-            if id != except
-                && id != judge.me.id
-                && !out.contains(&id)
-                && judge.health(now, &id) != Health::Gone
-            {
-                out.push(id);
-                if out.len() == k {
-                    break;
-                }
-            }
-        }
-        out
+        let mut pool = neighbours(now, judge);
+        pool.retain(|id| *id != except);
+        pool.shuffle(rng);
+        pool.truncate(k);
+        pool
     }
 
     /// A fresh nonce: a bijection of a counter keyed by a secret, so nonces never repeat
@@ -383,6 +372,65 @@ impl Prober {
         self.nonce = self.nonce.wrapping_add(1);
         crate::digest::splitmix64(self.nonce ^ self.nonce_key)
     }
+}
+
+/// How many peers each node probes in turn (its nearest live predecessors in id order), and
+/// so how many watch it. A crash is first probed about as soon as with every node probing
+/// every other (each period a node escapes its watchers with chance ~(1 - 1/K)^K, 0.32),
+/// and each node keeps in touch with about 2K peers whatever the mesh size.
+pub const NEIGHBOURS: usize = 4;
+
+/// The most records passed over (gone or leaving ones) looking for neighbours on one side.
+const NEIGHBOUR_SCAN: usize = 256;
+
+/// Up to `k` of `nodes` (nearest first) that are not this node, not leaving and not judged
+/// gone, looking at no more than [`NEIGHBOUR_SCAN`] of them.
+fn nearest<'a>(
+    nodes: impl Iterator<Item = &'a omesh_protocol::NodeRecord>,
+    judge: &Judge<'_>,
+    now: Millis,
+    k: usize,
+) -> Vec<NodeId> {
+    nodes
+        .take(NEIGHBOUR_SCAN)
+        .filter(|r| r.id != judge.me.id && !r.leaving && judge.health_of(now, r) != Health::Gone)
+        .take(k)
+        .map(|r| r.id)
+        .collect()
+}
+
+/// This node's neighbours: the [`NEIGHBOURS`] nearest nodes on either side of it in id order
+/// that are not gone (each once, in id order): those it probes and those that probe it.
+pub(crate) fn neighbours(now: Millis, judge: &Judge<'_>) -> Vec<NodeId> {
+    let me = judge.me.id;
+    let mut out = nearest(judge.state.nodes_before(&me), judge, now, NEIGHBOURS);
+    out.extend(nearest(
+        judge.state.nodes_after(&me),
+        judge,
+        now,
+        NEIGHBOURS,
+    ));
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// A peer judged gone (not one that left, nor a revoked one), if one of two random draws
+/// finds one.
+fn gone_peer(now: Millis, judge: &Judge<'_>, rng: &mut ChaCha8Rng) -> Option<NodeId> {
+    for _ in 0..2 {
+        let mut at = [0u8; 32];
+        rng.fill(&mut at);
+        let r = judge.state.nodes_after(&NodeId(at)).next()?;
+        if r.id != judge.me.id
+            && !r.leaving
+            && !judge.state.is_revoked(&r.id)
+            && judge.health_of(now, r) == Health::Gone
+        {
+            return Some(r.id);
+        }
+    }
+    None
 }
 
 /// The first eight bytes of an id, big-endian: its place in id order.

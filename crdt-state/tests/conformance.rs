@@ -33,7 +33,7 @@ fn the_harness_network_drops_duplicates_and_reorders() {
         m.run_for(50);
     }
     m.run_for(3_000);
-    let n = m.net;
+    let n = m.net.clone();
     assert!(n.sent > 300, "{n:?}");
     // Each is drawn at 200 per mille (duplicates among the messages kept): far from zero.
     assert!(n.dropped * 1000 > n.sent * 100, "too few drops: {n:?}");

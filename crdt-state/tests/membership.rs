@@ -529,23 +529,30 @@ fn when_a_long_running_owner_dies_the_next_in_rank_claims_not_every_node() {
 }
 
 #[test]
-fn a_node_learned_mid_round_is_probed_in_that_round() {
-    use omesh_protocol::{DeltaBody, GossipMessage, Probe};
+fn a_new_neighbour_learned_mid_round_is_probed_within_a_few_periods() {
+    use omesh_protocol::{DeltaBody, GossipMessage, NodeId, Probe};
     use omesh_state::{Action, Input, Replica};
     let rec = |i: u8| record(node(i), 0, 0);
-    let learn = |r: &mut Replica, now, ids: std::ops::Range<u8>| {
+    let learn = |r: &mut Replica, now, ids: &[u8]| {
         let deltas = ids
-            .map(|i| omesh_harness::fixtures::sign(node(i), 1 << 32 | 1, DeltaBody::Node(rec(i))))
+            .iter()
+            .map(|&i| omesh_harness::fixtures::sign(node(i), 1 << 32 | 1, DeltaBody::Node(rec(i))))
             .collect();
         r.handle_gossip(now, node(2), &GossipMessage { deltas })
             .unwrap();
     };
+    let me = node(1);
+    // The ids just before this node's in id order, nearest first: its neighbours-to-be.
+    let mut before: Vec<(NodeId, u8)> = (2..80).map(|i| (node(i), i)).collect();
+    before.sort_by_key(|(id, _)| std::cmp::Reverse(if *id < me { (1, *id) } else { (0, *id) }));
+    // The first peers known are all farther away than the nearest two.
+    let near: Vec<u8> = before[..2].iter().map(|(_, i)| *i).collect();
+    let first: Vec<u8> = before[2..].iter().map(|(_, i)| *i).collect();
     let mut r = omesh_harness::fixtures::replica(harness::config(1)).unwrap();
-    learn(&mut r, 0, 2..40);
-    // The first probe builds this round from the 38 peers known now.
+    learn(&mut r, 0, &first);
     let mut now = 0;
     let mut pinged = Vec::new();
-    let tick = |r: &mut Replica, now: u64, pinged: &mut Vec<omesh_protocol::NodeId>| {
+    let tick = |r: &mut Replica, now: u64, pinged: &mut Vec<NodeId>| {
         r.handle(now, Input::Tick).unwrap();
         while let Some(a) = r.poll_action() {
             if let Action::SendProbe {
@@ -561,17 +568,68 @@ fn a_node_learned_mid_round_is_probed_in_that_round() {
         tick(&mut r, now, &mut pinged);
         now += 50;
     }
-    // Forty more join; within the next ten periods some of them are pinged, though the
-    // round still has 37 of the first peers to go.
-    learn(&mut r, now, 40..80);
+    // Two nearer nodes join mid-round: both are pinged within the next ten periods.
+    learn(&mut r, now, &near);
     pinged.clear();
     let until = now + 10 * r.config().heartbeat_ms;
     while now < until {
         tick(&mut r, now, &mut pinged);
         now += 50;
     }
-    let new = pinged.iter().filter(|id| id.0[0] >= 40).count();
-    assert!(new >= 1, "pinged only the first peers: {pinged:?}");
+    for i in &near {
+        assert!(
+            pinged.contains(&node(*i)),
+            "new neighbour {i} not pinged: {pinged:?}"
+        );
+    }
+}
+
+#[test]
+fn in_a_large_mesh_each_node_talks_to_a_few_peers_and_a_crash_is_still_taken_over() {
+    let n = 30;
+    let mut m = joined(n);
+    let task = m.submit(node(1), spec(78));
+    assert!(m.run_until(5_000, |m| owner_of(m, task).is_some()));
+    let (owner, epoch) = owner_of(&m, task).unwrap();
+    // Steady state: who probes or syncs with whom over a minute.
+    m.run_until(5_000, |_| false);
+    m.net.links.clear();
+    m.run_until(60_000, |_| false);
+    let bound = 2 * omesh_state::NEIGHBOURS;
+    for id in m.ids() {
+        let mut peers: Vec<_> = m
+            .net
+            .links
+            .iter()
+            .filter_map(|(a, b)| {
+                if *a == id {
+                    Some(*b)
+                } else if *b == id {
+                    Some(*a)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        peers.sort();
+        peers.dedup();
+        assert!(
+            peers.len() <= bound,
+            "{} talked to {} of {} peers in a minute (at most {bound} expected)",
+            id.short(),
+            peers.len(),
+            n - 1
+        );
+        assert!(!peers.is_empty(), "{} talked to nobody", id.short());
+    }
+    // Every node is still watched: the owner's crash is found and its task runs elsewhere.
+    m.crash(owner);
+    assert!(m.run_until(30_000, |m| owner_of(m, task)
+        .is_some_and(|(o, e)| o != owner && e > epoch)));
+    let others: Vec<_> = m.ids().into_iter().filter(|id| *id != owner).collect();
+    assert!(m.run_until(20_000, |m| others
+        .iter()
+        .all(|id| m.replica(*id).health(m.now, &owner) == Health::Gone)));
 }
 
 /// A record of `id` (incarnation 1) at `seq` with `cpu_permille` load.

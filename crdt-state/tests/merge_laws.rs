@@ -259,7 +259,7 @@ proptest! {
         }
         // The faults were real: with a few hundred messages sent, some were duplicated and
         // overtaken (and dropped, when asked for).
-        let n = m.net;
+        let n = m.net.clone();
         if n.sent >= 200 {
             prop_assert!(n.duplicated > 0 && n.reordered > 0, "{:?}", n);
             prop_assert!(drop_permille < 20 || n.dropped > 0, "{:?}", n);

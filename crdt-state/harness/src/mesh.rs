@@ -23,7 +23,7 @@ pub struct Instance {
 }
 
 /// What the network did to the messages sent so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetStats {
     /// Messages handed to the network (cut links excluded).
     pub sent: u64,
@@ -35,6 +35,9 @@ pub struct NetStats {
     pub reordered: u64,
     /// Deliveries made.
     pub delivered: u64,
+    /// Every (sender, receiver) pair a probe or a sync went between: the peers a node would
+    /// hold a connection to (gossip travels over its own mesh, and is not counted here).
+    pub links: BTreeSet<(NodeId, NodeId)>,
 }
 
 /// A message on its way: to whom, and its place in its sender's stream to that receiver.
@@ -200,6 +203,12 @@ impl Mesh {
             return;
         }
         self.net.sent += 1;
+        if matches!(
+            input,
+            Input::Probe { .. } | Input::SyncRequest { .. } | Input::SyncReply { .. }
+        ) {
+            self.net.links.insert((from, to));
+        }
         if self.drop_permille > 0 && self.rng.gen_range(0..1000) < self.drop_permille {
             self.net.dropped += 1;
             return;

@@ -167,7 +167,7 @@ impl Replica {
                 match &d.body {
                     DeltaBody::Node(rec) => {
                         if held.is_none() && rec.id != self.me.id {
-                            self.prober.learned(&rec.id, &mut self.rng);
+                            self.prober.learned();
                         }
                         let newer = held.is_none_or(|v| rec.version() > v);
                         if newer {

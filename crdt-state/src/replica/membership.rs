@@ -175,6 +175,13 @@ impl Replica {
         self.state.hear(&from, now);
     }
 
+    /// This node's neighbours in id order (see `NEIGHBOURS`): the few peers it probes,
+    /// is probed by and syncs with, whatever the mesh size. A driver keeps its connections to
+    /// them (and to its gossip mesh) and may close the rest when idle.
+    pub fn neighbours(&self, now: Millis) -> Vec<NodeId> {
+        crate::probe::neighbours(now, &self.judge())
+    }
+
     /// Up to `k` distinct peers not judged Gone, other than `except`, chosen at random.
     pub(crate) fn random_peers(&mut self, now: Millis, k: usize, except: NodeId) -> Vec<NodeId> {
         let judge = Judge {
@@ -198,9 +205,14 @@ impl Replica {
             if let Some(target) = unanswered {
                 self.suspect(now, target);
             }
-            let next = self
-                .prober
-                .next_target(&self.state, &self.me.id, &mut self.rng);
+            let judge = Judge {
+                cfg: &self.cfg,
+                state: &self.state,
+                me: &self.me,
+                suspicions: &self.suspicions,
+                rtt: &self.rtt,
+            };
+            let next = self.prober.next_target(now, &judge, &mut self.rng);
             self.contact_tick(now);
             if let Some(target) = next {
                 let wait = self

@@ -23,6 +23,8 @@ pub(crate) struct Seed {
     /// Not a configured seed but a peer an earlier run knew (`<data_dir>/peers`): dialed
     /// only while this node is connected to nobody, and not counted as a seed for readiness.
     pub(super) remembered: bool,
+    /// Connected at least once in this run.
+    pub(super) reached: bool,
 }
 
 impl Seed {
@@ -36,6 +38,7 @@ impl Seed {
             next_try: Instant::now(),
             backoff: Duration::from_millis(500),
             remembered,
+            reached: false,
         }
     }
 }
@@ -71,9 +74,11 @@ impl Peer {
             // A wait taken while connected does not hold once every connection is gone.
             seed.next_try = seed.next_try.min(now + ceiling);
             seed.backoff = seed.backoff.min(ceiling);
-            // Once connected to anyone, the mesh's records say where everyone is.
+            // Once connected to anyone, the mesh's records say where everyone is: a seed
+            // this node reached once is dialed again only when it is connected to nobody
+            // (`trim_connections` closes an idle seed connection like any other).
             if seed.connected
-                || (seed.remembered && !lonely)
+                || ((seed.remembered || seed.reached) && !lonely)
                 || now < seed.next_try
                 || seed.peer.is_some_and(|p| self.blocked.contains(&p))
             {
@@ -217,6 +222,55 @@ impl Peer {
                 .build();
             if self.swarm.dial(opts).is_ok() {
                 want -= 1;
+            }
+        }
+    }
+}
+
+impl Peer {
+    /// Closes the connections nothing needs, down to `target_peers`: not to a neighbour of
+    /// this node (`Replica::neighbours`: the peers it probes and syncs with), not in its
+    /// gossip mesh, and unused for [`net::IDLE_CONNECTION`]. gossipsub keeps a stream open on
+    /// every connection, so libp2p's own idle timeout never closes one: without this a node
+    /// ends up connected to every peer it ever probed or was dialed by (the seed, to all),
+    /// and its memory and keep-alive traffic grow with the mesh.
+    pub(super) fn trim_connections(&mut self) {
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        let Some(mut spare) = connected.len().checked_sub(self.cfg.target_peers) else {
+            return;
+        };
+        if spare == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut keep: std::collections::HashSet<PeerId> = self
+            .driver
+            .replica()
+            .neighbours(self.driver.now())
+            .iter()
+            .filter_map(net::peer_id_of)
+            .collect();
+        keep.extend(
+            self.swarm
+                .behaviour()
+                .gossipsub
+                .mesh_peers(&self.topic.hash())
+                .copied(),
+        );
+        for peer in connected {
+            if spare == 0 {
+                break;
+            }
+            let recent = self
+                .last_used
+                .get(&peer)
+                .is_some_and(|t| now.duration_since(*t) < net::IDLE_CONNECTION);
+            if keep.contains(&peer) || recent {
+                continue;
+            }
+            debug!(%peer, "closing an idle connection to a peer that is no neighbour");
+            if self.swarm.disconnect_peer_id(peer).is_ok() {
+                spare -= 1;
             }
         }
     }

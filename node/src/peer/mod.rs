@@ -58,6 +58,9 @@ pub struct Peer {
     pub(crate) pending_replies: HashMap<NodeId, VecDeque<ResponseChannel<Vec<u8>>>>,
     pub(crate) outbound: HashMap<OutboundRequestId, NodeId>,
     pub(crate) connections: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
+    /// Per connected peer, when a request or answer last went either way (or it connected):
+    /// what `trim_connections` leaves open for a while.
+    pub(crate) last_used: HashMap<PeerId, Instant>,
     pub(crate) recent_propagation: VecDeque<omesh_state::PropagationSample>,
     /// Per peer: whether its state digest equalled ours at the last sync exchange, and when
     /// (this node's clock). Shown by the API so an operator sees agreement at a glance.
@@ -276,6 +279,7 @@ impl Peer {
             pending_replies: HashMap::new(),
             outbound: HashMap::new(),
             connections: HashMap::new(),
+            last_used: HashMap::new(),
             recent_propagation: VecDeque::new(),
             digest_agreement: HashMap::new(),
             seeds,
@@ -498,6 +502,7 @@ impl Peer {
         self.refresh_admitted();
         self.dial_seeds();
         self.connect_known_peers();
+        self.trim_connections();
         self.feed_kad_addresses();
         self.remember_peers();
         self.refresh_images();

@@ -33,6 +33,9 @@ pub const PING_EVERY: Duration = Duration::from_secs(60);
 /// identify's periodic re-send: its answer (listen addresses, protocols) only changes when a
 /// peer's listen addresses do, and a new connection identifies at once.
 pub const IDENTIFY_EVERY: Duration = Duration::from_secs(10 * 60);
+/// How long a connection no behaviour keeps alive stays open after its last use.
+pub const IDLE_CONNECTION: Duration = Duration::from_secs(15);
+
 /// Messages a gossipsub connection handler may queue. gossipsub allocates half of it up
 /// front, per connection, as a bounded channel of ~250-byte slots: the default 5,000 cost
 /// 0.6 MiB per connected peer. Publishes and control messages go to the other (unbounded)
@@ -283,7 +286,12 @@ pub fn build_swarm(
             })
         })
         .map_err(|e| BuildError(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        // A connection nothing used for this long closes. A node probes and syncs with its
+        // few neighbours every couple of seconds (`omesh_state::NEIGHBOURS`), and gossipsub
+        // keeps its mesh's connections alive itself, so what closes is the rest: the seed
+        // everyone dialed at start, a helper asked once. Idle cost then stays flat in the
+        // mesh size instead of a connection (and its keep-alives) per peer.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION))
         .build();
     Ok(swarm)
 }

@@ -1,7 +1,7 @@
 //! Swarm events into the replica: gossip, sync requests and replies, probes, identify, ping,
 //! listen addresses and connections.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::request_response;
@@ -23,9 +23,18 @@ impl Peer {
                 message_id,
                 message,
             })) => self.on_gossip(propagation_source, &message_id, &message),
-            SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.on_sync_event(ev),
-            SwarmEvent::Behaviour(BehaviourEvent::Logs(ev)) => self.on_logs_event(ev),
-            SwarmEvent::Behaviour(BehaviourEvent::Probe(ev)) => self.on_probe_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => {
+                self.used(&ev);
+                self.on_sync_event(ev);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Logs(ev)) => {
+                self.used(&ev);
+                self.on_logs_event(ev);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Probe(ev)) => {
+                self.used(&ev);
+                self.on_probe_event(ev);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -71,6 +80,7 @@ impl Peer {
                 num_established,
                 ..
             } => {
+                self.last_used.insert(peer_id, Instant::now());
                 let conns = self.connections.entry(peer_id).or_default();
                 let older: Vec<_> = std::mem::take(conns);
                 conns.push(connection_id);
@@ -98,6 +108,7 @@ impl Peer {
                 for seed in &mut self.seeds {
                     if strip_p2p(&seed.addr) == strip_p2p(&remote) {
                         seed.connected = true;
+                        seed.reached = true;
                         seed.peer = Some(peer_id);
                         seed.backoff = Duration::from_millis(500);
                     }
@@ -124,6 +135,7 @@ impl Peer {
                 }
                 if num_established == 0 {
                     self.connections.remove(&peer_id);
+                    self.last_used.remove(&peer_id);
                     for seed in &mut self.seeds {
                         if seed.peer == Some(peer_id) {
                             seed.connected = false;
@@ -231,6 +243,15 @@ impl Peer {
             .behaviour_mut()
             .gossipsub
             .report_message_validation_result(id, &source, acceptance);
+    }
+
+    /// Notes that a request or answer went to or came from a peer (see `trim_connections`).
+    fn used(&mut self, event: &request_response::Event<Vec<u8>, Vec<u8>>) {
+        if let request_response::Event::Message { peer, .. } = event {
+            if let Some(t) = self.last_used.get_mut(peer) {
+                *t = Instant::now();
+            }
+        }
     }
 
     fn on_sync_event(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
