@@ -113,7 +113,9 @@ impl Judge<'_> {
             return self.own_health();
         }
         if rec.leaving || self.state.is_revoked(id) {
-            // A revoked node is out for good, as if it had left: its leases lapse at once.
+            // A revoked node is out for good, as if it had left; its leases lapse ttl + grace
+            // after the revocation reached this replica (`Suspicions::revoked_since`), by
+            // when its guards have ended its instances.
             return Health::Gone;
         }
         match self.suspected_since(id) {

@@ -399,6 +399,7 @@ impl Replica {
                     return Err(InputError::BadRevocation(r.node.short()));
                 }
                 if !self.state.is_revoked(&r.node) {
+                    self.suspicions.revoked(now, r.node);
                     self.write(now, DeltaBody::Revoke(r));
                     self.mark_dirty(now);
                     self.flush();

@@ -14,6 +14,8 @@ use crate::merge::State;
 pub(crate) struct Suspicions {
     /// Per suspected node, the version suspected and when that suspicion reached us.
     at: BTreeMap<NodeId, ((u64, u64), Millis)>,
+    /// Per revoked node, when its revocation reached this replica.
+    revoked: BTreeMap<NodeId, Millis>,
 }
 
 impl Suspicions {
@@ -56,12 +58,28 @@ impl Suspicions {
         Some(at)
     }
 
+    /// Notes that the revocation of `node` reached this replica (the first arrival counts).
+    pub(crate) fn revoked(&mut self, now: Millis, node: NodeId) {
+        self.revoked.entry(node).or_insert(now);
+    }
+
+    /// When the revocation of `node` reached this replica, if one did. A revoked node is
+    /// refused by every peer from then on, so it completes no round trip and its guards end
+    /// its instances within its own window: its leases count as lost `ttl + grace` after
+    /// this, like those of a node suspected then, and nothing it says refutes it.
+    pub(crate) fn revoked_since(&self, node: &NodeId) -> Option<Millis> {
+        self.revoked.get(node).copied()
+    }
+
     /// Restarts every suspicion's countdown: called when this node hears the mesh again
     /// after a spell of isolation. What it suspected while cut off says more about the cut
     /// than about the peers, who get `ttl + grace` from now to refute it before their
     /// leases count as lost here.
     pub(crate) fn restart(&mut self, now: Millis) {
         for (_, at) in self.at.values_mut() {
+            *at = (*at).max(now);
+        }
+        for at in self.revoked.values_mut() {
             *at = (*at).max(now);
         }
     }

@@ -194,6 +194,10 @@ impl Replica {
                         self.stats.lease_changes += 1;
                         self.mark_dirty(now);
                     }
+                    DeltaBody::Revoke(r) => {
+                        self.suspicions.revoked(now, r.node);
+                        self.mark_dirty(now);
+                    }
                     DeltaBody::Suspect { node, .. } => {
                         if *node == self.me.id {
                             // Someone could not reach us: answer with a newer record, which
