@@ -346,28 +346,6 @@ impl Prober {
         self.pos = self.order.len();
     }
 
-    /// Up to `k` distinct neighbours not judged Gone, other than `except`, chosen at random:
-    /// the helpers of an indirect probe, the peer of an anti-entropy round. Drawn from the
-    /// [`NEIGHBOURS`] nearest nodes on either side in id order, the peers this node is in
-    /// touch with anyway (and a helper is likely one of the target's own watchers).
-    pub(crate) fn random_peers(
-        &self,
-        now: Millis,
-        k: usize,
-        except: NodeId,
-        judge: &Judge<'_>,
-        rng: &mut ChaCha8Rng,
-    ) -> Vec<NodeId> {
-        if k == 0 {
-            return Vec::new();
-        }
-        let mut pool = neighbours(now, judge);
-        pool.retain(|id| *id != except);
-        pool.shuffle(rng);
-        pool.truncate(k);
-        pool
-    }
-
     /// A fresh nonce: a bijection of a counter keyed by a secret, so nonces never repeat
     /// within a run and cannot be predicted from the ones seen.
     pub(crate) fn next_nonce(&mut self) -> u64 {

@@ -7,6 +7,7 @@
 //! [`Suspicions`]: crate::suspicion::Suspicions
 
 use omesh_protocol::{DeltaBody, Millis, NodeId, NodeRecord, Probe};
+use rand::seq::SliceRandom;
 
 use super::Replica;
 use crate::io::Action;
@@ -183,16 +184,14 @@ impl Replica {
     }
 
     /// Up to `k` distinct peers not judged Gone, other than `except`, chosen at random.
+    /// Drawn from this node's neighbours, the peers it is in touch with anyway (and a helper
+    /// is likely one of the target's own watchers).
     pub(crate) fn random_peers(&mut self, now: Millis, k: usize, except: NodeId) -> Vec<NodeId> {
-        let judge = Judge {
-            cfg: &self.cfg,
-            state: &self.state,
-            me: &self.me,
-            suspicions: &self.suspicions,
-            rtt: &self.rtt,
-        };
-        self.prober
-            .random_peers(now, k, except, &judge, &mut self.rng)
+        let mut pool = self.neighbours(now);
+        pool.retain(|id| *id != except);
+        pool.shuffle(&mut self.rng);
+        pool.truncate(k);
+        pool
     }
 
     /// Probing work due at `now`: close the period (suspect an unanswered target), ping the
