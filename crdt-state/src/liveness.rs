@@ -114,7 +114,7 @@ impl Judge<'_> {
         }
         if rec.leaving || self.state.is_revoked(id) {
             // A revoked node is out for good, as if it had left; its leases lapse ttl + grace
-            // after the revocation reached this replica (`Suspicions::revoked_since`), by
+            // after the revocation reached this replica (`Suspicions::since`), by
             // when its guards have ended its instances.
             return Health::Gone;
         }

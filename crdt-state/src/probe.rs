@@ -363,8 +363,9 @@ pub const NEIGHBOURS: usize = 4;
 /// The most records passed over (gone or leaving ones) looking for neighbours on one side.
 const NEIGHBOUR_SCAN: usize = 256;
 
-/// Up to `k` of `nodes` (nearest first) that are not this node, not leaving and not judged
-/// gone, looking at no more than [`NEIGHBOUR_SCAN`] of them.
+/// Up to `k` of `nodes` (nearest first, this node left out: `State::nodes_before` or
+/// `nodes_after` of it) that are not leaving and not judged gone, looking at no more than
+/// [`NEIGHBOUR_SCAN`] of them.
 fn nearest<'a>(
     nodes: impl Iterator<Item = &'a omesh_protocol::NodeRecord>,
     judge: &Judge<'_>,
@@ -373,7 +374,7 @@ fn nearest<'a>(
 ) -> Vec<NodeId> {
     nodes
         .take(NEIGHBOUR_SCAN)
-        .filter(|r| r.id != judge.me.id && !r.leaving && judge.health_of(now, r) != Health::Gone)
+        .filter(|r| !r.leaving && judge.health_of(now, r) != Health::Gone)
         .take(k)
         .map(|r| r.id)
         .collect()

@@ -44,7 +44,22 @@ impl Suspicions {
     /// while `id` is not suspected, or once `id` was heard from directly since: a message
     /// from it is better evidence than another node's failed probe, and its own refutation
     /// may still be on the way.
+    ///
+    /// A revocation counts as a suspicion from when it reached this replica, one that nothing
+    /// refutes: a revoked node is refused by every peer from then on, so it completes no
+    /// round trip and its guards end its instances within its own window, and its leases
+    /// count as lost `ttl + grace` later without a probe of it failing first (nobody probes
+    /// a revoked node).
     pub(crate) fn since(&self, state: &State, id: &NodeId) -> Option<Millis> {
+        let revoked = self.revoked.get(id).copied();
+        match (self.suspected(state, id), revoked) {
+            (Some(s), Some(r)) => Some(s.min(r)),
+            (s, r) => s.or(r),
+        }
+    }
+
+    /// [`Suspicions::since`] for a suspicion gossiped by a prober.
+    fn suspected(&self, state: &State, id: &NodeId) -> Option<Millis> {
         let v = state.suspicion(id)?;
         let at = match self.at.get(id) {
             Some((sv, at)) if *sv == v => *at,
@@ -58,17 +73,10 @@ impl Suspicions {
         Some(at)
     }
 
-    /// Notes that the revocation of `node` reached this replica (the first arrival counts).
+    /// Notes that the revocation of `node` reached this replica (the first arrival counts;
+    /// see [`Suspicions::since`]).
     pub(crate) fn revoked(&mut self, now: Millis, node: NodeId) {
         self.revoked.entry(node).or_insert(now);
-    }
-
-    /// When the revocation of `node` reached this replica, if one did. A revoked node is
-    /// refused by every peer from then on, so it completes no round trip and its guards end
-    /// its instances within its own window: its leases count as lost `ttl + grace` after
-    /// this, like those of a node suspected then, and nothing it says refutes it.
-    pub(crate) fn revoked_since(&self, node: &NodeId) -> Option<Millis> {
-        self.revoked.get(node).copied()
     }
 
     /// Restarts every suspicion's countdown: called when this node hears the mesh again

@@ -87,14 +87,7 @@ impl Replica {
     }
 
     fn lease_expiry(&self, lease: &Lease) -> Option<Millis> {
-        // A revoked owner's leases run out as if it had been suspected when the revocation
-        // arrived: no probe need fail first (nobody probes a revoked node).
-        let suspected = self.suspected_since(&lease.owner);
-        let revoked = self.suspicions.revoked_since(&lease.owner);
-        let at = match (suspected, revoked) {
-            (Some(s), Some(r)) => s.min(r),
-            (s, r) => s.or(r)?,
-        };
+        let at = self.suspected_since(&lease.owner)?;
         Some(at.saturating_add(u64::from(lease.ttl_ms) + self.grace_ms(&lease.owner) + 1))
     }
 

@@ -225,9 +225,7 @@ impl Peer {
             }
         }
     }
-}
 
-impl Peer {
     /// Closes the connections nothing needs, down to `target_peers`: not to a neighbour of
     /// this node (`Replica::neighbours`: the peers it probes and syncs with), not in its
     /// gossip mesh, and unused for [`net::IDLE_CONNECTION`]. gossipsub keeps a stream open on
