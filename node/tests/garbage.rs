@@ -187,3 +187,137 @@ async fn garbage_on_gossip_and_sync_is_counted_and_dropped() {
         Some(true)
     );
 }
+
+/// What a probe client speaking only `protocol` got back for a ping with `nonce`: the answer
+/// in the response (empty if none), and the probes the node sent it as requests of their own
+/// within a few seconds.
+async fn ping_as(
+    node: &Node,
+    protocol: libp2p::StreamProtocol,
+    nonce: u64,
+    garbage: bool,
+) -> (Vec<u8>, Vec<omesh_protocol::Probe>) {
+    use libp2p::request_response::{self, ProtocolSupport};
+    use libp2p::swarm::SwarmEvent;
+    let key = Keypair::generate_ed25519();
+    common::first_contact(&key, node).await;
+    let target: libp2p::PeerId = node.status().await.unwrap().peer_id.parse().unwrap();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                net::ProbeCodec,
+                [(protocol, ProtocolSupport::Full)],
+                request_response::Config::default(),
+            )
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+        .build();
+    swarm
+        .dial(node.addr().parse::<libp2p::Multiaddr>().unwrap())
+        .unwrap();
+    let mut response = None;
+    let mut requests = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut quiet_until = None;
+    loop {
+        let until = quiet_until.unwrap_or(deadline).min(deadline);
+        let Ok(ev) = tokio::time::timeout_at(until, swarm.select_next_some()).await else {
+            break;
+        };
+        match ev {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == target => {
+                let bytes = if garbage {
+                    b"\x01not a probe".to_vec()
+                } else {
+                    omesh_protocol::Probe::Ping { nonce }.to_wire().unwrap()
+                };
+                let frame = net::ProbeFrame {
+                    bytes,
+                    answer_inline: false,
+                };
+                swarm.behaviour_mut().send_request(&target, frame);
+            }
+            SwarmEvent::Behaviour(request_response::Event::Message { message, .. }) => {
+                match message {
+                    request_response::Message::Response { response: r, .. } => {
+                        response = Some(r);
+                        // Whatever else the node says comes within a moment.
+                        quiet_until = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+                    }
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        let _ = swarm.behaviour_mut().send_response(channel, Vec::new());
+                        if let Ok(p) = omesh_protocol::Probe::from_wire(&request.bytes) {
+                            requests.push(p);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(request_response::Event::OutboundFailure { error, .. }) => {
+                panic!("probe not delivered: {error}");
+            }
+            _ => {}
+        }
+    }
+    (response.expect("no response to the probe"), requests)
+}
+
+/// Probe version 2 answers a ping in its response (one stream per probe); a peer that speaks
+/// only version 1 (a mesh mid upgrade) still gets an empty response and the ack as a request
+/// of its own; a garbage probe is counted and answered with nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_are_answered_in_the_response_and_v1_peers_the_old_way() {
+    use omesh_protocol::Probe;
+    let root = tempfile::tempdir().unwrap();
+    let node = Node::start(root.path(), "target", &[], &["--alone", "true"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            node.status().await.is_some_and(|s| s.ready)
+        })
+        .await
+    );
+    let peer: libp2p::PeerId = node.status().await.unwrap().peer_id.parse().unwrap();
+    let about = net::node_id_of(&peer).unwrap();
+
+    let (inline, requests) = ping_as(&node, net::PROBE_PROTOCOL, 41, false).await;
+    let inline = Probe::from_wire(&inline).expect("version 2: the ack is in the response");
+    assert!(
+        matches!(inline, Probe::Ack { nonce: 41, about: a, .. } if a == about),
+        "{inline:?}"
+    );
+    assert!(
+        !requests.iter().any(|p| matches!(p, Probe::Ack { .. })),
+        "version 2 got its ack twice: {requests:?}"
+    );
+
+    let (inline, requests) = ping_as(&node, net::PROBE_PROTOCOL_V1, 42, false).await;
+    assert!(
+        inline.is_empty(),
+        "version 1 reads no answer in the response"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|p| matches!(p, Probe::Ack { nonce: 42, about: a, .. } if *a == about)),
+        "version 1 got no ack: {requests:?}"
+    );
+
+    let (inline, _) = ping_as(&node, net::PROBE_PROTOCOL, 43, true).await;
+    assert!(inline.is_empty(), "garbage was answered");
+    let counted = wait_until(Duration::from_secs(10), || async {
+        node.text("/metrics").await.is_some_and(|m| {
+            metric(
+                &m,
+                "omesh_messages_malformed_total",
+                Some("channel=\"probe\""),
+            ) >= 1.0
+        })
+    })
+    .await;
+    assert!(counted, "a garbage probe was not counted");
+    assert!(node.status().await.is_some_and(|s| s.ready));
+}

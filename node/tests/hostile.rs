@@ -82,7 +82,7 @@ impl Hostile {
                         None => return,
                         Some(Cmd::Publish(m)) => pending.push(m),
                         Some(Cmd::Probe(to, p)) => {
-                            swarm.behaviour_mut().probe.send_request(&to, p.to_wire().unwrap());
+                            swarm.behaviour_mut().probe.send_request(&to, net::ProbeFrame { bytes: p.to_wire().unwrap(), answer_inline: false });
                         }
                         Some(Cmd::AnswerSyncWith(r)) => reply = Some(r),
                     },
@@ -119,13 +119,13 @@ impl Hostile {
                             peer,
                             message: request_response::Message::Request { request, channel, .. }, ..
                         })) => {
-                            let _ = swarm.behaviour_mut().probe.send_response(channel, Vec::new());
                             // Answer pings as a member does, so it stays alive (and is synced
-                            // with) rather than suspected.
-                            if let Ok(Probe::Ping { nonce }) = Probe::from_wire(&request) {
-                                let ack = Probe::Ack { nonce, about: me, grant: true };
-                                swarm.behaviour_mut().probe.send_request(&peer, ack.to_wire().unwrap());
+                            // with) rather than suspected: in the response, as version 2 does.
+                            let mut answer = Vec::new();
+                            if let Ok(Probe::Ping { nonce }) = Probe::from_wire(&request.bytes) {
+                                answer = Probe::Ack { nonce, about: me, grant: true }.to_wire().unwrap();
                             }
+                            let _ = (peer, swarm.behaviour_mut().probe.send_response(channel, answer));
                         }
                         SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                             propagation_source, message_id, ..

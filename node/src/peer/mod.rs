@@ -57,6 +57,8 @@ pub struct Peer {
     pub(crate) incarnation: u64,
     pub(crate) pending_replies: HashMap<NodeId, VecDeque<ResponseChannel<Vec<u8>>>>,
     pub(crate) outbound: HashMap<OutboundRequestId, NodeId>,
+    /// See `PeerOutputs::probe_answer`.
+    pub(crate) probe_answer: Option<(NodeId, ResponseChannel<Vec<u8>>)>,
     pub(crate) connections: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
     /// Per connected peer, when a request or answer last went either way (or it connected):
     /// what `trim_connections` leaves open for a while.
@@ -278,6 +280,7 @@ impl Peer {
             incarnation,
             pending_replies: HashMap::new(),
             outbound: HashMap::new(),
+            probe_answer: None,
             connections: HashMap::new(),
             last_used: HashMap::new(),
             recent_propagation: VecDeque::new(),
@@ -413,6 +416,7 @@ impl Peer {
             topic: &self.topic,
             pending_replies: &mut self.pending_replies,
             outbound: &mut self.outbound,
+            probe_answer: &mut self.probe_answer,
             blocked: &self.blocked,
             executor: &mut self.executor,
             node_id: self.node_id,

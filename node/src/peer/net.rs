@@ -24,10 +24,9 @@ use omesh_protocol::NodeId;
 /// replica's records give every peer's addresses), so 30 s bought nothing an idle mesh needs.
 pub const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(5 * 60);
 
-/// Idle cost per connection. Every peer stays connected to every peer it probes (SWIM picks
-/// each target in turn, and gossipsub's streams keep every connection open: rust-libp2p
-/// issue #5190), so whatever a connection does while idle is paid once per peer in the mesh.
-/// libp2p ping: RTT comes from the replica's own probes (each direct ack is a round trip), so
+/// Idle cost per connection. A peer stays connected to the neighbours it probes and its
+/// gossipsub mesh (gossipsub's streams keep a connection open: rust-libp2p issue #5190), so
+/// whatever a connection does while idle is paid a dozen times over. libp2p ping: RTT comes from the replica's own probes (each direct ack is a round trip), so
 /// a ping is only a late sample and a keep-alive.
 pub const PING_EVERY: Duration = Duration::from_secs(60);
 /// identify's periodic re-send: its answer (listen addresses, protocols) only changes when a
@@ -48,9 +47,16 @@ pub const STATE_TOPIC: &str = "omesh/state/1";
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/sync/1");
 /// The task log protocol.
 pub const LOGS_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/logs/1");
-/// SWIM-style liveness probes, one-way: each probe is a request answered with an empty frame
-/// (the replica's `Ack` is a probe of its own).
-pub const PROBE_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/probe/1");
+/// SWIM-style liveness probes, version 2: the answer the replica gives the requester while
+/// handling a request (a ping's `Ack`, a poll's `Vote`) rides back in that request's
+/// response, so a direct probe costs one stream instead of two. An empty response means the
+/// replica had nothing to say to the requester then (a helper's relayed ack comes later, as
+/// a request of its own).
+pub const PROBE_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/probe/2");
+/// Version 1, still spoken to and answered for peers that predate version 2 (a mesh mid
+/// upgrade): every probe is a request answered with an empty frame, the replica's answer a
+/// request of its own.
+pub const PROBE_PROTOCOL_V1: StreamProtocol = StreamProtocol::new("/omesh/probe/1");
 /// The kademlia protocol (kept apart from the public IPFS DHT).
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/kad/1");
 /// Sent in identify.
@@ -109,7 +115,7 @@ pub struct Behaviour {
     /// Task logs, fetched from the owner.
     pub logs: request_response::Behaviour<BytesCodec>,
     /// Liveness probes.
-    pub probe: request_response::Behaviour<BytesCodec>,
+    pub probe: request_response::Behaviour<ProbeCodec>,
 }
 
 /// Request-response frames as raw bytes with a u32 length prefix; decoding (and counting
@@ -178,6 +184,76 @@ impl request_response::Codec for BytesCodec {
         T: futures::AsyncWrite + Unpin + Send,
     {
         write_frame(io, &req).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &res).await
+    }
+}
+
+/// A probe request as read off the wire, with whether the requester reads the answer from
+/// the response (it negotiated [`PROBE_PROTOCOL`], not [`PROBE_PROTOCOL_V1`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeFrame {
+    /// The encoded `Probe`.
+    pub bytes: Vec<u8>,
+    /// The requester reads the replica's answer from this request's response.
+    pub answer_inline: bool,
+}
+
+/// Probe frames: a few dozen bytes each way, so anything over twice the decode limit is cut
+/// off before it is buffered (a larger one that fits reaches the decoder and is counted).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProbeCodec;
+
+const PROBE_FRAME_LIMIT: usize = 2 * omesh_protocol::delta::MAX_PROBE_BYTES;
+
+#[async_trait::async_trait]
+impl request_response::Codec for ProbeCodec {
+    type Protocol = StreamProtocol;
+    type Request = ProbeFrame;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(
+        &mut self,
+        protocol: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<ProbeFrame>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        let bytes = read_frame(io, PROBE_FRAME_LIMIT).await?;
+        Ok(ProbeFrame {
+            bytes,
+            answer_inline: *protocol == PROBE_PROTOCOL,
+        })
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Vec<u8>>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame(io, PROBE_FRAME_LIMIT).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: ProbeFrame,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &req.bytes).await
     }
 
     async fn write_response<T>(
@@ -270,8 +346,12 @@ pub fn build_swarm(
                 request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
             );
             // A probe unanswered within a period is a missed answer, nothing to retry.
-            let probe = request_response::Behaviour::new(
-                [(PROBE_PROTOCOL, request_response::ProtocolSupport::Full)],
+            let probe = request_response::Behaviour::with_codec(
+                ProbeCodec,
+                [
+                    (PROBE_PROTOCOL, request_response::ProtocolSupport::Full),
+                    (PROBE_PROTOCOL_V1, request_response::ProtocolSupport::Full),
+                ],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(5)),
             );
             Ok(Behaviour {

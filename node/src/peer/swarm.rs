@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use libp2p::gossipsub::{self, MessageAcceptance};
-use libp2p::request_response;
+use libp2p::request_response::{self, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{allow_block_list, identify, kad, ping, PeerId};
 use omesh_protocol::{GossipMessage, NodeId, Probe, SyncReply, SyncRequest, Wire};
@@ -246,7 +246,7 @@ impl Peer {
     }
 
     /// Notes that a request or answer went to or came from a peer (see `trim_connections`).
-    fn used(&mut self, event: &request_response::Event<Vec<u8>, Vec<u8>>) {
+    fn used<Req>(&mut self, event: &request_response::Event<Req, Vec<u8>>) {
         if let request_response::Event::Message { peer, .. } = event {
             if let Some(t) = self.last_used.get_mut(peer) {
                 *t = Instant::now();
@@ -335,7 +335,7 @@ impl Peer {
         }
     }
 
-    fn on_probe_event(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+    fn on_probe_event(&mut self, event: request_response::Event<net::ProbeFrame, Vec<u8>>) {
         match event {
             request_response::Event::Message {
                 peer,
@@ -345,20 +345,50 @@ impl Peer {
                     },
                 ..
             } => {
-                // The empty answer only closes the stream; the replica answers with a probe.
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .probe
-                    .send_response(channel, Vec::new());
+                let probe = self
+                    .unblocked_node(&peer)
+                    .map(|from| (from, Probe::from_wire(&request.bytes)));
+                match probe {
+                    Some((from, Ok(probe))) => {
+                        // Whatever the replica says to `from` while handling this (an ack, a
+                        // vote) rides back in the response (`send_probe`); a version 1
+                        // requester gets the empty frame that only closes the stream, and
+                        // the answer as a request of its own.
+                        if request.answer_inline {
+                            self.probe_answer = Some((from, channel));
+                        } else {
+                            self.answer_probe(channel, Vec::new());
+                        }
+                        self.feed(Input::Probe { from, probe });
+                        if let Some((_, channel)) = self.probe_answer.take() {
+                            self.answer_probe(channel, Vec::new());
+                        }
+                    }
+                    Some((_, Err(e))) => {
+                        self.answer_probe(channel, Vec::new());
+                        self.count_malformed("probe");
+                        debug!(%peer, error = %e, "malformed probe dropped");
+                    }
+                    None => self.answer_probe(channel, Vec::new()),
+                }
+            }
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Response { response, .. },
+                ..
+            } => {
+                // Empty: the peer had nothing to say then (or speaks version 1).
+                if response.is_empty() {
+                    return;
+                }
                 let Some(from) = self.unblocked_node(&peer) else {
                     return;
                 };
-                match Probe::from_wire(&request) {
+                match Probe::from_wire(&response) {
                     Ok(probe) => self.feed(Input::Probe { from, probe }),
                     Err(e) => {
                         self.count_malformed("probe");
-                        debug!(%peer, error = %e, "malformed probe dropped");
+                        debug!(%peer, error = %e, "malformed probe answer dropped");
                     }
                 }
             }
@@ -366,10 +396,18 @@ impl Peer {
                 // Unreachable or slow: the replica sees a missing ack, which is the point.
                 debug!(%peer, %error, "probe not delivered");
             }
-            request_response::Event::Message { .. }
-            | request_response::Event::InboundFailure { .. }
+            request_response::Event::InboundFailure { .. }
             | request_response::Event::ResponseSent { .. } => {}
         }
+    }
+
+    /// Answers a probe request (the requester went away if this fails: nothing to do).
+    fn answer_probe(&mut self, channel: ResponseChannel<Vec<u8>>, bytes: Vec<u8>) {
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .probe
+            .send_response(channel, bytes);
     }
 
     /// A peer sent what no honest node sends (see `DeltaError::is_forgery`): disconnect it

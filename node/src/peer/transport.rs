@@ -22,6 +22,9 @@ pub(super) struct PeerOutputs<'a> {
     pub(super) topic: &'a IdentTopic,
     pub(super) pending_replies: &'a mut HashMap<NodeId, VecDeque<ResponseChannel<Vec<u8>>>>,
     pub(super) outbound: &'a mut HashMap<OutboundRequestId, NodeId>,
+    /// The open probe request the replica is handling, whose response carries the first
+    /// probe it sends back to the requester.
+    pub(super) probe_answer: &'a mut Option<(NodeId, ResponseChannel<Vec<u8>>)>,
     pub(super) blocked: &'a BTreeSet<PeerId>,
     pub(super) executor: &'a mut Executor,
     pub(super) node_id: NodeId,
@@ -104,7 +107,29 @@ impl Outputs for PeerOutputs<'_> {
         };
         match probe.to_wire() {
             Ok(bytes) => {
-                self.swarm.behaviour_mut().probe.send_request(&peer, bytes);
+                let bytes = match self.probe_answer.take() {
+                    Some((from, channel)) if from == to => {
+                        match self
+                            .swarm
+                            .behaviour_mut()
+                            .probe
+                            .send_response(channel, bytes)
+                        {
+                            Ok(()) => return,
+                            // The requester's stream closed: send it the usual way.
+                            Err(bytes) => bytes,
+                        }
+                    }
+                    other => {
+                        *self.probe_answer = other;
+                        bytes
+                    }
+                };
+                let frame = net::ProbeFrame {
+                    bytes,
+                    answer_inline: false,
+                };
+                self.swarm.behaviour_mut().probe.send_request(&peer, frame);
             }
             Err(e) => warn!(error = %e, "cannot encode probe"),
         }
