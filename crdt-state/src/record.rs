@@ -10,10 +10,12 @@
 //! would cost each node N verifications a period, an idle cost that grows with the mesh (a
 //! host whose load wanders by 5 points every few seconds did that to a 20-node mesh).
 //! [`LOAD_DRIFT_SPACING_MS`] per known node keeps the whole mesh at about one drift record a
-//! second, up to [`MAX_DRIFT_PERIOD_MS`] between one node's drift records, so that what placement
-//! ranks by is never older than that in a large mesh (1,000 nodes: about 67 drift records a
-//! second in all); a crossing of the overload threshold, which placement turns on, is not
-//! held back.
+//! second. A large drift (by [`LARGE_DRIFT`] times `load_delta_permille` or more) waits at
+//! most [`MAX_DRIFT_PERIOD_MS`], so that what placement ranks by is never that far off for
+//! longer, whatever the mesh's size (1,000 nodes all moving a lot: about 67 records a second
+//! in all); a small one waits its full spacing, so the noise of an idle host costs a mesh of
+//! any size one record a second; a crossing of the overload threshold, which placement turns
+//! on, is not held back.
 
 use std::collections::BTreeMap;
 
@@ -26,17 +28,26 @@ use crate::liveness::RttEstimate;
 /// `heartbeat_ms`): a mesh of any size publishes about one drift record a second in all.
 pub(crate) const LOAD_DRIFT_SPACING_MS: Millis = 1_000;
 
-/// The longest a load drift waits, whatever the mesh's size: the staleness placement accepts
-/// in the load it ranks by (reservations cover what was placed meanwhile).
+/// The longest a large load drift waits, whatever the mesh's size: the staleness placement
+/// accepts in the load it ranks by (reservations cover what was placed meanwhile).
 pub(crate) const MAX_DRIFT_PERIOD_MS: Millis = 15_000;
+
+/// A drift of this many times `load_delta_permille` or more is large: it waits at most
+/// [`MAX_DRIFT_PERIOD_MS`]. A smaller one (the wandering of an idle host's load) is paced by
+/// the mesh's size alone.
+pub(crate) const LARGE_DRIFT: u16 = 3;
 
 /// How far a load sample moved from the one last published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LoadMove {
     /// Less than `load_delta_permille` either way, and the same overload verdict.
     None,
-    /// By `load_delta_permille` or more, with the same overload verdict: paced by mesh size.
-    Drift,
+    /// By `load_delta_permille` or more, with the same overload verdict: paced by mesh size
+    /// (`large`: by [`LARGE_DRIFT`] times that or more, so at most [`MAX_DRIFT_PERIOD_MS`]).
+    Drift {
+        /// By [`LARGE_DRIFT`] times `load_delta_permille` or more.
+        large: bool,
+    },
     /// The overload verdict (which placement turns on) changed: published within a period.
     Verdict,
 }
@@ -86,25 +97,32 @@ impl RecordPublisher {
         let d = cfg.load_delta_permille;
         let p = self.published_load;
         if overloaded != self.published_overloaded {
-            LoadMove::Verdict
-        } else if s.cpu_permille.abs_diff(p.cpu_permille) >= d
-            || s.mem_permille.abs_diff(p.mem_permille) >= d
-        {
-            LoadMove::Drift
-        } else {
-            LoadMove::None
+            return LoadMove::Verdict;
+        }
+        let moved = s
+            .cpu_permille
+            .abs_diff(p.cpu_permille)
+            .max(s.mem_permille.abs_diff(p.mem_permille));
+        if moved < d {
+            return LoadMove::None;
+        }
+        LoadMove::Drift {
+            large: moved >= d.saturating_mul(LARGE_DRIFT),
         }
     }
 
     /// The least time between publications of a load drift in a mesh of `nodes` known
-    /// nodes: [`LOAD_DRIFT_SPACING_MS`] each, at least one `heartbeat_ms`, at most
-    /// [`MAX_DRIFT_PERIOD_MS`].
-    pub(crate) fn drift_period_ms(heartbeat_ms: Millis, nodes: usize) -> Millis {
+    /// nodes: [`LOAD_DRIFT_SPACING_MS`] each, at least one `heartbeat_ms`, and for a `large`
+    /// drift at most [`MAX_DRIFT_PERIOD_MS`].
+    pub(crate) fn drift_period_ms(heartbeat_ms: Millis, nodes: usize, large: bool) -> Millis {
         let nodes = u64::try_from(nodes).unwrap_or(u64::MAX);
-        LOAD_DRIFT_SPACING_MS
-            .saturating_mul(nodes)
-            .min(MAX_DRIFT_PERIOD_MS)
-            .max(heartbeat_ms)
+        let spaced = LOAD_DRIFT_SPACING_MS.saturating_mul(nodes);
+        let capped = if large {
+            spaced.min(MAX_DRIFT_PERIOD_MS)
+        } else {
+            spaced
+        };
+        capped.max(heartbeat_ms)
     }
 
     /// Publishes `me` at `now`: gives it a new version and the nearest peers by round trip,

@@ -356,12 +356,13 @@ impl Replica {
                 match self.record.load_move(&self.cfg, sample, self.me.overloaded) {
                     LoadMove::None => {}
                     LoadMove::Verdict => self.publish_soon(now),
-                    LoadMove::Drift if self.started => {
+                    LoadMove::Drift { large } if self.started => {
                         let nodes = self.state.nodes().count();
-                        let period = RecordPublisher::drift_period_ms(self.cfg.heartbeat_ms, nodes);
+                        let period =
+                            RecordPublisher::drift_period_ms(self.cfg.heartbeat_ms, nodes, large);
                         self.record.soon(now, period);
                     }
-                    LoadMove::Drift => {}
+                    LoadMove::Drift { .. } => {}
                 }
                 self.mark_dirty(now);
                 Ok(())

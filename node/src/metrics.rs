@@ -74,6 +74,12 @@ pub struct Metrics {
     pub probe_acks_refused: Counter,
     /// Sync-reply version vector entries not adopted (unknown origin or stamp too high).
     pub vector_entries_refused: Counter,
+    /// Suspicions this node raised (a probe answered neither directly nor through helpers).
+    pub suspicions: Counter,
+    /// Suspicions of this node it refuted (a new record version).
+    pub refutations: Counter,
+    /// Times this node published its own record (start, load moves, refutations, images).
+    pub records_published: Counter,
     /// Leases changed by merge.
     pub lease_changes: Counter,
     /// Claims by this node.
@@ -125,6 +131,9 @@ impl Metrics {
             deltas_rejected: Family::default(),
             probe_acks_refused: Counter::default(),
             vector_entries_refused: Counter::default(),
+            suspicions: Counter::default(),
+            refutations: Counter::default(),
+            records_published: Counter::default(),
             lease_changes: Counter::default(),
             claims: Counter::default(),
             failovers: Counter::default(),
@@ -190,6 +199,21 @@ impl Metrics {
             "vector_entries_refused",
             "Entries of sync replies' version vectors not adopted (origin unknown, or stamp past its incarnation)",
             m.vector_entries_refused.clone(),
+        );
+        registry.register(
+            "suspicions",
+            "Suspicions this node raised: a peer answered a probe neither directly nor through helpers",
+            m.suspicions.clone(),
+        );
+        registry.register(
+            "refutations",
+            "Suspicions of this node that it refuted with a new record version",
+            m.refutations.clone(),
+        );
+        registry.register(
+            "records_published",
+            "Times this node published its own record (start, load moves, refutations, images)",
+            m.records_published.clone(),
         );
         registry.register(
             "lease_changes",
@@ -316,6 +340,10 @@ impl Metrics {
             .inc_by(d(s.probe_acks_refused, l.probe_acks_refused));
         self.vector_entries_refused
             .inc_by(d(s.vector_entries_refused, l.vector_entries_refused));
+        self.suspicions.inc_by(d(s.suspicions, l.suspicions));
+        self.refutations.inc_by(d(s.refutations, l.refutations));
+        self.records_published
+            .inc_by(d(s.records_published, l.records_published));
         self.lease_changes
             .inc_by(d(s.lease_changes, l.lease_changes));
         self.claims.inc_by(d(s.claims, l.claims));
