@@ -205,7 +205,8 @@ impl request_response::Codec for BytesCodec {
 pub struct ProbeFrame {
     /// The encoded `Probe`.
     pub bytes: Vec<u8>,
-    /// The requester reads the replica's answer from this request's response.
+    /// The requester reads the replica's answer from this request's response. Set when a
+    /// request is read (from the protocol negotiated); ignored when one is written.
     pub answer_inline: bool,
 }
 
