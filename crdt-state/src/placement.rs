@@ -32,6 +32,18 @@ impl Committed {
         }
     }
 
+    /// What is left of `self` once `other` is taken out (never below nothing).
+    pub fn minus(self, other: Self) -> Self {
+        Self {
+            cpu_millis: self.cpu_millis.saturating_sub(other.cpu_millis),
+            memory_bytes: self.memory_bytes.saturating_sub(other.memory_bytes),
+            tasks: self.tasks.saturating_sub(other.tasks),
+            unreported_cpu_millis: self
+                .unreported_cpu_millis
+                .saturating_sub(other.unreported_cpu_millis),
+        }
+    }
+
     /// Books one more task with `spec`'s asks, not yet in the node's load: a claim this
     /// evaluation pass expects the node to make.
     pub fn book(&mut self, spec: &TaskSpec) {

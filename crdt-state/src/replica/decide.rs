@@ -406,6 +406,11 @@ impl Replica {
         // must come from the node that polled for it (see `wanted` below), which ranks them
         // before their lease lapses.
         let mut booked: BTreeMap<NodeId, BTreeMap<NodeId, Committed>> = BTreeMap::new();
+        // This node's claims in this pass, per group: each is in `committed` (room across
+        // groups) and in its group's bookings, so while that group is ranked it is taken out
+        // of `committed`, or the claimer would count twice and rank itself lower for the
+        // rest of the group than the other replicas rank it (they disagree who claims next).
+        let mut claimed_in: BTreeMap<NodeId, Committed> = BTreeMap::new();
         // Built only if some task needs placing: most passes place nothing, and this is one
         // health check per known node.
         let live_nodes = std::cell::OnceCell::new();
@@ -532,6 +537,11 @@ impl Replica {
                 group.entry(c.best).or_default().book(&spec.spec);
                 Ok(None)
             } else {
+                let mine_here = claimed_in.get(&group).copied();
+                if let Some(m) = mine_here {
+                    let c = committed.entry(self.me.id).or_default();
+                    *c = c.minus(m);
+                }
                 let placed = self.placed_here(
                     rec,
                     &spec.spec,
@@ -539,6 +549,10 @@ impl Replica {
                     &policy,
                     live(),
                 );
+                if let Some(m) = mine_here {
+                    let c = committed.entry(self.me.id).or_default();
+                    *c = c.plus(m);
+                }
                 if let Ok(p) = &placed {
                     let group = booked.entry(group).or_default();
                     group.entry(p.best).or_default().book(&spec.spec);
@@ -612,6 +626,7 @@ impl Replica {
                                 });
                                 if disc.stop_after_ms.is_none() {
                                     committed.entry(self.me.id).or_default().book(&spec.spec);
+                                    claimed_in.entry(group).or_default().book(&spec.spec);
                                 }
                                 steps.push(Step::Claim {
                                     task: *id,
