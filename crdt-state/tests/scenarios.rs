@@ -333,53 +333,20 @@ fn a_cut_off_peer_does_not_take_over_tasks_whose_owners_are_healthy() {
     assert_eq!(m.instances.iter().filter(|i| i.task == task).count(), 1);
 }
 
-#[test]
-fn a_crashed_owners_tasks_spread_over_the_survivors_with_one_claim_each() {
-    let mut m = joined(4, |_| {});
-    let owner = node(1);
-    // The others are over their thresholds while the tasks arrive: all nine land on node 1.
-    for n in [node(2), node(3), node(4)] {
-        m.load(n, 950);
-    }
-    m.run_for(1_000);
-    let tasks: Vec<_> = (0..9).map(|i| m.submit(owner, spec(100 + i))).collect();
-    assert!(m.run_until(30_000, |m| tasks
-        .iter()
-        .all(|t| m.running_on(owner, *t) == Some(1))));
-    for n in [node(2), node(3), node(4)] {
-        m.load(n, 100);
-    }
-    m.run_for(2_000);
-
-    m.crash(owner);
-    assert!(m.run_until(20_000, |m| tasks
-        .iter()
-        .all(|t| m.runners(*t).iter().any(|(n, _)| *n != owner))));
-    let mut per_node = std::collections::BTreeMap::new();
-    for t in &tasks {
-        let (o, epoch) = owner_of(&m, *t).unwrap();
-        // One claim per task: no node claimed one another node was about to take.
-        assert_eq!(epoch, 2, "task {t:?} took more than one claim to move");
-        assert_eq!(m.runners(*t).len(), 1);
-        *per_node.entry(o).or_insert(0) += 1;
-    }
-    // Equal survivors share them equally: each replica books every task it places on the
-    // node that ranks best for it, so the next task sees that node one task fuller.
-    assert_eq!(per_node.len(), 3, "{per_node:?}");
-    assert!(per_node.values().all(|n| *n == 3), "{per_node:?}");
-}
-
-/// Whichever survivor hears of the crash first claims its share at once, and its leases
-/// reach the others before they count the owner lost: they must rank the rest of the
-/// owner's tasks as it did. (A claimer counted its own claims twice while ranking the rest,
+/// A crashed owner's tasks spread over the survivors with one claim each. Whichever
+/// survivor hears of the crash first claims its share at once, and its leases reach the
+/// others before they count the owner lost: they must rank the rest of the owner's tasks as
+/// it did. (A claimer counted its own claims twice while ranking the rest,
 /// once as a lease and once as a booking, and ranked itself lower than the others ranked it:
 /// the shares came out 4/3/2, with a claim lost, on every seed.)
 #[test]
-fn a_crashed_owners_tasks_spread_evenly_on_every_seed() {
+fn a_crashed_owners_tasks_spread_over_the_survivors_with_one_claim_each() {
     for seed in 1..=8u64 {
         let mut m = joined(4, |_| {});
         m.seed(seed);
         let owner = node(1);
+        // The others are over their thresholds while the tasks arrive: all nine land on
+        // node 1.
         for n in [node(2), node(3), node(4)] {
             m.load(n, 950);
         }
@@ -405,6 +372,8 @@ fn a_crashed_owners_tasks_spread_evenly_on_every_seed() {
             );
             *per_node.entry(o).or_insert(0) += 1;
         }
+        // Equal survivors share them equally: each replica books every task it places on
+        // the node that ranks best for it, so the next task sees that node one task fuller.
         assert!(
             per_node.len() == 3 && per_node.values().all(|n| *n == 3),
             "seed {seed}: {per_node:?}"
