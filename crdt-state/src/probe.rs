@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 
 use omesh_protocol::{Millis, NodeId, Probe};
+use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -96,9 +97,10 @@ pub(crate) enum Answer {
 /// The probing state of one replica.
 #[derive(Debug, Default)]
 pub(crate) struct Prober {
-    /// Where this node's periods start within the period length: every period starts at a
-    /// multiple of the period plus this (see [`Prober::end_period`]).
-    phase: Millis,
+    /// This round's peers to ping, shuffled, as id prefixes (see `State::node_by_prefix`):
+    /// every replica holds one entry per known node.
+    order: Vec<u64>,
+    pos: usize,
     next_probe: Millis,
     nonce: u64,
     /// Mixed into every nonce (derived from the replica's seed), so a peer cannot guess the
@@ -121,18 +123,9 @@ impl Prober {
         }
     }
 
-    /// Sets the first probe time and this node's phase: its periods start at multiples of the
-    /// period plus `phase` (reduced modulo the period).
-    pub(crate) fn start(&mut self, at: Millis, phase: Millis) {
+    /// Sets the first probe time.
+    pub(crate) fn start(&mut self, at: Millis) {
         self.next_probe = at;
-        self.phase = phase;
-    }
-
-    /// The number of the period that holds `now`: the same on every node whose clock agrees,
-    /// whatever its phase, so the nodes' rotations over their neighbours stay in step.
-    fn period_number(&self, now: Millis, period_ms: Millis) -> u64 {
-        let p = period_ms.max(1);
-        (now + p - self.phase % p) / p
     }
 
     /// Notes the helpers asked to ping this period's target.
@@ -160,11 +153,7 @@ impl Prober {
             return None;
         }
         let unanswered = self.current.take().filter(|o| !o.acked).map(|o| o.target);
-        // The next period starts at this node's next phase point, on time even when this tick
-        // came late (a late node does not drift out of step with its neighbours).
-        let p = period_ms.max(1);
-        let since = (now + p - self.phase % p) % p;
-        self.next_probe = now - since + p;
+        self.next_probe = now + period_ms;
         self.relays.retain(|_, r| now < r.until);
         Some(unanswered)
     }
@@ -309,36 +298,52 @@ impl Prober {
         }
     }
 
-    /// The next node to ping: this node's neighbours in turn, nearest first, the turn set by
-    /// the period's number ([`Prober::period_number`]). Its neighbours are the [`NEIGHBOURS`]
-    /// nearest nodes before it in id order that are not gone (suspects stay in, so that a
-    /// crash is confirmed by those watching it), so every node is watched by the
-    /// `NEIGHBOURS` nodes after it, and in step: in period `k` each node pings its
-    /// `(k mod n + 1)`-th nearest predecessor, so each node is pinged by exactly one of its
-    /// watchers every period (where the nodes' clocks agree to within a period; where they do
-    /// not, each watcher still pings it once every `n` periods). A crashed node is pinged, and
-    /// suspected, within the next period, where a round reshuffled by each node left it
-    /// unpinged for a period one time in three. Probing keeps each node in touch with a
-    /// fixed number of peers whatever the mesh size, where a round over every peer kept a
-    /// connection open to each of them. One turn in `n + 1` goes to a peer judged gone, drawn
-    /// at random, if any: after a partition heals, an idle mesh publishes nothing, and a
-    /// direct ping is how the two sides find each other again (see `Replica::contact`). Peers
-    /// that left are skipped.
+    /// The next node to ping: round robin over this node's neighbours, reshuffled each
+    /// round. Its neighbours are the [`NEIGHBOURS`] nearest nodes before it in id order that
+    /// are not gone (suspects stay in, so that a crash is confirmed by those watching it), so
+    /// every node is watched by the `NEIGHBOURS` nodes after it: probing keeps each node in
+    /// touch with a fixed number of peers whatever the mesh size, where a round over every
+    /// peer kept a connection open to each of them (memory and keep-alives per peer, idle
+    /// cost growing with the mesh). Each round also pings one peer judged gone, drawn at
+    /// random, if any: after a partition heals, an idle mesh publishes nothing, and a direct
+    /// ping is how the two sides find each other again (see `Replica::contact`). Peers that
+    /// left are skipped.
     pub(crate) fn next_target(
         &mut self,
         now: Millis,
-        period_ms: Millis,
         judge: &Judge<'_>,
         rng: &mut ChaCha8Rng,
     ) -> Option<NodeId> {
         let me = judge.me.id;
-        let mut order = nearest(judge.state.nodes_before(&me), judge, now, NEIGHBOURS);
-        if let Some(gone) = gone_peer(now, judge, rng) {
-            order.push(gone);
+        for _ in 0..2 {
+            while self.pos < self.order.len() {
+                let p = self.order[self.pos];
+                self.pos += 1;
+                match judge.state.node_by_prefix(p) {
+                    Some(r) if r.id != me && !r.leaving => return Some(r.id),
+                    _ => {}
+                }
+            }
+            let mut order: Vec<u64> =
+                nearest(judge.state.nodes_before(&me), judge, now, NEIGHBOURS)
+                    .iter()
+                    .map(id_prefix)
+                    .collect();
+            if let Some(gone) = gone_peer(now, judge, rng) {
+                order.push(id_prefix(&gone));
+            }
+            order.shuffle(rng);
+            self.order = order;
+            self.pos = 0;
         }
-        let turn =
-            self.period_number(now, period_ms) % u64::try_from(order.len().max(1)).unwrap_or(1);
-        order.get(usize::try_from(turn).unwrap_or(0)).copied()
+        None
+    }
+
+    /// A node just became known: if it is a new neighbour, it is pinged from the next period
+    /// on. The round ends, and the next is built from the nodes known then (a few lookups in
+    /// id order): at boot a node's first round holds only the peers it knew then.
+    pub(crate) fn learned(&mut self) {
+        self.pos = self.order.len();
     }
 
     /// A fresh nonce: a bijection of a counter keyed by a secret, so nonces never repeat
@@ -407,4 +412,9 @@ fn gone_peer(now: Millis, judge: &Judge<'_>, rng: &mut ChaCha8Rng) -> Option<Nod
         }
     }
     None
+}
+
+/// The first eight bytes of an id, big-endian: its place in id order.
+fn id_prefix(id: &NodeId) -> u64 {
+    u64::from_be_bytes(crate::digest::first8(&id.0))
 }

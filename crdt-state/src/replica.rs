@@ -541,13 +541,12 @@ impl Replica {
         self.started_at = now;
         self.publish_record(now);
         self.sync.start(now + self.cfg.anti_entropy_ms / 2);
-        // Spread the nodes' probe periods over the period (a mesh booted at once would probe
-        // in one burst); the rotation over neighbours stays in step (`Prober::next_target`).
+        // Spread the nodes' probe periods (a mesh booted at once would probe in lockstep).
         let offset = {
             use rand::Rng;
             self.rng.gen_range(0..self.cfg.heartbeat_ms)
         };
-        self.prober.start(now + offset, now + offset);
+        self.prober.start(now + offset);
     }
 
     /// Takes a load sample into this node's record, with the overload verdict it leads to
