@@ -26,8 +26,9 @@ pub const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(5 * 60);
 
 /// Idle cost per connection. A peer stays connected to the neighbours it probes and its
 /// gossipsub mesh (gossipsub's streams keep a connection open: rust-libp2p issue #5190), so
-/// whatever a connection does while idle is paid a dozen times over. libp2p ping: RTT comes from the replica's own probes (each direct ack is a round trip), so
-/// a ping is only a late sample and a keep-alive.
+/// whatever a connection does while idle is paid a dozen times over. libp2p ping: RTT comes
+/// from the replica's own probes (each direct ack is a round trip), so a ping is only a late
+/// sample and a keep-alive.
 pub const PING_EVERY: Duration = Duration::from_secs(60);
 /// identify's periodic re-send: its answer (listen addresses, protocols) only changes when a
 /// peer's listen addresses do, and a new connection identifies at once.

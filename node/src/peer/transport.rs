@@ -107,8 +107,12 @@ impl Outputs for PeerOutputs<'_> {
         };
         match probe.to_wire() {
             Ok(bytes) => {
-                let bytes = match self.probe_answer.take() {
-                    Some((from, channel)) if from == to => {
+                let open = self
+                    .probe_answer
+                    .as_ref()
+                    .is_some_and(|(from, _)| *from == to);
+                let bytes = match self.probe_answer.take_if(|_| open) {
+                    Some((_, channel)) => {
                         match self
                             .swarm
                             .behaviour_mut()
@@ -120,10 +124,7 @@ impl Outputs for PeerOutputs<'_> {
                             Err(bytes) => bytes,
                         }
                     }
-                    other => {
-                        *self.probe_answer = other;
-                        bytes
-                    }
+                    None => bytes,
                 };
                 let frame = net::ProbeFrame {
                     bytes,
