@@ -1,6 +1,6 @@
-//! SWIM-style liveness: each node pings one peer per period, in a shuffled round robin over
-//! its neighbours (the [`NEIGHBOURS`] nearest live nodes before it in id order, plus one peer
-//! judged gone a round); an unanswered ping is retried through `indirect_probes` other
+//! SWIM-style liveness: each node pings one peer per period, in turn over its neighbours
+//! (the [`NEIGHBOURS`] nearest live nodes before it in id order, plus one peer judged gone,
+//! if any), the turns in step across the mesh (`Prober::next_target`); an unanswered ping is retried through `indirect_probes` other
 //! neighbours; a peer that answers neither way by the end of the period is suspected, and
 //! the suspicion is gossiped to all as a [`DeltaBody::Suspect`]. The suspect refutes by
 //! publishing a newer record of itself.
@@ -18,7 +18,6 @@
 use std::collections::BTreeMap;
 
 use omesh_protocol::{Millis, NodeId, Probe};
-use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -97,10 +96,6 @@ pub(crate) enum Answer {
 /// The probing state of one replica.
 #[derive(Debug, Default)]
 pub(crate) struct Prober {
-    /// This round's peers to ping, shuffled, as id prefixes (see `State::node_by_prefix`):
-    /// every replica holds one entry per known node.
-    order: Vec<u64>,
-    pos: usize,
     next_probe: Millis,
     nonce: u64,
     /// Mixed into every nonce (derived from the replica's seed), so a peer cannot guess the
@@ -298,52 +293,44 @@ impl Prober {
         }
     }
 
-    /// The next node to ping: round robin over this node's neighbours, reshuffled each
-    /// round. Its neighbours are the [`NEIGHBOURS`] nearest nodes before it in id order that
-    /// are not gone (suspects stay in, so that a crash is confirmed by those watching it), so
-    /// every node is watched by the `NEIGHBOURS` nodes after it: probing keeps each node in
-    /// touch with a fixed number of peers whatever the mesh size, where a round over every
-    /// peer kept a connection open to each of them (memory and keep-alives per peer, idle
-    /// cost growing with the mesh). Each round also pings one peer judged gone, drawn at
-    /// random, if any: after a partition heals, an idle mesh publishes nothing, and a direct
-    /// ping is how the two sides find each other again (see `Replica::contact`). Peers that
-    /// left are skipped.
+    /// The next node to ping: this node's neighbours in turn, nearest first, the turn set by
+    /// the number of the period that holds `now` (`now / period_ms`, the same on every node
+    /// whose clock agrees with its peers' to within a period). Its neighbours are the
+    /// [`NEIGHBOURS`] nearest nodes before it in id order that are not gone (suspects stay
+    /// in, so that a crash is confirmed by those watching it), so every node is watched by
+    /// the `NEIGHBOURS` nodes after it, and in step: in period `k` each node pings its
+    /// `(k mod n + 1)`-th nearest predecessor, so each node is pinged by one of its watchers
+    /// in every period, and a crash is pinged within two periods and suspected within three.
+    /// With each node reshuffling a round of its own, a node went unpinged for a period one
+    /// time in three, and a crash waited up to four periods and more for its suspicion.
+    /// Where the clocks do not agree, each watcher still pings each neighbour once every `n`
+    /// periods.
+    ///
+    /// Only the choice of target is in step: each period still runs its full length from
+    /// the tick that opened it (`end_period`), so a node whose ticks come late (starved of
+    /// CPU) still gives every ping a whole period to be answered.
+    ///
+    /// Probing keeps each node in touch with a fixed number of peers whatever the mesh size,
+    /// where a round over every peer kept a connection open to each of them (memory and
+    /// keep-alives per peer, idle cost growing with the mesh). One turn in `n + 1` goes to a
+    /// peer judged gone, drawn at random, if there is one: after a partition heals, an idle
+    /// mesh publishes nothing, and a direct ping is how the two sides find each other again
+    /// (see `Replica::contact`). Peers that left are skipped.
     pub(crate) fn next_target(
         &mut self,
         now: Millis,
+        period_ms: Millis,
         judge: &Judge<'_>,
         rng: &mut ChaCha8Rng,
     ) -> Option<NodeId> {
         let me = judge.me.id;
-        for _ in 0..2 {
-            while self.pos < self.order.len() {
-                let p = self.order[self.pos];
-                self.pos += 1;
-                match judge.state.node_by_prefix(p) {
-                    Some(r) if r.id != me && !r.leaving => return Some(r.id),
-                    _ => {}
-                }
-            }
-            let mut order: Vec<u64> =
-                nearest(judge.state.nodes_before(&me), judge, now, NEIGHBOURS)
-                    .iter()
-                    .map(id_prefix)
-                    .collect();
-            if let Some(gone) = gone_peer(now, judge, rng) {
-                order.push(id_prefix(&gone));
-            }
-            order.shuffle(rng);
-            self.order = order;
-            self.pos = 0;
+        let mut order = nearest(judge.state.nodes_before(&me), judge, now, NEIGHBOURS);
+        if let Some(gone) = gone_peer(now, judge, rng) {
+            order.push(gone);
         }
-        None
-    }
-
-    /// A node just became known: if it is a new neighbour, it is pinged from the next period
-    /// on. The round ends, and the next is built from the nodes known then (a few lookups in
-    /// id order): at boot a node's first round holds only the peers it knew then.
-    pub(crate) fn learned(&mut self) {
-        self.pos = self.order.len();
+        let len = u64::try_from(order.len()).ok().filter(|n| *n > 0)?;
+        let turn = (now / period_ms.max(1)) % len;
+        order.get(usize::try_from(turn).ok()?).copied()
     }
 
     /// A fresh nonce: a bijection of a counter keyed by a secret, so nonces never repeat
@@ -412,9 +399,4 @@ fn gone_peer(now: Millis, judge: &Judge<'_>, rng: &mut ChaCha8Rng) -> Option<Nod
         }
     }
     None
-}
-
-/// The first eight bytes of an id, big-endian: its place in id order.
-fn id_prefix(id: &NodeId) -> u64 {
-    u64::from_be_bytes(crate::digest::first8(&id.0))
 }

@@ -166,9 +166,6 @@ impl Replica {
                 self.stats.deltas_applied += 1;
                 match &d.body {
                     DeltaBody::Node(rec) => {
-                        if held.is_none() && rec.id != self.me.id {
-                            self.prober.learned();
-                        }
                         let newer = held.is_none_or(|v| rec.version() > v);
                         if newer {
                             self.quorum

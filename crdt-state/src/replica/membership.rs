@@ -211,7 +211,9 @@ impl Replica {
                 suspicions: &self.suspicions,
                 rtt: &self.rtt,
             };
-            let next = self.prober.next_target(now, &judge, &mut self.rng);
+            let next = self
+                .prober
+                .next_target(now, self.cfg.heartbeat_ms, &judge, &mut self.rng);
             self.contact_tick(now);
             if let Some(target) = next {
                 let wait = self
