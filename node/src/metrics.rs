@@ -58,6 +58,10 @@ pub struct Metrics {
     pub peers_connected: Gauge,
     /// Time from a node record's write to its merge here (includes clock offset between hosts).
     pub delta_propagation: Histogram,
+    /// When this node's leases were renewed (a round trip completed), how long its guards
+    /// still had until their deadline (margin taken off): how close the node came to having
+    /// its instances ended for want of an answer. A starved or cut-off node shows low values.
+    pub lease_headroom: Histogram,
     /// Sync exchanges completed.
     pub sync_success: Counter,
     /// Sync exchanges failed.
@@ -107,6 +111,12 @@ pub struct Metrics {
     last: Stats,
 }
 
+/// Buckets of `omesh_lease_headroom_seconds`, in seconds: fine where a node comes close to
+/// its guards' deadline (at the defaults a healthy node renews with about 1.5 to 2 s left).
+const HEADROOM_BUCKETS: [f64; 12] = [
+    0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0,
+];
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -123,6 +133,7 @@ impl Metrics {
             peers_alive: Gauge::default(),
             peers_connected: Gauge::default(),
             delta_propagation: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            lease_headroom: Histogram::new(HEADROOM_BUCKETS.iter().copied()),
             sync_success: Counter::default(),
             sync_failure: Counter::default(),
             digest_mismatches: Counter::default(),
@@ -163,6 +174,11 @@ impl Metrics {
             "delta_propagation_seconds",
             "Time from a node record's write to its merge here (includes clock offset)",
             m.delta_propagation.clone(),
+        );
+        registry.register(
+            "lease_headroom_seconds",
+            "Time the guards had left before their deadline when this node's leases were renewed",
+            m.lease_headroom.clone(),
         );
         registry.register(
             "sync_success",

@@ -37,6 +37,18 @@ fn cpu_ticks(pid: u32) -> u64 {
     field(11) + field(12)
 }
 
+/// The cumulative bucket counts of `omesh_lease_headroom_seconds` in a metrics text:
+/// (upper bound, renewals with at most that much time left).
+fn headroom_buckets(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("omesh_lease_headroom_seconds_bucket{le=\"")?;
+            let (le, count) = rest.split_once("\"} ")?;
+            Some((le.to_string(), count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 /// The owner's cgroup, with its CPU quota lifted and the cgroup removed however the test
 /// ends (the owner is moved out first, into the cgroups it was in).
 struct Starvation {
@@ -173,6 +185,7 @@ async fn an_owner_starved_to_one_percent_of_a_core_for_30_s_keeps_every_lease() 
     assert_eq!(running_with(&lone.marker), TASKS);
 
     let pid = lone.node.pid().unwrap();
+    let headroom_before = headroom_buckets(&lone.node.text("/metrics").await.unwrap_or_default());
     let ticks_before = cpu_ticks(pid);
     let mut starved = Starvation::start(&h, pid);
     let started = Instant::now();
@@ -203,6 +216,20 @@ async fn an_owner_starved_to_one_percent_of_a_core_for_30_s_keeps_every_lease() 
         used_ticks * 10,
         used_ticks as f64 / secs
     );
+    // How close the owner came to its guards' deadline: renewals while starved, by the time
+    // the guards still had (what a shorter lease window would have to fit in).
+    let headroom_after = headroom_buckets(&lone.node.text("/metrics").await.unwrap_or_default());
+    let during: Vec<String> = headroom_after
+        .iter()
+        .map(|(le, n)| {
+            let before = headroom_before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, b)| *b);
+            format!("<={le}s: {}", n - before)
+        })
+        .collect();
+    println!("owner's lease renewals while starved, cumulative by headroom left: {during:?}");
     // Let the owner catch up, then look again, on every peer, the owner included.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut after = Vec::new();

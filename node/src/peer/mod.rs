@@ -24,7 +24,7 @@ use libp2p::gossipsub::IdentTopic;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm};
-use omesh_protocol::{NodeId, TaskState};
+use omesh_protocol::{Millis, NodeId, TaskState};
 use omesh_state::{ExecEvent, Input, Replica};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -66,7 +66,7 @@ pub struct Peer {
     pub(crate) recent_propagation: VecDeque<omesh_state::PropagationSample>,
     /// Per peer: whether its state digest equalled ours at the last sync exchange, and when
     /// (this node's clock). Shown by the API so an operator sees agreement at a glance.
-    pub(crate) digest_agreement: HashMap<NodeId, (bool, omesh_protocol::Millis)>,
+    pub(crate) digest_agreement: HashMap<NodeId, (bool, Millis)>,
     pub(crate) seeds: Vec<Seed>,
     pub(crate) load: LoadSampler,
     pub(crate) listen_addrs: Vec<Multiaddr>,
@@ -101,6 +101,9 @@ pub struct Peer {
     pub(crate) kad_fed: (u64, Instant),
     /// When the guards' deadline may next be warned about.
     deadline_warned: Instant,
+    /// The last round trip seen and the guards' shared deadline it gave (for
+    /// `omesh_lease_headroom_seconds`).
+    renewed: (Option<Millis>, Millis),
     /// The data directory's lock, held while the peer lives.
     _lock: crate::datadir::DataDirLock,
     /// The data directory.
@@ -307,6 +310,7 @@ impl Peer {
             admission_refreshed: (0, Instant::now()),
             kad_fed: (u64::MAX, Instant::now()),
             deadline_warned: Instant::now(),
+            renewed: (None, 0),
             _lock: lock,
             dir,
             remembered: Vec::new(),
@@ -430,6 +434,12 @@ impl Peer {
         let replica = self.driver.replica();
         let clock = *self.driver.clock();
         let shared = replica.leases_hold_until(now).saturating_sub(margin);
+        let round_trip = replica.last_round_trip();
+        let headroom = (round_trip != self.renewed.0 && self.renewed.0.is_some())
+            .then(|| self.renewed.1.saturating_sub(now));
+        if round_trip != self.renewed.0 {
+            self.renewed = (round_trip, shared);
+        }
         let mut earliest: Option<u64> = None;
         self.executor.renew(clock.instant_at(shared), |task| {
             replica.state().task(task)?;
@@ -450,6 +460,9 @@ impl Peer {
         }
         let samples = self.driver.replica_mut().take_propagation_samples();
         if let Ok(mut m) = self.metrics.lock() {
+            if let Some(ms) = headroom {
+                m.lease_headroom.observe(ms as f64 / 1000.0);
+            }
             for s in &samples {
                 m.delta_propagation.observe(s.delay_ms() as f64 / 1000.0);
             }
