@@ -121,10 +121,21 @@ pub struct Report {
     pub docker_skipped: Option<String>,
 }
 
-/// The lease ttl and grace floor the peers run with (the defaults), ms.
+/// The lease ttl and grace floor the peers run with, ms: the defaults, or what
+/// `OMESH_LEASE_TTL_MS` / `OMESH_LEASE_GRACE_MS` set (the peers inherit the bench's
+/// environment), so the breakdown stays right when they are tried at other values.
 fn ttl_grace() -> (u64, u64) {
     let d = crate::config::NodeConfig::default();
-    (d.lease_ttl_ms, d.lease_grace_ms)
+    let env = |key: &str, default: u64| {
+        std::env::var(key)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(default)
+    };
+    (
+        env("OMESH_LEASE_TTL_MS", d.lease_ttl_ms),
+        env("OMESH_LEASE_GRACE_MS", d.lease_grace_ms),
+    )
 }
 
 fn wall_ms() -> f64 {
