@@ -1,9 +1,9 @@
 //! SWIM-style liveness: each node pings one peer per period, in turn over its neighbours
 //! (the [`NEIGHBOURS`] nearest live nodes before it in id order, plus one peer judged gone,
-//! if any), the turns in step across the mesh (`Prober::next_target`); an unanswered ping is retried through `indirect_probes` other
-//! neighbours; a peer that answers neither way by the end of the period is suspected, and
-//! the suspicion is gossiped to all as a [`DeltaBody::Suspect`]. The suspect refutes by
-//! publishing a newer record of itself.
+//! if any), the turns in step across the mesh (`Prober::next_target`); an unanswered ping
+//! is retried through `indirect_probes` other neighbours; a peer that answers neither way
+//! by the end of the period is suspected, and the suspicion is gossiped to all as a
+//! [`DeltaBody::Suspect`]. The suspect refutes by publishing a newer record of itself.
 //!
 //! This replaces "every node hears every heartbeat" (N² deliveries per period): probing costs
 //! each node a few messages per period whatever the mesh size, and records travel only when

@@ -435,9 +435,12 @@ impl Peer {
         let clock = *self.driver.clock();
         let shared = replica.leases_hold_until(now).saturating_sub(margin);
         let round_trip = replica.last_round_trip();
-        let headroom = (round_trip != self.renewed.0 && self.renewed.0.is_some())
-            .then(|| self.renewed.1.saturating_sub(now));
+        let mut headroom = None;
         if round_trip != self.renewed.0 {
+            // Renewed: what the deadline of the previous round trip had left.
+            if self.renewed.0.is_some() {
+                headroom = Some(self.renewed.1.saturating_sub(now));
+            }
             self.renewed = (round_trip, shared);
         }
         let mut earliest: Option<u64> = None;

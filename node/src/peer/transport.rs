@@ -107,11 +107,7 @@ impl Outputs for PeerOutputs<'_> {
         };
         match probe.to_wire() {
             Ok(bytes) => {
-                let open = self
-                    .probe_answer
-                    .as_ref()
-                    .is_some_and(|(from, _)| *from == to);
-                let bytes = match self.probe_answer.take_if(|_| open) {
+                let bytes = match self.probe_answer.take_if(|(from, _)| *from == to) {
                     Some((_, channel)) => {
                         match self
                             .swarm
