@@ -372,12 +372,8 @@ async fn shutdown_signal() {
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    // kad's behaviour warns "Failed to trigger bootstrap: No known peers" whenever a peer
-    // that knows nobody yet (a lone peer, a seed at start) gets a listen address, and offers
-    // no way to turn that bootstrap off: its warnings are not for operators.
-    let filter = EnvFilter::try_from_env("OMESH_LOG").unwrap_or_else(|_| {
-        EnvFilter::new("info,libp2p=warn,libp2p_gossipsub=error,libp2p_kad::behaviour=error")
-    });
+    let filter = EnvFilter::try_from_env("OMESH_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,libp2p=warn,libp2p_gossipsub=error"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

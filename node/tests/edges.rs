@@ -280,23 +280,6 @@ async fn the_api_takes_bearer_in_any_case_and_answers_every_error_as_json() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_lone_peer_does_not_warn_that_kad_knows_no_peers() {
-    let root = tempfile::tempdir().unwrap();
-    let sub = Submitter::new();
-    let node = lone(root.path(), &sub, &[]);
-    ready(&node).await;
-    // kad's own periodic bootstrap ran every 30 s; let a lone peer live past two periods.
-    let lived = wait_until(Duration::from_secs(120), || async {
-        node.status().await.is_some_and(|s| s.uptime_ms > 65_000)
-    })
-    .await;
-    assert!(lived);
-    let log = node.log();
-    assert!(!log.contains("No known peers"), "{log}");
-    assert!(!log.contains("Failed to trigger bootstrap"), "{log}");
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn a_claimed_task_that_does_not_run_yet_says_it_is_starting_and_where() {
     let root = tempfile::tempdir().unwrap();
     let sub = Submitter::new();

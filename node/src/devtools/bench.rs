@@ -31,6 +31,8 @@ pub struct MeshFigures {
     pub anon_mib: (f64, f64),
     /// Mean and max open connections per peer, at the end of the window.
     pub conns: (f64, f64),
+    /// Mean and max over peers of the most connections each held while the mesh formed.
+    pub join_conns: (f64, f64),
     /// Mean and max threads per peer.
     pub threads: (f64, f64),
     /// Mean and max context switches per second per peer, over all its threads (each is a
@@ -95,6 +97,7 @@ pub async fn measure(bin: &Path, n: usize, window: Duration) -> Result<MeshFigur
     let mut mesh =
         LocalMesh::start(bin, root.path(), n, |_| Vec::new()).map_err(|e| format!("start: {e}"))?;
     let converge = mesh.wait_converged(Duration::from_secs(120)).await?;
+    let join_conns: Vec<f64> = mesh.join_connections.iter().map(|c| *c as f64).collect();
     // Let start-up work (dials, first syncs) finish before calling it idle.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let pids: Vec<u32> = mesh.peers.iter().filter_map(|p| p.pid()).collect();
@@ -167,6 +170,7 @@ pub async fn measure(bin: &Path, n: usize, window: Duration) -> Result<MeshFigur
         cpu_pct: (mean(&cpu), max(&cpu)),
         anon_mib: (mean(&anon), max(&anon)),
         conns: (mean(&conns), max(&conns)),
+        join_conns: (mean(&join_conns), max(&join_conns)),
         threads: (mean(&threads), max(&threads)),
         csw_per_s: (mean(&csw), max(&csw)),
     })
@@ -187,6 +191,7 @@ pub fn table(rows: &[MeshFigures]) -> String {
                 format!("{:.2} / {:.2}", r.cpu_pct.0, r.cpu_pct.1),
                 format!("{:.1} / {:.1}", r.anon_mib.0, r.anon_mib.1),
                 format!("{:.1} / {:.0}", r.conns.0, r.conns.1),
+                format!("{:.1} / {:.0}", r.join_conns.0, r.join_conns.1),
                 format!("{:.0} / {:.0}", r.threads.0, r.threads.1),
                 format!("{:.0} / {:.0}", r.csw_per_s.0, r.csw_per_s.1),
             ]
@@ -203,6 +208,7 @@ pub fn table(rows: &[MeshFigures]) -> String {
             "IDLE CPU % mean/max",
             "ANON MIB",
             "CONNS",
+            "JOIN CONNS",
             "THREADS",
             "CSW/S",
         ],

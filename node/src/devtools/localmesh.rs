@@ -390,6 +390,9 @@ pub struct LocalMesh {
     pub peers: Vec<LocalPeer>,
     /// The operator that admitted them.
     pub admission: Admission,
+    /// Per peer, the most connections it reported open while [`Self::wait_converged`]
+    /// last waited: what a join costs before idle connections are trimmed.
+    pub join_connections: Vec<usize>,
 }
 
 impl LocalMesh {
@@ -416,6 +419,7 @@ impl LocalMesh {
         let mut mesh = Self {
             peers: Vec::new(),
             admission: Admission::generate(),
+            join_connections: Vec::new(),
         };
         let mut seed: Option<String> = None;
         for i in 0..n {
@@ -466,6 +470,7 @@ impl LocalMesh {
     pub async fn wait_converged(&mut self, limit: Duration) -> Result<Duration, String> {
         let start = Instant::now();
         let running = self.peers.iter().filter(|p| p.is_running()).count();
+        self.join_connections = vec![0; self.peers.len()];
         loop {
             for p in &mut self.peers {
                 if let Some(why) = p.exited() {
@@ -473,6 +478,11 @@ impl LocalMesh {
                 }
             }
             let statuses = self.statuses().await;
+            for (most, s) in self.join_connections.iter_mut().zip(&statuses) {
+                if let Some(s) = s {
+                    *most = (*most).max(s.peers_connected);
+                }
+            }
             let live: Vec<&StatusView> = statuses.iter().flatten().collect();
             let ok = live.len() == running
                 && live.iter().all(|s| s.ready && s.peers_alive == running)

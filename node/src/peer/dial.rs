@@ -132,16 +132,16 @@ impl Peer {
         }
     }
 
-    /// Gives kad the addresses the live peers' records carry, so that a probe or sync to a
-    /// peer this node is not connected to dials it at once: request-response dials by peer
-    /// id and takes the addresses kad (or identify) holds, and without this only a kad
-    /// bootstrap would teach them. Only after the records changed, at most every 2 s.
-    pub(super) fn feed_kad_addresses(&mut self) {
+    /// Gives libp2p the addresses the live peers' records carry, so that a probe or sync to
+    /// a peer this node is not connected to dials it at once: request-response dials by peer
+    /// id and takes the addresses the swarm was told of. Only after the records changed, at
+    /// most every 2 s.
+    pub(super) fn feed_peer_addresses(&mut self) {
         let applied = self.driver.replica().stats().deltas_applied;
-        if applied == self.kad_fed.0 || self.kad_fed.1.elapsed() < Duration::from_secs(2) {
+        if applied == self.addrs_fed.0 || self.addrs_fed.1.elapsed() < Duration::from_secs(2) {
             return;
         }
-        self.kad_fed = (applied, Instant::now());
+        self.addrs_fed = (applied, Instant::now());
         let now = self.driver.now();
         let known: Vec<(PeerId, Vec<Multiaddr>)> = self
             .driver
@@ -166,7 +166,7 @@ impl Peer {
                 continue;
             }
             for addr in addrs {
-                self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+                self.swarm.add_peer_address(peer, addr);
             }
         }
     }

@@ -96,9 +96,9 @@ pub struct Peer {
     pub(crate) refusal_warned: HashMap<PeerId, Instant>,
     /// The replica's applied-delta count and the time at the last `refresh_admitted`.
     pub(crate) admission_refreshed: (u64, Instant),
-    /// The replica's applied-delta count and the time when kad was last given the records'
-    /// addresses (`dial::feed_kad_addresses`).
-    pub(crate) kad_fed: (u64, Instant),
+    /// The replica's applied-delta count and the time when libp2p was last given the
+    /// records' addresses (`dial::feed_peer_addresses`).
+    pub(crate) addrs_fed: (u64, Instant),
     /// When the guards' deadline may next be warned about.
     deadline_warned: Instant,
     /// The last round trip seen and the guards' shared deadline it gave (for
@@ -308,7 +308,7 @@ impl Peer {
             next_known_contact: HashMap::new(),
             refusal_warned: HashMap::new(),
             admission_refreshed: (0, Instant::now()),
-            kad_fed: (u64::MAX, Instant::now()),
+            addrs_fed: (u64::MAX, Instant::now()),
             deadline_warned: Instant::now(),
             renewed: (None, 0),
             _lock: lock,
@@ -328,7 +328,6 @@ impl Peer {
         tokio::pin!(shutdown);
         let mut load_tick = tokio::time::interval(Duration::from_secs(1));
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
-        let mut kad_refresh = tokio::time::interval(net::KAD_BOOTSTRAP_EVERY);
         // Instances an earlier incarnation left to outlive it are followed again (and offered
         // to the replica); everything else it left is ended.
         let reattached = self.executor.reattach(&self.node_id).await;
@@ -370,7 +369,6 @@ impl Peer {
                     self.feed(Input::Load(sample));
                 }
                 _ = housekeeping.tick() => self.housekeeping(),
-                _ = kad_refresh.tick() => self.refresh_kad(),
                 () = images.store_changed() => self.refresh_images(),
             }
         }
@@ -506,24 +504,13 @@ impl Peer {
         }
     }
 
-    /// Bootstraps kad (refreshes its routing table) when it knows a peer; with none there is
-    /// nothing to refresh, and kad would only warn that it knows no peers.
-    fn refresh_kad(&mut self) {
-        let kad = &mut self.swarm.behaviour_mut().kad;
-        if kad.kbuckets().any(|b| b.num_entries() > 0) {
-            if let Err(e) = kad.bootstrap() {
-                debug!(error = %e, "kad bootstrap");
-            }
-        }
-    }
-
     /// Seeds with backoff, connections to known peers, readiness, gauges.
     fn housekeeping(&mut self) {
         self.refresh_admitted();
         self.dial_seeds();
         self.connect_known_peers();
         self.trim_connections();
-        self.feed_kad_addresses();
+        self.feed_peer_addresses();
         self.remember_peers();
         self.refresh_images();
         let connected = self.swarm.connected_peers().count();

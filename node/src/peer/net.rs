@@ -1,8 +1,15 @@
 //! The control plane: one libp2p `NetworkBehaviour` composed of gossipsub (state deltas),
-//! kademlia + identify (discovery from seeds), ping (RTT) and three
+//! identify (listen addresses), ping (RTT) and three
 //! request-response protocols: anti-entropy sync, task logs, and the SWIM-style liveness
 //! probes (direct and indirect pings and their acks; see omesh-state's `probe` module), over
 //! QUIC. Liveness does not ride on gossip; a node record is gossiped only when it changes.
+//!
+//! No kademlia: the replica's node records already carry every live peer's addresses (a
+//! joiner has them all from its seed's first sync), and they reach libp2p through
+//! `Swarm::add_peer_address`, which is all request-response needs to dial a peer by id.
+//! kad's bootstrap walks (automatic whenever its table held under 20 peers) connected every
+//! joining peer to every other one: at 40 peers each held 39 connections while the mesh
+//! formed, and the memory that took stayed with it after the idle ones closed.
 
 use std::time::Duration;
 
@@ -11,18 +18,10 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    allow_block_list, gossipsub, identify, kad, ping, request_response, PeerId, StreamProtocol,
-    Swarm,
+    allow_block_list, gossipsub, identify, ping, request_response, PeerId, StreamProtocol, Swarm,
 };
 use omesh_protocol::delta::{MAX_GOSSIP_BYTES, MAX_SYNC_REPLY_BYTES, MAX_SYNC_REQUEST_BYTES};
 use omesh_protocol::NodeId;
-
-/// How often the peer bootstraps kad (refreshes its routing table), when kad knows a peer.
-/// libp2p's own default. Every bootstrap is a set of FIND_NODE queries to up to k (20) peers,
-/// each answered by sorting the answerer's whole table, so its cost grows with the mesh; a
-/// joiner does not wait for it (kad bootstraps when its first peer enters the table, and the
-/// replica's records give every peer's addresses), so 30 s bought nothing an idle mesh needs.
-pub const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(5 * 60);
 
 /// Idle cost per connection. A peer stays connected to the neighbours it probes and its
 /// gossipsub mesh (gossipsub's streams keep a connection open: rust-libp2p issue #5190), so
@@ -58,8 +57,6 @@ pub const PROBE_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/probe/2")
 /// upgrade): every probe is a request answered with an empty frame, the replica's answer a
 /// request of its own.
 pub const PROBE_PROTOCOL_V1: StreamProtocol = StreamProtocol::new("/omesh/probe/1");
-/// The kademlia protocol (kept apart from the public IPFS DHT).
-pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/omesh/kad/1");
 /// Sent in identify.
 pub const AGENT: &str = concat!("omesh/", env!("CARGO_PKG_VERSION"));
 
@@ -105,8 +102,6 @@ pub struct Behaviour {
     pub allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
     /// State deltas.
     pub gossipsub: gossipsub::Behaviour,
-    /// Peer discovery.
-    pub kad: kad::Behaviour<kad::store::MemoryStore>,
     /// Listen addresses and keys of peers.
     pub identify: identify::Behaviour,
     /// RTT.
@@ -291,7 +286,6 @@ pub fn build_swarm(
         // afresh; a longer one would hold its restart back from some peers.
         .with_quic()
         .with_behaviour(|key| {
-            let local = key.public().to_peer_id();
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(Duration::from_secs(1))
                 // IHAVE gossip each heartbeat to `gossip_lazy` peers outside the mesh, not to
@@ -324,15 +318,6 @@ pub fn build_swarm(
             gossipsub
                 .with_peer_score(params, thresholds)
                 .map_err(|e| format!("gossipsub peer score: {e}"))?;
-            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
-            // No periodic bootstrap of kad's own: with an empty routing table (a lone peer, a
-            // seed before anyone joined) it warns "No known peers" every period. The peer
-            // bootstraps every `KAD_BOOTSTRAP_EVERY` itself, only when kad knows someone;
-            // kad still bootstraps on its own when a peer enters its table.
-            kad_config.set_periodic_bootstrap_interval(None);
-            let mut kad =
-                kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config);
-            kad.set_mode(Some(kad::Mode::Server));
             let identify = identify::Behaviour::new(
                 identify::Config::new("/omesh/1".into(), key.public())
                     .with_agent_version(AGENT.into())
@@ -359,7 +344,6 @@ pub fn build_swarm(
             Ok(Behaviour {
                 allow: Toggle::from(restrict.then(allow_block_list::Behaviour::default)),
                 gossipsub,
-                kad,
                 identify,
                 ping,
                 sync,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::request_response::{self, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{allow_block_list, identify, kad, ping, PeerId};
+use libp2p::{allow_block_list, identify, ping, PeerId};
 use omesh_protocol::{GossipMessage, NodeId, Probe, SyncReply, SyncRequest, Wire};
 use omesh_state::{Input, InputError};
 use tracing::{debug, info, warn};
@@ -42,7 +42,7 @@ impl Peer {
             })) => {
                 for addr in info.listen_addrs {
                     if is_dialable(&addr) {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                        self.swarm.add_peer_address(peer_id, addr);
                     }
                 }
             }
@@ -55,11 +55,6 @@ impl Peer {
                     let rtt_us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
                     self.feed(Input::Rtt { peer: node, rtt_us });
                 }
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
-                peer, ..
-            })) => {
-                debug!(%peer, "kademlia routing updated");
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
@@ -113,10 +108,7 @@ impl Peer {
                         seed.backoff = Duration::from_millis(500);
                     }
                 }
-                self.swarm
-                    .behaviour_mut()
-                    .kad
-                    .add_address(&peer_id, strip_p2p(&remote));
+                self.swarm.add_peer_address(peer_id, strip_p2p(&remote));
                 debug!(%peer_id, %remote, "connected");
                 if num_established.get() == 1 {
                     if let Some(node) = net::node_id_of(&peer_id) {
