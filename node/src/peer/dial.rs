@@ -132,10 +132,10 @@ impl Peer {
         }
     }
 
-    /// Gives libp2p the addresses the live peers' records carry, so that a probe or sync to
-    /// a peer this node is not connected to dials it at once: request-response dials by peer
-    /// id and takes the addresses the swarm was told of. Only after the records changed, at
-    /// most every 2 s.
+    /// Keeps `addr_book`, the addresses the live peers' records carry (the last ones known of
+    /// peers since gone), so that a probe, sync or log request to a peer this node is not
+    /// connected to dials it at once (each request carries them; libp2p's own cache would
+    /// keep only 100 peers). Only after the records changed, at most every 2 s.
     pub(super) fn feed_peer_addresses(&mut self) {
         let applied = self.driver.replica().stats().deltas_applied;
         if applied == self.addrs_fed.0 || self.addrs_fed.1.elapsed() < Duration::from_secs(2) {
@@ -161,14 +161,11 @@ impl Peer {
                 Some((peer, addrs))
             })
             .collect();
-        for (peer, addrs) in known {
-            if self.blocked.contains(&peer) {
-                continue;
-            }
-            for addr in addrs {
-                self.swarm.add_peer_address(peer, addr);
-            }
-        }
+        // Merged, not replaced: a peer judged gone keeps its last addresses, so that the
+        // probes it still gets can reach it when it comes back.
+        self.addr_book.extend(known);
+        self.addr_book
+            .retain(|peer, _| !self.blocked.contains(peer));
     }
 
     /// Keeps connections to up to `target_peers` live peers whose records give addresses,

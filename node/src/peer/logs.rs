@@ -95,7 +95,12 @@ impl Peer {
         };
         match req.to_wire() {
             Ok(bytes) => {
-                let id = self.swarm.behaviour_mut().logs.send_request(&peer, bytes);
+                let addrs = self.addr_book.get(&peer).cloned().unwrap_or_default();
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .logs
+                    .send_request_with_addresses(&peer, bytes, addrs);
                 self.pending_logs.insert(
                     id,
                     PendingLog {

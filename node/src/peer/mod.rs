@@ -99,6 +99,10 @@ pub struct Peer {
     /// The replica's applied-delta count and the time when libp2p was last given the
     /// records' addresses (`dial::feed_peer_addresses`).
     pub(crate) addrs_fed: (u64, Instant),
+    /// The libp2p addresses each live peer's record carries (`dial::feed_peer_addresses`),
+    /// given with every request to it: libp2p's own address cache (request-response's)
+    /// keeps only 100 peers, and a mesh can hold many more.
+    pub(crate) addr_book: HashMap<PeerId, Vec<Multiaddr>>,
     /// When the guards' deadline may next be warned about.
     deadline_warned: Instant,
     /// The last round trip seen and the guards' shared deadline it gave (for
@@ -309,6 +313,7 @@ impl Peer {
             refusal_warned: HashMap::new(),
             admission_refreshed: (0, Instant::now()),
             addrs_fed: (u64::MAX, Instant::now()),
+            addr_book: HashMap::new(),
             deadline_warned: Instant::now(),
             renewed: (None, 0),
             _lock: lock,
@@ -420,6 +425,7 @@ impl Peer {
             outbound: &mut self.outbound,
             probe_answer: &mut self.probe_answer,
             blocked: &self.blocked,
+            addr_book: &self.addr_book,
             executor: &mut self.executor,
             node_id: self.node_id,
         };

@@ -5,8 +5,8 @@
 //! QUIC. Liveness does not ride on gossip; a node record is gossiped only when it changes.
 //!
 //! No kademlia: the replica's node records already carry every live peer's addresses (a
-//! joiner has them all from its seed's first sync), and they reach libp2p through
-//! `Swarm::add_peer_address`, which is all request-response needs to dial a peer by id.
+//! joiner has them all from its seed's first sync), and every request carries its target's
+//! (`Peer::addr_book`), which is all request-response needs to dial a peer by id.
 //! kad's bootstrap walks (automatic whenever its table held under 20 peers) connected every
 //! joining peer to every other one: at 40 peers each held 39 connections while the mesh
 //! formed, and the memory that took stayed with it after the idle ones closed.

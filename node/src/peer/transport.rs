@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use libp2p::gossipsub::{self, IdentTopic};
 use libp2p::request_response::{OutboundRequestId, ResponseChannel};
-use libp2p::{PeerId, Swarm};
+use libp2p::{Multiaddr, PeerId, Swarm};
 use omesh_protocol::{
     Epoch, GossipMessage, NodeId, Probe, SignedTaskSpec, SyncReply, SyncRequest, TaskId, Wire,
 };
@@ -26,6 +26,8 @@ pub(super) struct PeerOutputs<'a> {
     /// probe it sends back to the requester.
     pub(super) probe_answer: &'a mut Option<(NodeId, ResponseChannel<Vec<u8>>)>,
     pub(super) blocked: &'a BTreeSet<PeerId>,
+    /// See `Peer::addr_book`.
+    pub(super) addr_book: &'a HashMap<PeerId, Vec<Multiaddr>>,
     pub(super) executor: &'a mut Executor,
     pub(super) node_id: NodeId,
 }
@@ -34,6 +36,11 @@ impl PeerOutputs<'_> {
     /// The peer id of `node`, unless an operator blocked it.
     fn unblocked_peer(&self, node: &NodeId) -> Option<PeerId> {
         net::peer_id_of(node).filter(|p| !self.blocked.contains(p))
+    }
+
+    /// The addresses `peer`'s record carries, for a request that may have to dial it.
+    fn addresses(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.addr_book.get(peer).cloned().unwrap_or_default()
     }
 }
 
@@ -66,7 +73,12 @@ impl Outputs for PeerOutputs<'_> {
         };
         match request.to_wire() {
             Ok(bytes) => {
-                let id = self.swarm.behaviour_mut().sync.send_request(&peer, bytes);
+                let addrs = self.addresses(&peer);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_request_with_addresses(&peer, bytes, addrs);
                 self.outbound.insert(id, to);
                 true
             }
@@ -126,7 +138,11 @@ impl Outputs for PeerOutputs<'_> {
                     bytes,
                     answer_inline: false,
                 };
-                self.swarm.behaviour_mut().probe.send_request(&peer, frame);
+                let addrs = self.addresses(&peer);
+                self.swarm
+                    .behaviour_mut()
+                    .probe
+                    .send_request_with_addresses(&peer, frame, addrs);
             }
             Err(e) => warn!(error = %e, "cannot encode probe"),
         }
